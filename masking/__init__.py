@@ -1,0 +1,5 @@
+"""SimMIM mask generators (numpy only): random and BEiT-style block-wise masking."""
+
+from masking.generators import KINDS, BlockMaskGenerator, MaskGenerator, build_mask_generator
+
+__all__ = ["KINDS", "MaskGenerator", "BlockMaskGenerator", "build_mask_generator"]

@@ -1,0 +1,167 @@
+"""Recipes: `recipes/<stage>/default.yaml` <- `recipes/<stage>/<name>.yaml` <- command-line `key=value`.
+
+`default.yaml` of a stage is the schema: every key a run reads is there, so a typo in a recipe or on the
+command line is an error with near matches, never a silent default. `trainer.*` accepts every argument of
+`pytorch_lightning.Trainer`.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from simmim.swinv2 import VARIANTS
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RUN_KEYS = ("recipe", "print_config", "help")  # command-line keys that steer the script, not the run
+
+
+class ConfigError(ValueError):
+    """A recipe or command-line problem, with the fix in its message."""
+
+
+def available_recipes(stage: str) -> list[str]:
+    return sorted(p.stem for p in (RECIPES_DIR / stage).glob("*.yaml"))
+
+
+def _recipe_path(stage: str, name: str) -> Path:
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {name} does not exist; pass an existing YAML path or a recipe name")
+        return path
+    path = RECIPES_DIR / stage / f"{name}.yaml"
+    if not path.is_file():
+        names = available_recipes(stage)
+        near = difflib.get_close_matches(name, names, n=3)
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise ConfigError(f"unknown {stage} recipe {name!r}; {hint}available: {', '.join(names)}")
+    return path
+
+
+def _leaf_keys(cfg: DictConfig) -> list[str]:
+    """Every dotted key of a config, sections included: model, model.img_size, ..."""
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            yield f"{prefix}{key}"
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+    return list(walk(OmegaConf.to_container(cfg, resolve=False), ""))
+
+
+def trainer_arguments() -> list[str]:
+    import pytorch_lightning as pl
+
+    return [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+
+
+def _check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
+    known = set(_leaf_keys(schema))
+    trainer_args = None
+    for key in _leaf_keys(overrides):
+        if key in known:
+            continue
+        if key.startswith("trainer."):
+            trainer_args = trainer_args or trainer_arguments()
+            name = key.split(".")[1]
+            if name in trainer_args:
+                continue
+            candidates = [f"trainer.{a}" for a in trainer_args]
+        else:
+            candidates = sorted(known)
+        near = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(near)}?" if near else "; run with --help to list the keys"
+        raise ConfigError(f"unknown key {key!r} in {source}{hint}")
+
+
+def parse_cli(argv: list[str]) -> tuple[str, DictConfig, bool]:
+    """`recipe=NAME key=value ...` -> (recipe name, dotlist overrides, print_config)."""
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(f"expected key=value arguments, got {bad[0]!r}; e.g. recipe=default trainer.max_epochs=2")
+    pairs = dict(a.split("=", 1) for a in argv)
+    recipe = pairs.pop("recipe", "default")
+    print_config = pairs.pop("print_config", "false").lower() in ("1", "true", "yes")
+    overrides = OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()])
+    return recipe, overrides, print_config
+
+
+def load_config(stage: str, recipe: str = "default", overrides: DictConfig | list[str] | None = None) -> DictConfig:
+    """Merge default <- recipe <- overrides, reject unknown keys, return the resolved config."""
+    schema = OmegaConf.load(_recipe_path(stage, "default"))
+    layers = [schema]
+    recipe_path = _recipe_path(stage, recipe)
+    if recipe != "default":
+        recipe_cfg = OmegaConf.load(recipe_path)
+        _check_keys(recipe_cfg, schema, f"recipe {recipe_path}")
+        layers.append(recipe_cfg)
+    if overrides is not None:
+        if isinstance(overrides, (list, ListConfig)):
+            overrides = OmegaConf.from_dotlist(list(overrides))
+        _check_keys(overrides, schema, "the command line")
+        layers.append(overrides)
+    variant = OmegaConf.merge(*layers).model.get("variant")
+    if variant is not None:  # schema <- the variant's widths, depths, heads <- recipe <- command line
+        if variant not in VARIANTS:
+            raise ConfigError(f"unknown model.variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        layers.insert(1, OmegaConf.create({"model": {k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in VARIANTS[variant].items()}}))
+    cfg = OmegaConf.merge(*layers)
+    cfg.recipe = Path(recipe).stem
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def describe_keys(stage: str) -> str:
+    """The --help text: recipes and every key with its default."""
+    schema = OmegaConf.to_container(OmegaConf.load(_recipe_path(stage, "default")), resolve=False)
+    lines = [f"recipes ({RECIPES_DIR / stage}): {', '.join(available_recipes(stage))}", "", "keys (default value):"]
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                lines.append(f"  {prefix}{key}={value}")
+    walk(schema, "")
+    lines.append("  trainer.<any pytorch_lightning.Trainer argument>")
+    return "\n".join(lines)
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg))
+    tmp.replace(path)
+
+
+def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
+    """The run directory and the checkpoint to resume from (None: a fresh run).
+
+    resume=auto continues `<run dir>/checkpoints/last.ckpt` when it exists; a fresh run refuses a directory
+    that already holds checkpoints instead of overwriting them; a resumed run must have the same model.
+    """
+    run_dir = Path(cfg.output_dir) / str(cfg.run_name)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume == "auto":
+        ckpt = str(last) if last.is_file() else None
+    elif cfg.resume:
+        if not Path(cfg.resume).is_file():
+            raise ConfigError(f"resume={cfg.resume} does not exist; pass a .ckpt file, resume=auto or resume=null")
+        ckpt = str(cfg.resume)
+    else:
+        if last.is_file():
+            raise ConfigError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run or "
+                              f"run_name=NEW to start another")
+        ckpt = None
+    saved = run_dir / "config.yaml"
+    if ckpt is not None and saved.is_file():
+        before = OmegaConf.load(saved)
+        for key in _leaf_keys(cfg.model):
+            old, new = OmegaConf.select(before.model, key), OmegaConf.select(cfg.model, key)
+            if old != new:
+                raise ConfigError(f"cannot resume {ckpt}: it was trained with model.{key}={old}, this run asks for "
+                                  f"{new}; drop the override or pass run_name=NEW to start another run")
+    return run_dir, ckpt

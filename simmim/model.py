@@ -1,0 +1,100 @@
+"""SimMIM on a SwinV2 encoder: mask token, one-layer linear decoder, masked L1 loss.
+
+State-dict keys are those of the official SimMIM release (`encoder.*`, `decoder.0.*`), so checkpoints load
+both ways.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simmim.swinv2 import SwinTransformerV2
+
+
+class SwinTransformerV2ForSimMIM(SwinTransformerV2):
+    """SwinV2 encoder whose masked patch embeddings are replaced by a learnable `mask_token` (1, 1, C)."""
+
+    def __init__(self, **kwargs):
+        kwargs["num_classes"] = 0
+        super().__init__(**kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, mean=0.0, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, C_in, H, W), mask (B, H/p, W/p) of 0/1 -> last-stage map (B, num_features, H/32, W/32)."""
+        tokens = self.embed(x, mask=mask, mask_token=self.mask_token)
+        return self.forward_tokens(tokens).permute(0, 3, 1, 2)
+
+
+def local_stats(x: torch.Tensor, window: int = 47) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (unbiased variance + 1e-6) of each pixel's `window` x `window` neighbourhood, counting only
+    pixels inside the image, as the official SimMIM release does. (B, C, H, W) -> two (B, C, H, W)."""
+    if window % 2 != 1:
+        raise ValueError(f"norm target window must be odd, got {window}; use e.g. 47")
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
+    mean_sq = F.avg_pool2d(x ** 2, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(x), count_include_pad=True, **pool) * window ** 2
+    var = ((mean_sq - mean ** 2) * (count / (count - 1))).clamp(min=0.0)
+    return mean, (var + 1e-6) ** 0.5
+
+
+def norm_targets(x: torch.Tensor, window: int = 47) -> torch.Tensor:
+    """Locally normalized pixels, the SimMIM target option: (x - local mean) / local std."""
+    mean, std = local_stats(x, window)
+    return (x - mean) / std
+
+
+class SimMIM(nn.Module):
+    """Encoder + decoder (1x1 conv to stride^2 * in_chans channels, then PixelShuffle(stride)) + loss.
+
+    forward(x, mask) -> scalar loss: L1 on masked pixels only,
+    sum(|target - x_rec| * mask) / (mask.sum() + 1e-5) / in_chans.
+    """
+
+    def __init__(self, encoder: SwinTransformerV2ForSimMIM, encoder_stride: int = 32, in_chans: int = 3,
+                 patch_size: int = 4, norm_target_patch_size: int | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.encoder_stride, self.in_chans, self.patch_size = encoder_stride, in_chans, patch_size
+        self.norm_target_patch_size = norm_target_patch_size
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, encoder_stride ** 2 * in_chans, kernel_size=1),
+            nn.PixelShuffle(encoder_stride),
+        )
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return self.encoder.no_weight_decay_keywords()
+
+    def pixel_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Token mask (B, H/p, W/p) -> pixel mask (B, 1, H, W)."""
+        return mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2).unsqueeze(1)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.norm_target_patch_size is None else norm_targets(x, self.norm_target_patch_size)
+
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predicted pixels (B, in_chans, H, W), in the space of `target(x)`."""
+        return self.decoder(self.encoder(x, mask))
+
+    def reconstruct_pixels(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predicted pixels in the space of `x`: with normalized targets, mapped back with each pixel's local
+        mean and std of the original (which only pictures may use: it peeks at the masked pixels)."""
+        prediction = self.reconstruct(x, mask)
+        if self.norm_target_patch_size is None:
+            return prediction
+        mean, std = local_stats(x, self.norm_target_patch_size)
+        return prediction * std + mean
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x_rec = self.reconstruct(x, mask)
+        pixel_mask = self.pixel_mask(mask).to(x_rec.dtype)
+        loss = F.l1_loss(self.target(x).to(x_rec.dtype), x_rec, reduction="none")
+        return (loss * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.in_chans

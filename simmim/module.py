@@ -1,0 +1,187 @@
+"""The SimMIM pretraining LightningModule and its callbacks (throughput, reconstruction pictures)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_warn
+
+from simmim.data import IMAGENET_MEAN, IMAGENET_STD
+from simmim.model import SimMIM, SwinTransformerV2ForSimMIM
+from simmim.optim import atomic_save, lr_at_step, param_groups, scaled_lr
+
+
+def build_simmim(model: dict, norm_target_patch_size: int | None = None) -> SimMIM:
+    """SimMIM around a SwinV2 built from a `model` config section (SwinTransformerV2 arguments; `variant` is
+    resolved into widths, depths and heads when the config is loaded)."""
+    encoder_args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items() if k != "variant"}
+    encoder = SwinTransformerV2ForSimMIM(**encoder_args)
+    return SimMIM(encoder, encoder_stride=encoder.patch_size * 2 ** (encoder.num_layers - 1),
+                  in_chans=encoder.in_chans, patch_size=encoder.patch_size,
+                  norm_target_patch_size=norm_target_patch_size)
+
+
+class SimMIMPretrainModule(pl.LightningModule):
+    """SimMIM pretraining: AdamW (no decay on 1-D params, biases, norms, cpb_mlp, logit_scale, mask_token),
+    lr scaled by total batch / 512, per-step warmup then cosine or multistep, a non-finite-loss guard."""
+
+    def __init__(self, model: dict, norm_target_patch_size: int | None = None, base_lr: float = 1e-4,
+                 warmup_lr: float = 5e-7, min_lr: float = 5e-6, weight_decay: float = 0.05,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_epochs: float = 10,
+                 schedule: str = "cosine", milestones: tuple[int, ...] = (), gamma: float = 0.1,
+                 max_nonfinite_steps: int = 20):
+        super().__init__()
+        self.save_hyperparameters()
+        self.simmim = build_simmim(dict(model), norm_target_patch_size)
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.simmim(x, mask)
+
+    def training_step(self, batch, batch_idx):
+        x, mask, _ = batch
+        loss = self.simmim(x, mask)
+        if not torch.isfinite(loss):
+            return self._skip_nonfinite(loss)
+        self.nonfinite_in_a_row = 0
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mask_ratio", mask.float().mean())
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+        """Skip this step (Lightning does no backward or update when training_step returns None)."""
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit = self.hparams.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise RuntimeError(
+                f"loss was {loss.item()} for {limit} steps in a row (step {self.global_step}); the run diverged: "
+                f"lower optim.base_lr, keep trainer.gradient_clip_val on, or use trainer.precision=bf16-mixed "
+                f"instead of 16-mixed, then resume from the last checkpoint")
+        rank_zero_warn(f"non-finite loss ({loss.item()}) at step {self.global_step}: step skipped "
+                       f"({self.nonfinite_total} skipped so far, {self.nonfinite_in_a_row} in a row)")
+        self.log("train/skipped_steps", float(self.nonfinite_total))
+        return None
+
+    def validation_step(self, batch, batch_idx):
+        x, mask, _ = batch
+        self.log("val/loss", self.simmim(x, mask), prog_bar=True, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def total_batch_size(self) -> int:
+        batch_size = self.trainer.datamodule.hparams.batch_size
+        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        scale = self.total_batch_size()
+        peak_lr = scaled_lr(hp.base_lr, scale)
+        optimizer = torch.optim.AdamW(param_groups(self.simmim, hp.weight_decay), lr=peak_lr,
+                                      betas=tuple(hp.betas), eps=hp.eps)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = total_steps / max(self.trainer.max_epochs or 1, 1)
+        schedule = dict(peak_lr=peak_lr, warmup_lr=scaled_lr(hp.warmup_lr, scale), min_lr=scaled_lr(hp.min_lr, scale),
+                        warmup_steps=round(hp.warmup_epochs * steps_per_epoch), total_steps=total_steps,
+                        schedule=hp.schedule, milestone_steps=[round(m * steps_per_epoch) for m in hp.milestones],
+                        gamma=hp.gamma)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at_step(step, **schedule) / peak_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def export_encoder(self, path: str | Path, config: dict) -> Path:
+        """Write `{"model": SimMIM state dict (encoder.*, decoder.0.*), "config": ...}`, the official SimMIM
+        checkpoint layout, atomically."""
+        atomic_save({"model": self.simmim.state_dict(), "config": config}, path)
+        return Path(path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed into place."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        atomic_save(checkpoint, path)
+
+
+class ThroughputMonitor(pl.Callback):
+    """Logs train/images_per_s over all devices, measured from one batch start to the next."""
+
+    def __init__(self):
+        self._start = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        seconds = time.perf_counter() - self._start
+        images = batch[0].shape[0] * trainer.world_size
+        pl_module.log("train/images_per_s", images / seconds, prog_bar=True)
+
+
+def unnormalize(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalized (B, 3, H, W) -> [0, 1]."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruction_grid(simmim: SimMIM, x: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """One row per image: original | masked input | reconstruction | reconstruction pasted into the visible
+    pixels. Predictions against normalized targets are mapped back with each pixel's local mean and std.
+    Returns an RGB uint8 array (B*H, 4*W, 3)."""
+    prediction = simmim.reconstruct_pixels(x, mask).to(x.dtype)
+    pixel_mask = simmim.pixel_mask(mask).to(x.dtype)
+    columns = [x, x * (1 - pixel_mask), prediction, x * (1 - pixel_mask) + prediction * pixel_mask]
+    rows = torch.cat([unnormalize(c) for c in columns], dim=3)  # B, 3, H, 4W
+    grid = torch.cat(list(rows), dim=1)  # 3, B*H, 4W
+    return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+class ReconstructionPictures(pl.Callback):
+    """A PNG grid for a fixed validation batch every `every_n_steps` and at the end of training, written to
+    `<run dir>/reconstructions/` and to TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, every_n_steps: int = 100, num_images: int = 8):
+        self.out_dir, self.every_n_steps, self.num_images = Path(out_dir), every_n_steps, num_images
+        self.last_path: Path | None = None
+
+    def _fixed_batch(self, trainer, device):
+        dataset = trainer.datamodule.val_set
+        items = [dataset[(i, 0)] for i in range(min(self.num_images, len(dataset)))]
+        x = torch.stack([item[0] for item in items]).to(device)
+        mask = torch.stack([torch.as_tensor(item[1]) for item in items]).to(device)
+        return x, mask
+
+    def _write(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        x, mask = self._fixed_batch(trainer, pl_module.device)
+        grid = reconstruction_grid(pl_module.simmim, x, mask)
+        pl_module.train(was_training)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step_{trainer.global_step:07d}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+        self.last_path = path
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("reconstruction", grid, trainer.global_step, dataformats="HWC")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._write(trainer, pl_module)

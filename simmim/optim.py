@@ -1,0 +1,61 @@
+"""What both training stages share: weight-decay groups, lr scaling and schedules, atomic saving."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def skip_weight_decay(name: str, param: torch.Tensor, skip_names: Iterable[str], skip_keywords: Iterable[str]) -> bool:
+    """1-D parameters (biases, norms), the model's named exceptions and keyword matches get no weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias") or name in skip_names or any(k in name for k in skip_keywords)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: with and without weight decay (names from `no_weight_decay[_keywords]()`)."""
+    skip_names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    skip_keywords = model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if skip_weight_decay(name, param, skip_names, skip_keywords) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def scaled_lr(lr: float, total_batch: int) -> float:
+    """The official linear scaling rule: lr * total batch / 512."""
+    return lr * total_batch / 512
+
+
+def lr_at_step(step: int, *, peak_lr: float, warmup_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
+               schedule: str = "cosine", milestone_steps: Iterable[int] = (), gamma: float = 0.1) -> float:
+    """Per-step lr: linear warmup warmup_lr -> peak_lr, then cosine to min_lr or multistep decay by gamma."""
+    if step < warmup_steps:
+        return warmup_lr + (peak_lr - warmup_lr) * step / warmup_steps
+    if schedule == "cosine":
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
+    if schedule == "multistep":
+        return peak_lr * gamma ** sum(step >= m for m in milestone_steps)
+    raise ValueError(f"unknown lr schedule {schedule!r}; use cosine or multistep")
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

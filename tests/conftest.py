@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from simmim.swinv2 import SwinTransformerV2
+
+TINY = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 8), window_size=4,
+            num_classes=10, drop_path_rate=0.0)
+
+
+def tiny_swinv2(**overrides) -> SwinTransformerV2:
+    """A SwinV2 small enough for unit tests (64 px, widths 16-128)."""
+    return SwinTransformerV2(**{**TINY, **overrides})
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere: the official init zeroes the post-norms, which hides most bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if name.endswith("logit_scale"):
+            p.copy_(torch.log(torch.tensor(10.0)) + 0.3 * noise)
+        elif p.dim() == 1 and "norm" in name and name.endswith("weight"):
+            p.copy_(1 + 0.2 * noise)
+        else:
+            p.copy_(0.2 * noise)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

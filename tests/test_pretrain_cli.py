@@ -1,0 +1,122 @@
+"""scripts/pretrain.py end to end on the default recipe, a few steps of a tiny model."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from simmim.config import ConfigError, available_recipes, load_config
+from simmim.swinv2 import VARIANTS
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import pretrain  # noqa: E402
+
+
+def fast_args(tmp_path, *extra):
+    return [f"output_dir={tmp_path}", "run_name=demo", "data.batch_size=8", "data.num_workers=0",
+            "model.embed_dim=16", "model.num_heads=[2,2,4,8]", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false", "logging.recon_every_n_steps=2", "logging.recon_images=4", *extra]
+
+
+@pytest.mark.slow
+def test_default_recipe_end_to_end_and_resume(tmp_path, capsys):
+    pretrain.main(fast_args(tmp_path))
+    run = tmp_path / "demo"
+    printed = capsys.readouterr().out
+    assert f"encoder: {run / 'encoder.pth'}" in printed
+
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.model.embed_dim == 16 and saved.trainer.limit_train_batches == 3 and saved.recipe == "default"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "best.ckpt").is_file()
+    pictures = sorted((run / "reconstructions").glob("*.png"))
+    assert [p.name for p in pictures] == ["step_0000002.png", "step_0000003.png"]  # the interval, then the end
+    import cv2
+    assert cv2.imread(str(pictures[-1])).shape == (4 * 64, 4 * 64, 3)
+    metrics = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/mask_ratio", "val/loss"):
+        assert name in metrics, name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    exported = torch.load(run / "encoder.pth", weights_only=True)
+    keys = list(exported["model"])
+    assert keys[0] == "encoder.mask_token" and keys[-1] == "decoder.0.bias"
+    assert all(k.startswith(("encoder.", "decoder.0.")) for k in keys)
+    assert exported["config"]["model"]["window_size"] == 4
+
+    # resume=auto (the default) continues the same run at the saved step, with the lr schedule's state
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 3
+    pretrain.main(fast_args(tmp_path, "trainer.max_epochs=2"))
+    second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert second["global_step"] == 6 and second["epoch"] == 1
+    assert second["lr_schedulers"][0]["last_epoch"] == 6
+
+    with pytest.raises(ConfigError, match="already holds checkpoints; pass resume=auto"):
+        pretrain.main(fast_args(tmp_path, "resume=null"))
+    with pytest.raises(ConfigError, match="model.embed_dim=16, this run asks for 32"):
+        pretrain.main(fast_args(tmp_path, "model.embed_dim=32"))
+
+
+def test_unknown_recipe_and_keys_name_near_matches():
+    with pytest.raises(ConfigError, match="unknown pretrain recipe 'bsae'; did you mean base"):
+        load_config("pretrain", "bsae")
+    with pytest.raises(ConfigError, match=r"unknown key 'model.window' .*did you mean model.window_size"):
+        load_config("pretrain", "default", ["model.window=8"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer.max_epoch' .*trainer.max_epochs"):
+        load_config("pretrain", "default", ["trainer.max_epoch=3"])
+    cfg = load_config("pretrain", "default", ["trainer.fast_dev_run=true"])  # any Trainer argument
+    assert cfg.trainer.fast_dev_run is True
+
+
+def test_every_recipe_resolves_and_builds_on_meta():
+    from simmim.module import build_simmim
+
+    assert set(available_recipes("pretrain")) >= {"default", "tiny", "small", "base", "large", "huge", "giant"}
+    for name in available_recipes("pretrain"):
+        cfg = load_config("pretrain", name)
+        if cfg.model.variant:
+            assert cfg.model.embed_dim == VARIANTS[cfg.model.variant]["embed_dim"]
+            assert (cfg.model.img_size, cfg.model.window_size, cfg.simmim.mask_patch_size) == (192, 12, 32)
+            assert cfg.simmim.norm_target_patch_size == 47 and cfg.optim.base_lr == 1e-4
+        with torch.device("meta"):
+            build_simmim(OmegaConf.to_container(cfg.model), cfg.simmim.norm_target_patch_size)
+    giant = load_config("pretrain", "giant")
+    assert giant.model.use_checkpoint and giant.model.sequential_attn and giant.trainer.precision == "bf16-mixed"
+    base = load_config("pretrain", "base")
+    assert base.trainer.max_epochs == 800 and list(base.optim.milestones) == [700]
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    script = str(ROOT / "scripts" / "pretrain.py")
+    result = subprocess.run([sys.executable, script, "recipe=nope"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: unknown pretrain recipe 'nope'")
+
+    result = subprocess.run([sys.executable, script, "recipe=base", "print_config=true"], capture_output=True, text=True)
+    assert result.returncode == 0 and "variant: base" in result.stdout and "embed_dim: 128" in result.stdout
+
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert "giant" in result.stdout and "model.window_size=4" in result.stdout
+
+
+def test_missing_data_folder_fails_before_training(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match=str(tmp_path / "nowhere")):
+        pretrain.main(fast_args(tmp_path, "data.source=folder", f"data.root={tmp_path / 'nowhere'}"))
+    assert not (tmp_path / "demo" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_lightning_cli_runs_the_same_classes(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "cli.py"), "fit", "--config", str(ROOT / "recipes/cli/pretrain_default.yaml"),
+         "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+         f"--trainer.default_root_dir={tmp_path}", "--data.num_workers=0", "--data.batch_size=8"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max_steps=2` reached" in result.stderr + result.stdout
+    assert list(tmp_path.rglob("*.ckpt"))
