@@ -150,13 +150,9 @@ class BlockMaskGenerator(MaskGenerator):
                 block[...] = True
                 count += added
 
-        # Make the count exact with random single patches (normally only a few, if any).
-        if count < self.num_masked:
-            free = np.flatnonzero(~mask)
-            mask.flat[rng.choice(free, self.num_masked - count, replace=False)] = True
-        elif count > self.num_masked:  # cannot happen with the check above; kept as a safety net
-            taken = np.flatnonzero(mask)
-            mask.flat[rng.choice(taken, count - self.num_masked, replace=False)] = False
+        # Blocks never overshoot the budget; random single patches make the count exact.
+        free = np.flatnonzero(~mask)
+        mask.flat[rng.choice(free, self.num_masked - count, replace=False)] = True
         return mask
 
     def __repr__(self) -> str:

@@ -47,7 +47,8 @@ class SimMIMPretrainModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, mask, _ = batch
         loss = self.simmim(x, mask)
-        if not torch.isfinite(loss):
+        # every rank must agree, or ranks that skip would leave the others waiting in the gradient all-reduce
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._skip_nonfinite(loss)
         self.nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True)

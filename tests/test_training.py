@@ -1,0 +1,103 @@
+"""Optimizer groups, lr schedule, non-finite guard, precision and atomic saving of the pretraining module."""
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from simmim.data import SimMIMDataModule
+from simmim.module import SimMIMPretrainModule
+from simmim.optim import atomic_save, lr_at_step, param_groups
+
+TINY_MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
+
+
+def test_weight_decay_groups():
+    module = SimMIMPretrainModule(model=dict(TINY_MODEL, ape=True))
+    decay, no_decay = param_groups(module.simmim, weight_decay=0.05)
+    names = {id(p): n for n, p in module.simmim.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert len(decay_names) + len(no_decay_names) == len(names) and not decay_names & no_decay_names
+    for name in ("encoder.mask_token", "encoder.absolute_pos_embed", "encoder.layers.0.blocks.0.attn.logit_scale",
+                 "encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight", "encoder.layers.0.blocks.0.attn.cpb_mlp.2.weight",
+                 "encoder.layers.0.blocks.0.attn.q_bias", "encoder.layers.0.blocks.0.norm1.weight",
+                 "encoder.layers.0.blocks.0.mlp.fc1.bias", "decoder.0.bias"):
+        assert name in no_decay_names, name
+    assert decay_names == {n for n in names.values() if n.endswith(("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight",
+                                                           "reduction.weight", "patch_embed.proj.weight",
+                                                           "decoder.0.weight"))}
+
+
+def test_lr_schedule_warmup_cosine_and_multistep():
+    kw = dict(peak_lr=1e-3, warmup_lr=1e-6, min_lr=1e-5, warmup_steps=10, total_steps=110)
+    assert lr_at_step(0, **kw) == 1e-6
+    assert lr_at_step(5, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
+    assert lr_at_step(10, **kw) == pytest.approx(1e-3)
+    assert lr_at_step(60, **kw) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lr_at_step(110, **kw) == pytest.approx(1e-5)
+    step = dict(kw, schedule="multistep", milestone_steps=[50, 90], gamma=0.1)
+    assert [lr_at_step(s, **step) for s in (49, 50, 89, 90)] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5])
+
+
+def _trainer(tmp_path, **kwargs):
+    return pl.Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kwargs)
+
+
+def _data(batch_size=4):
+    return SimMIMDataModule(img_size=32, batch_size=batch_size, num_workers=0, mask_patch_size=8)
+
+
+def test_lr_is_scaled_by_total_batch(tmp_path):
+    module = SimMIMPretrainModule(model=TINY_MODEL, base_lr=1e-3, warmup_epochs=0, min_lr=1e-3)
+    _trainer(tmp_path, max_steps=1, accumulate_grad_batches=2).fit(module, datamodule=_data(batch_size=4))
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-3 * 4 * 2 / 512)
+
+
+def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path):
+    module = SimMIMPretrainModule(model=TINY_MODEL, max_nonfinite_steps=3)
+    real_forward = module.simmim.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(x, mask):
+        calls["n"] += 1
+        loss = real_forward(x, mask)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    module.simmim.forward = sometimes_nan
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    with pytest.warns(UserWarning, match=r"non-finite loss \(nan\) at step 1: step skipped \(1 skipped so far"):
+        _trainer(tmp_path, max_steps=3).fit(module, datamodule=_data())
+    assert module.global_step == 3 and module.nonfinite_total == 1
+    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters())
+
+    module = SimMIMPretrainModule(model=TINY_MODEL, max_nonfinite_steps=3)
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters()}
+    module.simmim.forward = lambda x, mask: real_forward(x, mask) * float("inf")
+    with pytest.raises(RuntimeError, match="for 3 steps in a row .*lower optim.base_lr"), pytest.warns(UserWarning):
+        _trainer(tmp_path, max_steps=10).fit(module, datamodule=_data())
+    assert all(torch.equal(frozen[n], p) for n, p in module.named_parameters())  # no update was applied
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_precisions_train(tmp_path, precision):
+    module = SimMIMPretrainModule(model=TINY_MODEL)
+    _trainer(tmp_path, max_steps=2, precision=precision, gradient_clip_val=5.0).fit(module, datamodule=_data())
+    assert module.global_step == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    atomic_save({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_save({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary file left behind
