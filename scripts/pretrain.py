@@ -8,16 +8,13 @@ Arguments are key=value: recipe=NAME (recipes/pretrain/NAME.yaml or a path), any
 pytorch_lightning.Trainer argument as trainer.NAME. The run directory (output_dir/run_name) gets the resolved
 config, checkpoints (last, best), logs (TensorBoard, CSV), reconstruction pictures and encoder.pth.
 """
-import sys
-
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from simmim.config import ConfigError, describe_keys, load_config, parse_cli, prepare_run, save_config
+from simmim.config import describe_keys, load_config, parse_cli, prepare_run, save_config
 from simmim.data import SimMIMDataModule
-from simmim.module import AtomicCheckpointIO, ReconstructionPictures, SimMIMPretrainModule, ThroughputMonitor
+from simmim.module import ReconstructionPictures, SimMIMPretrainModule, ThroughputMonitor
+from simmim.run import make_trainer, run_cli
 
 
 def main(argv: list[str]) -> None:
@@ -45,13 +42,7 @@ def main(argv: list[str]) -> None:
 
     pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
                                       cfg.logging.recon_images)
-    trainer = pl.Trainer(
-        default_root_dir=run_dir,
-        logger=[TensorBoardLogger(run_dir, name="tensorboard", version=""), CSVLogger(run_dir, name="csv", version="")],
-        callbacks=[ModelCheckpoint(run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True),
-                   ThroughputMonitor(), pictures],
-        plugins=[AtomicCheckpointIO()],
-        **OmegaConf.to_container(cfg.trainer))
+    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[ThroughputMonitor(), pictures])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     if trainer.is_global_zero:
@@ -60,7 +51,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_cli(main)

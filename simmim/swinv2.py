@@ -110,10 +110,10 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-def _drop_derived_buffers(state_dict: dict, prefix: str) -> None:
-    """Official checkpoints store the derived buffers; ours recompute them, so loading ignores them."""
-    for name in DERIVED_BUFFERS:
-        state_dict.pop(prefix + name, None)
+def _drop_derived_buffers(state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: official checkpoints store the derived buffers; we recompute them."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.rsplit(".", 1)[-1] in DERIVED_BUFFERS]:
+        del state_dict[key]
 
 
 # -------------------------------------------------------------------------------------- window attention
@@ -175,10 +175,6 @@ class WindowAttention(nn.Module):
         return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
                 f"pretrained_window_size={self.pretrained_window_size}, attn_mode={self.attn_mode}, "
                 f"position_bias={self.position_bias}")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _drop_derived_buffers(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True):
         self._bias_cache = None
@@ -325,10 +321,6 @@ class SwinTransformerV2Block(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, window_size={self.window_size}, "
                 f"shift_size={self.shift_size}, norm_mode={self.norm_mode}")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _drop_derived_buffers(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C): roll, attend within windows, roll back."""
@@ -540,6 +532,7 @@ class SwinTransformerV2(nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
+        self._register_load_state_dict_pre_hook(_drop_derived_buffers)
         if norm_mode == "res_post_norm":
             self._init_res_post_norm()
 
