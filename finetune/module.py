@@ -1,0 +1,257 @@
+"""SwinV2 classification fine-tune (or linear probe): layer-wise lr decay, Mixup / CutMix, EMA, top-1 / top-5
+accuracy and a confusion-matrix picture."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from finetune.mixup import Mixup, soft_target_cross_entropy
+from simmim.data import labeled_datasets
+from simmim.optim import lr_at_step, param_groups, scaled_lr, skip_weight_decay
+from simmim.swinv2 import SwinTransformerV2
+
+
+# ------------------------------------------------------------------------------------------------ layer decay
+def layer_id(name: str, depths: Sequence[int]) -> int:
+    """Layer-decay depth of a SwinV2 parameter (official SimMIM convention): patch embedding and absolute
+    position embedding 0, stage i block j sum(depths[:i]) + j + 1, stage i downsample sum(depths[:i + 1]) (its
+    last block), everything else (final norm, head) sum(depths) + 1."""
+    if name.startswith(("patch_embed.", "absolute_pos_embed")):
+        return 0
+    if name.startswith("layers."):
+        parts = name.split(".")
+        stage = int(parts[1])
+        if parts[2] == "downsample":
+            return sum(depths[:stage + 1])
+        if parts[2] == "blocks":
+            return sum(depths[:stage]) + int(parts[3]) + 1
+        raise ValueError(f"no layer-decay depth for {name}")
+    return sum(depths) + 1
+
+
+def layer_decay_groups(model: SwinTransformerV2, weight_decay: float, layer_decay: float,
+                       depths: Sequence[int] | None = None) -> list[dict]:
+    """AdamW groups, one per (layer id, decay or not), for the trainable parameters of a SwinV2.
+
+    Each group has "params", "weight_decay" (0 for 1-D params, biases, norms, cpb_mlp, logit_scale, ...),
+    "layer_id" and "lr_scale" = layer_decay ** (num_layers + 1 - layer_id) with num_layers = sum(depths).
+    `depths` defaults to the stage depths of `model`.
+    """
+    depths = depths or [len(layer.blocks) for layer in model.layers]
+    num_layers = sum(depths)
+    skip_names, skip_keywords = model.no_weight_decay(), model.no_weight_decay_keywords()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lid, no_decay = layer_id(name, depths), skip_weight_decay(name, param, skip_names, skip_keywords)
+        group = groups.setdefault((lid, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay, "layer_id": lid,
+            "lr_scale": layer_decay ** (num_layers + 1 - lid)})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
+
+
+# ------------------------------------------------------------------------------------------------ picture
+def confusion_matrix_image(matrix: np.ndarray) -> np.ndarray:
+    """(N, N) counts (rows true class, columns predicted) -> BGR uint8 heatmap (48 + N*c, 48 + N*c, 3), colored
+    by the fraction of each true class, counts in the cells and class indices on the axes (when cells are
+    large enough to read, c >= 16 px, i.e. up to 60 classes)."""
+    n, margin = len(matrix), 48
+    cell = max(4, min(48, 960 // n))
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    heat = cv2.applyColorMap(np.round(rates * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
+    image = np.full((margin + n * cell, margin + n * cell, 3), 255, np.uint8)
+    image[margin:, margin:] = cv2.resize(heat, (n * cell, n * cell), interpolation=cv2.INTER_NEAREST)
+    if cell < 16:
+        return image
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, cell / 120
+
+    def text(s: str, cx: int, cy: int, color: tuple[int, int, int], size: float = scale) -> None:
+        (w, h), _ = cv2.getTextSize(s, font, size, 1)
+        cv2.putText(image, s, (cx - w // 2, cy + h // 2), font, size, color, 1, cv2.LINE_AA)
+
+    text("true\\pred", margin // 2, margin // 4, (0, 0, 0), size=0.3)
+    for i in range(n):
+        center = margin + i * cell + cell // 2
+        text(str(i), center, margin * 3 // 4, (0, 0, 0))  # predicted class, top
+        text(str(i), margin * 3 // 4, center, (0, 0, 0))  # true class, left
+        for j in range(n):
+            color = (0, 0, 0) if rates[i, j] > 0.6 else (255, 255, 255)  # viridis is bright at the top
+            text(str(int(matrix[i, j])), margin + j * cell + cell // 2, center, color)
+    return image
+
+
+# ------------------------------------------------------------------------------------------------ module
+class SwinV2Classifier(pl.LightningModule):
+    """SwinV2 fine-tune: AdamW with layer-wise lr decay, lr scaled by total batch / 512, per-step warmup then
+    cosine, Mixup / CutMix + soft-target CE (else label-smoothed CE), optional EMA of the weights.
+
+    `linear_probe`: the encoder is frozen (and kept in eval mode), the head is BatchNorm1d (no affine, as in
+    MAE) + Linear on the pooled features, trained alone with AdamW, no Mixup and no layer decay.
+    The SwinV2 is `self.model` (checkpoint keys `model.*`), the EMA copy `self.ema` (`ema.*`).
+    """
+
+    def __init__(self, model: dict, base_lr: float = 1.25e-3, warmup_lr: float = 2.5e-7, min_lr: float = 2.5e-7,
+                 weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 warmup_epochs: float = 20, layer_decay: float = 0.75, label_smoothing: float = 0.1,
+                 mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
+                 ema_decay: float | None = None, linear_probe: bool = False,
+                 confusion_matrix_path: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items() if k != "variant"}
+        self.model = SwinTransformerV2(**args)
+        num_classes = self.model.num_classes
+        if linear_probe:
+            self.model.requires_grad_(False)
+            self.model.head = nn.Sequential(nn.BatchNorm1d(self.model.num_features, affine=False, eps=1e-6),
+                                            nn.Linear(self.model.num_features, num_classes))
+            nn.init.trunc_normal_(self.model.head[1].weight, std=0.01)
+            nn.init.zeros_(self.model.head[1].bias)
+        self.mixup_fn = None
+        if (mixup > 0 or cutmix > 0) and not linear_probe:
+            self.mixup_fn = Mixup(mixup, cutmix, mixup_prob, mixup_switch_prob, label_smoothing, num_classes)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema_decay is not None else None
+
+        top_k = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.val_top1_ema = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.last_confusion: torch.Tensor | None = None  # (N, N) counts of the last validation, rows true
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> logits (B, num_classes)."""
+        return self.model(x)
+
+    def train(self, mode: bool = True):
+        """A linear probe keeps the frozen encoder in eval mode (dropout, drop path off) and trains the head."""
+        super().train(mode)
+        if self.hparams.linear_probe:
+            self.model.eval()
+            self.model.head.train(mode)
+        return self
+
+    # -- training
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.mixup_fn is not None:
+            x, targets = self.mixup_fn(x, y)
+            loss = soft_target_cross_entropy(self(x), targets)
+        else:
+            loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[-1]["lr"], prog_bar=True)
+        return loss
+
+    def on_fit_start(self) -> None:
+        # start the EMA from the weights fine-tuning starts from (e.g. loaded after construction), unless resuming
+        if self.ema is not None and self.trainer.ckpt_path is None:
+            self.ema.load_state_dict(self.model.state_dict())
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema = decay * ema + (1 - decay) * live, for parameters and floating buffers (others are copied)."""
+        decay = self.hparams.ema_decay
+        for ema, live in zip(self.ema.state_dict().values(), self.model.state_dict().values()):
+            if ema.is_floating_point():
+                ema.lerp_(live, 1 - decay)
+            else:
+                ema.copy_(live)
+
+    # -- validation
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_top1(logits, y)
+        self.val_top5(logits, y)
+        self.val_confusion.update(logits.argmax(dim=1), y)
+        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+        self.log("val/top1", self.val_top1, prog_bar=True)
+        self.log("val/top5", self.val_top5)
+        if self.ema is not None:
+            self.val_top1_ema(self.ema(x), y)
+            self.log("val/top1_ema", self.val_top1_ema)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_confusion = self.val_confusion.compute().cpu()
+        self.val_confusion.reset()
+
+    def save_confusion_matrix(self, path: str | Path) -> Path:
+        """Write the last validation's confusion matrix as a PNG heatmap; returns the path."""
+        if self.last_confusion is None:
+            raise RuntimeError("no confusion matrix yet: run a validation (trainer.fit or trainer.validate) first")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(path), confusion_matrix_image(self.last_confusion.numpy())):
+            raise OSError(f"could not write {path}; use a .png path in a writable folder")
+        return path
+
+    def on_fit_end(self) -> None:
+        if self.hparams.confusion_matrix_path and self.last_confusion is not None and self.trainer.is_global_zero:
+            self.save_confusion_matrix(self.hparams.confusion_matrix_path)
+
+    # -- optimizer
+    def total_batch_size(self) -> int:
+        batch_size = self.trainer.datamodule.hparams.batch_size
+        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        scale = self.total_batch_size()
+        peak_lr = scaled_lr(hp.base_lr, scale)
+        if hp.linear_probe:
+            groups = [dict(g, lr_scale=1.0) for g in param_groups(self.model.head, hp.weight_decay)]
+        else:
+            groups = layer_decay_groups(self.model, hp.weight_decay, hp.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(hp.betas), eps=hp.eps)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = total_steps / max(self.trainer.max_epochs or 1, 1)
+        schedule = dict(peak_lr=peak_lr, warmup_lr=scaled_lr(hp.warmup_lr, scale), min_lr=scaled_lr(hp.min_lr, scale),
+                        warmup_steps=round(hp.warmup_epochs * steps_per_epoch), total_steps=total_steps)
+        lambdas = [lambda step, s=g["lr_scale"]: s * lr_at_step(step, **schedule) / peak_lr for g in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# ------------------------------------------------------------------------------------------------ data
+class ClassificationDataModule(pl.LightningDataModule):
+    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms)."""
+
+    def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
+                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            hp = self.hparams
+            self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file)
+
+    def _loader(self, dataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=train, num_workers=hp.num_workers,
+                          drop_last=train and len(dataset) >= hp.batch_size, persistent_workers=hp.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
