@@ -33,7 +33,7 @@ class Mixup:
         self.prob, self.switch_prob = prob, switch_prob
         self.label_smoothing, self.num_classes = label_smoothing, num_classes
         # without a seed, draw one from torch so that pl.seed_everything makes runs repeatable
-        self.rng = np.random.default_rng(seed if seed is not None else int(torch.randint(2 ** 62, ())))
+        self.rng = np.random.default_rng(seed if seed is not None else int(torch.randint(2 ** 62, (), device="cpu")))
 
     def _draw(self) -> tuple[float, bool]:
         """(lambda, use CutMix); lambda 1 means no mixing."""

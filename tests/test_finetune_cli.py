@@ -52,3 +52,20 @@ def test_pretrain_then_finetune_at_a_larger_window(tmp_path, capsys):
 def test_missing_pretrained_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist; run scripts/pretrain.py first"):
         finetune_script.main([f"output_dir={tmp_path}", f"pretrained={tmp_path}/none.pth"])
+
+
+def test_every_finetune_recipe_resolves_and_builds_on_meta():
+    from finetune.module import SwinV2Classifier
+    from simmim.config import available_recipes, load_config
+
+    assert set(available_recipes("finetune")) >= {"default", "tiny", "small", "base", "large", "huge", "giant"}
+    for name in available_recipes("finetune"):
+        cfg = load_config("finetune", name)
+        with torch.device("meta"):
+            SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),
+                             **OmegaConf.to_container(cfg.train))
+    base = load_config("finetune", "base")
+    assert (base.model.img_size, base.model.window_size, list(base.model.pretrained_window_sizes)) == (224, 14, [12, 12, 12, 6])
+    assert (base.optim.base_lr, base.optim.layer_decay, base.optim.warmup_epochs, base.trainer.max_epochs) == (1.25e-3, 0.75, 20, 100)
+    with pytest.raises(ConfigError, match=r"unknown key 'train.mixupp' .*did you mean train.mixup"):
+        load_config("finetune", "default", ["train.mixupp=0.5"])
