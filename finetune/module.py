@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
 from simmim.data import labeled_datasets
-from simmim.optim import lr_at_step, param_groups, scaled_lr, skip_weight_decay
+from simmim.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
 from simmim.swinv2 import SwinTransformerV2
 
 
@@ -208,26 +208,14 @@ class SwinV2Classifier(pl.LightningModule):
             self.save_confusion_matrix(self.hparams.confusion_matrix_path)
 
     # -- optimizer
-    def total_batch_size(self) -> int:
-        batch_size = self.trainer.datamodule.hparams.batch_size
-        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
     def configure_optimizers(self):
         hp = self.hparams
-        scale = self.total_batch_size()
-        peak_lr = scaled_lr(hp.base_lr, scale)
         if hp.linear_probe:
-            groups = [dict(g, lr_scale=1.0) for g in param_groups(self.model.head, hp.weight_decay)]
+            groups = param_groups(self.model.head, hp.weight_decay)
         else:
             groups = layer_decay_groups(self.model, hp.weight_decay, hp.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(hp.betas), eps=hp.eps)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = total_steps / max(self.trainer.max_epochs or 1, 1)
-        schedule = dict(peak_lr=peak_lr, warmup_lr=scaled_lr(hp.warmup_lr, scale), min_lr=scaled_lr(hp.min_lr, scale),
-                        warmup_steps=round(hp.warmup_epochs * steps_per_epoch), total_steps=total_steps)
-        lambdas = [lambda step, s=g["lr_scale"]: s * lr_at_step(step, **schedule) / peak_lr for g in groups]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_per_step_schedule(self.trainer, groups, base_lr=hp.base_lr, warmup_lr=hp.warmup_lr,
+                                       min_lr=hp.min_lr, betas=hp.betas, eps=hp.eps, warmup_epochs=hp.warmup_epochs)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.data import IMAGENET_MEAN, IMAGENET_STD
 from simmim.model import SimMIM, SwinTransformerV2ForSimMIM
-from simmim.optim import atomic_save, lr_at_step, param_groups, scaled_lr
+from simmim.optim import adamw_per_step_schedule, atomic_save, param_groups
 
 
 def build_simmim(model: dict, norm_target_patch_size: int | None = None) -> SimMIM:
@@ -81,24 +81,12 @@ class SimMIMPretrainModule(pl.LightningModule):
             if norms:
                 self.log("train/grad_norm", torch.stack(norms).norm())
 
-    def total_batch_size(self) -> int:
-        batch_size = self.trainer.datamodule.hparams.batch_size
-        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
     def configure_optimizers(self):
         hp = self.hparams
-        scale = self.total_batch_size()
-        peak_lr = scaled_lr(hp.base_lr, scale)
-        optimizer = torch.optim.AdamW(param_groups(self.simmim, hp.weight_decay), lr=peak_lr,
-                                      betas=tuple(hp.betas), eps=hp.eps)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = total_steps / max(self.trainer.max_epochs or 1, 1)
-        schedule = dict(peak_lr=peak_lr, warmup_lr=scaled_lr(hp.warmup_lr, scale), min_lr=scaled_lr(hp.min_lr, scale),
-                        warmup_steps=round(hp.warmup_epochs * steps_per_epoch), total_steps=total_steps,
-                        schedule=hp.schedule, milestone_steps=[round(m * steps_per_epoch) for m in hp.milestones],
-                        gamma=hp.gamma)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at_step(step, **schedule) / peak_lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_per_step_schedule(
+            self.trainer, param_groups(self.simmim, hp.weight_decay), base_lr=hp.base_lr, warmup_lr=hp.warmup_lr,
+            min_lr=hp.min_lr, betas=hp.betas, eps=hp.eps, warmup_epochs=hp.warmup_epochs, schedule=hp.schedule,
+            milestones=hp.milestones, gamma=hp.gamma)
 
     def export_encoder(self, path: str | Path, config: dict) -> Path:
         """Write `{"model": SimMIM state dict (encoder.*, decoder.0.*), "config": ...}`, the official SimMIM

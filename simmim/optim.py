@@ -59,3 +59,22 @@ def atomic_save(obj, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warmup_lr: float, min_lr: float,
+                            betas, eps: float, warmup_epochs: float, schedule: str = "cosine",
+                            milestones: Iterable[float] = (), gamma: float = 0.1) -> dict:
+    """Lightning's optimizer config: AdamW over `groups` and a per-step LambdaLR (warmup, then cosine or
+    multistep). Every lr is scaled by the total batch (per-device batch x devices x accumulation) / 512; a
+    group's optional "lr_scale" (layer-wise decay) multiplies its lr."""
+    total_batch = trainer.datamodule.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    peak_lr = scaled_lr(base_lr, total_batch)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(betas), eps=eps)
+    total_steps = int(trainer.estimated_stepping_batches)
+    steps_per_epoch = total_steps / max(trainer.max_epochs or 1, 1)
+    steps = dict(peak_lr=peak_lr, warmup_lr=scaled_lr(warmup_lr, total_batch), min_lr=scaled_lr(min_lr, total_batch),
+                 warmup_steps=round(warmup_epochs * steps_per_epoch), total_steps=total_steps, schedule=schedule,
+                 milestone_steps=[round(m * steps_per_epoch) for m in milestones], gamma=gamma)
+    lambdas = [lambda step, s=g.get("lr_scale", 1.0): s * lr_at_step(step, **steps) / peak_lr for g in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
