@@ -17,17 +17,17 @@ import pytorch_lightning as pl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_warn  # noqa: E402
 
-from finetune.checkpoint import load_pretrained, pretrained_window_sizes  # noqa: E402
+from finetune.checkpoint import load_pretrained, pretrained_window_sizes, read_checkpoint  # noqa: E402
 from finetune.module import ClassificationDataModule, SwinV2Classifier  # noqa: E402
-from simmim.config import ConfigError, describe_keys, load_config, parse_cli, prepare_run, save_config  # noqa: E402
+from simmim.config import ConfigError, config_from_argv, prepare_run, save_config  # noqa: E402
 from simmim.run import make_trainer, run_cli  # noqa: E402
 
 
-def resolve_window_sizes(cfg) -> None:
+def resolve_window_sizes(cfg, checkpoint: dict) -> None:
     """Fill model.pretrained_window_sizes from the pretrained checkpoint when the recipe leaves it null."""
-    if cfg.model.pretrained_window_sizes is not None or not cfg.pretrained:
+    if cfg.model.pretrained_window_sizes is not None:
         return
-    windows = pretrained_window_sizes(cfg.pretrained)
+    windows = pretrained_window_sizes(checkpoint)
     if windows is None:
         rank_zero_warn(f"{cfg.pretrained} does not say which windows it was pretrained with; set "
                        f"model.pretrained_window_sizes=[...] (e.g. [12,12,12,6] for 192 px / window 12) for the "
@@ -37,15 +37,17 @@ def resolve_window_sizes(cfg) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if {"-h", "--help", "help"} & set(argv):
-        print(__doc__ + "\n" + describe_keys("finetune"))
+    parsed = config_from_argv("finetune", argv, __doc__)
+    if parsed is None:
         return
-    recipe, overrides, print_config = parse_cli(argv)
-    cfg = load_config("finetune", recipe, overrides)
-    if cfg.pretrained and not Path(cfg.pretrained).is_file():
-        raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
-                          f"another checkpoint, or pretrained=null to train from scratch")
-    resolve_window_sizes(cfg)
+    cfg, print_config = parsed
+    pretrained = None
+    if cfg.pretrained:
+        if not Path(cfg.pretrained).is_file():
+            raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
+                              f"another checkpoint, or pretrained=null to train from scratch")
+        pretrained = read_checkpoint(cfg.pretrained)  # read once: the window sizes and the weights come from it
+        resolve_window_sizes(cfg, pretrained)
     if print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return
@@ -59,8 +61,8 @@ def main(argv: list[str]) -> None:
     module = SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),
                               **OmegaConf.to_container(cfg.train),
                               confusion_matrix_path=str(run_dir / "confusion_matrix.png"))
-    if cfg.pretrained and ckpt_path is None:
-        report = load_pretrained(module.model, cfg.pretrained)
+    if pretrained is not None and ckpt_path is None:
+        report = load_pretrained(module.model, pretrained)
         print(f"loaded {cfg.pretrained}\n{report}")
     save_config(cfg, run_dir / "config.yaml")
 

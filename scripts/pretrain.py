@@ -11,18 +11,17 @@ config, checkpoints (last, best), logs (TensorBoard, CSV), reconstruction pictur
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from simmim.config import describe_keys, load_config, parse_cli, prepare_run, save_config
+from simmim.config import config_from_argv, prepare_run, save_config
 from simmim.data import SimMIMDataModule
 from simmim.module import ReconstructionPictures, SimMIMPretrainModule, ThroughputMonitor
 from simmim.run import make_trainer, run_cli
 
 
 def main(argv: list[str]) -> None:
-    if {"-h", "--help", "help"} & set(argv):
-        print(__doc__ + "\n" + describe_keys("pretrain"))
+    parsed = config_from_argv("pretrain", argv, __doc__)
+    if parsed is None:
         return
-    recipe, overrides, print_config = parse_cli(argv)
-    cfg = load_config("pretrain", recipe, overrides)
+    cfg, print_config = parsed
     if print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return

@@ -88,6 +88,16 @@ def parse_cli(argv: list[str]) -> tuple[str, DictConfig, bool]:
     return recipe, overrides, print_config
 
 
+def config_from_argv(stage: str, argv: list[str], usage: str) -> tuple[DictConfig, bool] | None:
+    """A script's (resolved config, print_config) from `recipe=NAME key=value ...`; None after printing the
+    usage, the recipes and every key for --help."""
+    if {"-h", "--help", "help"} & set(argv):
+        print(usage + "\n" + describe_keys(stage))
+        return None
+    recipe, overrides, print_config = parse_cli(argv)
+    return load_config(stage, recipe, overrides), print_config
+
+
 def load_config(stage: str, recipe: str = "default", overrides: DictConfig | list[str] | None = None) -> DictConfig:
     """Merge default <- recipe <- overrides, reject unknown keys, return the resolved config."""
     schema = OmegaConf.load(_recipe_path(stage, "default"))
