@@ -9,10 +9,14 @@ Accepted checkpoints (detected by `detect_layout`, converted to our parameter na
 - `official-swinv2`: microsoft/Swin-Transformer classification, `{"model": {plain keys, "head.*"}}`
 - `timm`: a timm SwinV2 state dict (bare or under "state_dict" / "model"): patch merging at the start of the
   next stage (`layers.{i+1}.downsample`) and the classifier as `head.fc`.
+
+`encoder_from_checkpoint` and `simmim_from_checkpoint` build the model a checkpoint holds (from the config our
+checkpoints carry, with overrides) and load it, for tools that use a checkpoint as it is.
 """
 from __future__ import annotations
 
 import inspect
+import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -20,15 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from simmim.config import resolve_model
+from simmim.model import SimMIM
+from simmim.module import build_simmim
 from simmim.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 
-__all__ = ["LoadReport", "load_pretrained", "pretrained_window_sizes", "read_checkpoint", "detect_layout"]
+__all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
+           "read_checkpoint", "detect_layout", "saved_model_config", "saved_simmim_config", "model_config",
+           "encoder_from_checkpoint", "simmim_from_checkpoint", "SIMMIM_LAYOUTS"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
 DROPPED_SUFFIXES = DERIVED_BUFFERS + ("k_bias", "mask_token")
 HEAD_PREFIX = "head."
+TABLE_SUFFIX = "relative_position_bias_table"
 MISMATCH_HINT = "build the model with the pretraining config (embed_dim, depths, num_heads)"
 
 
@@ -41,10 +52,11 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     reinitialized: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)  # V1 bias tables resized to the model's window (also loaded)
 
     def __str__(self) -> str:
         lines = [f"pretrained weights ({self.layout} layout)"]
-        for name in ("loaded", "missing", "unexpected", "reinitialized"):
+        for name in ("loaded", "missing", "unexpected", "reinitialized", "resized"):
             keys = getattr(self, name)
             more = f", ... (+{len(keys) - 3})" if len(keys) > 3 else ""
             lines.append(f"  {name:<13} {len(keys):>4}  {', '.join(keys[:3])}{more}".rstrip())
@@ -56,10 +68,20 @@ def read_checkpoint(source: str | Path | Mapping) -> dict:
     checkpoints whose hyperparameters hold other objects), or returned as is."""
     if isinstance(source, Mapping):
         return dict(source)
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"checkpoint {source} does not exist; pass the path of a .ckpt or .pth file")
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(source, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise ValueError(f"cannot read {source} as a PyTorch checkpoint ({error}); pass a file written by "
+                         f"torch.save") from error
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{source} holds a {type(ckpt).__name__}, not a checkpoint dict; pass a state dict or a "
+                         f"training checkpoint")
+    return ckpt
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -150,7 +172,8 @@ def load_pretrained(model: SwinTransformerV2, source: str | Path | Mapping, stri
     """Load encoder weights from any layout above into `model`, in place.
 
     Derived buffers, the mask token and the decoder are dropped; a head whose shape differs from the model's
-    is left as initialized (`reinitialized`). A shape mismatch outside the head raises ValueError naming the
+    is left as initialized (`reinitialized`); a V1 position-bias table of another window is resized to the
+    model's by `resize_position_bias_table` (`resized`). Any other shape mismatch raises ValueError naming the
     first such key; with `strict`, so do missing or unexpected keys outside the head.
     """
     ckpt = read_checkpoint(source)
@@ -166,6 +189,9 @@ def load_pretrained(model: SwinTransformerV2, source: str | Path | Mapping, stri
             (report.reinitialized if is_head else report.missing).append(key)
         elif weights[key].shape == ours.shape:
             usable[key] = weights[key]
+        elif key.endswith(TABLE_SUFFIX) and weights[key].shape[1:] == ours.shape[1:]:
+            usable[key] = resize_position_bias_table(weights[key], (math.isqrt(ours.shape[0]) + 1) // 2)
+            report.resized.append(key)
         elif is_head:
             report.reinitialized.append(key)
         else:
@@ -180,16 +206,97 @@ def load_pretrained(model: SwinTransformerV2, source: str | Path | Mapping, stri
     return report
 
 
+def resize_position_bias_table(table: torch.Tensor, window_size: int) -> torch.Tensor:
+    """A V1 relative position bias table of window W, ((2W-1)^2, heads), resized bicubically as one
+    (2W-1) x (2W-1) picture per head to window `window_size` W': ((2W'-1)^2, heads), as Swin V1 does when the
+    window changes. The zero offset stays at the center and keeps its value."""
+    side, heads = math.isqrt(table.shape[0]), table.shape[1]
+    if side * side != table.shape[0] or side % 2 == 0:
+        raise ValueError(f"a position bias table has (2W-1)^2 rows, got {table.shape[0]}; pass a "
+                         f"relative_position_bias_table of a square window")
+    grid = table.detach().float().T.reshape(1, heads, side, side)
+    new_side = 2 * window_size - 1
+    resized = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return resized.reshape(heads, new_side * new_side).T.contiguous().to(table.dtype)
+
+
 def pretrained_window_sizes(source: str | Path | Mapping) -> list[int] | None:
     """Per stage, the window the pretrained encoder actually used, min(window_size, img_size / patch / 2^i),
     from the config our checkpoints carry (e.g. 192 px, patch 4, window 12 -> [12, 12, 12, 6]); None for
     checkpoints without one (official, timm), whose windows must be set by hand."""
-    ckpt = read_checkpoint(source)
-    holder = ckpt.get("hyper_parameters") if "state_dict" in ckpt else ckpt.get("config")
-    config = holder.get("model") if isinstance(holder, Mapping) else None
-    if not isinstance(config, Mapping):
+    config = saved_model_config(read_checkpoint(source))
+    if config is None:
         return None
     defaults = {name: p.default for name, p in inspect.signature(SwinTransformerV2).parameters.items()}
     cfg = {**defaults, **config}
     resolution = cfg["img_size"] // cfg["patch_size"]
     return [min(cfg["window_size"], resolution // 2 ** i) for i in range(len(cfg["depths"]))]
+
+
+# ------------------------------------------------------------------------------------------------ models
+SIMMIM_LAYOUTS = ("lightning-simmim", "exported-simmim", "official-simmim")  # the layouts with a decoder
+
+
+def saved_model_config(ckpt: Mapping) -> dict | None:
+    """The `model` section (SwinTransformerV2 arguments) our checkpoints carry: Lightning
+    `hyper_parameters.model`, exported `config.model`; None for checkpoints without one (official, timm)."""
+    holder = ckpt.get("hyper_parameters") if "state_dict" in ckpt else ckpt.get("config")
+    config = holder.get("model") if isinstance(holder, Mapping) else None
+    return dict(config) if isinstance(config, Mapping) else None
+
+
+def saved_simmim_config(ckpt: Mapping) -> dict:
+    """What our pretraining checkpoints record of SimMIM: `mask_patch_size`, `mask_ratio`, `mask_kind`,
+    `norm_target_patch_size`, where known (exported `config.simmim`; Lightning: the module's and the
+    datamodule's hyperparameters). Empty for other checkpoints."""
+    config = ckpt.get("config")
+    if isinstance(config, Mapping) and isinstance(config.get("simmim"), Mapping):
+        return dict(config["simmim"])
+    found = {**(ckpt.get("datamodule_hyper_parameters") or {}), **(ckpt.get("hyper_parameters") or {})}
+    keys = ("mask_patch_size", "mask_ratio", "mask_kind", "norm_target_patch_size")
+    return {key: found[key] for key in keys if key in found}
+
+
+def model_config(ckpt: Mapping, overrides: Mapping | None = None) -> dict:
+    """SwinTransformerV2 arguments for a checkpoint: its saved model config (constructor defaults for
+    checkpoints without one) <- `overrides` (a model section: `variant`, then non-null keys). When no
+    `pretrained_window_sizes` results, the windows the checkpoint was trained with are filled in, so an
+    override of window_size or img_size transfers the Log-CPB as fine-tuning does."""
+    config = resolve_model(saved_model_config(ckpt) or {}, overrides or {})
+    if config.get("pretrained_window_sizes") is None:
+        config["pretrained_window_sizes"] = pretrained_window_sizes(ckpt)
+    return config
+
+
+def encoder_from_checkpoint(source: str | Path | Mapping,
+                            overrides: Mapping | None = None) -> tuple[SwinTransformerV2, dict, LoadReport]:
+    """(encoder without head, its arguments, load report) for a checkpoint of any layout above, built by
+    `model_config`; ValueError naming the first key when the weights do not fit."""
+    ckpt = read_checkpoint(source)
+    config = {**model_config(ckpt, overrides), "num_classes": 0}
+    model = SwinTransformerV2(**config)
+    return model, config, load_pretrained(model, ckpt)
+
+
+def simmim_from_checkpoint(source: str | Path | Mapping, overrides: Mapping | None = None) -> tuple[SimMIM, dict]:
+    """(SimMIM with encoder, mask token and decoder loaded, its model arguments) from a pretraining checkpoint
+    (`SIMMIM_LAYOUTS`); the saved `norm_target_patch_size` is kept. ValueError for checkpoints without a
+    decoder and for weights that do not fit."""
+    ckpt = read_checkpoint(source)
+    layout = detect_layout(ckpt)
+    if layout not in SIMMIM_LAYOUTS:
+        raise ValueError(f"a {layout} checkpoint has no SimMIM decoder; pass a pretraining checkpoint (our .ckpt "
+                         f"or encoder.pth, or an official SimMIM file)")
+    config = model_config(ckpt, overrides)
+    simmim = build_simmim(config, saved_simmim_config(ckpt).get("norm_target_patch_size"))
+    weights = _strip_prefix(ckpt["state_dict"], "simmim.") if layout == "lightning-simmim" else ckpt["model"]
+    target = simmim.state_dict()
+    for key, value in weights.items():
+        if key in target and value.shape != target[key].shape:
+            raise _shape_error(key, target[key].shape, value.shape)
+    result = simmim.load_state_dict(weights, strict=False)  # derived buffers are dropped by the encoder's hook
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"checkpoint does not match the model: {len(result.missing_keys)} missing keys "
+                         f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected keys "
+                         f"{result.unexpected_keys[:3]}; {MISMATCH_HINT}")
+    return simmim, config

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from finetune.mixup import Mixup, soft_target_cross_entropy
 from simmim.data import labeled_datasets
 from simmim.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
+from simmim.strategies import shards_parameters
 from simmim.swinv2 import SwinTransformerV2
 
 
@@ -154,6 +155,12 @@ class SwinV2Classifier(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[-1]["lr"], prog_bar=True)
         return loss
+
+    def setup(self, stage: str) -> None:
+        if self.ema is not None and shards_parameters(self.trainer.strategy):
+            raise ValueError(f"train.ema_decay averages whole weights, but {type(self.trainer.strategy).__name__} "
+                             f"shards them across devices; use trainer.strategy=ddp, ddp_zero1 or "
+                             f"deepspeed_stage_1/2, or train.ema_decay=null")
 
     def on_fit_start(self) -> None:
         # start the EMA from the weights fine-tuning starts from (e.g. loaded after construction), unless resuming

@@ -15,6 +15,7 @@ from simmim.config import config_from_argv, prepare_run, save_config
 from simmim.data import SimMIMDataModule
 from simmim.module import ReconstructionPictures, SimMIMPretrainModule, ThroughputMonitor
 from simmim.run import make_trainer, run_cli
+from simmim.strategies import full_state_dict
 
 
 def main(argv: list[str]) -> None:
@@ -44,8 +45,9 @@ def main(argv: list[str]) -> None:
     trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[ThroughputMonitor(), pictures])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
+    state = full_state_dict(trainer.strategy)  # on every rank: sharding strategies gather the weights here
     if trainer.is_global_zero:
-        encoder = module.export_encoder(run_dir / "encoder.pth", OmegaConf.to_container(cfg))
+        encoder = module.export_encoder(run_dir / "encoder.pth", OmegaConf.to_container(cfg), state)
         print(f"run directory: {run_dir}\nreconstructions: {pictures.last_path}\nencoder: {encoder}")
 
 

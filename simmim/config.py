@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from simmim.swinv2 import VARIANTS
+from simmim.swinv2 import VARIANTS, SwinTransformerV2
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RUN_KEYS = ("recipe", "print_config", "help")  # command-line keys that steer the script, not the run
@@ -76,12 +78,16 @@ def _check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
         raise ConfigError(f"unknown key {key!r} in {source}{hint}")
 
 
-def parse_cli(argv: list[str]) -> tuple[str, DictConfig, bool]:
-    """`recipe=NAME key=value ...` -> (recipe name, dotlist overrides, print_config)."""
+def _key_value_pairs(argv: list[str], example: str) -> dict[str, str]:
     bad = [a for a in argv if "=" not in a]
     if bad:
-        raise ConfigError(f"expected key=value arguments, got {bad[0]!r}; e.g. recipe=default trainer.max_epochs=2")
-    pairs = dict(a.split("=", 1) for a in argv)
+        raise ConfigError(f"expected key=value arguments, got {bad[0]!r}; e.g. {example}")
+    return dict(a.split("=", 1) for a in argv)
+
+
+def parse_cli(argv: list[str]) -> tuple[str, DictConfig, bool]:
+    """`recipe=NAME key=value ...` -> (recipe name, dotlist overrides, print_config)."""
+    pairs = _key_value_pairs(argv, "recipe=default trainer.max_epochs=2")
     recipe = pairs.pop("recipe", "default")
     print_config = pairs.pop("print_config", "false").lower() in ("1", "true", "yes")
     overrides = OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()])
@@ -96,6 +102,21 @@ def config_from_argv(stage: str, argv: list[str], usage: str) -> tuple[DictConfi
         return None
     recipe, overrides, print_config = parse_cli(argv)
     return load_config(stage, recipe, overrides), print_config
+
+
+def options_from_argv(defaults: dict, argv: list[str], usage: str) -> DictConfig | None:
+    """A tool's options: `defaults` <- `key=value` arguments, unknown keys rejected; None after printing
+    the usage and the keys for --help."""
+    schema = OmegaConf.create(defaults)
+    if {"-h", "--help", "help"} & set(argv):
+        keys = "\n".join(f"  {k} = {OmegaConf.select(schema, k)}" for k in _leaf_keys(schema)
+                         if not isinstance(OmegaConf.select(schema, k), DictConfig))
+        print(f"{usage}\nkeys (default value):\n{keys}")
+        return None
+    example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
+    overrides = OmegaConf.from_dotlist([f"{k}={v}" for k, v in _key_value_pairs(argv, example).items()])
+    _check_keys(overrides, schema, "the command line")
+    return OmegaConf.merge(schema, overrides)
 
 
 def load_config(stage: str, recipe: str = "default", overrides: DictConfig | list[str] | None = None) -> DictConfig:
@@ -114,10 +135,7 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
         layers.append(overrides)
     variant = OmegaConf.merge(*layers).model.get("variant")
     if variant is not None:  # schema <- the variant's widths, depths, heads <- recipe <- command line
-        if variant not in VARIANTS:
-            raise ConfigError(f"unknown model.variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-        layers.insert(1, OmegaConf.create({"model": {k: list(v) if isinstance(v, tuple) else v
-                                                     for k, v in VARIANTS[variant].items()}}))
+        layers.insert(1, OmegaConf.create({"model": variant_model(variant)}))
     cfg = OmegaConf.merge(*layers)
     cfg.recipe = Path(recipe).stem
     OmegaConf.resolve(cfg)
@@ -127,22 +145,50 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
 def describe_keys(stage: str) -> str:
     """The --help text: recipes and every key with its default."""
     schema = OmegaConf.to_container(OmegaConf.load(_recipe_path(stage, "default")), resolve=False)
-    lines = [f"recipes ({RECIPES_DIR / stage}): {', '.join(available_recipes(stage))}", "", "keys (default value):"]
-
-    def walk(node: dict, prefix: str):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                lines.append(f"  {prefix}{key}={value}")
-    walk(schema, "")
-    lines.append("  trainer.<any pytorch_lightning.Trainer argument>")
+    lines = [f"recipes ({RECIPES_DIR / stage}): {', '.join(available_recipes(stage))}", "", "keys (default value):",
+             *_key_lines(schema), "  trainer.<any pytorch_lightning.Trainer argument>"]
     return "\n".join(lines)
+
+
+def _key_lines(node: dict, prefix: str = "") -> list[str]:
+    """`  section.key=default` for every leaf of a config container."""
+    lines = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            lines += _key_lines(value, f"{prefix}{key}.")
+        else:
+            lines.append(f"  {prefix}{key}={value}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ tool scripts
+def variant_model(variant: str) -> dict:
+    """The paper's widths, depths and heads of a variant, as a `model` section (lists, not tuples)."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown model.variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in VARIANTS[variant].items()}
+
+
+def model_section() -> dict:
+    """A `model` section naming `variant` and every SwinTransformerV2 argument, all null: the schema of the tool
+    scripts, whose model comes from a checkpoint or a recipe and where null keeps that value."""
+    names = [name for name in inspect.signature(SwinTransformerV2).parameters if name != "norm_layer"]
+    return {"variant": None, **dict.fromkeys(names)}
+
+
+def resolve_model(base: Mapping, overrides: Mapping) -> dict:
+    """SwinTransformerV2 arguments: base (a recipe's or checkpoint's model section) <- the widths, depths and heads
+    of overrides["variant"] <- the other non-null overrides. Keys that are not arguments (variant) are dropped."""
+    names = set(model_section()) - {"variant"}
+    variant = overrides.get("variant")
+    merged = {**base, **(variant_model(variant) if variant else {}),
+              **{k: v for k, v in overrides.items() if v is not None and k != "variant"}}
+    return {k: list(v) if isinstance(v, (tuple, ListConfig)) else v for k, v in merged.items() if k in names}
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # one per process: every rank of a run writes it
     tmp.write_text(OmegaConf.to_yaml(cfg))
     tmp.replace(path)
 
@@ -156,13 +202,13 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
     run_dir = Path(cfg.output_dir) / str(cfg.run_name)
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.resume == "auto":
-        ckpt = str(last) if last.is_file() else None
+        ckpt = str(last) if last.exists() else None  # DeepSpeed writes checkpoints as folders
     elif cfg.resume:
-        if not Path(cfg.resume).is_file():
+        if not Path(cfg.resume).exists():
             raise ConfigError(f"resume={cfg.resume} does not exist; pass a .ckpt file, resume=auto or resume=null")
         ckpt = str(cfg.resume)
     else:
-        if last.is_file():
+        if last.exists():
             raise ConfigError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run or "
                               f"run_name=NEW to start another")
         ckpt = None

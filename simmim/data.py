@@ -31,7 +31,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from masking import build_mask_generator
 
@@ -302,16 +302,21 @@ class MaskedImageDataset(Dataset):
         return image, torch.from_numpy(mask), label
 
 
-class EpochSampler(Sampler):
-    """Yields (index, epoch) for every index, shuffled by torch.Generator(seed + epoch) when shuffle.
+class EpochSampler(DistributedSampler):
+    """Yields (index, epoch) for this rank's share of the indices, shuffled by torch.Generator(seed + epoch) when
+    shuffle.
 
     Lightning calls `set_epoch` before each epoch; with fixed_epoch set, set_epoch is ignored (fixed val masks).
+    With num_replicas N, rank r gets every N-th index of the order, from the r-th (DistributedSampler's split):
+    at each step the N ranks' batches of B / N together hold the samples of the one-device batch of B. drop_last
+    cuts the order to a multiple of N, else it is padded with its first indices. Being a DistributedSampler, it is
+    used as it is by Lightning, which would otherwise wrap it in a sampler that shuffles the order again.
     """
 
-    def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, fixed_epoch: int | None = None):
-        self.num_samples = num_samples
-        self.shuffle = shuffle
-        self.seed = seed
+    def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, fixed_epoch: int | None = None,
+                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
         self.fixed_epoch = fixed_epoch
         self.epoch = 0 if fixed_epoch is None else fixed_epoch
 
@@ -320,15 +325,7 @@ class EpochSampler(Sampler):
             self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            order = order.tolist()
-        else:
-            order = range(self.num_samples)
-        return iter([(index, self.epoch) for index in order])
-
-    def __len__(self) -> int:
-        return self.num_samples
+        return iter([(index, self.epoch) for index in super().__iter__()])
 
 
 def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.PathLike | None = None,
@@ -371,12 +368,17 @@ class SimMIMDataModule(pl.LightningDataModule):
         self.val_set = MaskedImageDataset(ImageDataset(val, eval_transform(hp.img_size)), masks, hp.seed)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.hparams.seed)
+        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.hparams.seed,
+                               drop_last=self.hparams.drop_last, **self._ranks())
         return self._loader(self.train_set, sampler, drop_last=self.hparams.drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0)
+        sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
+
+    def _ranks(self) -> dict:
+        """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""
+        return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
 
     def _loader(self, dataset: Dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
         return DataLoader(

@@ -11,9 +11,9 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_warn
 
-from simmim.data import IMAGENET_MEAN, IMAGENET_STD
 from simmim.model import SimMIM, SwinTransformerV2ForSimMIM
 from simmim.optim import adamw_per_step_schedule, atomic_save, param_groups
+from simmim.strategies import root_params_gathered
 
 
 def build_simmim(model: dict, norm_target_patch_size: int | None = None) -> SimMIM:
@@ -88,10 +88,13 @@ class SimMIMPretrainModule(pl.LightningModule):
             min_lr=hp.min_lr, betas=hp.betas, eps=hp.eps, warmup_epochs=hp.warmup_epochs, schedule=hp.schedule,
             milestones=hp.milestones, gamma=hp.gamma)
 
-    def export_encoder(self, path: str | Path, config: dict) -> Path:
+    def export_encoder(self, path: str | Path, config: dict, state_dict: dict | None = None) -> Path:
         """Write `{"model": SimMIM state dict (encoder.*, decoder.0.*), "config": ...}`, the official SimMIM
-        checkpoint layout, atomically."""
-        atomic_save({"model": self.simmim.state_dict(), "config": config}, path)
+        checkpoint layout, atomically. `state_dict`: this module's whole state dict where a strategy shards it
+        (`simmim.strategies.full_state_dict`); by default `self.simmim`'s."""
+        model = self.simmim.state_dict() if state_dict is None else {
+            k.removeprefix("simmim."): v for k, v in state_dict.items() if k.startswith("simmim.")}
+        atomic_save({"model": model, "config": config}, path)
         return Path(path)
 
 
@@ -119,6 +122,8 @@ class ThroughputMonitor(pl.Callback):
 
 def unnormalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalized (B, 3, H, W) -> [0, 1]."""
+    from simmim.data import IMAGENET_MEAN, IMAGENET_STD  # here: simmim.data imports albumentations and sklearn
+
     mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
@@ -153,13 +158,14 @@ class ReconstructionPictures(pl.Callback):
         return x, mask
 
     def _write(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
         was_training = pl_module.training
         pl_module.eval()
         x, mask = self._fixed_batch(trainer, pl_module.device)
-        grid = reconstruction_grid(pl_module.simmim, x, mask)
+        with root_params_gathered(trainer.strategy):  # every rank: sharded weights are gathered together
+            grid = reconstruction_grid(pl_module.simmim, x, mask)
         pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{trainer.global_step:07d}.png"
         cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))

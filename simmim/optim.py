@@ -11,9 +11,16 @@ import torch
 from torch import nn
 
 
+def remember_ndims(model: nn.Module) -> None:
+    """Record each parameter's ndim on it (`param.unsharded_ndim`): FSDP later shows its shards as 1-D views."""
+    for param in model.parameters():
+        param.unsharded_ndim = param.ndim
+
+
 def skip_weight_decay(name: str, param: torch.Tensor, skip_names: Iterable[str], skip_keywords: Iterable[str]) -> bool:
     """1-D parameters (biases, norms), the model's named exceptions and keyword matches get no weight decay."""
-    return param.ndim <= 1 or name.endswith(".bias") or name in skip_names or any(k in name for k in skip_keywords)
+    ndim = getattr(param, "unsharded_ndim", param.ndim)
+    return ndim <= 1 or name.endswith(".bias") or name in skip_names or any(k in name for k in skip_keywords)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -61,6 +68,20 @@ def atomic_save(obj, path: str | Path) -> None:
         raise
 
 
+def make_adamw(groups: list[dict], lr: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool = True,
+               shard_states: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `groups`, fused (one kernel for all parameters) where PyTorch has it for their device.
+    `shard_states` (trainer.strategy=ddp_zero1) wraps it in a ZeroRedundancyOptimizer that keeps only this
+    rank's share of the states; param groups and their extra keys (lr_scale) are kept."""
+    fused = fused and {p.device.type for g in groups for p in g["params"]} <= {"cpu", "cuda"}
+    defaults = dict(lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    if shard_states:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **defaults)
+    return torch.optim.AdamW(groups, **defaults)
+
+
 def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warmup_lr: float, min_lr: float,
                             betas, eps: float, warmup_epochs: float, schedule: str = "cosine",
                             milestones: Iterable[float] = (), gamma: float = 0.1) -> dict:
@@ -69,7 +90,10 @@ def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warm
     group's optional "lr_scale" (layer-wise decay) multiplies its lr."""
     total_batch = trainer.datamodule.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches
     peak_lr = scaled_lr(base_lr, total_batch)
-    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(betas), eps=eps)
+    # Lightning refuses to clip gradients of a fused optimizer under mixed precision (it unscales internally).
+    fused = not (trainer.gradient_clip_val and "mixed" in str(trainer.precision))
+    optimizer = make_adamw(groups, lr=peak_lr, betas=betas, eps=eps, fused=fused,
+                           shard_states=getattr(trainer.strategy, "shards_optimizer_states", False))
     total_steps = int(trainer.estimated_stepping_batches)
     steps_per_epoch = total_steps / max(trainer.max_epochs or 1, 1)
     steps = dict(peak_lr=peak_lr, warmup_lr=scaled_lr(warmup_lr, total_batch), min_lr=scaled_lr(min_lr, total_batch),
@@ -78,3 +102,4 @@ def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warm
     lambdas = [lambda step, s=g.get("lr_scale", 1.0): s * lr_at_step(step, **steps) / peak_lr for g in groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+

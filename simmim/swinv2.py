@@ -21,6 +21,7 @@ __all__ = ["SwinTransformerV2", "build_swinv2", "VARIANTS", "check_img_size"]
 NORM_MODES = ("res_post_norm", "pre_norm")
 ATTN_MODES = ("cosine", "dot")
 POSITION_BIASES = ("log_cpb", "linear_cpb", "table", "none")
+ATTN_IMPLS = ("fast", "reference")
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
 SHIFT_MASK_VALUE = -100.0
 DERIVED_BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
@@ -117,6 +118,13 @@ def _drop_derived_buffers(state_dict: dict, prefix: str, *args) -> None:
 
 
 # -------------------------------------------------------------------------------------- window attention
+def _check_attn_settings(attn_impl: str, sequential_attn: bool) -> None:
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl={attn_impl!r} is not one of {list(ATTN_IMPLS)}")
+    if sequential_attn and attn_impl != "fast":
+        raise ValueError("sequential_attn needs attn_impl='fast'; the reference path attends all windows at once")
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with scaled cosine attention and continuous position bias.
 
@@ -134,7 +142,7 @@ class WindowAttention(nn.Module):
         pretrained_window_size: int = 0,
         attn_mode: str = "cosine",
         position_bias: str = "log_cpb",
-        use_sdpa: bool = True,
+        attn_impl: str = "fast",
         sequential_attn: bool = False,
         sequential_attn_chunk: int = 16,
     ):
@@ -144,8 +152,9 @@ class WindowAttention(nn.Module):
         self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
         self.pretrained_window_size = pretrained_window_size
         self.attn_mode, self.position_bias = attn_mode, position_bias
-        self.use_sdpa = use_sdpa
+        self.attn_impl = attn_impl
         self.sequential_attn, self.sequential_attn_chunk = sequential_attn, sequential_attn_chunk
+        _check_attn_settings(attn_impl, sequential_attn)
         self.attn_drop_p = attn_drop
 
         if attn_mode == "cosine":
@@ -185,7 +194,9 @@ class WindowAttention(nn.Module):
         if self.position_bias == "table":
             table = self.relative_position_bias_table
         else:
-            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+            # the coords buffer stays float32 where only parameters are cast (DeepSpeed bf16)
+            coords = self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype)
+            table = self.cpb_mlp(coords).view(-1, self.num_heads)
         N = self.window_size ** 2
         bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
         if self.position_bias != "table":
@@ -216,60 +227,99 @@ class WindowAttention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias).view(B_, N, 3, self.num_heads, C // self.num_heads)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B_, heads, N, d
 
-    def _scaled_q_k(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold the attention scale into q, so that attention logits are q @ k^T with scale 1."""
+    def _temperature(self, dtype: torch.dtype) -> torch.Tensor | float:
+        """Multiplier of q.k: the clamped learned per-head scale (heads, 1, 1) for cosine, 1/sqrt(d) for dot."""
         if self.attn_mode == "cosine":
-            scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
-            return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
-        return q * q.shape[-1] ** -0.5, k
-
-    def _attend(self, q, k, v, additive_mask: torch.Tensor | None) -> torch.Tensor:
-        """q, k, v (B, nW, heads, N, d); additive_mask broadcastable to (B, nW, heads, N, N)."""
-        if self.use_sdpa:
-            dropout = self.attn_drop_p if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout, scale=1.0)
-        attn = q @ k.transpose(-2, -1)
-        if additive_mask is not None:
-            attn = attn + additive_mask
-        return self.attn_drop(attn.softmax(dim=-1)) @ v
+            return torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp().to(dtype)
+        return (self.dim // self.num_heads) ** -0.5
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, num_windows: int | None = None) -> torch.Tensor:
         """x (B*nW, N, C), mask (nW, N, N) or None; num_windows = nW per image (default: from mask, else 1)."""
         B_, N, C = x.shape
         nW = num_windows or (1 if mask is None else mask.shape[0])
         q, k, v = self._qkv(x)
-        q, k = self._scaled_q_k(q, k)
-        q, k, v = (t.view(B_ // nW, nW, self.num_heads, N, -1) for t in (q, k, v))
-
-        additive = self.position_bias_table()  # heads, N, N
-        if mask is not None:
-            mask = mask.to(q.dtype).unsqueeze(1)  # nW, 1, N, N
-            additive = mask if additive is None else additive.to(q.dtype) + mask
-        elif additive is not None:
-            additive = additive.to(q.dtype)
-
-        if self.sequential_attn and nW > self.sequential_attn_chunk:
-            out = self._attend_sequential(q, k, v, additive)
+        if self.attn_impl == "reference":
+            out = self._reference_attention(q, k, v, mask, nW)
         else:
-            out = self._attend(q, k, v, additive)
-        out = out.transpose(2, 3).reshape(B_, N, C)  # B, nW, N, heads, d -> B_, N, C
-        return self.proj_drop(self.proj(out))
+            out = self._fast_attention(q, k, v, mask, nW)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
 
-    def _attend_sequential(self, q, k, v, additive: torch.Tensor | None) -> torch.Tensor:
-        """Attention over chunks of `sequential_attn_chunk` windows, each recomputed in backward, so the
-        attention matrices held at once are those of one chunk, not of every window (paper, sec. 3.4)."""
-        chunks = []
-        for start in range(0, q.shape[1], self.sequential_attn_chunk):
-            part = slice(start, start + self.sequential_attn_chunk)
-            chunk_mask = None
-            if additive is not None:
-                chunk_mask = additive[part] if additive.dim() == 4 else additive
-            args = (q[:, part], k[:, part], v[:, part], chunk_mask)
+    def _reference_attention(self, q, k, v, mask: torch.Tensor | None, nW: int) -> torch.Tensor:
+        """The formula in the official code's order: (cos(q, k) * scale + bias + shift mask).softmax() v.
+        q, k, v (B*nW, heads, N, d) -> (B*nW, heads, N, d). The baseline of tests and scripts/benchmark.py."""
+        if self.attn_mode == "cosine":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * self._temperature(q.dtype)
+        bias = self.position_bias_table()
+        if bias is not None:
+            attn = attn + bias.unsqueeze(0)
+        if mask is not None:
+            B_, heads, N, _ = attn.shape
+            attn = attn.view(B_ // nW, nW, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(B_, heads, N, N)
+        return self.attn_drop(attn.softmax(dim=-1)) @ v
+
+    def _fast_attention(self, q, k, v, mask: torch.Tensor | None, nW: int) -> torch.Tensor:
+        """Same result with fewer passes over the (N, N) logits: the scale is folded into q (N x d), and the
+        position bias and shift mask are added as one term. q, k, v (B*nW, heads, N, d) -> same shape.
+
+        Plain windows attend as (B*nW, heads) against the (heads, N, N) bias, broadcast without a copy. In
+        shifted blocks the mask differs per window, so the windows of an image become heads of one call,
+        (B, nW*heads, N, d) against a (nW*heads, N, N) term that broadcasts over the batch."""
+        B_, heads, N, d = q.shape
+        if self.attn_mode == "cosine":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k = (q * self._temperature(q.dtype)).to(v.dtype), k.to(v.dtype)  # autocast: normalize gives float32
+        bias = self.position_bias_table()  # heads, N, N
+        bias = None if bias is None else bias.to(v.dtype)
+        if mask is not None:
+            q, k, v = (t.reshape(B_ // nW, nW * heads, N, d) for t in (q, k, v))
+            mask = mask.to(v.dtype)
+        if self.sequential_attn and nW > self.sequential_attn_chunk:
+            out = self._attend_sequential(q, k, v, bias, mask, nW)
+        else:
+            out = self._attend(q, k, v, bias, mask)
+        return out.reshape(B_, heads, N, d)  # CUDA SDPA may return it non-contiguous
+
+    def _attend(self, q, k, v, bias: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T + bias + mask) v. Plain windows: q, k, v (B*nW, heads, N, d), bias (heads, N, N), mask
+        None. Shifted: q, k, v (B, w*heads, N, d) and the shift mask of those w windows, (w, N, N).
+
+        PyTorch's fused kernels (CUDA; CPU without gradients) do this without materializing the (N, N)
+        matrices. On CPU a bias that needs a gradient sends SDPA to its unfused fallback, which is slower
+        than the explicit product below (scripts/benchmark.py), so that case takes the explicit product."""
+        additive = bias
+        if mask is not None:
+            w, N = mask.shape[0], mask.shape[-1]
+            mask = mask.unsqueeze(1)  # w, 1, N, N
+            additive = (mask if bias is None else bias + mask).expand(w, q.shape[1] // w, N, N)
+            additive = additive.reshape(1, q.shape[1], N, N)
+        dropout = self.attn_drop_p if self.training else 0.0
+        cpu_bias_grad = q.device.type == "cpu" and additive is not None and additive.requires_grad
+        if not cpu_bias_grad:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout, scale=1.0)
+        attn = torch.matmul(q, k.transpose(-2, -1)) + additive
+        return F.dropout(attn.softmax(dim=-1), dropout, self.training) @ v
+
+    def _attend_sequential(self, q, k, v, bias: torch.Tensor | None, mask: torch.Tensor | None,
+                           nW: int) -> torch.Tensor:
+        """Attention over chunks of `sequential_attn_chunk` windows (of every image), each recomputed in
+        backward, so the attention matrices and bias terms held at once are those of one chunk, not of every
+        window (paper, sec. 3.4)."""
+        chunk = self.sequential_attn_chunk
+        if mask is None:  # (B*nW, heads, N, d): B*chunk windows per call
+            step, dim, n = chunk * (q.shape[0] // nW), 0, q.shape[0]
+        else:  # (B, nW*heads, N, d): chunk windows of each image per call
+            step, dim, n = chunk * (q.shape[1] // nW), 1, q.shape[1]
+        outputs = []
+        for i, start in enumerate(range(0, n, step)):
+            args = [t.narrow(dim, start, min(step, n - start)) for t in (q, k, v)]
+            args += [bias, None if mask is None else mask[i * chunk:(i + 1) * chunk]]
             if torch.is_grad_enabled():
-                chunks.append(checkpoint(self._attend, *args, use_reentrant=False))
+                outputs.append(checkpoint(self._attend, *args, use_reentrant=False))
             else:
-                chunks.append(self._attend(*args))
-        return torch.cat(chunks, dim=1)
+                outputs.append(self._attend(*args))
+        return torch.cat(outputs, dim=dim)
 
 
 # --------------------------------------------------------------------------------------------------- block
@@ -454,8 +504,9 @@ class SwinTransformerV2(nn.Module):
 
     Arguments as in the official `SwinTransformerV2`, plus: `norm_mode` (res_post_norm | pre_norm),
     `attn_mode` (cosine | dot), `position_bias` (log_cpb | linear_cpb | table | none), `extra_norm_every`
-    (a LayerNorm after every k-th block of a stage, H and G use 6), `use_sdpa` (False: the explicit
-    softmax formula), `sequential_attn` / `sequential_attn_chunk` (windows attended in chunks of this many).
+    (a LayerNorm after every k-th block of a stage, H and G use 6), `attn_impl` ("fast", or
+    "reference": the official code's order of operations), `sequential_attn` / `sequential_attn_chunk`
+    (windows attended in chunks of this many, each recomputed in backward).
     """
 
     def __init__(
@@ -482,7 +533,7 @@ class SwinTransformerV2(nn.Module):
         attn_mode: str = "cosine",
         position_bias: str = "log_cpb",
         extra_norm_every: int = 0,
-        use_sdpa: bool = True,
+        attn_impl: str = "fast",
         sequential_attn: bool = False,
         sequential_attn_chunk: int = 16,
     ):
@@ -525,7 +576,7 @@ class SwinTransformerV2(nn.Module):
                 norm_layer=norm_layer, use_checkpoint=use_checkpoint, extra_norm_every=extra_norm_every,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
                 pretrained_window_size=pretrained_window_sizes[i], norm_mode=norm_mode, attn_mode=attn_mode,
-                position_bias=position_bias, use_sdpa=use_sdpa, sequential_attn=sequential_attn,
+                position_bias=position_bias, attn_impl=attn_impl, sequential_attn=sequential_attn,
                 sequential_attn_chunk=sequential_attn_chunk))
             self.feature_info.append({"num_chs": dim, "reduction": patch_size * 2 ** i, "module": f"layers.{i}"})
 
@@ -558,14 +609,16 @@ class SwinTransformerV2(nn.Module):
     def set_sequential_attn(self, enable: bool = True, chunk: int | None = None) -> None:
         for module in self.modules():
             if isinstance(module, WindowAttention):
+                _check_attn_settings(module.attn_impl, enable)
                 module.sequential_attn = enable
                 if chunk is not None:
                     module.sequential_attn_chunk = chunk
 
-    def set_sdpa(self, enable: bool = True) -> None:
+    def set_attn_impl(self, attn_impl: str) -> None:
         for module in self.modules():
             if isinstance(module, WindowAttention):
-                module.use_sdpa = enable
+                _check_attn_settings(attn_impl, module.sequential_attn)
+                module.attn_impl = attn_impl
 
     # -- forward
     def _check_input(self, x: torch.Tensor) -> None:

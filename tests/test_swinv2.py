@@ -70,24 +70,28 @@ def test_memory_savers_match_plain_path(switch):
         assert (grads_b[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
 
 
-def test_sequential_chunks_non_shifted_blocks_too():
-    """Chunking must split the windows of every block, shifted or not."""
+def test_sequential_chunks_split_windows_of_plain_and_shifted_blocks():
+    """Chunking must split the windows of every block: 16 windows per image in chunks of 4 -> 4 calls of 4."""
     model = tiny_swinv2(sequential_attn=True, sequential_attn_chunk=4)
-    calls = []
-    attn = model.layers[0].blocks[0].attn  # not shifted: 16 windows per image
-    original = attn._attend
-    attn._attend = lambda *a: calls.append(a[0].shape[1]) or original(*a)
-    model(_x())
-    assert calls == [4, 4, 4, 4]
+    x = _x()
+    for block, layout in ((model.layers[0].blocks[0], "plain"), (model.layers[0].blocks[1], "shifted")):
+        attn, calls = block.attn, []
+        original = attn._attend
+        attn._attend = lambda q, *rest, calls=calls, original=original: calls.append(tuple(q.shape[:2])) or original(q, *rest)
+        model(x)
+        heads = attn.num_heads
+        # plain: (B*windows, heads, N, d); shifted: (B, windows*heads, N, d)
+        expected = (x.shape[0] * 4, heads) if layout == "plain" else (x.shape[0], 4 * heads)
+        assert calls == [expected] * 4, layout
 
 
 @pytest.mark.parametrize("attn_mode", ["cosine", "dot"])
-def test_sdpa_matches_reference_formula(attn_mode):
+def test_fast_attention_matches_reference_formula(attn_mode):
     model = randomize_(tiny_swinv2(attn_mode=attn_mode)).eval()
     x = _x()
     with torch.no_grad():
         fast = model(x)
-        model.set_sdpa(False)
+        model.set_attn_impl("reference")
         reference = model(x)
     assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
 
@@ -102,7 +106,7 @@ def test_matches_official_implementation(case):
     with torch.no_grad():
         logits = model(ref["input"])
         pooled = model.forward_head(model.forward_features(ref["input"]), pre_logits=True)
-        model.set_sdpa(False)
+        model.set_attn_impl("reference")
         logits_reference_path = model(ref["input"])
     torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-4)
     torch.testing.assert_close(pooled, ref["features"], rtol=0, atol=1e-4)
@@ -272,3 +276,17 @@ def test_torch_compile_matches_eager():
         eager = model(x)
         compiled = torch.compile(model)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [{}, {"sequential_attn": True, "sequential_attn_chunk": 4}, {"training": False}])
+def test_block_compiles_without_graph_breaks(settings):
+    """torch.compile must see a shifted block as one graph (no Python fallbacks on the hot path)."""
+    settings = dict(settings)
+    training = settings.pop("training", True)
+    model = tiny_swinv2(**settings).train(training)
+    block = model.layers[0].blocks[1]
+    assert block.shift_size > 0
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(torch.randn(2, 16, 16, block.dim, requires_grad=training))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -1,0 +1,158 @@
+"""Strategy names, and two ranks on CPU (gloo, forked processes) against one process with the same total batch and seed.
+
+The default recipe's model and data, with two changes that make a run a function of the seed alone: the train
+images get the deterministic eval transform (the random crops come from each process's own RNG, so they could
+not agree), and validation is off. The masks come from (seed, epoch, index) and the random mask generator masks
+the same number of patches in every image, so the mean of the two ranks' losses is the loss of the whole batch.
+"""
+import importlib.util
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from simmim.config import load_config
+from simmim.data import EpochSampler, SimMIMDataModule, eval_transform
+from simmim.module import SimMIMPretrainModule
+from simmim.config import ConfigError
+from simmim.strategies import BlockFSDPStrategy, ZeRO1DDPStrategy, build_strategy
+
+TOTAL_BATCH = 16
+STEPS = 3
+# Only float32 rounding differs: the sums are taken in another order (two half batches, then an all-reduce). On
+# 2 CPU cores the losses differed by 8e-8 (relative) and the weights by 2e-8 (absolute) after 3 steps; the bounds
+# leave ~10x room (AdamW divides by sqrt(v), which can amplify rounding where gradients are near zero) and stay
+# far below one step's change (lr up to 1.7e-4 here), so a batch with other samples or a missed update fails.
+LOSS_RTOL = 1e-6
+PARAM_ATOL = 1e-6
+
+
+class Recorder(pl.Callback):
+    """Per step the loss of the whole batch (mean over ranks); at the end each rank's optimizer state bytes and
+    the weights, saved to `<out>_rank<r>.pt`."""
+
+    def __init__(self, out):
+        self.out, self.losses = out, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+
+    def on_train_end(self, trainer, pl_module):
+        optimizer = trainer.optimizers[0]
+        local = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+        state_bytes = sum(t.nbytes for state in local.state.values() for t in state.values() if torch.is_tensor(t))
+        torch.save({"losses": self.losses, "state_bytes": state_bytes, "num_params": len(list(pl_module.parameters())),
+                    "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()}},
+                   f"{self.out}_rank{trainer.global_rank}.pt")
+
+
+def train(out, strategy, devices: int, max_epochs: int = 1, steps: int = STEPS, ckpt_path=None, callbacks=()):
+    """Fit the default recipe for `steps` batches of TOTAL_BATCH images over `devices` ranks; rank results in
+    `<out>_rank<r>.pt`, checkpoints under out's folder."""
+    cfg = load_config("pretrain")
+    data = SimMIMDataModule(source=cfg.data.source, img_size=cfg.model.img_size, batch_size=TOTAL_BATCH // devices,
+                            mask_kind=cfg.simmim.mask_kind, mask_patch_size=cfg.simmim.mask_patch_size,
+                            model_patch_size=cfg.model.patch_size, mask_ratio=cfg.simmim.mask_ratio, seed=cfg.seed)
+    data.setup("fit")
+    data.train_set.dataset.transform = eval_transform(cfg.model.img_size)
+    torch.manual_seed(cfg.seed)
+    module = SimMIMPretrainModule(model=OmegaConf.to_container(cfg.model),
+                                  norm_target_patch_size=cfg.simmim.norm_target_patch_size,
+                                  **OmegaConf.to_container(cfg.optim))
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs,
+                         limit_train_batches=steps, limit_val_batches=0,
+                         gradient_clip_val=cfg.trainer.gradient_clip_val,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=out.parent, callbacks=[Recorder(out), *callbacks])
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(out, "auto", devices=1)
+    return torch.load(f"{out}_rank0.pt")
+
+
+def assert_same_training(run: dict, reference: dict) -> None:
+    torch.testing.assert_close(run["losses"], reference["losses"], rtol=LOSS_RTOL, atol=0)
+    assert run["weights"].keys() == reference["weights"].keys()
+    for name, value in reference["weights"].items():
+        torch.testing.assert_close(run["weights"][name], value, rtol=0, atol=PARAM_ATOL, msg=name)
+
+
+def test_strategy_names():
+    """Our names become configured strategies, Lightning's pass through, others and missing DeepSpeed fail."""
+    assert isinstance(build_strategy("ddp_zero1"), ZeRO1DDPStrategy)
+    fsdp, grad_op = build_strategy("fsdp", "bf16-mixed"), build_strategy("fsdp_grad_op")
+    assert isinstance(fsdp, BlockFSDPStrategy) and fsdp.sharding_strategy.name == "FULL_SHARD"
+    assert grad_op.sharding_strategy.name == "SHARD_GRAD_OP" and fsdp.precision_plugin.precision == "bf16-mixed"
+    assert build_strategy("ddp") == "ddp" and build_strategy("ddp_spawn") == "ddp_spawn"
+    with pytest.raises(ConfigError, match="unknown trainer.strategy 'fdsp'; did you mean fsdp"):
+        build_strategy("fdsp")
+
+
+def test_deepspeed_names_need_the_extra(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "deepspeed" else real_find_spec(name, *args))
+    with pytest.raises(ConfigError, match=r"stage_3 needs DeepSpeed: pip install 'swinv2-simmim\[deepspeed\]'"):
+        build_strategy("deepspeed_stage_3")
+
+
+def test_two_rank_batches_hold_the_one_rank_batch():
+    """Rank r takes every 2nd index from r: step k's two half batches are one rank's batch k, and with drop_last
+    both ranks get the same number of samples, none twice."""
+    one = [index for index, _ in EpochSampler(21, seed=3, drop_last=True)]
+    halves = [[index for index, _ in EpochSampler(21, seed=3, num_replicas=2, rank=r, drop_last=True)] for r in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 10
+    for step in range(2):
+        merged = halves[0][step * 4:(step + 1) * 4] + halves[1][step * 4:(step + 1) * 4]
+        assert sorted(merged) == sorted(one[step * 8:(step + 1) * 8])
+
+
+def test_ddp_two_ranks_match_one_process(one_process, tmp_path):
+    """2 ranks x 8 images see, step by step, the 16 images of the one-process batch: same losses, same weights."""
+    train(tmp_path / "ddp", "ddp_fork", devices=2)
+    ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(2)]
+    assert len(one_process["losses"]) == STEPS
+    assert one_process["losses"][-1] != one_process["losses"][0]  # the weights did move
+    for run in ranks:
+        assert_same_training(run, one_process)
+
+
+class ResumeCheck(pl.Callback):
+    """On the resumed run's start, compare this rank's shard of the AdamW states with the checkpoint's."""
+
+    def __init__(self, ckpt_path):
+        self.saved = torch.load(ckpt_path, weights_only=False)["optimizer_states"][0]["state"]
+
+    def on_train_start(self, trainer, pl_module):
+        optimizer = trainer.optimizers[0]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        owned = [i for i, p in enumerate(params) if p in optimizer.optim.state]
+        assert 0 < len(owned) < len(params)
+        for i in owned:
+            torch.testing.assert_close(optimizer.optim.state[params[i]]["exp_avg_sq"], self.saved[i]["exp_avg_sq"])
+
+
+def test_zero1_shards_optimizer_states_and_matches_unsharded(one_process, tmp_path):
+    """ddp_zero1: each rank holds about half of the AdamW state bytes, the two halves make the whole; the weights
+    and losses match unsharded one-process training; the checkpoint holds the whole state and resumes into shards."""
+    train(tmp_path / "zero1", build_strategy("ddp_zero1", start_method="fork"), devices=2)
+    ranks = [torch.load(tmp_path / f"zero1_rank{r}.pt") for r in range(2)]
+    total = one_process["state_bytes"]
+    assert sum(run["state_bytes"] for run in ranks) == total
+    for run in ranks:
+        assert 0.35 * total < run["state_bytes"] < 0.65 * total
+        assert_same_training(run, one_process)
+
+    [checkpoint] = (tmp_path / "checkpoints").glob("*.ckpt")
+    saved = torch.load(checkpoint, weights_only=False)
+    assert len(saved["optimizer_states"][0]["state"]) == one_process["num_params"]
+    train(tmp_path / "resumed", build_strategy("ddp_zero1", start_method="fork"), devices=2, max_epochs=2, steps=1,
+          ckpt_path=checkpoint, callbacks=[ResumeCheck(checkpoint)])
+    resumed = torch.load(tmp_path / "resumed_rank0.pt")
+    assert len(resumed["losses"]) == 1

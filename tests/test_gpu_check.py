@@ -1,0 +1,68 @@
+"""scripts/gpu_check.py on the CPU: a tiny model under the strategies that need no GPU, on a Python where the
+packages the GPU machine lacks (albumentations, scikit-learn, jsonargparse) cannot be imported."""
+import importlib.util
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simmim.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+TINY_CPU = ["device=cpu", "precision=32-true", "model.variant=null", "model.img_size=64", "model.window_size=4",
+            "model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,1,1]", "steps=3", "warmup=1",
+            "batch_size=4"]
+# Runs the script as __main__ with those packages missing as on the GPU machine: a None in sys.modules makes
+# `import` fail and importlib.util.find_spec return None.
+WITHOUT_MISSING_PACKAGES = """
+import runpy, sys
+sys.modules.update(dict.fromkeys(["albumentations", "sklearn", "jsonargparse"]))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_cpu_run_writes_the_table_without_the_data_packages(tmp_path):
+    out = tmp_path / "table.json"
+    result = subprocess.run([sys.executable, "-c", WITHOUT_MISSING_PACKAGES, str(SCRIPT), *TINY_CPU,
+                             "strategies=single,ddp_zero1", f"out={out}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["strategy"] for row in rows] == ["single", "ddp_zero1"]
+    for row in rows:
+        assert row["error"] is None
+        assert row["images_per_s"] > 0 and math.isfinite(row["loss"])
+        assert row["peak_memory_gib"] is None  # CPU
+    assert "ddp_zero1" in result.stdout and "images/s" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return runpy.run_path(str(SCRIPT), run_name="gpu_check")
+
+
+def test_missing_deepspeed_is_skipped_with_the_install_line(gpu_check, capsys, tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "deepspeed" else real_find_spec(name, *args))
+    gpu_check["main"]([*TINY_CPU, "strategies=deepspeed_stage_2", f"out={tmp_path / 'table.json'}"])
+    assert "deepspeed_stage_2: skipped, DeepSpeed is not installed (pip install 'swinv2-simmim[deepspeed]')" \
+        in capsys.readouterr().out
+    assert json.loads((tmp_path / "table.json").read_text())["rows"] == []
+
+
+def test_bad_arguments_are_one_line_errors(gpu_check):
+    with pytest.raises(ValueError, match="unknown strategy 'fsdp3'.*fsdp_grad_op"):
+        gpu_check["main"]([*TINY_CPU, "strategies=single,fsdp3"])
+    with pytest.raises(ValueError, match="no timed step"):
+        gpu_check["main"]([*TINY_CPU, "steps=1", "warmup=1"])
+    with pytest.raises(ConfigError, match="unknown key 'step'"):
+        gpu_check["main"](["step=3"])

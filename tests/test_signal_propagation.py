@@ -1,0 +1,110 @@
+"""scripts/signal_propagation.py: block-output amplitudes, res-post-norm against pre-norm (SwinV2 paper, Figure 2)."""
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from simmim.config import ConfigError
+from simmim.module import SimMIMPretrainModule
+from simmim.plot import COLORS
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "signal_propagation.py"
+spec = importlib.util.spec_from_file_location("signal_propagation_script", SCRIPT)
+signal_propagation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(signal_propagation)
+
+# deep and narrow: 2 + 12 blocks at width 16-32, 32 px digits
+DEEP = ["model.embed_dim=16", "model.depths=[2,12]", "model.num_heads=[2,4]", "model.img_size=32",
+        "model.window_size=4", "batch_size=4", "mask_patch_size=8", "device=cpu"]
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    with open(out_dir / "signal_propagation.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def curve(rows: list[dict], label: str) -> np.ndarray:
+    return np.array([float(r["rms"]) for r in rows if r["curve"] == label])
+
+
+def test_at_init_the_comparison_is_trivial(tmp_path):
+    """The official init zeroes the res-post-norms: every block is the identity, so within a stage all
+    amplitudes are equal. Pre-norm blocks do change the main branch, but hardly: neither curve grows."""
+    signal_propagation.main([*DEEP, "steps=0", f"out_dir={tmp_path}"])
+    rows = read_rows(tmp_path)
+    post, pre = curve(rows, "res_post_norm"), curve(rows, "pre_norm")
+    assert len(post) == len(pre) == 14
+    stage = np.array([int(r["stage"]) for r in rows if r["curve"] == "pre_norm"])
+    for s in (0, 1):
+        assert np.ptp(post[stage == s]) < 1e-5 * post[stage == s].mean()
+    assert np.ptp(pre[stage == 1]) > 1e-4
+    assert 0.9 < post[-1] / post[0] < 1.1 and 0.9 < pre[-1] / pre[0] < 1.1
+
+
+def test_pre_norm_amplitude_grows_faster_with_depth_after_training(tmp_path, capsys):
+    signal_propagation.main([*DEEP, "steps=20", "lr=5e-3", f"out_dir={tmp_path}"])
+    rows = read_rows(tmp_path)
+    assert list(rows[0]) == ["curve", "norm_mode", "block_index", "stage", "block", "rms"]
+    pre_rows = [r for r in rows if r["curve"] == "pre_norm"]
+    assert [int(r["block_index"]) for r in pre_rows] == list(range(14))
+    assert [(int(r["stage"]), int(r["block"])) for r in pre_rows] == [(0, 0), (0, 1)] + [(1, b) for b in range(12)]
+    assert {r["norm_mode"] for r in pre_rows} == {"pre_norm"}
+
+    post, pre = curve(rows, "res_post_norm"), curve(rows, "pre_norm")
+    growth_post, growth_pre = post[-1] / post[0], pre[-1] / pre[0]
+    assert growth_pre > 2.0 and growth_pre > 2 * growth_post, (growth_pre, growth_post)
+    assert np.all(np.diff(pre[2:]) > 0)  # pre-norm: every block of the deep stage adds to the amplitude
+    assert "pre_norm: RMS first block" in capsys.readouterr().out
+
+    plot = cv2.imread(str(tmp_path / "signal_propagation.png"))
+    assert plot.shape == (540, 960, 3)
+    for color in COLORS[:2]:  # both curves drawn, beyond their legend entries
+        hits = np.all(np.abs(plot.astype(int) - color) <= 8, axis=-1)
+        assert hits.sum() > 400, color
+
+
+def test_checkpoints_are_measured_as_loaded(tmp_path):
+    model = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 4], num_heads=[2, 4], window_size=4,
+                 drop_path_rate=0.0)
+    paths = []
+    for norm_mode in ("res_post_norm", "pre_norm"):
+        module = SimMIMPretrainModule(model={**model, "norm_mode": norm_mode})
+        paths.append(module.export_encoder(tmp_path / f"{norm_mode}.pth", {"model": {**model, "norm_mode": norm_mode}}))
+    signal_propagation.main([f"checkpoint=[{paths[0]},{paths[1]}]", "data.source=random", "batch_size=4",
+                             "device=cpu", f"out_dir={tmp_path}"])
+    rows = read_rows(tmp_path)
+    labels = list(dict.fromkeys(r["curve"] for r in rows))
+    assert labels == [f"{paths[0]} (res_post_norm)", f"{paths[1]} (pre_norm)"]
+    assert len(curve(rows, labels[0])) == len(curve(rows, labels[1])) == 6
+
+    with pytest.raises(ConfigError, match="apply to fresh models"):
+        signal_propagation.main([f"checkpoint={paths[0]}", "steps=5", f"out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="norm_mode='post' is not one of"):
+        signal_propagation.main([*DEEP, "norm_modes=[post]", "steps=0", f"out_dir={tmp_path}"])
+
+
+def test_help_and_one_line_errors(capsys, monkeypatch):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "Figure 2" in result.stdout and "model.depths" in result.stdout
+    monkeypatch.setattr(sys, "argv", ["signal_propagation.py", "norm_mode=pre_norm"])
+    with pytest.raises(SystemExit) as exit:
+        signal_propagation.run_cli(signal_propagation.main)
+    assert exit.value.code.startswith("error: unknown key 'norm_mode' in the command line; did you mean norm_modes")
+
+
+def test_line_plot_puts_larger_values_higher():
+    from simmim.plot import line_plot
+
+    image = line_plot({"up": ([0, 1, 2], [1.0, 10.0, 100.0])}, log_y=True)
+    rows, cols = np.nonzero(np.all(np.abs(image.astype(int) - COLORS[0]) <= 8, axis=-1))
+    plot_area = rows > 120  # below the legend
+    left, right = cols[plot_area] < 300, cols[plot_area] > 700
+    assert rows[plot_area][left].mean() > rows[plot_area][right].mean() + 200
+    with pytest.raises(ValueError, match="positive"):
+        line_plot({"zero": ([0, 1], [0.0, 1.0])}, log_y=True)
