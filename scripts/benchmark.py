@@ -7,9 +7,11 @@
 
 One training step = forward (SimMIM loss on a 0.6 random mask), backward and an AdamW step, on random images.
 The configurations (`configs=[...]`, default all):
-  reference       attention as the official code writes it (attn_impl=reference), torch's default AdamW, eager
+  reference       the official code's step: its attention order (attn_impl=reference), normalized targets by a
+                  2-D 47x47 average pool, torch's default AdamW; eager
+  fast_refattn    fast, but with the reference attention (what the attention path alone is worth)
   fast            our default: scale folded into q, one bias+mask term, SDPA where it has a fused kernel;
-                  fused AdamW
+                  separable 47-px box filter for the targets; fused AdamW
   fast_ckpt       + activation checkpointing per block
   fast_ckpt_seq   + sequential (chunked) window attention
   fast_bf16       fast under bf16 autocast
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -41,7 +44,8 @@ from simmim.run import run_cli
 from simmim.swinv2 import VARIANTS
 
 CONFIGS = {
-    "reference": dict(attn_impl="reference", fused_adamw=False),
+    "reference": dict(attn_impl="reference", fused_adamw=False, official_targets=True),
+    "fast_refattn": dict(attn_impl="reference"),
     "fast": dict(),
     "fast_ckpt": dict(use_checkpoint=True),
     "fast_ckpt_seq": dict(use_checkpoint=True, sequential_attn=True),
@@ -66,8 +70,21 @@ def build(opts, settings: dict, device: torch.device):
                      sequential_attn=settings.get("sequential_attn", False),
                      sequential_attn_chunk=opts.sequential_attn_chunk)
     simmim = build_simmim(model_cfg, norm_target_patch_size=47).to(device)
+    if settings.get("official_targets"):
+        simmim.target = official_norm_targets
     optimizer = make_adamw(param_groups(simmim, 0.05), lr=1e-4, fused=settings.get("fused_adamw", True))
     return simmim, optimizer
+
+
+def official_norm_targets(x: torch.Tensor, window: int = 47) -> torch.Tensor:
+    """Normalized targets as the official SimMIM release computes them: three 2-D average pools (window^2
+    reads per pixel each); simmim/model.py gets the same numbers from separable 1-D passes."""
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
+    mean_sq = F.avg_pool2d(x ** 2, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(x), count_include_pad=True, **pool) * window ** 2
+    var = ((mean_sq - mean ** 2) * (count / (count - 1))).clamp(min=0.0)
+    return (x - mean) / (var + 1e-6) ** 0.5
 
 
 def make_batch(opts, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

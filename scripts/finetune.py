@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
     pl.seed_everything(cfg.seed, workers=True)
 
     data = ClassificationDataModule(source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file,
-                                    img_size=cfg.model.img_size, batch_size=cfg.data.batch_size,
+                                    img_size=cfg.data.img_size, batch_size=cfg.data.batch_size,
                                     num_workers=cfg.data.num_workers)
     data.setup("fit")
     module = SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     pl.seed_everything(cfg.seed, workers=True)
 
     data = SimMIMDataModule(
-        source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file, img_size=cfg.model.img_size,
+        source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file, img_size=cfg.data.img_size,
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, mask_kind=cfg.simmim.mask_kind,
         mask_patch_size=cfg.simmim.mask_patch_size, model_patch_size=cfg.model.patch_size,
         mask_ratio=cfg.simmim.mask_ratio, seed=cfg.seed)

@@ -139,6 +139,9 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
     cfg = OmegaConf.merge(*layers)
     cfg.recipe = Path(recipe).stem
     OmegaConf.resolve(cfg)
+    if cfg.model.img_size != cfg.data.img_size:
+        raise ConfigError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}; "
+                          f"set data.img_size (the model is built for the images it gets)")
     return cfg
 
 

@@ -20,43 +20,41 @@ Lightning). Model buffers (position indices, shift masks) are replicated on ever
 allocates one more state-sized temporary over its shard (torch's foreach AdamW); by then the activations are gone,
 so the step peak is checked on its own.
 
-Activations are derived from the model, not from formulas. A forward on the meta device under
-`torch.autograd.graph.saved_tensors_hooks` records every tensor autograd saves for backward, counting each storage
-once (views share it) and leaving out parameters and buffers; forward hooks attribute the bytes to the SwinV2 block
-(and its attention) that saved them. Steps of 1 and 2 images give the bytes per image and the bytes per step that
-do not grow with the batch (position-bias tables and the shift masks added to them, autocast copies of the
-weights). One backward, without savers, is watched op by op (a TorchDispatchMode) for working sets: the new
-tensors an op returns plus the gradients flowing into it, for each block's attention backward and for the largest
-other op. The meta device runs what CUDA runs: under `*-mixed` the CUDA autocast rules for the ops of this model
-(`_MetaAutocast`; autocast itself skips meta tensors), and 4-D attention through the memory-efficient kernel,
-which saves q, k, v, the output and the log-sum-exp and whose backward writes the gradient of a broadcast bias
-at the full (B, heads, N, N) size (`_Attention`). On another device (the CPU in the tests) the model's own ops run.
+Activations are derived from the model, not from formulas: a whole training step (forward and backward, with
+the saver setting's checkpoints recomputing in backward) runs on the meta device, where nothing is allocated, under
+a TorchDispatchMode that follows every storage an op creates from that op until it is freed (a finalizer on the
+storage) and samples the bytes alive after each op, when its inputs and outputs are both alive. Parameters and
+buffers do not count, nor do parameter gradients (counted at full size above); the input batch does. So what a
+step holds for backward, what checkpoints and sequential attention free and recompute, and each op's transients
+(gradients flowing in, a kernel's full-size outputs, the sums that reduce broadcast gradients) come out of the
+model's own code, in the order they happen. Not seen: allocations inside one kernel (the memory-efficient
+backward's float32 accumulator for the gradient of q).
 
-The activation peak of a saver setting is the largest, over the moments of backward, of what is still held (the
-forward's saved bytes, less those of the blocks already backpropagated) plus what is transient then:
+The meta device runs what CUDA runs. Under `*-mixed`, CUDA autocast's rules for the ops of this model
+(`_MetaAutocast`; autocast itself skips meta tensors): inputs cast to the lower precision or to float32, or a
+float32 result of inputs left as they are (softmax, sum, F.normalize's norm), and the casts of parameters cached
+over the forward. Attention goes through the memory-efficient kernel (`_MetaAttention`), as SDPA picks on CUDA for
+4-D inputs with an additive mask: it expands the mask to (B, heads, N, N), saves q, k, v, the mask, the output and
+the log-sum-exp, and its backward writes the mask's gradient at that expanded size before autograd sums it to the
+mask's own shape. On another device (the CPU in the tests) the model's own ops run.
 
-    none                      at each block: its attention backward's working set; at the start: the largest
-                              other op's
-    sequential attention      held: a forward with model.sequential_attn; where a block's windows are chunked,
-                              one chunk's attention (its saved bytes and backward working set x chunk / windows),
-                              recomputed in backward
-    checkpointing             held: a forward with model.use_checkpoint (block inputs and what lies between
-                              blocks); at each block: its saved bytes, recomputed, or those up to its attention
-                              plus the attention backward's working set
-    checkpointing+sequential  as checkpointing, with the blocks recomputed with sequential attention and their
-                              attention chunked
-
-Activations do not depend on the sharding stage. The largest batch per GPU is the largest B with
-params + grads + optimizer + buffers + communication + activations(B) <= (1 - headroom) x gpu memory, and the
-optimizer step's peak within it too. Gradients count at their full size through the whole backward, so the
-prediction leans high when activations are small. Checked against CPU training steps (tests/test_plan_memory.py,
-within 25 %) and CUDA steps of SwinV2-T at 192 px / window 12 and 384 px / window 24 (see the README).
+Each op's bytes are affine in the batch from 2 images on (at 1 image some broadcast-gradient sums are skipped), so
+steps of 2 and 3 images give every moment as fixed + per image x batch; the activations of a batch are the
+largest moment at that batch, and the table shows the moment that is the peak at the row's largest batch. At
+1 image this leans high by those skipped sums. Activations do not depend on the sharding stage. The largest batch
+per GPU is the largest B with params + grads + optimizer + buffers + communication + activations(B) <=
+(1 - headroom) x gpu memory, and the optimizer step's peak within it too. Gradients count at their full size
+through the whole backward, so the prediction leans high when activations are small. Checked against CPU training
+steps (tests/test_plan_memory.py, within 25 %) and against H200 steps of SwinV2-T in float32 (grads +
+activations: 192 px / window 12, batch 64, 0.99 of the measured peak without savers and 1.01 with
+checkpointing; 512 px / window 16, batch 8, 0.96 without savers and 0.98 with checkpointing and sequential
+attention).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -64,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.autograd.graph import _engine_run_backward
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -119,24 +118,41 @@ def peak_memory(step_fn: Callable[[], object], device: str | torch.device = "cpu
     return max(0, *itertools.accumulate(changes)) if changes else 0
 
 
+# CUDA autocast's policies for the ops of this model: inputs cast to the lower precision, inputs cast to float32,
+# float32 results of the inputs as they are (the op's dtype argument set to float32); others follow type promotion.
 LOWER_PRECISION_OPS = {F.linear, F.conv2d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm,
                        torch.baddbmm, F.scaled_dot_product_attention}
-FLOAT32_OPS = {F.layer_norm, F.normalize, F.softmax, torch.softmax, torch.Tensor.softmax, torch.exp,
-               torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.sum, torch.Tensor.sum,
-               F.l1_loss}
+FLOAT32_OPS = {F.layer_norm, torch.exp, torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, F.l1_loss}
+FLOAT32_RESULT_OPS = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.sum, torch.Tensor.sum}
+
+
+def _normalize_in_float32(input, p=2.0, dim=1, eps=1e-12, out=None):
+    """F.normalize as CUDA autocast runs it: its norm (linalg_vector_norm) in float32 of the input as it is, so
+    the quotient is float32 without a float32 copy of the input."""
+    norm = torch.linalg.vector_norm(input, p, dim, keepdim=True, dtype=torch.float32)
+    return input / norm.clamp_min(eps).expand_as(input)
 
 
 class _MetaAutocast(TorchFunctionMode):
     """torch.autocast("cuda", dtype) for meta tensors, which autocast skips: the ops of this model that CUDA
     autocast runs in lower precision get `dtype` inputs, those it runs in float32 get float32 inputs, the others
-    follow type promotion. Parameters are cast once per forward, as autocast caches them."""
+    follow type promotion. With `cache`, parameters are cast once and the casts live until the mode exits, as
+    autocast caches them over a forward; without (recomputation in backward), each use casts anew."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, cache: bool = True):
         super().__init__()
-        self.dtype, self.casts = dtype, {}
+        self.dtype, self.cache, self.casts = dtype, cache, {}
+
+    def __exit__(self, *exc):
+        self.casts.clear()
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.normalize:
+            return _normalize_in_float32(*args, **kwargs)
+        if func in FLOAT32_RESULT_OPS and args[0].is_floating_point() and kwargs.get("dtype") is None:
+            kwargs = {**kwargs, "dtype": torch.float32}
         dtype = self.dtype if func in LOWER_PRECISION_OPS else torch.float32 if func in FLOAT32_OPS else None
         if dtype is not None:
             args = tuple(self._cast(a, dtype) for a in args)
@@ -146,7 +162,7 @@ class _MetaAutocast(TorchFunctionMode):
     def _cast(self, value, dtype: torch.dtype):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype == dtype:
             return value
-        if not isinstance(value, nn.Parameter):
+        if not (self.cache and isinstance(value, nn.Parameter)):
             return value.to(dtype)
         key = (id(value), dtype)
         if key not in self.casts:
@@ -154,166 +170,123 @@ class _MetaAutocast(TorchFunctionMode):
         return self.casts[key]
 
 
-class _SavedLedger:
-    """Bytes of the storages autograd saves for backward, each counted once, attributed to the SwinV2 block that
-    saved it first (None: outside blocks) and, within it, to its attention call."""
-
-    def __init__(self, model: nn.Module):
-        self.model_storages = {t.untyped_storage()._cdata for t in itertools.chain(model.parameters(), model.buffers())}
-        self.seen: set[int] = set()
-        self.block: int | None = None
-        self.in_attention = False
-        self.total = 0
-        self.by_block: dict[int, int] = {}
-        self.by_attention: dict[int, int] = {}
-        self.through_attention: dict[int, int] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        key, nbytes = storage._cdata, storage.nbytes()
-        if key not in self.model_storages and key not in self.seen:
-            self.seen.add(key)
-            self.total += nbytes
-            if self.block is not None:
-                self.by_block[self.block] = self.by_block.get(self.block, 0) + nbytes
-                if self.in_attention:
-                    self.by_attention[self.block] = self.by_attention.get(self.block, 0) + nbytes
-        return tensor
-
-    def enter(self, index: int):
-        def hook(*_):
-            self.block = index
-        return hook
-
-    def leave(self, *_):
-        self.block = None
-
-    def attention_done(self, *_):
-        self.through_attention[self.block] = self.by_block.get(self.block, 0)
-
-
 def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     return query, key, value, attn_mask, dropout_p, is_causal, scale
 
 
-class _Attention(TorchFunctionMode):
-    """Tells the ledger when scaled_dot_product_attention runs and, on the meta device (which has no fused
-    kernels), runs 4-D attention as CUDA does: the memory-efficient kernel, which saves q, k, v, the output and
-    the log-sum-exp instead of the (N, N) matrices, and whose backward writes the gradient of a broadcast mask
-    at the full (B, heads, N, N) size. Inputs of other ranks take the unfused path on CUDA too."""
-
-    def __init__(self, ledger: "_SavedLedger", fused: bool):
-        super().__init__()
-        self.ledger, self.fused = ledger, fused
+class _MetaAttention(TorchFunctionMode):
+    """scaled_dot_product_attention on meta tensors (no fused kernels there) as CUDA runs it for this model: the
+    memory-efficient kernel, after expanding the additive mask to (B, heads, N, N) as torch does. It saves q, k,
+    v, the mask, the output and the log-sum-exp instead of the (N, N) matrices; its backward (meta kernel as the
+    CUDA one) writes the mask's gradient at the expanded size, which autograd then sums to the mask's shape."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        q, k, v, mask, dropout, causal, scale = (_sdpa_arguments(*args, **kwargs) if
+                                                 func is F.scaled_dot_product_attention else (None,) * 7)
+        if q is None or q.dim() != 4:
             return func(*args, **kwargs)
-        self.ledger.in_attention = True
-        try:
-            q, k, v, mask, dropout, causal, scale = _sdpa_arguments(*args, **kwargs)
-            if not (self.fused and q.dim() == 4):
-                return func(*args, **kwargs)
-            mask = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-            needs_grad = any(t is not None and t.requires_grad for t in (q, k, v, mask))
-            return torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, mask, needs_grad, dropout, causal, scale=scale)[0]
-        finally:
-            self.ledger.in_attention = False
+        mask = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        needs_grad = any(t is not None and t.requires_grad for t in (q, k, v, mask))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, needs_grad, dropout, causal, scale=scale)[0]
 
 
-class _BackwardTemporaries(TorchDispatchMode):
-    """The working set of each op of a backward: the new storages it returns plus the inputs that earlier ops of
-    the backward produced (the gradient flowing in). Kept for the attention backward ops (the fused kernel's,
-    or the softmax's of the unfused path) in the order they run, and the largest of the other ops."""
-    ATTENTION_OPS = ("attention_backward", "_softmax_backward_data")
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages that ops create, sampled after every op (when its outputs and inputs are
+    both alive, the op's peak): a storage counts from the op that returns it until it is freed (a finalizer on
+    the storage). Storages made before (parameters, buffers) do not count."""
 
     def __init__(self):
         super().__init__()
-        self.produced: set[int] = set()
-        self.attention: list[int] = []
-        self.other = 0
+        self.live = 0
+        self.samples: list[int] = []
+        self.created: dict[int, tuple[int, int]] = {}  # live storage -> (sample it was created at, bytes)
+        self.finalizers: list[weakref.finalize] = []
+
+    def __exit__(self, *exc):
+        for finalizer in self.finalizers:  # what outlives the step (parameter gradients) is not followed further
+            finalizer.detach()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
-                  for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        outputs = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
-                   for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
-        working = sum(n for key, n in outputs.items() if key not in inputs)
-        working += sum(n for key, n in inputs.items() if key in self.produced)
-        self.produced.update(outputs)
-        if any(name in func.__name__ for name in self.ATTENTION_OPS):
-            self.attention.append(working)
-        else:
-            self.other = max(self.other, working)
+        inputs = None
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or tensor.untyped_storage()._cdata in self.created:
+                continue
+            if inputs is None:
+                inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            storage = tensor.untyped_storage()
+            if storage._cdata not in inputs:  # a new storage, not a view or in-place result
+                self.live += storage.nbytes()
+                self.created[storage._cdata] = (len(self.samples), storage.nbytes())
+                self.finalizers.append(weakref.finalize(storage, self._free, storage._cdata))
+        self.samples.append(self.live)
         return out
 
+    def _free(self, key: int):
+        self.live -= self.created.pop(key)[1]
 
-@dataclass(frozen=True)
-class StepActivations:
-    """Activation bytes of a training step, per SwinV2 block in model order. Held for backward after the forward:
-    `total`, first saved in each block (`blocks`), of those inside its scaled_dot_product_attention
-    (`attention`; not seen where sequential attention checkpoints it) and up to the end of its attention module
-    (`through_attention`). Working sets of the backward (when run): each block's attention backward
-    (`attention_backward`) and the largest other op's (`other_backward`)."""
-    total: int
-    blocks: tuple[int, ...]
-    attention: tuple[int, ...]
-    through_attention: tuple[int, ...]
-    attention_backward: tuple[int, ...] = ()
-    other_backward: int = 0
+    def without(self, storages: set[int]) -> list[int]:
+        """The samples less the bytes of the given storages (still alive) from when they were created."""
+        change = [0] * len(self.samples)
+        for key in storages & self.created.keys():
+            start, nbytes = self.created[key]
+            change[start] -= nbytes
+        return [sample + less for sample, less in zip(self.samples, itertools.accumulate(change))]
 
 
-def step_activations(simmim: SimMIM, batch: int, precision: str = "32-true", checkpointing: bool = False,
-                     sequential: bool = False, backward: bool = False) -> StepActivations:
-    """A forward (and with `backward`, a backward) of `batch` images on the model's device (meta: no memory, with
-    CUDA's autocast and attention kernels) with the given savers, counting what autograd saves. The model must be
-    in the parameter dtype of `precision`; its gradients are dropped afterwards. Backward on the meta device
-    needs savers off, as checkpoints recompute outside the emulated autocast."""
+def _backward(loss: torch.Tensor) -> None:
+    """loss.backward() with the active torch-function modes in force while it runs (checkpointed blocks
+    recompute under them). Tensor.backward would run with the modes popped, as any function a mode handles;
+    the engine's own entry point does not go through the modes."""
+    _engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True,
+                         accumulate_grad=True)
+
+
+def step_timeline(simmim: SimMIM, batch: int, precision: str = "32-true", checkpointing: bool = False,
+                  sequential: bool = False, chunk: int | None = None) -> list[int]:
+    """Activation bytes after each op of a forward and backward of `batch` images (input, mask and everything
+    the step creates; parameter gradients left out) with the given savers (`chunk`: windows per sequential
+    attention call). On the model's device; on the meta device nothing is allocated and CUDA's autocast and
+    attention kernel are emulated. The model must be in the parameter dtype of `precision`; its gradients are
+    dropped afterwards."""
     _, compute_dtype = PRECISIONS[precision]
     encoder = simmim.encoder
     encoder.set_grad_checkpointing(checkpointing)
-    encoder.set_sequential_attn(sequential)
-    ledger = _SavedLedger(simmim)
-    blocks = [m for m in encoder.modules() if isinstance(m, SwinTransformerV2Block)]
-    handles = [h for i, block in enumerate(blocks)
-               for h in (block.register_forward_pre_hook(ledger.enter(i)), block.register_forward_hook(ledger.leave),
-                         block.attn.register_forward_hook(ledger.attention_done))]
+    encoder.set_sequential_attn(sequential, chunk)
     device = next(simmim.parameters()).device
-    mixed = precision.endswith("-mixed")
+    mixed, meta = precision.endswith("-mixed"), device.type == "meta"
     if not mixed:
-        autocast = contextlib.nullcontext()
-    elif device.type == "meta":
-        autocast = _MetaAutocast(compute_dtype)
-    else:
-        autocast = torch.autocast(device.type, dtype=compute_dtype)
+        forward_autocast = backward_autocast = contextlib.nullcontext()
+    elif meta:
+        forward_autocast, backward_autocast = _MetaAutocast(compute_dtype), _MetaAutocast(compute_dtype, cache=False)
+    else:  # torch.autocast: checkpoints recompute under the forward's autocast state by themselves
+        forward_autocast, backward_autocast = torch.autocast(device.type, dtype=compute_dtype), contextlib.nullcontext()
+    attention = _MetaAttention() if meta else contextlib.nullcontext()
+    live = _LiveBytes()
     size, grid = encoder.img_size, encoder.patches_resolution
-    x = torch.zeros(batch, encoder.in_chans, size, size, device=device,
-                    dtype=torch.float32 if mixed else compute_dtype)
-    mask = torch.zeros(batch, grid, grid, dtype=torch.long, device=device)
-    temporaries = _BackwardTemporaries()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(ledger.pack, lambda t: t), \
-                _Attention(ledger, fused=device.type == "meta"), autocast:  # autocast casts before _Attention runs
-            loss = simmim.train()(x, mask)
-        if backward:
-            with temporaries:
-                loss.backward()
+        with live:
+            x = torch.zeros(batch, encoder.in_chans, size, size, device=device,
+                            dtype=torch.float32 if mixed else compute_dtype)
+            mask = torch.zeros(batch, grid, grid, dtype=torch.long, device=device)
+            with attention, forward_autocast:
+                loss = simmim.train()(x, mask)
+            del x, mask
+            with attention, backward_autocast:
+                _backward(loss)
+            del loss
+            return live.without({p.grad.untyped_storage()._cdata for p in simmim.parameters() if p.grad is not None})
     finally:
-        for handle in handles:
-            handle.remove()
         simmim.zero_grad(set_to_none=True)
-    count = range(len(blocks))
-    attention_backward = temporaries.attention[::-1]  # backward meets the blocks last to first
-    if backward and len(attention_backward) != len(blocks):  # not one attention per block: charge each the largest
-        attention_backward = [max(attention_backward, default=0)] * len(blocks)
-    return StepActivations(ledger.total, *(tuple(found.get(i, 0) for i in count) for found in (
-        ledger.by_block, ledger.by_attention, ledger.through_attention)), tuple(attention_backward), temporaries.other)
 
 
 # ------------------------------------------------------------------------------------------------ activations
+FIT_BATCHES = (2, 3)  # from 2 images on, every op's tensors have the shapes of larger batches (sums over the batch)
+
+
 @dataclass(frozen=True)
 class Affine:
     """bytes = fixed + per_image * batch."""
@@ -321,62 +294,49 @@ class Affine:
     per_image: float
 
     @classmethod
-    def through(cls, at_one: float, at_two: float) -> "Affine":
-        return cls(2 * at_one - at_two, at_two - at_one)
+    def through(cls, batches: tuple[int, int], values: tuple[float, float]) -> "Affine":
+        (b1, b2), (v1, v2) = batches, values
+        per_image = (v2 - v1) / (b2 - b1)
+        return cls(v1 - per_image * b1, per_image)
 
     def at(self, batch: int) -> float:
         return self.fixed + self.per_image * batch
 
-    def __add__(self, other: "Affine") -> "Affine":
-        return Affine(self.fixed + other.fixed, self.per_image + other.per_image)
-
-    def __sub__(self, other: "Affine") -> "Affine":
-        return Affine(self.fixed - other.fixed, self.per_image - other.per_image)
-
-    def __mul__(self, factor: float) -> "Affine":
-        return Affine(self.fixed * factor, self.per_image * factor)
-
 
 @dataclass(frozen=True)
 class Activations:
-    """Activation bytes of one saver setting: the largest, at a batch, of the `moments` of backward, each what
-    is still held for backward then plus what is transient then."""
+    """Activation bytes of one saver setting: the largest, at a batch, of the `moments` of the step (after each
+    op: what is held for backward plus what is transient then), each affine in the batch."""
     moments: tuple[Affine, ...]
 
+    def peak(self, batch: int) -> Affine:
+        """The moment with the most bytes at `batch`."""
+        return max(self.moments, key=lambda moment: moment.at(batch))
+
     def at(self, batch: int) -> float:
-        return max(moment.at(batch) for moment in self.moments)
+        return self.peak(batch).at(batch)
+
+
+def _upper_moments(moments: list[Affine]) -> tuple[Affine, ...]:
+    """The moments not below another at every batch (none has both less fixed and less per image)."""
+    kept, most_fixed = [], -float("inf")
+    for moment in sorted(moments, key=lambda m: (m.per_image, m.fixed), reverse=True):
+        if moment.fixed > most_fixed:
+            kept.append(moment)
+            most_fixed = moment.fixed
+    return tuple(kept)
 
 
 def saver_activations(simmim: SimMIM, precision: str, chunk: int, savers=tuple(SAVERS)) -> dict[str, Activations]:
-    """Activations of the named saver settings (see the module docstring), from steps of 1 and 2 images."""
-    plain = SAVERS["none"]
-    blocks = [m for m in simmim.encoder.modules() if isinstance(m, SwinTransformerV2Block)]
-    windows = [(b.input_resolution[0] // b.window_size) * (b.input_resolution[1] // b.window_size) for b in blocks]
-
-    @functools.cache
-    def runs(key):
-        return [step_activations(simmim, batch, precision, *key, backward=key == plain) for batch in (1, 2)]
-
-    def fit(key, field, i=None):
-        one, two = (getattr(run, field) if i is None else getattr(run, field)[i] for run in runs(key))
-        return Affine.through(one, two)
-
+    """Activations of the named saver settings, op by op from steps of FIT_BATCHES images (the module
+    docstring); `chunk`: windows per sequential attention call."""
     result = {}
     for name in savers:
-        checkpointing, sequential = key = SAVERS[name]
-        held = fit(key, "total")
-        moments = [held + fit(plain, "other_backward")]  # backward starts: everything held, one op's working set
-        for i in reversed(range(len(blocks))):  # block i backpropagates: the blocks after it freed what they held
-            chunked = sequential and windows[i] > chunk
-            share = chunk / windows[i] if chunked else 1.0
-            recomputed = fit(plain, "attention", i) if chunked else Affine(0, 0)
-            attention = (recomputed + fit(plain, "attention_backward", i)) * share
-            if checkpointing:  # the recomputed block, or what of it is still there when its attention backpropagates
-                moments.append(held + fit((False, sequential), "blocks", i))
-                attention = fit((False, sequential), "through_attention", i) + attention
-            moments.append(held + attention)
-            held = held - fit(key, "blocks", i)
-        result[name] = Activations(tuple(moments))
+        timelines = [step_timeline(simmim, batch, precision, *SAVERS[name], chunk=chunk) for batch in FIT_BATCHES]
+        if len({len(t) for t in timelines}) != 1:
+            raise RuntimeError(f"steps of {FIT_BATCHES} images ran different ops under {name}; the planner needs "
+                               "the same ops at every batch")
+        result[name] = Activations(_upper_moments([Affine.through(FIT_BATCHES, v) for v in zip(*timelines)]))
     return result
 
 
@@ -456,7 +416,8 @@ class ModelMemory:
 # ------------------------------------------------------------------------------------------------ the plan
 @dataclass(frozen=True)
 class PlanRow:
-    """Bytes per GPU of one saver setting and sharding stage; activations = fixed + per_image x batch."""
+    """Bytes per GPU of one saver setting and sharding stage; activations = fixed + per_image x batch at the
+    step's peak moment for max_batch images (1 where none fits)."""
     savers: str
     sharding: str
     params: float
@@ -523,15 +484,15 @@ def plan_memory(cfg: DictConfig, gpu_memory_gb: float = 80.0, headroom: float = 
               STRATEGY_STAGES.get(str(cfg.trainer.get("strategy")), 0))
     rows = []
     for savers, activations in memory.activations.items():
-        per_image = activations.at(2) - activations.at(1)
         for stage in range(len(STAGES)) if world > 1 else [0]:
             static = memory.static(stage, world)
+            max_batch = memory.largest_batch(savers, budget, stage, world)
+            peak = activations.peak(max(max_batch, 1))
             rows.append(PlanRow(
                 savers=savers, sharding=STAGES[stage] if world > 1 else "single GPU", params=static.params,
                 grads=static.grads, optimizer=static.optimizer, buffers=static.buffers,
-                communication=static.communication, activations_fixed=activations.at(1) - per_image,
-                activations_per_image=per_image, max_batch=memory.largest_batch(savers, budget, stage, world),
-                recipe=(savers, stage) == recipe))
+                communication=static.communication, activations_fixed=peak.fixed,
+                activations_per_image=peak.per_image, max_batch=max_batch, recipe=(savers, stage) == recipe))
     return MemoryPlan(model=str(cfg.model.variant or "custom"), num_params=memory.num_params,
                       img_size=cfg.model.img_size, window_size=cfg.model.window_size, precision=precision,
                       world_size=world, gpu_memory_gb=gpu_memory_gb, headroom=headroom, rows=tuple(rows))
@@ -546,7 +507,7 @@ def format_plan(plan: MemoryPlan) -> str:
     lines = [f"SimMIM SwinV2-{plan.model}: {plan.num_params / 1e6:,.1f} M parameters, {plan.img_size} px, window "
              f"{plan.window_size}, {plan.precision}, {plan.world_size} GPU(s) with {plan.gpu_memory_gb:g} GiB "
              f"({(1 - plan.headroom) * plan.gpu_memory_gb:.1f} GiB for tensors)",
-             f"{name} per GPU; activations per step = fixed + per image x batch, with the largest backward transient",
+             f"{name} per GPU; activations = fixed + per image x batch at the step's peak for max batch (1 if 0)",
              f"  {'savers':<25}{'sharding':<13}{'params':>8}{'grads':>8}{'optim':>8}{'buffers':>8}{'comm':>8}"
              f"{'act fixed':>11}{'act/image':>11}{'max batch':>11}"]
     for r in plan.rows:

@@ -152,6 +152,7 @@ def test_data_img_size_is_the_image_size_key():
             cfg = load_config(stage, recipe)
             assert cfg.model.img_size == cfg.data.img_size
         assert load_config(stage, "base", ["data.img_size=384"]).model.img_size == 384
-        assert load_config(stage, "base", ["model.img_size=256"]).model.img_size == 256  # still overridable
+        with pytest.raises(ConfigError, match=r"model.img_size=256 differs from data.img_size=\d+; set data.img_size"):
+            load_config(stage, "base", ["model.img_size=256"])  # the images would not fit the model
     with pytest.raises(ConfigError, match="did you mean data.img_size"):
         load_config("pretrain", "default", ["data.img_sise=96"])

@@ -102,3 +102,16 @@ def test_tiny_model_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_local_stats_match_a_direct_window_loop():
+    """The separable box filter equals mean / unbiased std over each pixel's in-image window, counted by hand."""
+    from simmim.model import local_stats
+
+    x = torch.randn(1, 2, 9, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean, std = local_stats(x, window=5)
+    for i in range(9):
+        for j in range(7):
+            patch = x[0, :, max(i - 2, 0):i + 3, max(j - 2, 0):j + 3].flatten(1)
+            torch.testing.assert_close(mean[0, :, i, j], patch.mean(1))
+            torch.testing.assert_close(std[0, :, i, j], (patch.var(1) + 1e-6).sqrt())
