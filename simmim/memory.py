@@ -27,8 +27,8 @@ storage) and samples the bytes alive after each op, when its inputs and outputs 
 buffers do not count, nor do parameter gradients (counted at full size above); the input batch does. So what a
 step holds for backward, what checkpoints and sequential attention free and recompute, and each op's transients
 (gradients flowing in, a kernel's full-size outputs, the sums that reduce broadcast gradients) come out of the
-model's own code, in the order they happen. Not seen: allocations inside one kernel (the memory-efficient
-backward's float32 accumulator for the gradient of q).
+model's own code, in the order they happen. Not seen: memory a kernel allocates inside itself (workspaces, such
+as the memory-efficient attention backward's float32 accumulators).
 
 The meta device runs what CUDA runs. Under `*-mixed`, CUDA autocast's rules for the ops of this model
 (`_MetaAutocast`; autocast itself skips meta tensors): inputs cast to the lower precision or to float32, or a
@@ -41,14 +41,15 @@ mask's own shape. On another device (the CPU in the tests) the model's own ops r
 Each op's bytes are affine in the batch from 2 images on (at 1 image some broadcast-gradient sums are skipped), so
 steps of 2 and 3 images give every moment as fixed + per image x batch; the activations of a batch are the
 largest moment at that batch, and the table shows the moment that is the peak at the row's largest batch. At
-1 image this leans high by those skipped sums. Activations do not depend on the sharding stage. The largest batch
-per GPU is the largest B with params + grads + optimizer + buffers + communication + activations(B) <=
+1 image this leans high by those skipped sums. Activations do not depend on the sharding stage (under FSDP,
+whose gathered parameters are already bfloat16, the cached autocast casts counted here do not exist). The largest
+batch per GPU is the largest B with params + grads + optimizer + buffers + communication + activations(B) <=
 (1 - headroom) x gpu memory, and the optimizer step's peak within it too. Gradients count at their full size
 through the whole backward, so the prediction leans high when activations are small. Checked against CPU training
-steps (tests/test_plan_memory.py, within 25 %) and against H200 steps of SwinV2-T in float32 (grads +
-activations: 192 px / window 12, batch 64, 0.99 of the measured peak without savers and 1.01 with
-checkpointing; 512 px / window 16, batch 8, 0.96 without savers and 0.98 with checkpointing and sequential
-attention).
+steps (tests/test_plan_memory.py, within 25 %) and against the peaks of H200 steps of SwinV2-T (torch 2.11;
+predicted grads + activations over measured): 192 px / window 12, batch 64: 0.99 without savers, 1.01 with
+checkpointing (with or without sequential attention), 1.00 under bf16 autocast without savers; 512 px / window 16,
+batch 8: 0.96 without savers, 0.98 with checkpointing and sequential attention.
 """
 from __future__ import annotations
 
@@ -127,17 +128,19 @@ FLOAT32_RESULT_OPS = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.sum,
 
 
 def _normalize_in_float32(input, p=2.0, dim=1, eps=1e-12, out=None):
-    """F.normalize as CUDA autocast runs it: its norm (linalg_vector_norm) in float32 of the input as it is, so
-    the quotient is float32 without a float32 copy of the input."""
+    """F.normalize (its signature; this model passes no `out`) as CUDA autocast runs it: the norm
+    (linalg_vector_norm) in float32 of the input as it is, so the quotient is float32 without a float32 copy of
+    the input."""
     norm = torch.linalg.vector_norm(input, p, dim, keepdim=True, dtype=torch.float32)
     return input / norm.clamp_min(eps).expand_as(input)
 
 
 class _MetaAutocast(TorchFunctionMode):
     """torch.autocast("cuda", dtype) for meta tensors, which autocast skips: the ops of this model that CUDA
-    autocast runs in lower precision get `dtype` inputs, those it runs in float32 get float32 inputs, the others
-    follow type promotion. With `cache`, parameters are cast once and the casts live until the mode exits, as
-    autocast caches them over a forward; without (recomputation in backward), each use casts anew."""
+    autocast runs in lower precision get `dtype` inputs, those it runs in float32 get float32 inputs, those it
+    asks for a float32 result get dtype=float32 (F.normalize: its norm), the others follow type promotion. With
+    `cache`, parameters are cast once and the casts live until the mode exits, as autocast caches them over a
+    forward; without (recomputation in backward, where each checkpoint caches anew), each use casts anew."""
 
     def __init__(self, dtype: torch.dtype, cache: bool = True):
         super().__init__()
@@ -182,14 +185,21 @@ class _MetaAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        q, k, v, mask, dropout, causal, scale = (_sdpa_arguments(*args, **kwargs) if
-                                                 func is F.scaled_dot_product_attention else (None,) * 7)
-        if q is None or q.dim() != 4:
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v, mask, dropout, causal, scale = _sdpa_arguments(*args, **kwargs)
+        if q.dim() != 4:  # the fused kernels take 4-D inputs only
             return func(*args, **kwargs)
         mask = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         needs_grad = any(t is not None and t.requires_grad for t in (q, k, v, mask))
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, mask, needs_grad, dropout, causal, scale=scale)[0]
+
+
+def _storages(tree) -> dict[int, torch.UntypedStorage]:
+    """The storages of the tensors in a pytree, by identity."""
+    storages = (t.untyped_storage() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+    return {storage._cdata: storage for storage in storages}
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -211,17 +221,12 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = None
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor) or tensor.untyped_storage()._cdata in self.created:
-                continue
-            if inputs is None:
-                inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-            storage = tensor.untyped_storage()
-            if storage._cdata not in inputs:  # a new storage, not a view or in-place result
+        inputs = _storages((args, kwargs))
+        for key, storage in _storages(out).items():
+            if key not in inputs and key not in self.created:  # a new storage, not a view or an in-place result
                 self.live += storage.nbytes()
-                self.created[storage._cdata] = (len(self.samples), storage.nbytes())
-                self.finalizers.append(weakref.finalize(storage, self._free, storage._cdata))
+                self.created[key] = (len(self.samples), storage.nbytes())
+                self.finalizers.append(weakref.finalize(storage, self._free, key))
         self.samples.append(self.live)
         return out
 
@@ -262,8 +267,9 @@ def step_timeline(simmim: SimMIM, batch: int, precision: str = "32-true", checkp
         forward_autocast = backward_autocast = contextlib.nullcontext()
     elif meta:
         forward_autocast, backward_autocast = _MetaAutocast(compute_dtype), _MetaAutocast(compute_dtype, cache=False)
-    else:  # torch.autocast: checkpoints recompute under the forward's autocast state by themselves
-        forward_autocast, backward_autocast = torch.autocast(device.type, dtype=compute_dtype), contextlib.nullcontext()
+    else:  # checkpoints recompute under the forward's torch.autocast state by themselves
+        forward_autocast = torch.autocast(device.type, dtype=compute_dtype)
+        backward_autocast = contextlib.nullcontext()
     attention = _MetaAttention() if meta else contextlib.nullcontext()
     live = _LiveBytes()
     size, grid = encoder.img_size, encoder.patches_resolution
@@ -284,7 +290,8 @@ def step_timeline(simmim: SimMIM, batch: int, precision: str = "32-true", checkp
 
 
 # ------------------------------------------------------------------------------------------------ activations
-FIT_BATCHES = (2, 3)  # from 2 images on, every op's tensors have the shapes of larger batches (sums over the batch)
+FIT_BATCHES = (2, 3)  # from 2 images on a step runs the same ops at every batch (at 1, sums over a broadcast batch
+# dimension are skipped), so each op's bytes are affine in the batch
 
 
 @dataclass(frozen=True)

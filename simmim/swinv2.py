@@ -196,12 +196,11 @@ class WindowAttention(nn.Module):
         else:
             # the coords buffer stays float32 where only parameters are cast (DeepSpeed bf16)
             coords = self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype)
-            table = self.cpb_mlp(coords).view(-1, self.num_heads)
+            # 16*sigmoid on the (2W-1)^2 offsets before the gather: the same values as after it, without
+            # a (heads, N, N) intermediate kept for backward
+            table = 16 * torch.sigmoid(self.cpb_mlp(coords).view(-1, self.num_heads))
         N = self.window_size ** 2
-        bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
-        if self.position_bias != "table":
-            bias = 16 * torch.sigmoid(bias)
-        return bias.contiguous()
+        return table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
 
     def position_bias_table(self) -> torch.Tensor | None:
         """(heads, N, N) position bias of this window. In eval mode it is computed once per
