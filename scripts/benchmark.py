@@ -25,6 +25,7 @@ peak on known GPUs (else measured). Writes a table to stdout and JSON to `out`.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -171,9 +172,18 @@ def run_config(name: str, opts, device: torch.device, flops: float) -> dict:
             "peak_flops": peak, "peak_source": peak_source}
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": cpu_name(), "cpu_count": os.cpu_count()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
