@@ -221,12 +221,16 @@ def resize_position_bias_table(table: torch.Tensor, window_size: int) -> torch.T
 
 
 def pretrained_window_sizes(source: str | Path | Mapping) -> list[int] | None:
-    """Per stage, the window the pretrained encoder actually used, min(window_size, img_size / patch / 2^i),
-    from the config our checkpoints carry (e.g. 192 px, patch 4, window 12 -> [12, 12, 12, 6]); None for
-    checkpoints without one (official, timm), whose windows must be set by hand."""
+    """Per stage, the windows that scale the CPB coordinates of the saved encoder: its own
+    `pretrained_window_sizes` when it was itself built from pretrained windows (a fine-tuned classifier keeps
+    the scale its bias MLP learned), else the window it used, min(window_size, img_size / patch / 2^i), from
+    the config our checkpoints carry (e.g. 192 px, patch 4, window 12 -> [12, 12, 12, 6]); None for checkpoints
+    without one (official, timm), whose windows must be set by hand."""
     config = saved_model_config(read_checkpoint(source))
     if config is None:
         return None
+    if any(config.get("pretrained_window_sizes") or []):
+        return list(config["pretrained_window_sizes"])
     defaults = {name: p.default for name, p in inspect.signature(SwinTransformerV2).parameters.items()}
     cfg = {**defaults, **config}
     resolution = cfg["img_size"] // cfg["patch_size"]

@@ -180,6 +180,8 @@ def test_pretrained_window_sizes(tmp_path):
     assert pretrained_window_sizes(path) == [4, 4, 4, 2]
     big = {**ENCODER_CFG, "img_size": 192, "window_size": 12}
     assert pretrained_window_sizes({"model": {}, "config": {"model": big}}) == [12, 12, 12, 6]
+    refined = {**big, "window_size": 24, "img_size": 384, "pretrained_window_sizes": [12, 12, 12, 6]}
+    assert pretrained_window_sizes({"model": {}, "config": {"model": refined}}) == [12, 12, 12, 6]  # kept
     official = torch.load(DATA / "swinv2_official_w4.pt", weights_only=True)["state_dict"]
     assert pretrained_window_sizes({"model": official}) is None
     assert pretrained_window_sizes(to_timm(official)) is None
