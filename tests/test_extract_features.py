@@ -1,8 +1,6 @@
 """scripts/extract_features.py on tiny checkpoints of our layouts, and the README's backbone example."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,16 +9,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from conftest import randomize_
+from conftest import load_script, randomize_
 from simmim.config import ConfigError
 from simmim.data import digits_split, eval_transform, read_image
 from simmim.module import SimMIMPretrainModule
 from simmim.swinv2 import SwinTransformerV2
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("extract_features_script", ROOT / "scripts" / "extract_features.py")
-extract_features = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(extract_features)
+extract_features = load_script("extract_features")
 
 MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
              drop_path_rate=0.0)

@@ -1,24 +1,12 @@
 """Pretrain -> fine-tune end to end with a window change (4 -> 8), through both scripts."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from conftest import load_script
 from simmim.config import ConfigError
 
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain, finetune_script = _script("pretrain"), _script("finetune")
+pretrain, finetune_script = load_script("pretrain"), load_script("finetune")
 
 SMALL = ["data.batch_size=8", "data.num_workers=0", "model.embed_dim=16", "model.num_heads=[2,2,4,8]",
          "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",

@@ -1,6 +1,5 @@
 """The memory planner (simmim/memory.py, scripts/plan_memory.py): CPU peaks measured, predictions against them,
 the SwinV2-G plan, and data.img_size as the image-size key."""
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -11,15 +10,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import load_script
 from simmim.config import ConfigError, load_config
 from simmim.memory import GIB, SAVERS, ModelMemory, peak_memory, saver_activations, step_timeline
 from simmim.module import build_simmim
 from simmim.optim import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("plan_memory_script", ROOT / "scripts" / "plan_memory.py")
-plan_memory_script = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(plan_memory_script)
+plan_memory_script = load_script("plan_memory")
 
 TINY = dict(embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
 SMALL = dict(embed_dim=32, depths=[2, 2, 6, 2], num_heads=[2, 4, 8, 16], window_size=4)

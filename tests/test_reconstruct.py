@@ -1,5 +1,4 @@
 """scripts/reconstruct.py: SimMIM reconstruction grids from our Lightning / exported and the official layouts."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -8,14 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_
+from conftest import load_script, randomize_
 from simmim.data import IMAGENET_MEAN, eval_transform, read_image
 from simmim.module import SimMIMPretrainModule, unnormalize
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("reconstruct_script", ROOT / "scripts" / "reconstruct.py")
-reconstruct = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reconstruct)
+reconstruct = load_script("reconstruct")
 
 MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
              drop_path_rate=0.0)

@@ -1,6 +1,5 @@
 """scripts/signal_propagation.py: block-output amplitudes, res-post-norm against pre-norm (SwinV2 paper, Figure 2)."""
 import csv
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +8,14 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import load_script
 from simmim.config import ConfigError
 from simmim.module import SimMIMPretrainModule
 from simmim.plot import COLORS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "signal_propagation.py"
-spec = importlib.util.spec_from_file_location("signal_propagation_script", SCRIPT)
-signal_propagation = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(signal_propagation)
+signal_propagation = load_script("signal_propagation")
 
 # deep and narrow: 2 + 12 blocks at width 16-32, 32 px digits
 DEEP = ["model.embed_dim=16", "model.depths=[2,12]", "model.num_heads=[2,4]", "model.img_size=32",

@@ -1,7 +1,6 @@
 """scripts/window_transfer.py end to end on a tiny setting; the V1 bias-table resize that it and fine-tuning use;
 every position bias kind loading into a larger window."""
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,16 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from conftest import TINY, randomize_, tiny_swinv2
+from conftest import TINY, load_script, randomize_, tiny_swinv2
 from finetune.checkpoint import load_pretrained, resize_position_bias_table
 from finetune.module import SwinV2Classifier
 from simmim.data import ImageDataset, build_source, eval_transform
 from simmim.run import make_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("window_transfer_script", ROOT / "scripts" / "window_transfer.py")
-window_transfer = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(window_transfer)
+window_transfer = load_script("window_transfer")
 
 # The out-of-the-box geometry at half size (16 px / window 4, widths 16-32), two steps of training each.
 TINY_TRAINING = ["finetune.data.img_size=16", "finetune.model.window_size=4", "finetune.model.embed_dim=16",
