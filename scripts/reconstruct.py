@@ -31,7 +31,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from finetune.checkpoint import read_checkpoint, saved_simmim_config, simmim_from_checkpoint  # noqa: E402
 from masking import build_mask_generator  # noqa: E402
-from simmim.config import ConfigError, model_section, options_from_argv  # noqa: E402
+from simmim.config import ConfigError, as_list, model_section, options_from_argv  # noqa: E402
 from simmim.data import _image_files, eval_transform, read_image  # noqa: E402
 from simmim.module import reconstruction_grid  # noqa: E402
 from simmim.run import resolve_device, run_cli  # noqa: E402
@@ -55,7 +55,7 @@ DEFAULT_MASK = {"mask_patch_size": 32, "mask_kind": "random"}  # the official Si
 def image_paths(images, limit: int) -> list[Path]:
     """The files named by `images` (a path or a list; folders give their images, sorted), at most `limit`."""
     paths = []
-    for entry in [images] if isinstance(images, str) else list(images):
+    for entry in as_list(images):
         entry = Path(entry)
         if entry.is_dir():
             paths += [entry / name for name in _image_files(entry)]

@@ -39,7 +39,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from finetune.checkpoint import encoder_from_checkpoint  # noqa: E402
 from masking import build_mask_generator  # noqa: E402
-from simmim.config import ConfigError, load_config, model_section, options_from_argv, resolve_model  # noqa: E402
+from simmim.config import (ConfigError, as_list, load_config, model_section, options_from_argv,  # noqa: E402
+                           resolve_model)
 from simmim.data import SOURCES, ImageDataset, build_sources, eval_transform  # noqa: E402
 from simmim.module import build_simmim  # noqa: E402
 from simmim.optim import param_groups  # noqa: E402
@@ -64,13 +65,6 @@ SCHEMA = {
 }
 DEFAULT_STEPS = 30
 CSV_COLUMNS = ("curve", "norm_mode", "block_index", "stage", "block", "rms")
-
-
-def as_list(value) -> list:
-    """A key given as one value (key=a) or a list (key=[a,b]) as a list; null as []."""
-    if value is None:
-        return []
-    return [value] if isinstance(value, (str, int, float)) else list(value)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from finetune.checkpoint import (detect_layout, load_pretrained, model_config, read_checkpoint,  # noqa: E402
                                  saved_model_config)
 from finetune.module import SwinV2Classifier  # noqa: E402
-from simmim.config import ConfigError, load_config, options_from_argv  # noqa: E402
+from simmim.config import ConfigError, as_list, load_config, options_from_argv  # noqa: E402
 from simmim.data import ImageDataset, build_source, eval_transform  # noqa: E402
 from simmim.run import resolve_device, run_cli  # noqa: E402
 from simmim.swinv2 import check_img_size  # noqa: E402
@@ -216,7 +216,7 @@ def main(argv: list[str]) -> None:
     if cfg.checkpoint:
         if finetune_args:
             raise ConfigError("finetune.* arguments train the out-of-the-box classifiers; drop them with checkpoint=")
-        paths = [cfg.checkpoint] if isinstance(cfg.checkpoint, str) else list(cfg.checkpoint)
+        paths = as_list(cfg.checkpoint)
     else:
         args = [f"seed={cfg.seed}", *DIGITS_CLASSIFIER, *finetune_args]
         paths = [train_classifier(recipe, args, out_dir / "models") for recipe in cfg.recipes]

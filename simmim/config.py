@@ -104,6 +104,13 @@ def config_from_argv(stage: str, argv: list[str], usage: str) -> tuple[DictConfi
     return load_config(stage, recipe, overrides), print_config
 
 
+def as_list(value) -> list:
+    """A key given as one value (key=a) or a list (key=[a,b]) as a list; null as []."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, int, float)) else list(value)
+
+
 def options_from_argv(defaults: dict, argv: list[str], usage: str) -> DictConfig | None:
     """A tool's options: `defaults` <- `key=value` arguments, unknown keys rejected; None after printing
     the usage and the keys for --help."""
