@@ -41,7 +41,7 @@ from simmim.config import options_from_argv
 from simmim.memory import peak_memory
 from simmim.module import build_simmim
 from simmim.optim import make_adamw, param_groups
-from simmim.run import run_cli
+from simmim.run import resolve_device, run_cli
 from simmim.swinv2 import VARIANTS
 
 CONFIGS = {
@@ -207,7 +207,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
     if opts.model not in VARIANTS:
         raise ValueError(f"unknown model {opts.model!r}; choose one of {', '.join(VARIANTS)}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
+    device = resolve_device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
 
