@@ -116,8 +116,7 @@ def options_from_argv(defaults: dict, argv: list[str], usage: str) -> DictConfig
     the usage and the keys for --help."""
     schema = OmegaConf.create(defaults)
     if {"-h", "--help", "help"} & set(argv):
-        keys = "\n".join(f"  {k} = {OmegaConf.select(schema, k)}" for k in _leaf_keys(schema)
-                         if not isinstance(OmegaConf.select(schema, k), DictConfig))
+        keys = "\n".join(_key_lines(defaults))
         print(f"{usage}\nkeys (default value):\n{keys}")
         return None
     example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
