@@ -168,6 +168,11 @@ def _shape_error(key: str, ours: torch.Size, theirs: torch.Size) -> ValueError:
                       f"{tuple(ours)} in the model; {MISMATCH_HINT}")
 
 
+def _keys_error(missing: list[str], unexpected: list[str]) -> ValueError:
+    return ValueError(f"checkpoint does not match the model: {len(missing)} missing keys {missing[:3]}, "
+                      f"{len(unexpected)} unexpected keys {unexpected[:3]}; {MISMATCH_HINT}")
+
+
 def load_pretrained(model: SwinTransformerV2, source: str | Path | Mapping, strict: bool = True) -> LoadReport:
     """Load encoder weights from any layout above into `model`, in place.
 
@@ -198,9 +203,7 @@ def load_pretrained(model: SwinTransformerV2, source: str | Path | Mapping, stri
             raise _shape_error(key, ours.shape, weights[key].shape)
     report.unexpected = [key for key in weights if key not in target and not key.startswith(HEAD_PREFIX)]
     if strict and (report.missing or report.unexpected):
-        raise ValueError(f"checkpoint does not match the model: {len(report.missing)} missing keys "
-                         f"{report.missing[:3]}, {len(report.unexpected)} unexpected keys {report.unexpected[:3]}; "
-                         f"{MISMATCH_HINT}")
+        raise _keys_error(report.missing, report.unexpected)
     model.load_state_dict(usable, strict=False)
     report.loaded = list(usable)
     return report
@@ -300,7 +303,5 @@ def simmim_from_checkpoint(source: str | Path | Mapping, overrides: Mapping | No
             raise _shape_error(key, target[key].shape, value.shape)
     result = simmim.load_state_dict(weights, strict=False)  # derived buffers are dropped by the encoder's hook
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"checkpoint does not match the model: {len(result.missing_keys)} missing keys "
-                         f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected keys "
-                         f"{result.unexpected_keys[:3]}; {MISMATCH_HINT}")
+        raise _keys_error(result.missing_keys, result.unexpected_keys)
     return simmim, config
