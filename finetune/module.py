@@ -17,9 +17,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
 from simmim.data import labeled_datasets
-from simmim.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
-from simmim.strategies import shards_parameters
-from simmim.swinv2 import SwinTransformerV2
+from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
+from simmim.train.strategies import shards_parameters
+from simmim.models.swinv2 import SwinTransformerV2
 
 
 # ------------------------------------------------------------------------------------------------ layer decay

@@ -1,17 +1,8 @@
-"""The pretraining LightningModule and DataModule through the Lightning CLI.
+"""Both stages through the Lightning CLI, from the same recipes.
 
-    python scripts/cli.py fit --config recipes/cli/pretrain_default.yaml
-    python scripts/cli.py fit --help
+`python scripts/cli.py --help`; the code is in finetune.lightning_cli.
 """
-from pytorch_lightning.cli import LightningCLI
-
-from simmim.data import SimMIMDataModule
-from simmim.module import SimMIMPretrainModule
-
-
-def main() -> None:
-    LightningCLI(SimMIMPretrainModule, SimMIMDataModule, save_config_kwargs={"overwrite": True})
-
+from simmim.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("finetune.lightning_cli")

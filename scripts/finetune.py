@@ -1,76 +1,8 @@
-"""Fine-tune a pretrained SwinV2 encoder for classification, usually at a larger image and window size.
+"""Fine-tune a pretrained SwinV2 encoder for classification at a larger window.
 
-    python scripts/finetune.py                                     # the demo: digits at 128 px / window 8
-    python scripts/finetune.py pretrained=null run_name=scratch    # the same recipe from scratch
-    python scripts/finetune.py recipe=base pretrained=runs/pretrain/base/encoder.pth data.root=/data/imagenet
-
-Arguments are key=value, as for scripts/pretrain.py. Log-CPB transfer: the model is built with
-model.pretrained_window_sizes, read from the checkpoint's saved config when not given.
+`python scripts/finetune.py --help`; the code is in finetune.train.
 """
-import sys
-from pathlib import Path
-
-# This script shares its name with the `finetune` package: keep its own folder off the import path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import pytorch_lightning as pl  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from pytorch_lightning.utilities import rank_zero_warn  # noqa: E402
-
-from finetune.checkpoint import load_pretrained, pretrained_window_sizes, read_checkpoint  # noqa: E402
-from finetune.module import ClassificationDataModule, SwinV2Classifier  # noqa: E402
-from simmim.config import ConfigError, config_from_argv, prepare_run, save_config  # noqa: E402
-from simmim.run import make_trainer, run_cli  # noqa: E402
-
-
-def resolve_window_sizes(cfg, checkpoint: dict) -> None:
-    """Fill model.pretrained_window_sizes from the pretrained checkpoint when the recipe leaves it null."""
-    if cfg.model.pretrained_window_sizes is not None:
-        return
-    windows = pretrained_window_sizes(checkpoint)
-    if windows is None:
-        rank_zero_warn(f"{cfg.pretrained} does not say which windows it was pretrained with; set "
-                       f"model.pretrained_window_sizes=[...] (e.g. [12,12,12,6] for 192 px / window 12) for the "
-                       f"Log-CPB transfer")
-    else:
-        cfg.model.pretrained_window_sizes = windows
-
-
-def main(argv: list[str]) -> None:
-    parsed = config_from_argv("finetune", argv, __doc__)
-    if parsed is None:
-        return
-    cfg, print_config = parsed
-    pretrained = None
-    if cfg.pretrained:
-        if not Path(cfg.pretrained).is_file():
-            raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
-                              f"another checkpoint, or pretrained=null to train from scratch")
-        pretrained = read_checkpoint(cfg.pretrained)  # read once: the window sizes and the weights come from it
-        resolve_window_sizes(cfg, pretrained)
-    if print_config:
-        print(OmegaConf.to_yaml(cfg), end="")
-        return
-    run_dir, ckpt_path = prepare_run(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-
-    data = ClassificationDataModule(source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file,
-                                    img_size=cfg.data.img_size, batch_size=cfg.data.batch_size,
-                                    num_workers=cfg.data.num_workers)
-    data.setup("fit")
-    module = SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),
-                              **OmegaConf.to_container(cfg.train),
-                              confusion_matrix_path=str(run_dir / "confusion_matrix.png"))
-    if pretrained is not None and ckpt_path is None:
-        report = load_pretrained(module.model, pretrained)
-        print(f"loaded {cfg.pretrained}\n{report}")
-    save_config(cfg, run_dir / "config.yaml")
-
-    trainer = make_trainer(cfg, run_dir, monitor="val/top1", mode="max")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    if trainer.is_global_zero:
-        print(f"run directory: {run_dir}\nheld-out top-1 (last epoch): {float(trainer.callback_metrics['val/top1']):.4f}")
-
+from simmim.cli import run
 
 if __name__ == "__main__":
-    run_cli(main)
+    run("finetune.train")

@@ -1,21 +1,7 @@
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-from simmim.swinv2 import SwinTransformerV2
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str):
-    """scripts/NAME.py imported as a module (`NAME_script`), so tests can call its functions and main(argv)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from simmim.models.swinv2 import SwinTransformerV2
 
 TINY = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 8), window_size=4,
             num_classes=10, drop_path_rate=0.0)

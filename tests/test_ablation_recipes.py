@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from finetune.module import SwinV2Classifier
-from simmim.config import available_recipes, load_config
+from simmim.train.config import available_recipes, load_config
 
 ABLATIONS = {
     "ablation_pre_norm": {"model.norm_mode": "pre_norm"},

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import TINY, randomize_, tiny_swinv2
-from finetune.checkpoint import load_pretrained, pretrained_window_sizes
-from simmim.module import SimMIMPretrainModule
+from simmim.models.checkpoint import load_pretrained, pretrained_window_sizes
+from simmim.pretrain import SimMIMPretrainModule
 
 DATA = Path(__file__).parent / "data"
 ENCODER_CFG = {k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY.items() if k != "num_classes"}

@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from simmim.config import load_config
+from simmim.train.config import load_config
 from simmim.data import EpochSampler, SimMIMDataModule, eval_transform
-from simmim.module import SimMIMPretrainModule
-from simmim.config import ConfigError
-from simmim.strategies import BlockFSDPStrategy, ZeRO1DDPStrategy, build_strategy
+from simmim.pretrain import SimMIMPretrainModule
+from simmim.train.config import ConfigError
+from simmim.train.strategies import BlockFSDPStrategy, ZeRO1DDPStrategy, build_strategy
 
 TOTAL_BATCH = 16
 STEPS = 3

@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from conftest import load_script, randomize_
-from simmim.config import ConfigError
+from conftest import randomize_
+from simmim.train.config import ConfigError
 from simmim.data import digits_split, eval_transform, read_image
-from simmim.module import SimMIMPretrainModule
-from simmim.swinv2 import SwinTransformerV2
+from simmim.pretrain import SimMIMPretrainModule
+from simmim.models.swinv2 import SwinTransformerV2
 
-extract_features = load_script("extract_features")
+import simmim.tools.extract_features as extract_features
+from simmim.cli import run_cli
 
 MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
              drop_path_rate=0.0)
@@ -130,14 +131,14 @@ def test_help_and_one_line_errors(capsys, monkeypatch):
     assert "forward_intermediates" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", ["extract_features.py", "data.source=digits"])
     with pytest.raises(SystemExit) as exit:
-        extract_features.run_cli(extract_features.main)
+        run_cli(extract_features.main)
     assert exit.value.code.startswith("error: checkpoint= is required")
 
 
 def test_backbone_example():
     """The README's backbone example, verbatim, then a few steps: the head learns a per-pixel task."""
     from finetune.segmentation import StageSegmentationHead
-    from simmim.swinv2 import build_swinv2
+    from simmim.models.swinv2 import build_swinv2
 
     encoder = build_swinv2("tiny", embed_dim=16, num_heads=[2, 2, 4, 8], img_size=64, window_size=4, num_classes=0)
     head = StageSegmentationHead(encoder.feature_info, num_classes=2)

@@ -3,10 +3,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import load_script
-from simmim.config import ConfigError
+from simmim.train.config import ConfigError
 
-pretrain, finetune_script = load_script("pretrain"), load_script("finetune")
+import finetune.train as finetune_script
+import simmim.pretrain as pretrain
 
 SMALL = ["data.batch_size=8", "data.num_workers=0", "model.embed_dim=16", "model.num_heads=[2,2,4,8]",
          "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
@@ -44,7 +44,7 @@ def test_missing_pretrained_file_is_a_clear_error(tmp_path):
 
 def test_every_finetune_recipe_resolves_and_builds_on_meta():
     from finetune.module import SwinV2Classifier
-    from simmim.config import available_recipes, load_config
+    from simmim.train.config import available_recipes, load_config
 
     assert set(available_recipes("finetune")) >= {"default", "tiny", "small", "base", "large", "huge", "giant"}
     for name in available_recipes("finetune"):

@@ -8,7 +8,7 @@ import torch
 
 from finetune.mixup import Mixup, smooth_one_hot, soft_target_cross_entropy
 from finetune.module import ClassificationDataModule, SwinV2Classifier, layer_decay_groups, layer_id
-from simmim.swinv2 import SwinTransformerV2
+from simmim.models.swinv2 import SwinTransformerV2
 
 TINY_MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
                   num_classes=10, drop_path_rate=0.0)

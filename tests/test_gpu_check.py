@@ -4,14 +4,14 @@ import importlib.util
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from simmim.config import ConfigError
+import simmim.tools.gpu_check as gpu_check
+from simmim.train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -44,25 +44,20 @@ def test_cpu_run_writes_the_table_without_the_data_packages(tmp_path):
     assert "ddp_zero1" in result.stdout and "images/s" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def gpu_check():
-    return runpy.run_path(str(SCRIPT), run_name="gpu_check")
-
-
-def test_missing_deepspeed_is_skipped_with_the_install_line(gpu_check, capsys, tmp_path, monkeypatch):
+def test_missing_deepspeed_is_skipped_with_the_install_line(capsys, tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "deepspeed" else real_find_spec(name, *args))
-    gpu_check["main"]([*TINY_CPU, "strategies=deepspeed_stage_2", f"out={tmp_path / 'table.json'}"])
+    gpu_check.main([*TINY_CPU, "strategies=deepspeed_stage_2", f"out={tmp_path / 'table.json'}"])
     assert "deepspeed_stage_2: skipped, DeepSpeed is not installed (pip install 'swinv2-simmim[deepspeed]')" \
         in capsys.readouterr().out
     assert json.loads((tmp_path / "table.json").read_text())["rows"] == []
 
 
-def test_bad_arguments_are_one_line_errors(gpu_check):
+def test_bad_arguments_are_one_line_errors():
     with pytest.raises(ValueError, match="unknown strategy 'fsdp3'.*fsdp_grad_op"):
-        gpu_check["main"]([*TINY_CPU, "strategies=single,fsdp3"])
+        gpu_check.main([*TINY_CPU, "strategies=single,fsdp3"])
     with pytest.raises(ValueError, match="no timed step"):
-        gpu_check["main"]([*TINY_CPU, "steps=1", "warmup=1"])
+        gpu_check.main([*TINY_CPU, "steps=1", "warmup=1"])
     with pytest.raises(ConfigError, match="unknown key 'step'"):
-        gpu_check["main"](["step=3"])
+        gpu_check.main(["step=3"])

@@ -10,14 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import load_script
-from simmim.config import ConfigError, load_config
-from simmim.memory import GIB, SAVERS, ModelMemory, peak_memory, saver_activations, step_timeline
-from simmim.module import build_simmim
-from simmim.optim import param_groups
+from simmim.train.config import ConfigError, load_config
+from simmim.tools.memory import GIB, SAVERS, ModelMemory, peak_memory, saver_activations, step_timeline
+from simmim.models.simmim import build_simmim
+from simmim.train.optim import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-plan_memory_script = load_script("plan_memory")
+import simmim.tools.plan_memory as plan_memory_script
 
 TINY = dict(embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
 SMALL = dict(embed_dim=32, depths=[2, 2, 6, 2], num_heads=[2, 4, 8, 16], window_size=4)

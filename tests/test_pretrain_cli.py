@@ -7,12 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from simmim.config import ConfigError, available_recipes, load_config
-from simmim.swinv2 import VARIANTS
+from simmim.train.config import ConfigError, available_recipes, load_config
+from simmim.models.swinv2 import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import pretrain  # noqa: E402
+import simmim.pretrain as pretrain
 
 
 def fast_args(tmp_path, *extra):
@@ -73,7 +72,7 @@ def test_unknown_recipe_and_keys_name_near_matches():
 
 
 def test_every_recipe_resolves_and_builds_on_meta():
-    from simmim.module import build_simmim
+    from simmim.models.simmim import build_simmim
 
     assert set(available_recipes("pretrain")) >= {"default", "tiny", "small", "base", "large", "huge", "giant"}
     for name in available_recipes("pretrain"):

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_script, randomize_
+from conftest import randomize_
 from simmim.data import IMAGENET_MEAN, eval_transform, read_image
-from simmim.module import SimMIMPretrainModule, unnormalize
+from simmim.pretrain import SimMIMPretrainModule, unnormalize
 
-reconstruct = load_script("reconstruct")
+import simmim.tools.reconstruct as reconstruct
+from simmim.cli import run_cli
 
 MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
              drop_path_rate=0.0)
@@ -113,6 +114,6 @@ def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module, mon
     reconstruct.main(["--help"])
     monkeypatch.setattr(sys, "argv", ["reconstruct.py", f"checkpoint={tmp_path / 'none.pth'}", f"images={images}"])
     with pytest.raises(SystemExit) as exit:
-        reconstruct.run_cli(reconstruct.main)
+        run_cli(reconstruct.main)
     assert exit.value.code == (f"error: checkpoint {tmp_path / 'none.pth'} does not exist; pass the path of a .ckpt "
                                f"or .pth file")

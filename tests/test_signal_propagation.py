@@ -8,14 +8,14 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import load_script
-from simmim.config import ConfigError
-from simmim.module import SimMIMPretrainModule
-from simmim.plot import COLORS
+from simmim.train.config import ConfigError
+from simmim.pretrain import SimMIMPretrainModule
+from simmim.tools.plot import COLORS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "signal_propagation.py"
-signal_propagation = load_script("signal_propagation")
+import simmim.tools.signal_propagation as signal_propagation
+from simmim.cli import run_cli
 
 # deep and narrow: 2 + 12 blocks at width 16-32, 32 px digits
 DEEP = ["model.embed_dim=16", "model.depths=[2,12]", "model.num_heads=[2,4]", "model.img_size=32",
@@ -92,12 +92,12 @@ def test_help_and_one_line_errors(capsys, monkeypatch):
     assert result.returncode == 0 and "Figure 2" in result.stdout and "model.depths" in result.stdout
     monkeypatch.setattr(sys, "argv", ["signal_propagation.py", "norm_mode=pre_norm"])
     with pytest.raises(SystemExit) as exit:
-        signal_propagation.run_cli(signal_propagation.main)
+        run_cli(signal_propagation.main)
     assert exit.value.code.startswith("error: unknown key 'norm_mode' in the command line; did you mean norm_modes")
 
 
 def test_line_plot_puts_larger_values_higher():
-    from simmim.plot import line_plot
+    from simmim.tools.plot import line_plot
 
     image = line_plot({"up": ([0, 1, 2], [1.0, 10.0, 100.0])}, log_y=True)
     rows, cols = np.nonzero(np.all(np.abs(image.astype(int) - COLORS[0]) <= 8, axis=-1))

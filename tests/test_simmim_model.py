@@ -3,7 +3,7 @@ from pathlib import Path
 import torch
 
 from conftest import TINY, randomize_
-from simmim.model import SimMIM, SwinTransformerV2ForSimMIM, norm_targets
+from simmim.models.simmim import SimMIM, SwinTransformerV2ForSimMIM, norm_targets
 
 DATA = Path(__file__).parent / "data"
 
@@ -106,7 +106,7 @@ def test_tiny_model_overfits_one_batch():
 
 def test_local_stats_match_a_direct_window_loop():
     """The separable box filter equals mean / unbiased std over each pixel's in-image window, counted by hand."""
-    from simmim.model import local_stats
+    from simmim.models.simmim import local_stats
 
     x = torch.randn(1, 2, 9, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mean, std = local_stats(x, window=5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import randomize_, tiny_swinv2
-from simmim.swinv2 import VARIANTS, SwinTransformerV2, build_swinv2, relative_coords_table
+from simmim.models.swinv2 import VARIANTS, SwinTransformerV2, build_swinv2, relative_coords_table
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,13 +1,13 @@
 """Optimizer groups, lr schedule, non-finite guard, precision and atomic saving of the pretraining module."""
-import math
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from simmim.data import SimMIMDataModule
-from simmim.module import SimMIMPretrainModule
-from simmim.optim import atomic_save, lr_at_step, param_groups
+from simmim.pretrain import SimMIMPretrainModule
+from simmim.train.checkpoint_io import atomic_save
+from simmim.train.optim import lr_at_step, param_groups
 
 TINY_MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
 

@@ -10,13 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from conftest import TINY, load_script, randomize_, tiny_swinv2
-from finetune.checkpoint import load_pretrained, resize_position_bias_table
+from conftest import TINY, randomize_, tiny_swinv2
+from simmim.models.checkpoint import load_pretrained, resize_position_bias_table
 from finetune.module import SwinV2Classifier
 from simmim.data import ImageDataset, build_source, eval_transform
-from simmim.run import make_trainer
+from simmim.train.trainer import make_trainer
 
-window_transfer = load_script("window_transfer")
+import finetune.window_transfer as window_transfer
 
 # The out-of-the-box geometry at half size (16 px / window 4, widths 16-32), two steps of training each.
 TINY_TRAINING = ["finetune.data.img_size=16", "finetune.model.window_size=4", "finetune.model.embed_dim=16",

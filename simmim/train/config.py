@@ -14,9 +14,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from simmim.swinv2 import VARIANTS, SwinTransformerV2
+from simmim.models.swinv2 import VARIANTS, SwinTransformerV2
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+def _recipes_dir() -> Path:
+    """`recipes/` beside the packages in a source checkout (editable installs too); `simmim/recipes/` in an
+    installed wheel, where pyproject.toml puts the same files."""
+    package = Path(__file__).resolve().parents[1]
+    beside = package.parent / "recipes"
+    return beside if beside.is_dir() else package / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 RUN_KEYS = ("recipe", "print_config", "help")  # command-line keys that steer the script, not the run
 
 

@@ -1,4 +1,14 @@
-"""The SimMIM pretraining LightningModule and its callbacks (throughput, reconstruction pictures)."""
+"""SimMIM pretraining: the LightningModule, its callbacks (throughput, reconstruction pictures) and the run.
+
+
+    python scripts/pretrain.py                                   # the demo: a tiny SwinV2 on the bundled digits
+    python scripts/pretrain.py recipe=base data.source=folder data.root=/data/imagenet/train trainer.devices=8
+    python scripts/pretrain.py recipe=giant print_config=true    # show the resolved config and exit
+
+Arguments are key=value: recipe=NAME (recipes/pretrain/NAME.yaml or a path), any key of the recipe, any
+pytorch_lightning.Trainer argument as trainer.NAME. The run directory (output_dir/run_name) gets the resolved
+config, checkpoints (last, best), logs (TensorBoard, CSV), reconstruction pictures and encoder.pth.
+"""
 from __future__ import annotations
 
 import time
@@ -8,22 +18,15 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 
-from simmim.model import SimMIM, SwinTransformerV2ForSimMIM
-from simmim.optim import adamw_per_step_schedule, atomic_save, param_groups
-from simmim.strategies import root_params_gathered
-
-
-def build_simmim(model: dict, norm_target_patch_size: int | None = None) -> SimMIM:
-    """SimMIM around a SwinV2 built from a `model` config section (SwinTransformerV2 arguments; `variant` is
-    resolved into widths, depths and heads when the config is loaded)."""
-    encoder_args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items() if k != "variant"}
-    encoder = SwinTransformerV2ForSimMIM(**encoder_args)
-    return SimMIM(encoder, encoder_stride=encoder.patch_size * 2 ** (encoder.num_layers - 1),
-                  in_chans=encoder.in_chans, patch_size=encoder.patch_size,
-                  norm_target_patch_size=norm_target_patch_size)
+from simmim.models.simmim import SimMIM, build_simmim
+from simmim.train.checkpoint_io import atomic_save
+from simmim.train.config import config_from_argv, prepare_run, save_config
+from simmim.train.optim import adamw_per_step_schedule, param_groups
+from simmim.train.strategies import full_state_dict, root_params_gathered
+from simmim.train.trainer import make_trainer
 
 
 class SimMIMPretrainModule(pl.LightningModule):
@@ -91,18 +94,11 @@ class SimMIMPretrainModule(pl.LightningModule):
     def export_encoder(self, path: str | Path, config: dict, state_dict: dict | None = None) -> Path:
         """Write `{"model": SimMIM state dict (encoder.*, decoder.0.*), "config": ...}`, the official SimMIM
         checkpoint layout, atomically. `state_dict`: this module's whole state dict where a strategy shards it
-        (`simmim.strategies.full_state_dict`); by default `self.simmim`'s."""
+        (`simmim.train.strategies.full_state_dict`); by default `self.simmim`'s."""
         model = self.simmim.state_dict() if state_dict is None else {
             k.removeprefix("simmim."): v for k, v in state_dict.items() if k.startswith("simmim.")}
         atomic_save({"model": model, "config": config}, path)
         return Path(path)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary file and renamed into place."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        atomic_save(checkpoint, path)
 
 
 class ThroughputMonitor(pl.Callback):
@@ -180,3 +176,38 @@ class ReconstructionPictures(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._write(trainer, pl_module)
+
+
+def main(argv: list[str]) -> None:
+    parsed = config_from_argv("pretrain", argv, __doc__)
+    if parsed is None:
+        return
+    cfg, print_config = parsed
+    if print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return
+    from simmim.data import SimMIMDataModule  # here: the GPU tools run without albumentations and scikit-learn
+
+    run_dir, ckpt_path = prepare_run(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    data = SimMIMDataModule(
+        source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file, img_size=cfg.data.img_size,
+        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, mask_kind=cfg.simmim.mask_kind,
+        mask_patch_size=cfg.simmim.mask_patch_size, model_patch_size=cfg.model.patch_size,
+        mask_ratio=cfg.simmim.mask_ratio, seed=cfg.seed)
+    data.setup("fit")  # bad data paths fail here, before anything is written
+    module = SimMIMPretrainModule(model=OmegaConf.to_container(cfg.model),
+                                  norm_target_patch_size=cfg.simmim.norm_target_patch_size,
+                                  **OmegaConf.to_container(cfg.optim))
+    save_config(cfg, run_dir / "config.yaml")
+
+    pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
+                                      cfg.logging.recon_images)
+    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[ThroughputMonitor(), pictures])
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+    state = full_state_dict(trainer.strategy)  # on every rank: sharding strategies gather the weights here
+    if trainer.is_global_zero:
+        encoder = module.export_encoder(run_dir / "encoder.pth", OmegaConf.to_container(cfg), state)
+        print(f"run directory: {run_dir}\nreconstructions: {pictures.last_path}\nencoder: {encoder}")

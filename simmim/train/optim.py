@@ -1,10 +1,7 @@
-"""What both training stages share: weight-decay groups, lr scaling and schedules, atomic saving."""
+"""What both training stages share: weight-decay groups, AdamW, lr scaling and schedules."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -50,22 +47,6 @@ def lr_at_step(step: int, *, peak_lr: float, warmup_lr: float, min_lr: float, wa
     if schedule == "multistep":
         return peak_lr * gamma ** sum(step >= m for m in milestone_steps)
     raise ValueError(f"unknown lr schedule {schedule!r}; use cosine or multistep")
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_adamw(groups: list[dict], lr: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool = True,

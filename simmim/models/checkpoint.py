@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from simmim.config import resolve_model
-from simmim.model import SimMIM
-from simmim.module import build_simmim
-from simmim.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
+from simmim.train.config import resolve_model
+from simmim.models.simmim import SimMIM
+from simmim.models.simmim import build_simmim
+from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "detect_layout", "saved_model_config", "saved_simmim_config", "model_config",

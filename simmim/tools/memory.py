@@ -68,9 +68,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from simmim.model import SimMIM
-from simmim.module import build_simmim
-from simmim.swinv2 import SwinTransformerV2Block
+from simmim.models.simmim import SimMIM
+from simmim.models.simmim import build_simmim
+from simmim.models.swinv2 import SwinTransformerV2Block
 
 GIB = 2 ** 30
 PRECISIONS = {  # trainer.precision -> (dtype of parameters, gradients and AdamW states; dtype of the forward)

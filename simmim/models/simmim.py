@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simmim.swinv2 import SwinTransformerV2
+from simmim.models.swinv2 import SwinTransformerV2
 
 
 class SwinTransformerV2ForSimMIM(SwinTransformerV2):
@@ -110,3 +110,13 @@ class SimMIM(nn.Module):
         pixel_mask = self.pixel_mask(mask).to(x_rec.dtype)
         loss = F.l1_loss(self.target(x).to(x_rec.dtype), x_rec, reduction="none")
         return (loss * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.in_chans
+
+
+def build_simmim(model: dict, norm_target_patch_size: int | None = None) -> SimMIM:
+    """SimMIM around a SwinV2 built from a `model` config section (SwinTransformerV2 arguments; `variant` is
+    resolved into widths, depths and heads when the config is loaded)."""
+    encoder_args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items() if k != "variant"}
+    encoder = SwinTransformerV2ForSimMIM(**encoder_args)
+    return SimMIM(encoder, encoder_stride=encoder.patch_size * 2 ** (encoder.num_layers - 1),
+                  in_chans=encoder.in_chans, patch_size=encoder.patch_size,
+                  norm_target_patch_size=norm_target_patch_size)

@@ -25,9 +25,9 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, Strategy, St
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from simmim.config import ConfigError
-from simmim.optim import remember_ndims
-from simmim.swinv2 import SwinTransformerV2Block
+from simmim.train.config import ConfigError
+from simmim.train.optim import remember_ndims
+from simmim.models.swinv2 import SwinTransformerV2Block
 
 DEEPSPEED_STAGES = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 FSDP_SHARDING = {"fsdp": "FULL_SHARD", "fsdp_grad_op": "SHARD_GRAD_OP"}
@@ -36,7 +36,7 @@ OUR_STRATEGIES = ("ddp", "ddp_zero1", *FSDP_SHARDING, *DEEPSPEED_STAGES)
 
 class ZeRO1DDPStrategy(DDPStrategy):
     """DDP whose optimizer keeps only this rank's share of its states: the module builds it with
-    `simmim.optim.make_adamw`, which wraps it in a ZeroRedundancyOptimizer under this strategy. Checkpoints
+    `simmim.train.optim.make_adamw`, which wraps it in a ZeroRedundancyOptimizer under this strategy. Checkpoints
     hold the whole optimizer state (Lightning consolidates it on rank 0 before saving)."""
 
     shards_optimizer_states = True
@@ -46,7 +46,7 @@ class ZeRO1DDPStrategy(DDPStrategy):
         plain = [type(o).__name__ for o in self.optimizers if not isinstance(o, ZeroRedundancyOptimizer)]
         if plain:
             raise ValueError(f"trainer.strategy=ddp_zero1 got a plain {plain[0]}: build the optimizer in "
-                             f"configure_optimizers with simmim.optim.make_adamw(shard_states=True), or use trainer.strategy=ddp")
+                             f"configure_optimizers with simmim.train.optim.make_adamw(shard_states=True), or use trainer.strategy=ddp")
 
 
 class RootClippingFSDPPrecision(FSDPPrecision):

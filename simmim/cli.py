@@ -1,0 +1,43 @@
+"""What every script in scripts/ shares: running its command with one-line errors, the `device=` key."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from simmim.train.config import ConfigError
+
+
+def run(module: str) -> None:
+    """The whole body of a script in scripts/: import `module` and run its `main(argv)` on the command line.
+
+    Python puts a script's folder first on the import path, where scripts/finetune.py would hide the `finetune`
+    package; the folder is taken off the path before `module` is imported.
+    """
+    script_dir = Path(sys.argv[0]).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != script_dir]
+    run_cli(importlib.import_module(module).main)
+
+
+def run_cli(main: Callable[[list[str]], None]) -> None:
+    """Run a script's main(argv); configuration and input errors end it with one line on stderr."""
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (the first CUDA device when there is one, else CPU) or a torch device name such as cpu, cuda:1."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return device

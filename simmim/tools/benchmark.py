@@ -1,0 +1,227 @@
+"""Training-step benchmark of SimMIM on SwinV2: images/s, peak memory, FLOPs and MFU, side by side in one run.
+
+    python scripts/benchmark.py model=tiny img_size=192 window_size=12 batch_size=8
+    python scripts/benchmark.py model=tiny img_size=512 window_size=16 batch_size=2 configs=[fast,fast_ckpt_seq]
+
+`model` is a variant (tiny | small | base | large | huge | giant); embed_dim, depths, num_heads override it.
+
+One training step = forward (SimMIM loss on a 0.6 random mask), backward and an AdamW step, on random images.
+The configurations (`configs=[...]`, default all):
+  reference       the official code's step: its attention order (attn_impl=reference), normalized targets by a
+                  2-D 47x47 average pool, torch's default AdamW; eager
+  fast_refattn    fast, but with the reference attention (what the attention path alone is worth)
+  fast            our default: scale folded into q, one bias+mask term, SDPA where it has a fused kernel;
+                  separable 47-px box filter for the targets; fused AdamW
+  fast_ckpt       + activation checkpointing per block
+  fast_ckpt_seq   + sequential (chunked) window attention
+  fast_bf16       fast under bf16 autocast
+  compiled        fast, model under torch.compile (compile time reported apart, not in images/s)
+  compiled_bf16   compiled under bf16 autocast
+Peak memory is what a step allocates above what is held before it (parameters, optimizer states). FLOPs are
+counted once per image (forward + backward, matmuls and convolutions, torch.utils.flop_counter) on the
+reference path; MFU divides achieved FLOP/s by the peak: a measured matmul peak on CPU, the datasheet dense
+peak on known GPUs (else measured). Writes a table to stdout and JSON to `out`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from masking import build_mask_generator
+from simmim.train.config import options_from_argv
+from simmim.tools.memory import peak_memory
+from simmim.models.simmim import build_simmim
+from simmim.train.optim import make_adamw, param_groups
+from simmim.cli import resolve_device
+from simmim.models.swinv2 import VARIANTS
+
+CONFIGS = {
+    "reference": dict(attn_impl="reference", fused_adamw=False, official_targets=True),
+    "fast_refattn": dict(attn_impl="reference"),
+    "fast": dict(),
+    "fast_ckpt": dict(use_checkpoint=True),
+    "fast_ckpt_seq": dict(use_checkpoint=True, sequential_attn=True),
+    "fast_bf16": dict(bf16=True),
+    "compiled": dict(compile=True),
+    "compiled_bf16": dict(compile=True, bf16=True),
+}
+DEFAULTS = dict(model="tiny", embed_dim=None, depths=None, num_heads=None, img_size=192, window_size=12, batch_size=8,
+                sequential_attn_chunk=16, steps=5, warmup=2, configs=list(CONFIGS), device="auto", threads=0, seed=0,
+                out="runs/benchmark/benchmark.json")
+# Dense peaks (FLOP/s) from the datasheets: fp32 without tensor cores, bf16 with them.
+GPU_PEAKS = {"H100": {"fp32": 67e12, "bf16": 989e12}, "H200": {"fp32": 67e12, "bf16": 989e12},
+             "A100": {"fp32": 19.5e12, "bf16": 312e12}}
+
+
+def build(opts, settings: dict, device: torch.device):
+    """SimMIM on a SwinV2 of `opts.model` size with one configuration's settings, and its AdamW."""
+    torch.manual_seed(opts.seed)
+    sizes = {k: opts[k] for k in ("embed_dim", "depths", "num_heads") if opts[k] is not None}
+    model_cfg = dict(VARIANTS[opts.model], **sizes, img_size=opts.img_size, window_size=opts.window_size,
+                     attn_impl=settings.get("attn_impl", "fast"), use_checkpoint=settings.get("use_checkpoint", False),
+                     sequential_attn=settings.get("sequential_attn", False),
+                     sequential_attn_chunk=opts.sequential_attn_chunk)
+    simmim = build_simmim(model_cfg, norm_target_patch_size=47).to(device)
+    if settings.get("official_targets"):
+        simmim.target = official_norm_targets
+    optimizer = make_adamw(param_groups(simmim, 0.05), lr=1e-4, fused=settings.get("fused_adamw", True))
+    return simmim, optimizer
+
+
+def official_norm_targets(x: torch.Tensor, window: int = 47) -> torch.Tensor:
+    """Normalized targets as the official SimMIM release computes them: three 2-D average pools (window^2
+    reads per pixel each); simmim/model.py gets the same numbers from separable 1-D passes."""
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
+    mean_sq = F.avg_pool2d(x ** 2, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(x), count_include_pad=True, **pool) * window ** 2
+    var = ((mean_sq - mean ** 2) * (count / (count - 1))).clamp(min=0.0)
+    return (x - mean) / (var + 1e-6) ** 0.5
+
+
+def make_batch(opts, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images (B, 3, H, W) and SimMIM masks (B, H/4, W/4) of 32 px patches at ratio 0.6."""
+    generator = build_mask_generator("random", input_size=opts.img_size, mask_patch_size=32, model_patch_size=4,
+                                     mask_ratio=0.6, seed=opts.seed)
+    images = torch.randn(opts.batch_size, 3, opts.img_size, opts.img_size, generator=torch.Generator().manual_seed(0))
+    masks = torch.stack([torch.from_numpy(generator()) for _ in range(opts.batch_size)])
+    return images.to(device), masks.to(device)
+
+
+def train_step_fn(simmim, optimizer, images, masks, settings: dict):
+    forward = torch.compile(simmim) if settings.get("compile") else simmim
+    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=settings.get("bf16", False))
+
+    def step() -> None:
+        with autocast:
+            loss = forward(images, masks)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_image(opts, device: torch.device) -> float:
+    simmim, _ = build(opts, CONFIGS["reference"], device)
+    images, masks = make_batch(OmegaConf.merge(opts, {"batch_size": 1}), device)
+    with FlopCounterMode(display=False) as counter:
+        simmim(images, masks).backward()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul, the best of a few."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(4):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def device_peak(device: torch.device, bf16: bool) -> tuple[float, str]:
+    kind = "bf16" if bf16 else "fp32"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for gpu, peaks in GPU_PEAKS.items():
+            if gpu in name:
+                return peaks[kind], f"{gpu} datasheet {kind}"
+    return matmul_peak(device, torch.bfloat16 if bf16 else torch.float32), f"measured {kind} matmul"
+
+
+def run_config(name: str, opts, device: torch.device, flops: float) -> dict:
+    settings = CONFIGS[name]
+    simmim, optimizer = build(opts, settings, device)
+    images, masks = make_batch(opts, device)
+    step = train_step_fn(simmim, optimizer, images, masks, settings)
+    start = time.perf_counter()
+    for _ in range(opts.warmup):  # includes compilation
+        step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    times = []
+    for _ in range(opts.steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]  # median
+    memory = peak_memory(step, device)
+    peak, peak_source = device_peak(device, settings.get("bf16", False))
+    images_per_s = opts.batch_size / step_s
+    return {"config": name, "images_per_s": images_per_s, "step_ms": 1000 * step_s, "peak_memory_mb": memory / 2 ** 20,
+            "warmup_s": warmup_s, "tflops": flops * images_per_s / 1e12, "mfu": flops * images_per_s / peak,
+            "peak_flops": peak, "peak_source": peak_source}
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def print_table(results: list[dict]) -> None:
+    base = next((r for r in results if r["config"] == "reference"), results[0])
+    header = f"{'config':<14} {'img/s':>8} {'x ' + base['config']:>12} {'step ms':>9} {'peak MB':>9} {'TFLOP/s':>8} {'MFU':>6}"
+    print(header)
+    for r in results:
+        print(f"{r['config']:<14} {r['images_per_s']:>8.2f} {r['images_per_s'] / base['images_per_s']:>12.2f} "
+              f"{r['step_ms']:>9.0f} {r['peak_memory_mb']:>9.0f} {r['tflops']:>8.3f} {r['mfu']:>6.1%}")
+
+
+def main(argv: list[str]) -> None:
+    opts = options_from_argv(DEFAULTS, argv, __doc__)
+    if opts is None:
+        return
+    unknown = [c for c in opts.configs if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    if opts.model not in VARIANTS:
+        raise ValueError(f"unknown model {opts.model!r}; choose one of {', '.join(VARIANTS)}")
+    device = resolve_device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+
+    flops = flops_per_image(opts, device)
+    print(f"SwinV2-{opts.model} SimMIM, {opts.img_size} px, window {opts.window_size}, batch {opts.batch_size}, "
+          f"{device}; {flops / 1e9:.1f} GFLOP per image (forward + backward)", flush=True)
+    results = []
+    for name in opts.configs:
+        results.append(run_config(name, opts, device, flops))
+        print(f"  {name}: {results[-1]['images_per_s']:.2f} img/s", flush=True)
+    print_table(results)
+
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": OmegaConf.to_container(opts), "machine": machine(device),
+                               "gflops_per_image": flops / 1e9, "results": results}, indent=2))
+    print(f"wrote {out}")
+
