@@ -1,17 +1,17 @@
-"""The pretraining LightningModule and DataModule through the Lightning CLI.
+"""Both stages through the Lightning CLI, from the same recipes as scripts/pretrain.py and scripts/finetune.py.
 
-    python scripts/cli.py fit --config recipes/cli/pretrain_default.yaml
-    python scripts/cli.py fit --help
+    python scripts/cli.py fit --stage pretrain --recipe default --trainer.max_epochs 2
+    python scripts/cli.py fit --stage finetune --recipe default --run.pretrained runs/pretrain/default/encoder.pth
+    python scripts/cli.py fit --stage finetune --print_config        # the resolved config, then exit
+    python scripts/cli.py fit --stage pretrain --help
+
+`simmim.train.lightning_cli` says how a recipe becomes the CLI's config. This module sits in `finetune`, the
+package on top, because it offers both stages.
 """
-from pytorch_lightning.cli import LightningCLI
-
-from simmim.data import SimMIMDataModule
-from simmim.pretrain import SimMIMPretrainModule
-
-
-def main() -> None:
-    LightningCLI(SimMIMPretrainModule, SimMIMDataModule, save_config_kwargs={"overwrite": True})
+import finetune.train
+import simmim.pretrain
+from simmim.train.lightning_cli import RecipeCLI
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: list[str]) -> None:
+    RecipeCLI({"pretrain": simmim.pretrain.stage(), "finetune": finetune.train.stage()}, argv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -103,7 +103,7 @@ class SwinV2Classifier(pl.LightningModule):
     The SwinV2 is `self.model` (checkpoint keys `model.*`), the EMA copy `self.ema` (`ema.*`).
     """
 
-    def __init__(self, model: dict, base_lr: float = 1.25e-3, warmup_lr: float = 2.5e-7, min_lr: float = 2.5e-7,
+    def __init__(self, model: dict[str, Any], base_lr: float = 1.25e-3, warmup_lr: float = 2.5e-7, min_lr: float = 2.5e-7,
                  weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  warmup_epochs: float = 20, layer_decay: float = 0.75, label_smoothing: float = 0.1,
                  mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,

@@ -9,62 +9,54 @@ model.pretrained_window_sizes, read from the checkpoint's saved config when not 
 """
 from pathlib import Path
 
-
 import pytorch_lightning as pl
-from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 
-from simmim.models.checkpoint import load_pretrained, pretrained_window_sizes, read_checkpoint
 from finetune.module import ClassificationDataModule, SwinV2Classifier
-from simmim.train.config import ConfigError, config_from_argv, prepare_run, save_config
-from simmim.train.trainer import make_trainer
+from simmim.models.checkpoint import load_pretrained, pretrained_window_sizes, read_checkpoint
+from simmim.train.config import ConfigError
+from simmim.train.stage import Stage, run_stage, section
 
 
-def resolve_window_sizes(cfg, checkpoint: dict) -> None:
-    """Fill model.pretrained_window_sizes from the pretrained checkpoint when the recipe leaves it null."""
-    if cfg.model.pretrained_window_sizes is not None:
-        return
-    windows = pretrained_window_sizes(checkpoint)
-    if windows is None:
-        rank_zero_warn(f"{cfg.pretrained} does not say which windows it was pretrained with; set "
-                       f"model.pretrained_window_sizes=[...] (e.g. [12,12,12,6] for 192 px / window 12) for the "
-                       f"Log-CPB transfer")
-    else:
-        cfg.model.pretrained_window_sizes = windows
+def read_pretrained(cfg) -> dict | None:
+    """The `pretrained` checkpoint, read once (the windows and the weights come from it); fills
+    model.pretrained_window_sizes from its saved config when the recipe leaves it null (the Log-CPB transfer)."""
+    if not cfg.pretrained:
+        return None
+    if not Path(cfg.pretrained).is_file():
+        raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
+                          f"another checkpoint, or pretrained=null to train from scratch")
+    checkpoint = read_checkpoint(cfg.pretrained)
+    if cfg.model.pretrained_window_sizes is None:
+        windows = pretrained_window_sizes(checkpoint)
+        if windows is None:
+            rank_zero_warn(f"{cfg.pretrained} does not say which windows it was pretrained with; set "
+                           f"model.pretrained_window_sizes=[...] (e.g. [12,12,12,6] for 192 px / window 12) for the "
+                           f"Log-CPB transfer")
+        else:
+            cfg.model.pretrained_window_sizes = windows
+    return checkpoint
+
+
+def load_weights(module: SwinV2Classifier, cfg, run_dir: Path, resuming: bool, checkpoint: dict | None) -> None:
+    """The pretrained weights into a fresh run (a resumed run has its own); the confusion matrix goes to run_dir."""
+    module.hparams.confusion_matrix_path = str(run_dir / "confusion_matrix.png")
+    if checkpoint is not None and not resuming:
+        print(f"loaded {cfg.pretrained}\n{load_pretrained(module.model, checkpoint)}")
+
+
+def held_out_top1(trainer: pl.Trainer, module, cfg, run_dir: Path) -> list[str]:
+    top1 = trainer.callback_metrics.get("val/top1")
+    return [] if top1 is None else [f"held-out top-1 (last epoch): {float(top1):.4f}"]
+
+
+def stage() -> Stage:
+    """Fine-tuning as `simmim.train.stage` runs it."""
+    return Stage(name="finetune", module=SwinV2Classifier, datamodule=ClassificationDataModule,
+                 module_keys=lambda cfg: {"model": "model", **section(cfg, "optim"), **section(cfg, "train")},
+                 data_keys=lambda cfg: section(cfg, "data"), monitor="val/top1", mode="max",
+                 prepare=read_pretrained, setup=load_weights, finish=held_out_top1)
 
 
 def main(argv: list[str]) -> None:
-    parsed = config_from_argv("finetune", argv, __doc__)
-    if parsed is None:
-        return
-    cfg, print_config = parsed
-    pretrained = None
-    if cfg.pretrained:
-        if not Path(cfg.pretrained).is_file():
-            raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
-                              f"another checkpoint, or pretrained=null to train from scratch")
-        pretrained = read_checkpoint(cfg.pretrained)  # read once: the window sizes and the weights come from it
-        resolve_window_sizes(cfg, pretrained)
-    if print_config:
-        print(OmegaConf.to_yaml(cfg), end="")
-        return
-    run_dir, ckpt_path = prepare_run(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-
-    data = ClassificationDataModule(source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file,
-                                    img_size=cfg.data.img_size, batch_size=cfg.data.batch_size,
-                                    num_workers=cfg.data.num_workers)
-    data.setup("fit")
-    module = SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),
-                              **OmegaConf.to_container(cfg.train),
-                              confusion_matrix_path=str(run_dir / "confusion_matrix.png"))
-    if pretrained is not None and ckpt_path is None:
-        report = load_pretrained(module.model, pretrained)
-        print(f"loaded {cfg.pretrained}\n{report}")
-    save_config(cfg, run_dir / "config.yaml")
-
-    trainer = make_trainer(cfg, run_dir, monitor="val/top1", mode="max")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    if trainer.is_global_zero:
-        print(f"run directory: {run_dir}\nheld-out top-1 (last epoch): {float(trainer.callback_metrics['val/top1']):.4f}")
-
+    run_stage(stage(), argv, __doc__)

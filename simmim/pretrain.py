@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,17 +24,16 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.train.checkpoint_io import atomic_save
-from simmim.train.config import config_from_argv, prepare_run, save_config
 from simmim.train.optim import adamw_per_step_schedule, param_groups
 from simmim.train.strategies import full_state_dict, root_params_gathered
-from simmim.train.trainer import make_trainer
+from simmim.train.stage import Stage, run_stage, section
 
 
 class SimMIMPretrainModule(pl.LightningModule):
     """SimMIM pretraining: AdamW (no decay on 1-D params, biases, norms, cpb_mlp, logit_scale, mask_token),
     lr scaled by total batch / 512, per-step warmup then cosine or multistep, a non-finite-loss guard."""
 
-    def __init__(self, model: dict, norm_target_patch_size: int | None = None, base_lr: float = 1e-4,
+    def __init__(self, model: dict[str, Any], norm_target_patch_size: int | None = None, base_lr: float = 1e-4,
                  warmup_lr: float = 5e-7, min_lr: float = 5e-6, weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_epochs: float = 10,
                  schedule: str = "cosine", milestones: tuple[int, ...] = (), gamma: float = 0.1,
@@ -178,36 +178,37 @@ class ReconstructionPictures(pl.Callback):
         self._write(trainer, pl_module)
 
 
-def main(argv: list[str]) -> None:
-    parsed = config_from_argv("pretrain", argv, __doc__)
-    if parsed is None:
-        return
-    cfg, print_config = parsed
-    if print_config:
-        print(OmegaConf.to_yaml(cfg), end="")
-        return
+def _module_keys(cfg) -> dict[str, str]:
+    return {"model": "model", "norm_target_patch_size": "simmim.norm_target_patch_size", **section(cfg, "optim")}
+
+
+def _data_keys(cfg) -> dict[str, str]:
+    return {**section(cfg, "data"), "mask_kind": "simmim.mask_kind", "mask_patch_size": "simmim.mask_patch_size",
+            "mask_ratio": "simmim.mask_ratio", "model_patch_size": "model.patch_size", "seed": "seed"}
+
+
+def _callbacks(cfg, run_dir: Path) -> list[pl.Callback]:
+    return [ThroughputMonitor(),
+            ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps, cfg.logging.recon_images)]
+
+
+def _finish(trainer: pl.Trainer, module: SimMIMPretrainModule, cfg, run_dir: Path) -> list[str]:
+    """Write encoder.pth (the official SimMIM layout, with the resolved config)."""
+    state = full_state_dict(trainer.strategy)  # on every rank: sharding strategies gather the weights here
+    if not trainer.is_global_zero:
+        return []
+    encoder = module.export_encoder(run_dir / "encoder.pth", OmegaConf.to_container(cfg), state)
+    pictures = next(c for c in trainer.callbacks if isinstance(c, ReconstructionPictures))
+    return [f"reconstructions: {pictures.last_path}", f"encoder: {encoder}"]
+
+
+def stage() -> Stage:
+    """Pretraining as `simmim.train.stage` runs it."""
     from simmim.data import SimMIMDataModule  # here: the GPU tools run without albumentations and scikit-learn
 
-    run_dir, ckpt_path = prepare_run(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
+    return Stage(name="pretrain", module=SimMIMPretrainModule, datamodule=SimMIMDataModule, module_keys=_module_keys,
+                 data_keys=_data_keys, monitor="val/loss", mode="min", callbacks=_callbacks, finish=_finish)
 
-    data = SimMIMDataModule(
-        source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file, img_size=cfg.data.img_size,
-        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, mask_kind=cfg.simmim.mask_kind,
-        mask_patch_size=cfg.simmim.mask_patch_size, model_patch_size=cfg.model.patch_size,
-        mask_ratio=cfg.simmim.mask_ratio, seed=cfg.seed)
-    data.setup("fit")  # bad data paths fail here, before anything is written
-    module = SimMIMPretrainModule(model=OmegaConf.to_container(cfg.model),
-                                  norm_target_patch_size=cfg.simmim.norm_target_patch_size,
-                                  **OmegaConf.to_container(cfg.optim))
-    save_config(cfg, run_dir / "config.yaml")
 
-    pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
-                                      cfg.logging.recon_images)
-    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[ThroughputMonitor(), pictures])
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-
-    state = full_state_dict(trainer.strategy)  # on every rank: sharding strategies gather the weights here
-    if trainer.is_global_zero:
-        encoder = module.export_encoder(run_dir / "encoder.pth", OmegaConf.to_container(cfg), state)
-        print(f"run directory: {run_dir}\nreconstructions: {pictures.last_path}\nencoder: {encoder}")
+def main(argv: list[str]) -> None:
+    run_stage(stage(), argv, __doc__)

@@ -1,4 +1,4 @@
-"""The memory planner (simmim/memory.py, scripts/plan_memory.py): CPU peaks measured, predictions against them,
+"""The memory planner (simmim/tools/memory.py, simmim/tools/plan_memory.py): CPU peaks measured, predictions against them,
 the SwinV2-G plan, and data.img_size as the image-size key."""
 import itertools
 import json

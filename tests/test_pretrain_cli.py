@@ -107,15 +107,3 @@ def test_missing_data_folder_fails_before_training(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match=str(tmp_path / "nowhere")):
         pretrain.main(fast_args(tmp_path, "data.source=folder", f"data.root={tmp_path / 'nowhere'}"))
     assert not (tmp_path / "demo" / "config.yaml").exists()
-
-
-@pytest.mark.slow
-def test_lightning_cli_runs_the_same_classes(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "cli.py"), "fit", "--config", str(ROOT / "recipes/cli/pretrain_default.yaml"),
-         "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-         f"--trainer.default_root_dir={tmp_path}", "--data.num_workers=0", "--data.batch_size=8"],
-        capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "max_steps=2` reached" in result.stderr + result.stdout
-    assert list(tmp_path.rglob("*.ckpt"))

@@ -78,7 +78,7 @@ def build(opts, settings: dict, device: torch.device):
 
 def official_norm_targets(x: torch.Tensor, window: int = 47) -> torch.Tensor:
     """Normalized targets as the official SimMIM release computes them: three 2-D average pools (window^2
-    reads per pixel each); simmim/model.py gets the same numbers from separable 1-D passes."""
+    reads per pixel each); simmim/models/simmim.py gets the same numbers from separable 1-D passes."""
     pool = dict(kernel_size=window, stride=1, padding=window // 2)
     mean = F.avg_pool2d(x, count_include_pad=False, **pool)
     mean_sq = F.avg_pool2d(x ** 2, count_include_pad=False, **pool)

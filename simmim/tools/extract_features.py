@@ -5,7 +5,7 @@
     python scripts/extract_features.py checkpoint=swinv2_base.pth model.variant=base model.img_size=256 \\
         model.window_size=16 data.source=list data.list_file=images.txt format=npy out=features
 
-The checkpoint may have any layout finetune/checkpoint.py loads. The encoder is built from the config our
+The checkpoint may have any layout simmim/models/checkpoint.py loads. The encoder is built from the config our
 checkpoints carry; model.* keys override it (foreign checkpoints carry none: give model.variant or the widths,
 and img_size / window_size). Images pass the eval transform (resize the short side to img_size / 0.875,
 center crop) in batches, without gradients, on `device`.

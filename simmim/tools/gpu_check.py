@@ -7,7 +7,7 @@
 
 Synthetic images and SimMIM masks (no dataset needed). Strategies: single (one device, no process group), ddp,
 ddp_zero1, fsdp, fsdp_grad_op and deepspeed_stage_1/2/3 (skipped with a line when DeepSpeed is not installed);
-see simmim/strategies.py for what each shards. On one device nothing is split: FSDP then runs unsharded
+see simmim/train/strategies.py for what each shards. On one device nothing is split: FSDP then runs unsharded
 (NO_SHARD), so the table measures each strategy's overhead; the memory savings need trainer.devices >= 2.
 The model defaults to activation checkpointing and sequential window attention; `out=PATH` writes the table as
 JSON. Peak memory is torch.cuda.max_memory_allocated (null on CPU).

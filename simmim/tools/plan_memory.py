@@ -12,7 +12,7 @@ data.img_size, trainer.precision, trainer.devices x trainer.num_nodes GPUs; trai
 savers mark its row with *), plus gpu_memory_gb=80 (GiB per GPU), headroom=0.1 (the share of it left for the
 CUDA context and the allocator's cache), json=PATH (also write the plan as JSON) and --json (print JSON instead
 of the table). The model is built on the meta device, so nothing is allocated; SwinV2-G takes about half a
-minute. How the numbers are made, and what they assume: simmim/memory.py.
+minute. How the numbers are made, and what they assume: simmim/tools/memory.py.
 """
 import json
 from pathlib import Path

@@ -10,7 +10,7 @@ Fresh models: one curve per (variant, norm mode), each built from recipes/pretra
 section <- the variant (variants=null: none) <- model.* keys, with model.norm_mode set to each of norm_modes,
 from the same seed. `steps=N` then trains each for N AdamW steps (constant lr, no decay on norms and biases)
 on the SimMIM loss with random masks over the train split of the data; every curve sees the same batches and
-masks (steps=null: 30). Checkpoints: one curve per file (any layout finetune/checkpoint.py loads; model.* keys
+masks (steps=null: 30). Checkpoints: one curve per file (any layout simmim/models/checkpoint.py loads; model.* keys
 override its saved config), measured as they are (norm_modes, variants and steps apply to fresh models only).
 
 The amplitude of a block is sqrt(mean(x^2)) of its output x (B, H, W, C), the main branch after both residual

@@ -17,15 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from simmim.models.swinv2 import VARIANTS, SwinTransformerV2
 
 
-def _recipes_dir() -> Path:
-    """`recipes/` beside the packages in a source checkout (editable installs too); `simmim/recipes/` in an
-    installed wheel, where pyproject.toml puts the same files."""
-    package = Path(__file__).resolve().parents[1]
-    beside = package.parent / "recipes"
-    return beside if beside.is_dir() else package / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # a link to the top-level recipes/ in a checkout
 RUN_KEYS = ("recipe", "print_config", "help")  # command-line keys that steer the script, not the run
 
 
@@ -68,7 +60,7 @@ def trainer_arguments() -> list[str]:
     return [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
 
 
-def _check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
+def check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
     known = set(_leaf_keys(schema))
     trainer_args = None
     for key in _leaf_keys(overrides):
@@ -130,7 +122,7 @@ def options_from_argv(defaults: dict, argv: list[str], usage: str) -> DictConfig
         return None
     example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
     overrides = OmegaConf.from_dotlist([f"{k}={v}" for k, v in _key_value_pairs(argv, example).items()])
-    _check_keys(overrides, schema, "the command line")
+    check_keys(overrides, schema, "the command line")
     return OmegaConf.merge(schema, overrides)
 
 
@@ -141,12 +133,12 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
     recipe_path = _recipe_path(stage, recipe)
     if recipe != "default":
         recipe_cfg = OmegaConf.load(recipe_path)
-        _check_keys(recipe_cfg, schema, f"recipe {recipe_path}")
+        check_keys(recipe_cfg, schema, f"recipe {recipe_path}")
         layers.append(recipe_cfg)
     if overrides is not None:
         if isinstance(overrides, (list, ListConfig)):
             overrides = OmegaConf.from_dotlist(list(overrides))
-        _check_keys(overrides, schema, "the command line")
+        check_keys(overrides, schema, "the command line")
         layers.append(overrides)
     variant = OmegaConf.merge(*layers).model.get("variant")
     if variant is not None:  # schema <- the variant's widths, depths, heads <- recipe <- command line
@@ -154,10 +146,15 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
     cfg = OmegaConf.merge(*layers)
     cfg.recipe = Path(recipe).stem
     OmegaConf.resolve(cfg)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: DictConfig) -> None:
+    """What a resolved config must satisfy beyond its keys (run by load_config and the Lightning CLI)."""
     if cfg.model.img_size != cfg.data.img_size:
         raise ConfigError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}; "
                           f"set data.img_size (the model is built for the images it gets)")
-    return cfg
 
 
 def describe_keys(stage: str) -> str:

@@ -1,0 +1,125 @@
+"""The Lightning CLI over the recipes: LightningCLI builds a stage's classes, with the recipe as its defaults.
+
+    python scripts/cli.py fit --stage pretrain --recipe default --trainer.max_epochs 2 --data.batch_size 32
+    python scripts/cli.py fit --stage finetune --run.pretrained runs/pretrain/default/encoder.pth
+    python scripts/cli.py fit --stage pretrain --recipe base --print_config      # the resolved config, then exit
+
+`--stage` and `--recipe` pick the recipe (`recipes/<stage>/<recipe>.yaml`, loaded as by the scripts); it becomes
+the first `--config`: `model` holds the LightningModule's arguments, `data` the DataModule's, `trainer` the
+Trainer's, and `run` the rest of the recipe (output_dir, run_name, resume, pretrained, logging). Later `--config`
+files and `--section.key value` arguments override it. The run then goes through the same steps as the stage's
+script (`simmim.train.stage`): run directory and resume=auto, the pretrained weights and Log-CPB windows, the
+strategies, checkpoints, pictures and encoder export.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.cli import LightningCLI
+
+from simmim.train.config import ConfigError, check_config, check_keys, load_config, prepare_run, save_config
+from simmim.train.stage import Stage, plain
+from simmim.train.trainer import make_trainer
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _pop_option(args: list[str], name: str, default: str) -> str:
+    """The value of `--name value` or `--name=value` in args (removed from them), else default."""
+    for i, arg in enumerate(args):
+        if arg == f"--{name}" and i + 1 < len(args):
+            value = args[i + 1]
+            del args[i:i + 2]
+            return value
+        if arg.startswith(f"--{name}="):
+            del args[i]
+            return arg.split("=", 1)[1]
+    return default
+
+
+def _trainer_defaults() -> dict:
+    return {name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _dotted(node: dict, prefix: str = ""):
+    """(dotted key, value) for every leaf of a nested dict."""
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", "null" if value is None else value
+
+
+class RecipeCLI(LightningCLI):
+    """LightningCLI for one of `stages`, chosen by `--stage` (default: the first), from `--recipe` (default)."""
+
+    def __init__(self, stages: dict[str, Stage], args: list[str]):
+        args = list(args)
+        name = _pop_option(args, "stage", next(iter(stages)))
+        if name not in stages:
+            raise ConfigError(f"unknown --stage {name!r}; choose one of {', '.join(stages)}")
+        self.stage = stages[name]
+        self.recipe = load_config(name, _pop_option(args, "recipe", "default"))
+        module_args, data_args = self.stage.init_args(self.recipe)
+        defaults = {"seed_everything": self.recipe.seed, "trainer": plain(self.recipe.trainer),
+                    "model": module_args, "data": data_args, "run": self._run_section(self.recipe)}
+        if args and args[0] in SUBCOMMANDS:  # the recipe is the first config of the subcommand
+            args[1:1] = ["--config", json.dumps(defaults)]
+        with warnings.catch_warnings():  # args are the command line (scripts/cli.py), with the recipe put in
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().__init__(self.stage.module, self.stage.datamodule, args=args, save_config_callback=None,
+                             auto_configure_optimizers=False)
+
+    def _run_section(self, recipe: DictConfig) -> dict:
+        """The recipe without the keys that feed the classes, the Trainer and the seed."""
+        run = OmegaConf.to_container(recipe, resolve=True)
+        keys = [*self.stage.module_keys(recipe).values(), *self.stage.data_keys(recipe).values(), "trainer", "seed",
+                "recipe"]
+        for key in keys:
+            *parents, leaf = key.split(".")
+            node = run
+            for parent in parents:
+                node = node.get(parent, {})
+            node.pop(leaf, None)
+        return {k: v for k, v in run.items() if v != {}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run", type=dict[str, Any], default={},
+                            help="the recipe's other keys: output_dir, run_name, resume, pretrained, logging, ...")
+
+    def before_instantiate_classes(self) -> None:
+        """The recipe as the parsed arguments leave it; the stage's derived values (Log-CPB windows) filled in."""
+        config = self.config[self.subcommand]
+        model_args, data_args = config.model.as_dict(), config.data.as_dict()
+        run = OmegaConf.from_dotlist([f"{key}={value}" for key, value in _dotted(config.run)])  # YAML-typed values
+        check_keys(run, self.recipe, "--run")
+        cfg = OmegaConf.merge(self.recipe, run)
+        defaults = _trainer_defaults()
+        cfg.trainer = {k: v for k, v in config.trainer.as_dict().items()
+                       if k in self.recipe.trainer or defaults.get(k, object()) != v}
+        cfg.seed = config.seed_everything
+        self.cfg = self.stage.recipe_from_init_args(cfg, model_args, data_args)
+        check_config(self.cfg)
+        self.prepared = self.stage.prepare(self.cfg)
+        for arg, value in self.stage.init_args(self.cfg)[0].items():
+            config.model[arg] = value
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        run_dir, ckpt_path = prepare_run(self.cfg)
+        self.run_dir = run_dir
+        self.stage.setup(self.model, self.cfg, run_dir, ckpt_path is not None, self.prepared)
+        save_config(self.cfg, run_dir / "config.yaml")
+        self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
+        return make_trainer(self.cfg, run_dir, self.stage.monitor, self.stage.mode,
+                            self.stage.callbacks(self.cfg, run_dir))
+
+    def after_fit(self) -> None:
+        lines = self.stage.finish(self.trainer, self.model, self.cfg, self.run_dir)
+        if self.trainer.is_global_zero:
+            print("\n".join([f"run directory: {self.run_dir}", *lines]))

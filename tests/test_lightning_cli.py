@@ -1,0 +1,65 @@
+"""scripts/cli.py: the Lightning CLI runs both stages from the recipes, with the scripts' run directory, checkpoints,
+pictures, encoder export and Log-CPB handoff."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from simmim.train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, str(ROOT / "scripts" / "cli.py")]
+FAST = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        "--data.num_workers=0", "--data.batch_size=8"]
+
+
+def cli(*args, cwd):
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_both_stages_through_the_cli(tmp_path):
+    out = cli("fit", "--stage", "pretrain", *FAST, "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]",
+              f"--run.output_dir={tmp_path}/pre",
+              "--run.logging.recon_every_n_steps=0", cwd=tmp_path)
+    run = tmp_path / "pre" / "default"
+    assert f"run directory: {run}" in out
+    saved = OmegaConf.load(run / "config.yaml")
+    # the saved config is the recipe with the CLI's values, as scripts/pretrain.py writes it
+    assert saved.model.embed_dim == 16 and saved.data.batch_size == 8 and saved.trainer.max_steps == 2
+    assert saved.trainer.gradient_clip_val == 5.0 and saved.simmim.mask_patch_size == 16
+    assert set(saved) == set(load_config("pretrain"))
+    encoder = torch.load(run / "encoder.pth", weights_only=False)
+    assert encoder["config"]["model"]["embed_dim"] == 16
+    assert (run / "checkpoints" / "last.ckpt").is_file() and list((run / "reconstructions").glob("*.png"))
+
+    out = cli("fit", "--stage", "finetune", *FAST, "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]",
+              f"--run.output_dir={tmp_path}/ft", f"--run.pretrained={run / 'encoder.pth'}", cwd=tmp_path)
+    assert "reinitialized" in out  # the pretrained weights were loaded (the head is new)
+    saved = OmegaConf.load(tmp_path / "ft" / "default" / "config.yaml")
+    assert list(saved.model.pretrained_window_sizes) == [4, 4, 4, 2]  # Log-CPB handoff from the saved config
+    assert saved.model.window_size == 8 and (tmp_path / "ft" / "default" / "confusion_matrix.png").is_file()
+
+
+def test_print_config_and_recipe_choice(tmp_path):
+    out = cli("fit", "--stage", "pretrain", "--recipe", "base", "--print_config", cwd=tmp_path)
+    config = OmegaConf.create(out)
+    assert config.model.model.embed_dim == 128 and config.model.model.window_size == 12
+    assert config.data.img_size == 192 and config.run.output_dir == "runs/pretrain"
+    assert config.trainer.precision == load_config("pretrain", "base").trainer.precision
+
+
+def test_bad_stage_recipe_and_run_key_are_one_line(tmp_path):
+    for args, message in ((["--stage", "nope"], "unknown --stage 'nope'"),
+                          (["--recipe", "nope"], "unknown pretrain recipe 'nope'"),
+                          (["--run.outpt_dir=x"], "unknown key 'outpt_dir' in --run; did you mean output_dir?"),
+                          (["--model.model.patch_size=2"], "--data.model_patch_size=4 disagrees with --model.model"),
+                          (["--data.img_size=32"], "model.img_size=64 differs from data.img_size=32")):
+        result = subprocess.run([*CLI, "fit", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-1000:]
