@@ -5,9 +5,14 @@ A *source* gives lists of samples ``(image, label)``, one for train and one for 
 
 - ``folder``: every image under ``root`` (recursive). Labels are the sorted first-level subfolders when every
   image sits in one, else 0. ``root/train`` + ``root/val`` are used as the splits when both exist; otherwise a
-  fixed 2 % of the readable files (at least one) is held out for validation.
+  fixed 2 % of the files (at least one) is held out for validation.
 - ``list``: a text file with one image path per line and an optional integer label after a space or tab;
   relative paths are relative to the list file; blank lines and ``#`` comments are skipped. Split as above.
+- ``shards``: WebDataset tar shards, streamed (`simmim.shards`).
+
+Folder and list files are not decoded at setup (``verify=True`` does, and drops the unreadable ones): a file
+that fails to decode when read is replaced by another sample of the split and counted (`SkipCounter`). Their
+paths and labels live in numpy arrays (`FileList`), so DataLoader workers share them instead of copying.
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, labels 0..9, offline), upscaled once to
   ``img_size``, with a fixed stratified 20 % validation split (`digits_split`).
 
@@ -37,18 +42,20 @@ from masking import build_mask_generator
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
-    "pretrain_transform", "finetune_transform", "eval_transform", "read_image",
-    "digits_split", "build_sources", "build_source", "labeled_datasets",
+    "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image",
+    "FileList", "SkipCounter", "LogSkipped", "digits_split", "build_sources", "build_source", "labeled_datasets",
     "ImageDataset", "MaskedImageDataset", "EpochSampler", "SimMIMDataModule",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-SOURCES = ("folder", "list", "digits")
+SOURCES = ("folder", "list", "digits", "shards")
 VAL_HOLDOUT = 0.02  # fraction of a folder / list held out for validation when it has no val split
 DIGITS_VAL_FRACTION = 0.2
 CHECK_CHUNK = 256  # files per thread-pool task when checking that images decode
+MAX_REPLACEMENTS = 100  # a sample whose file and this many replacements all fail to decode is an error
+SKIP_WARN_EVERY = 1000  # warn at the first undecodable file and then at every this many
 
 Sample = tuple[str | np.ndarray, int]
 
@@ -88,24 +95,30 @@ def eval_transform(img_size: int) -> A.Compose:
 
 # ------------------------------------------------------------------------------------------------ reading
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to uint8 (H, W, 3) RGB.
+    """Decode an image file to uint8 (H, W, 3) RGB (see `decode_image`). Raises OSError if the file cannot be
+    read, ValueError if it does not decode."""
+    return decode_image(np.fromfile(path, dtype=np.uint8), str(path))
+
+
+def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
+    """Decode encoded image bytes to uint8 (H, W, 3) RGB.
 
     Grayscale is repeated to 3 channels, an alpha channel is composited onto black, 16-bit values are divided
-    by 257 (rounded). The file is read with ``np.fromfile`` and decoded with ``cv2.imdecode(IMREAD_UNCHANGED)``:
-    unlike ``cv2.imread``, that rejects truncated JPEGs instead of returning them gray-filled. EXIF orientation
-    is not applied. Raises OSError if the file cannot be read, ValueError if it does not decode.
+    by 257 (rounded). Decoded with ``cv2.imdecode(IMREAD_UNCHANGED)``: unlike ``cv2.imread``, that rejects
+    truncated JPEGs instead of returning them gray-filled. EXIF orientation is not applied. Raises ValueError
+    naming `name` if the bytes do not decode.
     """
-    data = np.fromfile(path, dtype=np.uint8)
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
     try:
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error:
         image = None
     if image is None:
-        raise ValueError(f"cannot decode image {path}: the file is corrupt, truncated or not an image")
+        raise ValueError(f"cannot decode image {name}: the file is corrupt, truncated or not an image")
     if image.dtype == np.uint16:
         image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif image.dtype != np.uint8:
-        raise ValueError(f"unsupported pixel type {image.dtype} in {path}: only 8- and 16-bit images are supported")
+        raise ValueError(f"unsupported pixel type {image.dtype} in {name}: only 8- and 16-bit images are supported")
     if image.ndim == 2:
         image = image[..., None]
     if image.shape[2] in (2, 4):  # gray + alpha or BGRA
@@ -143,6 +156,38 @@ def _digits_samples(img_size: int) -> tuple[list[Sample], list[Sample]]:
             [(images[i], int(digits.target[i])) for i in val])
 
 
+class FileList:
+    """Image paths and integer labels held in numpy arrays; ``file_list[i]`` is ``(path str, label int)``.
+
+    A Python list of tuples would be one refcounted object per file, which every DataLoader worker copies page
+    by page as it reads them (pytorch/pytorch#13246); here the paths are one byte buffer plus offsets.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int]):
+        encoded = [os.fsencode(path) for path in paths]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(path) for path in encoded], out=self.offsets[1:])
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(len(encoded))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return os.fsdecode(self.data[start:end].tobytes()), int(self.labels[index])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return (self[i] for i in range(len(self)))
+
+    def path(self, index: int) -> str:
+        return self[index][0]
+
+    def subset(self, indices: np.ndarray) -> "FileList":
+        """The samples at `indices` (int array), in that order."""
+        return FileList([self.path(i) for i in indices], self.labels[indices])
+
+
 def _image_files(folder: Path) -> list[Path]:
     """Image files under folder (recursive, following links), sorted, as paths relative to folder."""
     files = []
@@ -156,7 +201,7 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[list[Sample], list[str]]:
+def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[FileList, list[str]]:
     """Samples under folder and the class names used for their labels.
 
     classes None: the sorted first-level subfolders when every image sits in one, else [] (every label 0).
@@ -168,56 +213,66 @@ def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[lis
     if classes and (stray := [f for f in files if len(f.parts) == 1 or f.parts[0] not in index]):
         raise ValueError(f"{folder / stray[0]} is outside the train class folders; "
                          f"give train and val the same class folders")
-    return [(str(folder / f), index[f.parts[0]] if classes else 0) for f in files], classes
+    labels = [index[f.parts[0]] for f in files] if classes else [0] * len(files)
+    return FileList([folder / f for f in files], labels), classes
 
 
-def _list_samples(list_file: Path) -> list[Sample]:
+def _list_samples(list_file: Path) -> FileList:
     if not list_file.is_file():
         raise FileNotFoundError(f"image list {list_file} does not exist; pass list_file=<text file with one image "
                                 f"path and an optional label per line>")
-    samples = []
-    for line in list_file.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        labeled = re.fullmatch(r"(.*\S)\s+(\d+)", line)
-        path, label = (labeled[1], int(labeled[2])) if labeled else (line, 0)
-        samples.append((str(list_file.parent / path), label))
-    if not samples:
+    paths, labels = [], []
+    with open(list_file) as lines:
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            labeled = re.fullmatch(r"(.*\S)\s+(\d+)", line)
+            paths.append(os.path.join(list_file.parent, labeled[1] if labeled else line))
+            labels.append(int(labeled[2]) if labeled else 0)
+    if not paths:
         raise ValueError(f"image list {list_file} names no images; write one image path per line")
-    return samples
+    return FileList(paths, labels)
 
 
-def _hold_out(samples: list[Sample], where: str) -> tuple[list[Sample], list[Sample]]:
+def _hold_out(samples: FileList, where: str) -> tuple[FileList, FileList]:
     """Fixed split: a seed-0 random VAL_HOLDOUT of the samples (at least one) goes to val."""
     if len(samples) < 2:
-        raise ValueError(f"{where} has only 1 readable image; need at least 2 to hold one out for validation")
+        raise ValueError(f"{where} has only 1 image; need at least 2 to hold one out for validation")
     num_val = max(1, round(VAL_HOLDOUT * len(samples)))
     is_val = np.zeros(len(samples), dtype=bool)
     is_val[np.random.default_rng(0).permutation(len(samples))[:num_val]] = True
-    return ([s for s, v in zip(samples, is_val) if not v], [s for s, v in zip(samples, is_val) if v])
+    return samples.subset(np.flatnonzero(~is_val)), samples.subset(np.flatnonzero(is_val))
 
 
-def _drop_unreadable(samples: list[Sample], where: str) -> list[Sample]:
-    """Decode every file once (thread pool) and drop the bad ones with one warning; error if none is left."""
-    paths = [path for path, _ in samples]
+def _drop_unreadable(splits: tuple[FileList, ...], where: str) -> tuple[FileList, ...]:
+    """Decode every file once (thread pool) and drop the bad ones with one warning; error if a split is left empty."""
+    paths = [path for split in splits for path, _ in split]
     chunks = [paths[i:i + CHECK_CHUNK] for i in range(0, len(paths), CHECK_CHUNK)]
     with ThreadPoolExecutor() as pool:
-        flags = [ok for chunk in pool.map(lambda c: [_is_readable(p) for p in c], chunks) for ok in chunk]
-    bad = [path for path, ok in zip(paths, flags) if not ok]
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable images of {len(paths)} under {where} (first: {bad[0]})",
-                      stacklevel=3)
-    if len(bad) == len(paths):
-        raise ValueError(f"no readable images under {where}; all {len(paths)} files failed to decode")
-    return [sample for sample, ok in zip(samples, flags) if ok]
+        flags = np.array([ok for chunk in pool.map(lambda c: [_is_readable(p) for p in c], chunks) for ok in chunk],
+                         dtype=bool)
+    if not flags.all():
+        bad = paths[int(np.argmin(flags))]
+        warnings.warn(f"skipped {int((~flags).sum())} unreadable images of {len(paths)} under {where} "
+                      f"(first: {bad})", stacklevel=3)
+    kept, start = [], 0
+    for split in splits:
+        ok = flags[start:start + len(split)]
+        start += len(split)
+        if not ok.any():
+            raise ValueError(f"no readable images under {where}; all {len(split)} files of a split failed to decode")
+        kept.append(split.subset(np.flatnonzero(ok)))
+    return tuple(kept)
 
 
 def build_sources(name: str, img_size: int, root: str | os.PathLike | None = None,
-                  list_file: str | os.PathLike | None = None) -> tuple[list[Sample], list[Sample]]:
+                  list_file: str | os.PathLike | None = None,
+                  verify: bool = False) -> tuple[FileList | list[Sample], FileList | list[Sample]]:
     """(train, val) samples of a source ("folder" needs root, "list" needs list_file; digits need img_size).
 
-    Folder and list files are all decoded once here; unreadable ones are skipped with a single warning.
+    Files are only listed here; with verify they are all decoded once and the unreadable ones dropped with a
+    single warning (the split is made first, so it does not depend on verify).
     """
     if name == "digits":
         return _digits_samples(img_size)
@@ -225,31 +280,62 @@ def build_sources(name: str, img_size: int, root: str | os.PathLike | None = Non
         if root is None or not Path(root).is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist; pass root=<folder of images>")
         root = Path(root)
-        if not ((root / "train").is_dir() and (root / "val").is_dir()):
-            return _hold_out(_drop_unreadable(_folder_samples(root)[0], str(root)), str(root))
-        train, classes = _folder_samples(root / "train")
-        val, _ = _folder_samples(root / "val", classes)
-        val_paths = {path for path, _ in val}
-        kept = _drop_unreadable(train + val, str(root))
-        train, val = [s for s in kept if s[0] not in val_paths], [s for s in kept if s[0] in val_paths]
-        for split, samples in (("train", train), ("val", val)):
-            if not samples:
-                raise ValueError(f"no readable images in {root / split}; check the files there")
-        return train, val
-    if name == "list":
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            train, classes = _folder_samples(root / "train")
+            splits = train, _folder_samples(root / "val", classes)[0]
+        else:
+            splits = _hold_out(_folder_samples(root)[0], str(root))
+    elif name == "list":
         if list_file is None:
             raise FileNotFoundError("the list source needs list_file=<text file with one image path per line>")
-        return _hold_out(_drop_unreadable(_list_samples(Path(list_file)), str(list_file)), str(list_file))
-    raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
+        splits = _hold_out(_list_samples(Path(list_file)), str(list_file))
+    elif name == "shards":
+        raise ValueError("the shards source streams its samples: use simmim.shards (SimMIMDataModule does)")
+    else:
+        raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
+    return _drop_unreadable(splits, str(root if name == "folder" else list_file)) if verify else splits
 
 
 def build_source(name: str, split: str, img_size: int, root: str | os.PathLike | None = None,
-                 list_file: str | os.PathLike | None = None) -> list[Sample]:
+                 list_file: str | os.PathLike | None = None, verify: bool = False) -> FileList | list[Sample]:
     """The "train" or "val" samples of a source (see `build_sources`)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    train, val = build_sources(name, img_size, root, list_file)
+    train, val = build_sources(name, img_size, root, list_file, verify)
     return train if split == "train" else val
+
+
+class SkipCounter:
+    """Counts the images that failed to decode, over the main process and every DataLoader worker.
+
+    One int64 slot per worker (mod SLOTS - 1, the last slot is the main process) in shared memory, so
+    workers never write the same slot. Warns at the first skip and at every SKIP_WARN_EVERY-th of a process.
+    """
+    SLOTS = 257
+
+    def __init__(self):
+        self.counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self, error: Exception) -> None:
+        worker = get_worker_info()
+        slot = self.SLOTS - 1 if worker is None else worker.id % (self.SLOTS - 1)
+        self.counts[slot] += 1
+        if (count := int(self.counts[slot])) == 1 or count % SKIP_WARN_EVERY == 0:
+            warnings.warn(f"skipped {self.total} undecodable images so far, replaced by other samples "
+                          f"(logged as data/skipped; latest: {error})", stacklevel=3)
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+class LogSkipped(pl.Callback):
+    """Logs ``data/skipped``, the images that failed to decode so far (`SkipCounter` of the datamodule)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        counter = getattr(trainer.datamodule, "skipped", None)
+        if counter is not None and trainer.global_step % trainer.log_every_n_steps == 0:
+            pl_module.log("data/skipped", float(counter.total), reduce_fx="sum", sync_dist=True)
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -261,17 +347,17 @@ class ImageDataset(Dataset):
     So inside a worker the transform is reseeded from the worker's torch seed (new each epoch and worker).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: A.Compose):
-        self.samples = list(samples)
+    def __init__(self, samples: FileList | Sequence[Sample], transform: A.Compose):
+        self.samples = samples if isinstance(samples, FileList) else list(samples)
         self.transform = transform
         self._worker_seed = None
+        self.skipped = SkipCounter()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.samples[index]
-        image = read_image(image) if isinstance(image, (str, os.PathLike)) else image
+        image, label = self._load(index)
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
         worker = get_worker_info()
@@ -279,6 +365,21 @@ class ImageDataset(Dataset):
             self._worker_seed = worker.seed
             self.transform.set_random_seed(worker.seed % 2 ** 32)
         return self.transform(image=image)["image"], label
+
+    def _load(self, index: int) -> tuple[np.ndarray, int]:
+        """The image and label at index; a file that does not decode is counted in `skipped` and replaced by
+        another sample, drawn from np.random.default_rng([index, attempt]) (so always the same one)."""
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            image, label = self.samples[index]
+            if not isinstance(image, (str, os.PathLike)):
+                return image, label
+            try:
+                return read_image(image), label
+            except (OSError, ValueError) as error:
+                self.skipped.add(error)
+                index = int(np.random.default_rng([index, attempt]).integers(len(self.samples)))
+        raise RuntimeError(f"{MAX_REPLACEMENTS + 1} files in a row failed to decode (last: {image}); most of the "
+                           f"data is unreadable, check it (data.verify=true lists what decodes at setup)")
 
 
 class MaskedImageDataset(Dataset):
@@ -336,43 +437,95 @@ def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.
 
 
 # ------------------------------------------------------------------------------------------------ datamodule
+class MaskedItem:
+    """(image, label, rng) -> (transformed image (3, S, S), mask (h, w) int64, label): the transform is seeded
+    from rng, then the mask drawn from it (the per-sample randomness of the shards source)."""
+
+    def __init__(self, transform: A.Compose, mask_generator: Callable[[np.random.Generator], np.ndarray]):
+        self.transform, self.mask_generator = transform, mask_generator
+
+    def __call__(self, image: np.ndarray, label: int, rng: np.random.Generator):
+        self.transform.set_random_seed(int(rng.integers(2 ** 32)))
+        return self.transform(image=image)["image"], torch.from_numpy(self.mask_generator(rng)), label
+
+
 class SimMIMDataModule(pl.LightningDataModule):
     """Masked (image, mask, label) batches for SimMIM: images (B, 3, S, S), masks (B, S/p, S/p) with p the
     model patch size, labels (B,).
 
     Train uses `pretrain_transform` and masks that change every epoch; val uses `eval_transform` and the fixed
     epoch-0 masks. Folder sources without train/ and val/ subfolders, and list sources, hold out a fixed 2 %
-    of their readable files (at least one) for validation.
+    of their files (at least one) for validation. The shards source (`simmim.shards`) streams ``shards``
+    (validation: ``val_shards``, else the last shard is held out); its position in the epoch is the
+    datamodule's state, saved in Lightning checkpoints.
     """
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
                  img_size: int = 64, batch_size: int = 32, num_workers: int = 0, mask_kind: str = "random",
                  mask_patch_size: int = 16, model_patch_size: int = 4, mask_ratio: float = 0.6, seed: int = 0,
-                 pin_memory: bool = False, drop_last: bool = True):
+                 pin_memory: bool | None = None, drop_last: bool = True, verify: bool = False,
+                 shards: str | None = None, val_shards: str | None = None, shuffle_buffer: int = 1000):
         super().__init__()
         self.save_hyperparameters()
         self.train_set: MaskedImageDataset | None = None
         self.val_set: MaskedImageDataset | None = None
+        self.skipped = SkipCounter()
+        self._shard_loader, self._shard_state = None, None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         hp = self.hparams
-        train, val = build_sources(hp.source, hp.img_size, hp.root, hp.list_file)
+        masks = build_mask_generator(hp.mask_kind, input_size=hp.img_size, mask_patch_size=hp.mask_patch_size,
+                                     model_patch_size=hp.model_patch_size, mask_ratio=hp.mask_ratio, seed=hp.seed)
+        if hp.source == "shards":
+            self._setup_shards(masks)
+            return
+        train, val = build_sources(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify)
         if hp.drop_last and len(train) < hp.batch_size:
             raise ValueError(f"only {len(train)} training images, fewer than batch_size={hp.batch_size} with "
                              f"drop_last=True; lower batch_size or set drop_last=False")
-        masks = build_mask_generator(hp.mask_kind, input_size=hp.img_size, mask_patch_size=hp.mask_patch_size,
-                                     model_patch_size=hp.model_patch_size, mask_ratio=hp.mask_ratio, seed=hp.seed)
         self.train_set = MaskedImageDataset(ImageDataset(train, pretrain_transform(hp.img_size)), masks, hp.seed)
         self.val_set = MaskedImageDataset(ImageDataset(val, eval_transform(hp.img_size)), masks, hp.seed)
+        self.train_set.dataset.skipped = self.val_set.dataset.skipped = self.skipped
+
+    def _setup_shards(self, masks) -> None:
+        from simmim.shards import ShardDataset, shard_counts, shard_urls
+
+        hp = self.hparams
+        if not hp.shards:
+            raise FileNotFoundError("data.source=shards needs data.shards=<directory, brace pattern or URL of .tar "
+                                    "shards>; scripts/make_shards.py makes them from a folder or list")
+        train = shard_urls(hp.shards)
+        val = shard_urls(hp.val_shards) if hp.val_shards else train[-1:]
+        if not hp.val_shards:
+            if len(train) < 2:
+                raise ValueError(f"data.shards={hp.shards} is 1 shard; need at least 2 to hold the last one out "
+                                 f"for validation, or set data.val_shards")
+            train = train[:-1]
+        ranks = self._ranks()
+        readers = ranks.get("num_replicas", 1) * max(hp.num_workers, 1)
+        if len(train) < readers:
+            raise ValueError(f"data.shards={hp.shards} has {len(train)} training shards for {readers} readers "
+                             f"(ranks x data.num_workers); make smaller shards (make_shards.py shard_size=) or "
+                             f"lower data.num_workers")
+        common = dict(decode=decode_image, skipped=self.skipped, seed=hp.seed, rank=ranks.get("rank", 0),
+                      world_size=ranks.get("num_replicas", 1))
+        self.train_set = ShardDataset(train, shard_counts(train), MaskedItem(pretrain_transform(hp.img_size), masks),
+                                      shuffle=True, shuffle_buffer=hp.shuffle_buffer, **common)
+        self.val_set = ShardDataset(val, shard_counts(val), MaskedItem(eval_transform(hp.img_size), masks),
+                                    shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.source == "shards":
+            return self._shard_loader_for(self.train_set, train=True)
         sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.hparams.seed,
                                drop_last=self.hparams.drop_last, **self._ranks())
         return self._loader(self.train_set, sampler, drop_last=self.hparams.drop_last)
 
     def val_dataloader(self) -> DataLoader:
+        if self.hparams.source == "shards":
+            return self._shard_loader_for(self.val_set, train=False)
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
 
@@ -380,11 +533,41 @@ class SimMIMDataModule(pl.LightningDataModule):
         """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""
         return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
 
+    def _pin_memory(self) -> bool:
+        """pin_memory, or when None: whether the trainer (or, outside one, this machine) uses CUDA."""
+        if self.hparams.pin_memory is not None:
+            return self.hparams.pin_memory
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def _loader(self, dataset: Dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory, drop_last=drop_last,
-            # Workers carry no state between epochs: the epoch reaches them with every index through the
-            # sampler, so restarting them each epoch is safe and gives their transforms fresh seeds.
-            persistent_workers=False,
-        )
+            pin_memory=self._pin_memory(), drop_last=drop_last, persistent_workers=self.hparams.num_workers > 0)
+
+    def _shard_loader_for(self, dataset, train: bool):
+        from simmim.shards import ShardLoader
+
+        hp = self.hparams
+        loader = ShardLoader(dataset, hp.batch_size, hp.num_workers, drop_last=train and hp.drop_last,
+                             pin_memory=self._pin_memory(), fixed_epoch=None if train else 0)
+        if not train:  # every rank reads all of its validation samples
+            loader.num_batches = loader.per_rank[dataset.rank]
+        else:
+            if self._shard_state is not None:
+                loader.restore(self._shard_state)
+            self._shard_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """The shards source's place in the epoch, after the batches the trainer has processed."""
+        if self._shard_loader is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else None
+        return {"shards": self._shard_loader.state(done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._shard_state = state_dict.get("shards")
+        if self._shard_loader is not None and self._shard_state is not None:
+            self._shard_loader.restore(self._shard_state)

@@ -7,7 +7,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, ImageDataset, MaskedImageDataset,
+from simmim import data
+from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset, MaskedImageDataset,
                          SimMIMDataModule, build_source, build_sources, digits_split, eval_transform,
                          finetune_transform, labeled_datasets, pretrain_transform, read_image)
 
@@ -119,24 +120,73 @@ def make_class_folder(root):
     (root / "ant" / "notes.txt").write_text("not an image")
 
 
-def test_folder_source_skips_corrupt_files_with_one_warning(tmp_path):
+def test_folder_source_with_verify_skips_corrupt_files_with_one_warning(tmp_path):
     make_class_folder(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train, val = build_sources("folder", 32, root=tmp_path)
+        train, val = build_sources("folder", 32, root=tmp_path, verify=True)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
     assert messages[0].startswith(f"skipped 2 unreadable images of 7 under {tmp_path} (first: ")
-    assert "noise.webp" in messages[0]
+    assert "noise.webp" in messages[0] or "cut.jpg" in messages[0]
 
-    labels = {path.split("/")[-1]: label for path, label in train + val}
+    labels = {path.split("/")[-1]: label for path, label in [*train, *val]}
     assert labels == {"rgba.png": 0, "photo.JPG": 0, "color.png": 1, "gray.png": 1, "deep16.PNG": 1}
-    assert len(val) == 1
     with pytest.warns(UserWarning, match="skipped 2"):
-        assert build_sources("folder", 32, root=tmp_path) == (train, val)  # fixed hold-out
+        again = build_sources("folder", 32, root=tmp_path, verify=True)
+    assert [list(split) for split in again] == [list(train), list(val)]  # fixed hold-out
 
-    dataset = ImageDataset(train + val, pretrain_transform(32))
+    dataset = ImageDataset([*train, *val], pretrain_transform(32))
     assert all(dataset[i][0].shape == (3, 32, 32) for i in range(len(dataset)))
+
+
+def test_folder_source_lists_without_decoding_and_replaces_bad_files_when_read(tmp_path, monkeypatch):
+    make_class_folder(tmp_path)
+    decoded = []
+    monkeypatch.setattr(data, "read_image", lambda path: decoded.append(path) or read_image(path))
+    train, val = build_sources("folder", 32, root=tmp_path)
+    assert decoded == [] and isinstance(train, FileList) and len(train) + len(val) == 7
+    verified = build_sources("folder", 32, root=tmp_path, verify=True)
+    assert {p for p, _ in verified[1]} <= {p for p, _ in val}  # the split does not depend on verify
+
+    dataset = ImageDataset([*train, *val], eval_transform(32))
+    with pytest.warns(UserWarning, match=r"skipped 1 undecodable images so far.*data/skipped.*(cut.jpg|noise.webp)"):
+        items = [dataset[i] for i in range(len(dataset))]
+    assert dataset.skipped.total == 2 and all(image.shape == (3, 32, 32) for image, _ in items)
+    bad = [i for i, (path, _) in enumerate(dataset.samples) if path.endswith(("cut.jpg", "noise.webp"))]
+    good = {path: i for i, (path, _) in enumerate(dataset.samples) if i not in bad}
+    for i in bad:  # replaced by a good sample, the same one every time
+        assert torch.equal(dataset[i][0], items[i][0])
+        assert any(torch.equal(items[i][0], items[j][0]) for j in good.values())
+    assert dataset.skipped.total == 4
+
+
+def test_every_file_bad_is_a_clear_error(tmp_path):
+    for i in range(3):
+        write_truncated_jpg(tmp_path / f"{i}.jpg")
+    train, _ = build_sources("folder", 32, root=tmp_path)
+    with pytest.raises(RuntimeError, match="files in a row failed to decode"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ImageDataset(train, eval_transform(32))[0]
+
+
+def test_skip_counter_counts_over_workers():
+    """Two workers each hit a missing file; the counter in shared memory sees both."""
+    samples = FileList(["/nonexistent/a.png", "/nonexistent/b.png"], [0, 0])
+    dataset = ImageDataset([*samples] + [(color_image(), 0)] * 2, eval_transform(16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(DataLoader(torch.utils.data.Subset(dataset, [0, 1]), batch_size=1, num_workers=2))
+    assert dataset.skipped.total >= 2
+
+
+def test_file_list_holds_paths_in_numpy_arrays():
+    paths = ["/a/b.png", "/ü/ç d.jpg", "rel/x.webp"]
+    samples = FileList(paths, [3, 0, 7])
+    assert list(samples) == [("/a/b.png", 3), ("/ü/ç d.jpg", 0), ("rel/x.webp", 7)] and len(samples) == 3
+    assert isinstance(samples.data, np.ndarray) and samples.data.dtype == np.uint8
+    assert list(samples.subset(np.array([2, 0]))) == [("rel/x.webp", 7), ("/a/b.png", 3)]
+    assert ImageDataset(samples, eval_transform(16)).samples is samples
 
 
 def test_folder_with_train_and_val_subfolders(tmp_path):
@@ -159,7 +209,7 @@ def test_folder_images_at_top_level_get_label_zero(tmp_path):
         write_png(tmp_path / f"{i}.png", color_image(i))
     write_png(tmp_path / "sub" / "x.png", color_image())
     train, val = build_sources("folder", 32, root=tmp_path)
-    assert len(train) == 3 and len(val) == 1 and {label for _, label in train + val} == {0}
+    assert len(train) == 3 and len(val) == 1 and {label for _, label in [*train, *val]} == {0}
 
 
 def test_list_source(tmp_path):
@@ -171,8 +221,8 @@ def test_list_source(tmp_path):
     list_file.parent.mkdir()
     list_file.write_text(f"# path label\n../imgs/a.png 3\n\n../imgs/my b.png\t7\n  {absolute}\n../imgs/cut.jpg 1\n")
     with pytest.warns(UserWarning, match="skipped 1 unreadable images of 4"):
-        train, val = build_sources("list", 32, list_file=list_file)
-    labels = {path.split("/")[-1]: label for path, label in train + val}
+        train, val = build_sources("list", 32, list_file=list_file, verify=True)
+    labels = {path.split("/")[-1]: label for path, label in [*train, *val]}
     assert labels == {"a.png": 3, "my b.png": 7, "c.png": 0} and len(val) == 1
     assert all(ImageDataset(train, eval_transform(32))[i][0].shape == (3, 32, 32) for i in range(len(train)))
 
@@ -189,8 +239,9 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="names no images"):
         build_sources("list", 32, list_file=tmp_path / "comments.txt")
     write_truncated_jpg(tmp_path / "bad" / "cut.jpg")
+    write_truncated_jpg(tmp_path / "bad" / "cut2.jpg")
     with pytest.raises(ValueError, match="no readable images under .*bad"), pytest.warns(UserWarning):
-        build_sources("folder", 32, root=tmp_path / "bad")
+        build_sources("folder", 32, root=tmp_path / "bad", verify=True)
     with pytest.raises(ValueError, match="unknown data source 'imagenet'"):
         build_sources("imagenet", 32)
     with pytest.raises(FileNotFoundError, match="image folder .*missing does not exist"):
