@@ -503,18 +503,22 @@ class SimMIMDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.shards={hp.shards} is 1 shard; need at least 2 to hold the last one out "
                                  f"for validation, or set data.val_shards")
             train = train[:-1]
-        ranks = self._ranks()
-        readers = ranks.get("num_replicas", 1) * max(hp.num_workers, 1)
-        if len(train) < readers:
-            raise ValueError(f"data.shards={hp.shards} has {len(train)} training shards for {readers} readers "
-                             f"(ranks x data.num_workers); make smaller shards (make_shards.py shard_size=) or "
-                             f"lower data.num_workers")
-        common = dict(decode=decode_image, skipped=self.skipped, seed=hp.seed, rank=ranks.get("rank", 0),
-                      world_size=ranks.get("num_replicas", 1))
+        common = dict(decode=decode_image, skipped=self.skipped, seed=hp.seed)
         self.train_set = ShardDataset(train, shard_counts(train), MaskedItem(pretrain_transform(hp.img_size), masks),
                                       shuffle=True, shuffle_buffer=hp.shuffle_buffer, **common)
         self.val_set = ShardDataset(val, shard_counts(val), MaskedItem(eval_transform(hp.img_size), masks),
                                     shuffle=False, **common)
+        self._split_shards(self.train_set)
+
+    def _split_shards(self, dataset) -> None:
+        """Give the shard dataset this process's rank; every reader (ranks x workers) needs a training shard."""
+        ranks = self._ranks()
+        dataset.rank, dataset.world_size = ranks.get("rank", 0), ranks.get("num_replicas", 1)
+        readers = dataset.world_size * max(self.hparams.num_workers, 1)
+        if dataset is self.train_set and len(dataset.urls) < readers:
+            raise ValueError(f"data.shards={self.hparams.shards} has {len(dataset.urls)} training shards for "
+                             f"{readers} readers (ranks x data.num_workers); make smaller shards "
+                             f"(make_shards.py shard_mb=) or lower data.num_workers")
 
     def train_dataloader(self) -> DataLoader:
         if self.hparams.source == "shards":
@@ -550,6 +554,7 @@ class SimMIMDataModule(pl.LightningDataModule):
         from simmim.shards import ShardLoader
 
         hp = self.hparams
+        self._split_shards(dataset)
         loader = ShardLoader(dataset, hp.batch_size, hp.num_workers, drop_last=train and hp.drop_last,
                              pin_memory=self._pin_memory(), fixed_epoch=None if train else 0)
         if not train:  # every rank reads all of its validation samples

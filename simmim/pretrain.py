@@ -186,7 +186,8 @@ def main(argv: list[str]) -> None:
     if print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return
-    from simmim.data import SimMIMDataModule  # here: the GPU tools run without albumentations and scikit-learn
+    # here: the GPU tools run without albumentations and scikit-learn
+    from simmim.data import LogSkipped, SimMIMDataModule
 
     run_dir, ckpt_path = prepare_run(cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -195,7 +196,8 @@ def main(argv: list[str]) -> None:
         source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file, img_size=cfg.data.img_size,
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, mask_kind=cfg.simmim.mask_kind,
         mask_patch_size=cfg.simmim.mask_patch_size, model_patch_size=cfg.model.patch_size,
-        mask_ratio=cfg.simmim.mask_ratio, seed=cfg.seed)
+        mask_ratio=cfg.simmim.mask_ratio, seed=cfg.seed, verify=cfg.data.verify, shards=cfg.data.shards,
+        val_shards=cfg.data.val_shards, shuffle_buffer=cfg.data.shuffle_buffer)
     data.setup("fit")  # bad data paths fail here, before anything is written
     module = SimMIMPretrainModule(model=OmegaConf.to_container(cfg.model),
                                   norm_target_patch_size=cfg.simmim.norm_target_patch_size,
@@ -204,7 +206,8 @@ def main(argv: list[str]) -> None:
 
     pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
                                       cfg.logging.recon_images)
-    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[ThroughputMonitor(), pictures])
+    callbacks = [ThroughputMonitor(), pictures, LogSkipped()]
+    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     state = full_state_dict(trainer.strategy)  # on every rank: sharding strategies gather the weights here

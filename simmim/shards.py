@@ -174,10 +174,14 @@ class ShardLoader:
     """Batches of a `ShardDataset` through a DataLoader, at most `num_batches` per epoch (the same on every
     rank), with a resumable state.
 
-    ``set_epoch`` starts an epoch (Lightning calls it through ``sampler``, as for a DistributedSampler);
-    ``state(batches)`` is the state after the first `batches` batches of the current epoch (default: all those
-    given out so far; the last few are kept, as Lightning fetches a batch ahead), ``restore(state)`` continues
-    from it. With fixed_epoch (validation) set_epoch is ignored and every iteration gives the whole epoch.
+    Each DataLoader worker batches its own stream; a fresh DataLoader takes them round-robin from worker 0, so
+    the batch order is by (batch number within its worker, worker). That order is kept on resume: the
+    batches come back in it from a small reorder buffer (the per-worker batch counts follow from the shard
+    sample counts). ``set_epoch`` starts an epoch (Lightning calls it through ``sampler``, as for a
+    DistributedSampler); ``state(batches)`` is the state after the first `batches` batches of the current
+    epoch (default: all given out so far; the last KEEP are kept, as Lightning fetches a batch ahead), and
+    ``restore(state)`` continues from it. With fixed_epoch (validation) set_epoch is ignored and every
+    iteration gives the whole epoch.
     """
 
     KEEP = 8  # states of the last batches given out
@@ -186,30 +190,38 @@ class ShardLoader:
                  pin_memory: bool = False, num_batches: int | None = None, fixed_epoch: int | None = None):
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.drop_last, self.pin_memory = drop_last, pin_memory
-        self.per_rank = [self._rank_batches(rank) for rank in range(dataset.world_size)]
+        self.worker_batches = [self._worker_batches(rank) for rank in range(dataset.world_size)]
+        self.per_rank = [sum(batches) for batches in self.worker_batches]
         self.num_batches = min(self.per_rank) if num_batches is None else num_batches
         self.sampler = self
         self.fixed_epoch = fixed_epoch
-        self.epoch, self.positions, self.batches, self._history = fixed_epoch or 0, {}, 0, []
+        self.epoch = fixed_epoch or 0
+        self._reset()
 
-    def _rank_batches(self, rank: int) -> int:
-        groups = balanced_groups(self.dataset.counts, self.dataset.world_size * max(self.num_workers, 1))
-        workers = groups[rank * max(self.num_workers, 1):(rank + 1) * max(self.num_workers, 1)]
-        samples = [sum(self.dataset.counts[i] for i in group) for group in workers]
-        per_worker = (n // self.batch_size if self.drop_last else -(-n // self.batch_size) for n in samples)
-        return sum(per_worker)
+    def _reset(self) -> None:
+        self.positions, self.rounds, self.batches, self._history = {}, {}, 0, []
+
+    def _worker_batches(self, rank: int) -> list[int]:
+        """Batches of each of the rank's workers per epoch."""
+        readers = max(self.num_workers, 1)
+        groups = balanced_groups(self.dataset.counts, self.dataset.world_size * readers)
+        samples = [sum(self.dataset.counts[i] for i in group) for group in groups[rank * readers:(rank + 1) * readers]]
+        return [n // self.batch_size if self.drop_last else -(-n // self.batch_size) for n in samples]
 
     def __len__(self) -> int:
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch and self.fixed_epoch is None:
-            self.epoch, self.positions, self.batches, self._history = epoch, {}, 0, []
+            self.epoch = epoch
+            self._reset()
 
     def state(self, batches: int | None = None) -> dict:
-        """{"epoch", "batches", "positions": {worker: raw samples delivered}} after `batches` of this epoch."""
+        """{"epoch", "batches", "positions": {worker: raw samples delivered}, "rounds": {worker: batches}} after
+        `batches` batches of this epoch."""
         if batches is None or batches == self.batches:
-            return {"epoch": self.epoch, "batches": self.batches, "positions": dict(self.positions)}
+            return {"epoch": self.epoch, "batches": self.batches, "positions": dict(self.positions),
+                    "rounds": dict(self.rounds)}
         for state in self._history:
             if state["batches"] == batches:
                 return state
@@ -219,19 +231,39 @@ class ShardLoader:
     def restore(self, state: dict) -> None:
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self.positions = {int(worker): int(position) for worker, position in state["positions"].items()}
+        self.rounds = {int(worker): int(count) for worker, count in state["rounds"].items()}
         self._history = []
+
+    def _schedule(self) -> Iterator[int]:
+        """The workers of the remaining batches, in order: by (batch number within the worker, worker)."""
+        totals = self.worker_batches[self.dataset.rank]
+        rounds = [self.rounds.get(w, 0) for w in range(len(totals))]
+        while True:
+            left = [(rounds[w], w) for w in range(len(totals)) if rounds[w] < totals[w]]
+            if not left:
+                return
+            worker = min(left)[1]
+            rounds[worker] += 1
+            yield worker
 
     def __iter__(self):
         if self.fixed_epoch is not None:
-            self.positions, self.batches = {}, 0
+            self._reset()
         self.dataset.epoch, self.dataset.skip = self.epoch, dict(self.positions)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                            drop_last=self.drop_last, pin_memory=self.pin_memory, persistent_workers=False)
         if self.batches >= self.num_batches:
             return
-        for batch in loader:
-            *batch, workers, positions = batch
-            self.positions[int(workers[0])] = int(positions.max())
+        batches = iter(DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                  drop_last=self.drop_last, pin_memory=self.pin_memory, persistent_workers=False))
+        waiting = {}
+        for worker in self._schedule():
+            while not waiting.get(worker):
+                batch = next(batches, None)
+                if batch is None:  # fewer samples than counted (a truncated shard): the epoch ends here
+                    return
+                *batch, workers, positions = batch
+                waiting.setdefault(int(workers[0]), []).append((batch, int(positions.max())))
+            batch, self.positions[worker] = waiting[worker].pop(0)
+            self.rounds[worker] = self.rounds.get(worker, 0) + 1
             self.batches += 1
             self._history = [*self._history[-(self.KEEP - 1):], self.state()]
             yield batch
