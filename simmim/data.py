@@ -185,15 +185,24 @@ class FileList:
 
     def subset(self, indices: np.ndarray) -> "FileList":
         """The samples at `indices` (int array), in that order."""
-        return FileList([self.path(i) for i in indices], self.labels[indices])
+        indices = np.asarray(indices, dtype=np.int64)
+        starts, lengths = self.offsets[indices], self.offsets[indices + 1] - self.offsets[indices]
+        subset = FileList([], [])
+        subset.offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=subset.offsets[1:])
+        subset.data = self.data[np.repeat(starts - subset.offsets[:-1], lengths) + np.arange(subset.offsets[-1])]
+        subset.labels = self.labels[indices]
+        return subset
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under folder (recursive, following links), sorted, as paths relative to folder."""
+def _image_files(folder: str | os.PathLike) -> list[str]:
+    """Image files under folder (recursive, following links), sorted, as paths relative to folder (plain
+    strings: pathlib objects would cost minutes for millions of files)."""
     files = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
-        files += [Path(dirpath, name).relative_to(folder) for name in sorted(filenames)
+        relative = os.path.relpath(dirpath, folder)
+        files += [name if relative == "." else os.path.join(relative, name) for name in sorted(filenames)
                   if name.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
@@ -207,14 +216,15 @@ def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[Fil
     classes None: the sorted first-level subfolders when every image sits in one, else [] (every label 0).
     """
     files = _image_files(folder)
+    tops = [f.split(os.sep, 1)[0] if os.sep in f else None for f in files]
     if classes is None:
-        classes = [] if any(len(f.parts) == 1 for f in files) else sorted({f.parts[0] for f in files})
+        classes = [] if None in tops else sorted(set(tops))
     index = {name: i for i, name in enumerate(classes)}
-    if classes and (stray := [f for f in files if len(f.parts) == 1 or f.parts[0] not in index]):
+    if classes and (stray := [f for f, top in zip(files, tops) if top not in index]):
         raise ValueError(f"{folder / stray[0]} is outside the train class folders; "
                          f"give train and val the same class folders")
-    labels = [index[f.parts[0]] for f in files] if classes else [0] * len(files)
-    return FileList([folder / f for f in files], labels), classes
+    labels = [index[top] for top in tops] if classes else [0] * len(files)
+    return FileList([os.path.join(folder, f) for f in files], labels), classes
 
 
 def _list_samples(list_file: Path) -> FileList:

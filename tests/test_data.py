@@ -1,3 +1,5 @@
+import os
+import time
 import warnings
 
 import cv2
@@ -354,3 +356,32 @@ def test_lightning_feeds_the_epoch_to_the_sampler():
     assert not torch.equal(model.train_masks[0], model.train_masks[1])
     assert torch.equal(model.val_masks[0], model.val_masks[1])
     assert torch.equal(model.val_masks[0], expected_masks(dm.val_set, [(i, 0) for i in range(4)]))
+
+
+def test_folder_start_does_not_grow_with_the_number_of_files(tmp_path, monkeypatch):
+    """1,500 files reach the first batch about as fast as 15: setup only lists them, the batch decodes its own."""
+    image = cv2.GaussianBlur(color_image(shape=(1000, 1500, 3)), (0, 0), 2)  # a batch decode of ~0.1 s
+    original = write_png(tmp_path / "original.jpg", image)
+    for count in (15, 1500):
+        for i in range(count):  # hard links: 1,500 files without 1,500 copies on disk
+            path = tmp_path / str(count) / f"class{i % 3}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(original, path)
+    decoded = []
+    monkeypatch.setattr(data, "read_image", lambda path: decoded.append(path) or read_image(path))
+
+    def first_batch(count):
+        decoded.clear()
+        start = time.perf_counter()
+        dm = SimMIMDataModule(source="folder", root=str(tmp_path / str(count)), batch_size=12, **SMALL)
+        dm.setup("fit")
+        assert decoded == []  # nothing decoded at setup
+        images, _, _ = next(iter(dm.train_dataloader()))
+        assert images.shape == (12, 3, 32, 32) and len(decoded) == 12
+        return time.perf_counter() - start
+
+    seconds = {15: [], 1500: []}
+    for _ in range(3):  # interleaved, best of 3: the machine may be busy
+        for count in seconds:
+            seconds[count].append(first_batch(count))
+    assert min(seconds[1500]) < 1.5 * min(seconds[15]), seconds
