@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
-from simmim.data import labeled_datasets
+from simmim.data import SkipCounter, labeled_datasets
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
 from simmim.train.strategies import shards_parameters
 from simmim.models.swinv2 import SwinTransformerV2
@@ -230,20 +230,24 @@ class ClassificationDataModule(pl.LightningDataModule):
     """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms)."""
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
-                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0):
+                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0, verify: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = None
+        self.skipped = SkipCounter()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             hp = self.hparams
-            self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file)
+            self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify)
+            self.train_set.skipped = self.val_set.skipped = self.skipped
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         hp = self.hparams
+        cuda = self.trainer.strategy.root_device.type == "cuda" if self.trainer else torch.cuda.is_available()
         return DataLoader(dataset, batch_size=hp.batch_size, shuffle=train, num_workers=hp.num_workers,
-                          drop_last=train and len(dataset) >= hp.batch_size, persistent_workers=hp.num_workers > 0)
+                          drop_last=train and len(dataset) >= hp.batch_size, persistent_workers=hp.num_workers > 0,
+                          pin_memory=cuda)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

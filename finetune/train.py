@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.models.checkpoint import load_pretrained, pretrained_window_sizes, read_checkpoint
 from finetune.module import ClassificationDataModule, SwinV2Classifier
+from simmim.data import LogSkipped
 from simmim.train.config import ConfigError, config_from_argv, prepare_run, save_config
 from simmim.train.trainer import make_trainer
 
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> None:
 
     data = ClassificationDataModule(source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file,
                                     img_size=cfg.data.img_size, batch_size=cfg.data.batch_size,
-                                    num_workers=cfg.data.num_workers)
+                                    num_workers=cfg.data.num_workers, verify=cfg.data.verify)
     data.setup("fit")
     module = SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),
                               **OmegaConf.to_container(cfg.train),
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> None:
         print(f"loaded {cfg.pretrained}\n{report}")
     save_config(cfg, run_dir / "config.yaml")
 
-    trainer = make_trainer(cfg, run_dir, monitor="val/top1", mode="max")
+    trainer = make_trainer(cfg, run_dir, monitor="val/top1", mode="max", callbacks=[LogSkipped()])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}\nheld-out top-1 (last epoch): {float(trainer.callback_metrics['val/top1']):.4f}")

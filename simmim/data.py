@@ -25,6 +25,7 @@ import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -32,6 +33,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytorch_lightning as pl
+import simplejpeg
 import torch
 from albumentations.pytorch import ToTensorV2
 from sklearn.datasets import load_digits
@@ -42,7 +44,7 @@ from masking import build_mask_generator
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
-    "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image",
+    "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image", "decode_needs",
     "FileList", "SkipCounter", "LogSkipped", "digits_split", "build_sources", "build_source", "labeled_datasets",
     "ImageDataset", "MaskedImageDataset", "EpochSampler", "SimMIMDataModule",
 ]
@@ -94,21 +96,47 @@ def eval_transform(img_size: int) -> A.Compose:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, min_short: int = 0, min_area: int = 0) -> np.ndarray:
     """Decode an image file to uint8 (H, W, 3) RGB (see `decode_image`). Raises OSError if the file cannot be
     read, ValueError if it does not decode."""
-    return decode_image(np.fromfile(path, dtype=np.uint8), str(path))
+    return decode_image(np.fromfile(path, dtype=np.uint8), str(path), min_short, min_area)
 
 
-def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
-    """Decode encoded image bytes to uint8 (H, W, 3) RGB.
+def decode_image(data: bytes | np.ndarray, name: str = "image", min_short: int = 0, min_area: int = 0) -> np.ndarray:
+    """Decode encoded image bytes to uint8 (H, W, 3) RGB, EXIF orientation applied.
 
-    Grayscale is repeated to 3 channels, an alpha channel is composited onto black, 16-bit values are divided
-    by 257 (rounded). Decoded with ``cv2.imdecode(IMREAD_UNCHANGED)``: unlike ``cv2.imread``, that rejects
-    truncated JPEGs instead of returning them gray-filled. EXIF orientation is not applied. Raises ValueError
-    naming `name` if the bytes do not decode.
+    JPEGs are decoded by libjpeg-turbo (simplejpeg) at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper than a
+    full decode) when the result still has a short side >= min_short and an area >= min_area (both 0:
+    full size): give what the transform needs (`decode_needs`). Other formats (and JPEGs simplejpeg rejects,
+    e.g. CMYK) go through ``cv2.imdecode(IMREAD_UNCHANGED)``: grayscale is repeated to 3 channels, an alpha
+    channel composited onto black, 16-bit values divided by 257 (rounded). Truncated or corrupt files raise
+    ValueError naming `name`.
     """
-    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    image = None
+    if data[:2].tobytes() == b"\xff\xd8":
+        image = _decode_jpeg(data, name, min_short, min_area)
+    if image is None:
+        image = _decode_cv2(data, name)
+    return _orient(image, _exif_orientation(data) if data[:2].tobytes() == b"\xff\xd8" else 1)
+
+
+def _decode_jpeg(data: np.ndarray, name: str, min_short: int, min_area: int) -> np.ndarray | None:
+    """simplejpeg at the largest 1/f (f = 8, 4, 2, 1) that keeps min_short and min_area; None if it cannot."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("Gray", "YCbCr", "RGB"):
+            return None
+        factor = next(f for f in (8, 4, 2, 1) if f == 1 or (min_short or min_area) and (
+            min(height, width) / f >= min_short and height * width / f ** 2 >= min_area))
+        scale = {} if factor == 1 else {"min_height": -(-height // factor), "min_width": -(-width // factor)}
+        image = simplejpeg.decode_jpeg(data, colorspace="GRAY" if colorspace == "Gray" else "RGB", **scale)
+    except ValueError as error:
+        raise ValueError(f"cannot decode image {name}: the file is corrupt, truncated or not an image ({error})")
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 or image.shape[2] == 1 else image
+
+
+def _decode_cv2(data: np.ndarray, name: str) -> np.ndarray:
     try:
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error:
@@ -127,6 +155,57 @@ def decode_image(data: bytes | np.ndarray, name: str = "image") -> np.ndarray:
     if image.shape[2] == 1:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _exif_orientation(data: np.ndarray) -> int:
+    """The EXIF orientation (1..8) of a JPEG's APP1 segment, 1 when it has none."""
+    raw, pos = data.tobytes(), 2
+    while pos + 4 <= len(raw) and raw[pos] == 0xFF:
+        marker, length = raw[pos + 1], int.from_bytes(raw[pos + 2:pos + 4], "big")
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
+            return 1
+        segment = raw[pos + 4:pos + 2 + length]
+        if marker == 0xE1 and segment[:6] == b"Exif\0\0":
+            tiff = segment[6:]
+            order = "little" if tiff[:2] == b"II" else "big"
+            ifd = int.from_bytes(tiff[4:8], order)
+            for i in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+                entry = tiff[ifd + 2 + 12 * i:ifd + 14 + 12 * i]
+                if int.from_bytes(entry[:2], order) == 0x0112:
+                    value = int.from_bytes(entry[8:10], order)
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        pos += 2 + length
+    return 1
+
+
+def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """The upright image of EXIF orientation 1..8: 2 mirrored, 3 turned 180, 4 flipped, 5 transposed, 6 turned
+    90 counterclockwise, 7 transversed, 8 turned 90 clockwise (as stored)."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(1, 0, 2)  # 5; then 6 = mirror, 7 = both, 8 = flip
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    if orientation in (2, 3):
+        image = image[:, ::-1]
+    if orientation in (3, 4):
+        image = image[::-1]
+    return np.ascontiguousarray(image)
+
+
+def decode_needs(transform: A.Compose) -> dict[str, int]:
+    """{"min_short", "min_area"} of a decoded image (`decode_image`) for the transform's output to keep full
+    detail: a random resized crop must still span img_size pixels across its smallest crop (area fraction
+    scale[0], aspect ratio within `ratio`); a resize of the short side to S needs a short side >= S. Zeros
+    (a full decode) for other transforms."""
+    first = transform.transforms[0]
+    if isinstance(first, A.RandomResizedCrop):
+        size = max(first.size)
+        area = size ** 2 / (first.scale[0] * min(first.ratio[0], 1 / first.ratio[1]))
+        return {"min_short": size, "min_area": int(np.ceil(area))}
+    if isinstance(first, A.SmallestMaxSize):
+        return {"min_short": first.max_size if isinstance(first.max_size, int) else max(first.max_size),
+                "min_area": 0}
+    return {"min_short": 0, "min_area": 0}
 
 
 def _is_readable(path: str) -> bool:
@@ -362,6 +441,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self._worker_seed = None
         self.skipped = SkipCounter()
+        self.decode_needs = decode_needs(transform)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -384,7 +464,7 @@ class ImageDataset(Dataset):
             if not isinstance(image, (str, os.PathLike)):
                 return image, label
             try:
-                return read_image(image), label
+                return read_image(image, **self.decode_needs), label
             except (OSError, ValueError) as error:
                 self.skipped.add(error)
                 index = int(np.random.default_rng([index, attempt]).integers(len(self.samples)))
@@ -440,9 +520,10 @@ class EpochSampler(DistributedSampler):
 
 
 def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.PathLike | None = None,
-                     list_file: str | os.PathLike | None = None) -> tuple[ImageDataset, ImageDataset]:
+                     list_file: str | os.PathLike | None = None,
+                     verify: bool = False) -> tuple[ImageDataset, ImageDataset]:
     """(train, val) ImageDatasets for a classification fine-tune: finetune / eval transforms, same splits."""
-    train, val = build_sources(source, img_size, root, list_file)
+    train, val = build_sources(source, img_size, root, list_file, verify)
     return ImageDataset(train, finetune_transform(img_size)), ImageDataset(val, eval_transform(img_size))
 
 
@@ -513,11 +594,13 @@ class SimMIMDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.shards={hp.shards} is 1 shard; need at least 2 to hold the last one out "
                                  f"for validation, or set data.val_shards")
             train = train[:-1]
-        common = dict(decode=decode_image, skipped=self.skipped, seed=hp.seed)
-        self.train_set = ShardDataset(train, shard_counts(train), MaskedItem(pretrain_transform(hp.img_size), masks),
-                                      shuffle=True, shuffle_buffer=hp.shuffle_buffer, **common)
-        self.val_set = ShardDataset(val, shard_counts(val), MaskedItem(eval_transform(hp.img_size), masks),
-                                    shuffle=False, **common)
+        train_transform, val_transform = pretrain_transform(hp.img_size), eval_transform(hp.img_size)
+        self.train_set = ShardDataset(train, shard_counts(train), MaskedItem(train_transform, masks),
+                                      partial(decode_image, name="sample", **decode_needs(train_transform)), self.skipped,
+                                      seed=hp.seed, shuffle=True, shuffle_buffer=hp.shuffle_buffer)
+        self.val_set = ShardDataset(val, shard_counts(val), MaskedItem(val_transform, masks),
+                                    partial(decode_image, name="sample", **decode_needs(val_transform)), self.skipped,
+                                    seed=hp.seed, shuffle=False)
         self._split_shards(self.train_set)
 
     def _split_shards(self, dataset) -> None:

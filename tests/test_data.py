@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 
 from simmim import data
 from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset, MaskedImageDataset,
-                         SimMIMDataModule, build_source, build_sources, digits_split, eval_transform,
-                         finetune_transform, labeled_datasets, pretrain_transform, read_image)
+                         SimMIMDataModule, build_source, build_sources, decode_image, decode_needs, digits_split,
+                         eval_transform, finetune_transform, labeled_datasets, pretrain_transform, read_image)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -85,6 +85,50 @@ def test_read_image_errors(tmp_path):
         read_image(tmp_path / "noise.png")
 
 
+def smooth_jpeg(shape, quality=90):
+    image = cv2.GaussianBlur(color_image(7, shape), (0, 0), 4)
+    return image, cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int, order: str = "little") -> bytes:
+    """The JPEG with an APP1 Exif segment whose IFD0 holds Orientation (tag 0x0112, SHORT)."""
+    short, long_ = (lambda v: v.to_bytes(2, order)), (lambda v: v.to_bytes(4, order))
+    tiff = (b"II*\0" if order == "little" else b"MM\0*") + long_(8) + short(1)
+    tiff += short(0x0112) + short(3) + long_(1) + short(orientation) + b"\0\0" + long_(0)
+    segment = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_opencv(orientation):
+    """OpenCV's IMREAD_COLOR applies EXIF orientation itself: an independent reference."""
+    _, jpeg = smooth_jpeg((30, 40, 3))
+    for order in ("little", "big"):
+        data = with_exif_orientation(jpeg, orientation, order)
+        expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        out = decode_image(data)
+        assert out.shape == expected.shape == ((30, 40, 3) if orientation < 5 else (40, 30, 3))
+        assert np.abs(out.astype(int) - expected).max() <= 2  # two libjpeg builds: rounding may differ
+
+
+def test_jpegs_decode_at_reduced_scale_when_the_crop_allows():
+    image, jpeg = smooth_jpeg((1200, 1600, 3))
+    full = decode_image(jpeg)
+    assert full.shape == (1200, 1600, 3) and np.abs(full.astype(int) - image[..., ::-1]).mean() < 2
+    needs = decode_needs(pretrain_transform(192))  # short side >= 192, area >= 192^2 / (0.67 * 3/4)
+    reduced = decode_image(jpeg, **needs)
+    assert reduced.shape == (300, 400, 3)  # 1/4: 1/8 would leave a 150 px short side
+    area = cv2.resize(full, (400, 300), interpolation=cv2.INTER_AREA)
+    assert np.abs(reduced.astype(int) - area).mean() < 1.5  # DCT scaling ~ an area resize of the full decode
+    assert decode_image(jpeg, **decode_needs(finetune_transform(224))).shape == full.shape  # small crops: full
+    assert decode_image(jpeg, **decode_needs(eval_transform(224))).shape == (300, 400, 3)  # short side >= 256
+    assert decode_image(jpeg, **decode_needs(eval_transform(320))).shape == (600, 800, 3)  # short side >= 366
+    gray = decode_image(cv2.imencode(".jpg", image[..., 0])[1].tobytes(), min_short=100)
+    assert gray.shape == (150, 200, 3) and (gray[..., 0] == gray[..., 2]).all()
+    with pytest.raises(ValueError, match="cannot decode image x.jpg"):
+        decode_image(jpeg[:len(jpeg) // 2], "x.jpg", **needs)
+
+
 # ------------------------------------------------------------------------------------------------ digits
 def test_digits_split_is_fixed_stratified_and_disjoint():
     train, val = digits_split()
@@ -145,7 +189,7 @@ def test_folder_source_with_verify_skips_corrupt_files_with_one_warning(tmp_path
 def test_folder_source_lists_without_decoding_and_replaces_bad_files_when_read(tmp_path, monkeypatch):
     make_class_folder(tmp_path)
     decoded = []
-    monkeypatch.setattr(data, "read_image", lambda path: decoded.append(path) or read_image(path))
+    monkeypatch.setattr(data, "read_image", lambda path, **needs: decoded.append(path) or read_image(path, **needs))
     train, val = build_sources("folder", 32, root=tmp_path)
     assert decoded == [] and isinstance(train, FileList) and len(train) + len(val) == 7
     verified = build_sources("folder", 32, root=tmp_path, verify=True)
@@ -368,7 +412,7 @@ def test_folder_start_does_not_grow_with_the_number_of_files(tmp_path, monkeypat
             path.parent.mkdir(parents=True, exist_ok=True)
             os.link(original, path)
     decoded = []
-    monkeypatch.setattr(data, "read_image", lambda path: decoded.append(path) or read_image(path))
+    monkeypatch.setattr(data, "read_image", lambda path, **needs: decoded.append(path) or read_image(path, **needs))
 
     def first_batch(count):
         decoded.clear()
