@@ -45,7 +45,7 @@ from masking import build_mask_generator
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
     "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image", "decode_needs",
-    "FileList", "SkipCounter", "LogSkipped", "digits_split", "build_sources", "build_source", "labeled_datasets",
+    "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "digits_split", "build_sources", "build_source", "labeled_datasets",
     "ImageDataset", "MaskedImageDataset", "EpochSampler", "SimMIMDataModule",
 ]
 
@@ -538,6 +538,18 @@ class MaskedItem:
     def __call__(self, image: np.ndarray, label: int, rng: np.random.Generator):
         self.transform.set_random_seed(int(rng.integers(2 ** 32)))
         return self.transform(image=image)["image"], torch.from_numpy(self.mask_generator(rng)), label
+
+
+class LabeledItem:
+    """(image, label, rng) -> (transformed image (3, S, S), label), the transform seeded from rng (the
+    per-sample randomness of the shards source for a classifier)."""
+
+    def __init__(self, transform: A.Compose):
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray, label: int, rng: np.random.Generator):
+        self.transform.set_random_seed(int(rng.integers(2 ** 32)))
+        return self.transform(image=image)["image"], label
 
 
 class SimMIMDataModule(pl.LightningDataModule):

@@ -268,3 +268,28 @@ def test_lightning_resumes_mid_epoch_from_a_step_checkpoint(tmp_path, num_worker
     head = fit(tmp_path / "cut", datamodule(), max_steps=3)
     rest = fit(tmp_path / "cut", datamodule(), ckpt_path=str(tmp_path / "cut" / "ckpt" / "last.ckpt"))
     assert head == whole[:3] and rest == whole[3:]
+
+
+def test_pretrain_script_on_shards_made_from_a_folder(tmp_path, capsys):
+    from simmim import pretrain
+
+    for i in range(40):
+        path = tmp_path / "src" / f"class{i % 2}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg(i, (40, 40, 3)))
+    (tmp_path / "src" / "class0" / "broken.jpg").write_bytes(jpeg(99)[:50])
+    make_shards.main([f"root={tmp_path / 'src'}", f"out={tmp_path / 'shards'}", "shard_mb=0.01", "workers=2"])
+    args = [f"output_dir={tmp_path}", "run_name=demo", "data.batch_size=4", "data.num_workers=0",
+            "data.source=shards", f"data.shards={tmp_path / 'shards' / 'train'}",
+            f"data.val_shards={tmp_path / 'shards' / 'val'}", "data.img_size=32", "simmim.mask_patch_size=8",
+            "model.embed_dim=16", "model.depths=[2,2]", "model.num_heads=[2,4]", "trainer.max_epochs=2",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "logging.recon_every_n_steps=0",
+            "logging.recon_images=2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain.main(args)
+    assert "encoder: " in capsys.readouterr().out
+    lines = (tmp_path / "demo" / "csv" / "metrics.csv").read_text().splitlines()
+    column = lines[0].split(",").index("data/skipped")
+    skipped = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]
+    assert skipped and skipped[-1] >= 1  # the broken file, met in epoch 0 and again in epoch 1
