@@ -54,7 +54,9 @@ def main(argv: list[str]) -> None:
 
     data = ClassificationDataModule(source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file,
                                     img_size=cfg.data.img_size, batch_size=cfg.data.batch_size,
-                                    num_workers=cfg.data.num_workers, verify=cfg.data.verify)
+                                    num_workers=cfg.data.num_workers, verify=cfg.data.verify,
+                                    shards=cfg.data.shards, val_shards=cfg.data.val_shards,
+                                    shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed)
     data.setup("fit")
     module = SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),
                               **OmegaConf.to_container(cfg.train),

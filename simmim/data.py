@@ -45,7 +45,7 @@ from masking import build_mask_generator
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
     "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image", "decode_needs",
-    "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "digits_split", "build_sources", "build_source", "labeled_datasets",
+    "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source", "digits_split", "build_sources", "build_source", "labeled_datasets",
     "ImageDataset", "MaskedImageDataset", "EpochSampler", "SimMIMDataModule",
 ]
 
@@ -573,7 +573,7 @@ class SimMIMDataModule(pl.LightningDataModule):
         self.train_set: MaskedImageDataset | None = None
         self.val_set: MaskedImageDataset | None = None
         self.skipped = SkipCounter()
-        self._shard_loader, self._shard_state = None, None
+        self.shards, self._shards_state = None, None  # the shards source (simmim.shards.ShardSource), its state
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -581,60 +581,35 @@ class SimMIMDataModule(pl.LightningDataModule):
         hp = self.hparams
         masks = build_mask_generator(hp.mask_kind, input_size=hp.img_size, mask_patch_size=hp.mask_patch_size,
                                      model_patch_size=hp.model_patch_size, mask_ratio=hp.mask_ratio, seed=hp.seed)
+        transforms = pretrain_transform(hp.img_size), eval_transform(hp.img_size)
         if hp.source == "shards":
-            self._setup_shards(masks)
+            self.shards = shard_source(hp, [MaskedItem(t, masks) for t in transforms], transforms, self.skipped)
+            self.shards.split(self.trainer, hp.num_workers)
+            if self._shards_state:
+                self.shards.load_state_dict(self._shards_state)
+            self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
             return
         train, val = build_sources(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify)
         if hp.drop_last and len(train) < hp.batch_size:
             raise ValueError(f"only {len(train)} training images, fewer than batch_size={hp.batch_size} with "
                              f"drop_last=True; lower batch_size or set drop_last=False")
-        self.train_set = MaskedImageDataset(ImageDataset(train, pretrain_transform(hp.img_size)), masks, hp.seed)
-        self.val_set = MaskedImageDataset(ImageDataset(val, eval_transform(hp.img_size)), masks, hp.seed)
+        self.train_set = MaskedImageDataset(ImageDataset(train, transforms[0]), masks, hp.seed)
+        self.val_set = MaskedImageDataset(ImageDataset(val, transforms[1]), masks, hp.seed)
         self.train_set.dataset.skipped = self.val_set.dataset.skipped = self.skipped
 
-    def _setup_shards(self, masks) -> None:
-        from simmim.shards import ShardDataset, shard_counts, shard_urls
-
-        hp = self.hparams
-        if not hp.shards:
-            raise FileNotFoundError("data.source=shards needs data.shards=<directory, brace pattern or URL of .tar "
-                                    "shards>; scripts/make_shards.py makes them from a folder or list")
-        train = shard_urls(hp.shards)
-        val = shard_urls(hp.val_shards) if hp.val_shards else train[-1:]
-        if not hp.val_shards:
-            if len(train) < 2:
-                raise ValueError(f"data.shards={hp.shards} is 1 shard; need at least 2 to hold the last one out "
-                                 f"for validation, or set data.val_shards")
-            train = train[:-1]
-        train_transform, val_transform = pretrain_transform(hp.img_size), eval_transform(hp.img_size)
-        self.train_set = ShardDataset(train, shard_counts(train), MaskedItem(train_transform, masks),
-                                      partial(decode_image, name="sample", **decode_needs(train_transform)), self.skipped,
-                                      seed=hp.seed, shuffle=True, shuffle_buffer=hp.shuffle_buffer)
-        self.val_set = ShardDataset(val, shard_counts(val), MaskedItem(val_transform, masks),
-                                    partial(decode_image, name="sample", **decode_needs(val_transform)), self.skipped,
-                                    seed=hp.seed, shuffle=False)
-        self._split_shards(self.train_set)
-
-    def _split_shards(self, dataset) -> None:
-        """Give the shard dataset this process's rank; every reader (ranks x workers) needs a training shard."""
-        ranks = self._ranks()
-        dataset.rank, dataset.world_size = ranks.get("rank", 0), ranks.get("num_replicas", 1)
-        readers = dataset.world_size * max(self.hparams.num_workers, 1)
-        if dataset is self.train_set and len(dataset.urls) < readers:
-            raise ValueError(f"data.shards={self.hparams.shards} has {len(dataset.urls)} training shards for "
-                             f"{readers} readers (ranks x data.num_workers); make smaller shards "
-                             f"(make_shards.py shard_mb=) or lower data.num_workers")
-
     def train_dataloader(self) -> DataLoader:
-        if self.hparams.source == "shards":
-            return self._shard_loader_for(self.train_set, train=True)
-        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.hparams.seed,
-                               drop_last=self.hparams.drop_last, **self._ranks())
-        return self._loader(self.train_set, sampler, drop_last=self.hparams.drop_last)
+        hp = self.hparams
+        if self.shards is not None:
+            return self.shards.loader(True, self.trainer, hp.batch_size, hp.num_workers, hp.drop_last,
+                                      self._pin_memory())
+        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=hp.seed, drop_last=hp.drop_last,
+                               **self._ranks())
+        return self._loader(self.train_set, sampler, drop_last=hp.drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        if self.hparams.source == "shards":
-            return self._shard_loader_for(self.val_set, train=False)
+        if self.shards is not None:
+            return self.shards.loader(False, self.trainer, self.hparams.batch_size, self.hparams.num_workers,
+                                      pin_memory=self._pin_memory())
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
 
@@ -646,38 +621,33 @@ class SimMIMDataModule(pl.LightningDataModule):
         """pin_memory, or when None: whether the trainer (or, outside one, this machine) uses CUDA."""
         if self.hparams.pin_memory is not None:
             return self.hparams.pin_memory
-        if self.trainer is not None:
-            return self.trainer.strategy.root_device.type == "cuda"
-        return torch.cuda.is_available()
+        return uses_cuda(self.trainer)
 
     def _loader(self, dataset: Dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
             pin_memory=self._pin_memory(), drop_last=drop_last, persistent_workers=self.hparams.num_workers > 0)
 
-    def _shard_loader_for(self, dataset, train: bool):
-        from simmim.shards import ShardLoader
-
-        hp = self.hparams
-        self._split_shards(dataset)
-        loader = ShardLoader(dataset, hp.batch_size, hp.num_workers, drop_last=train and hp.drop_last,
-                             pin_memory=self._pin_memory(), fixed_epoch=None if train else 0)
-        if not train:  # every rank reads all of its validation samples
-            loader.num_batches = loader.per_rank[dataset.rank]
-        else:
-            if self._shard_state is not None:
-                loader.restore(self._shard_state)
-            self._shard_loader = loader
-        return loader
-
     def state_dict(self) -> dict:
-        """The shards source's place in the epoch, after the batches the trainer has processed."""
-        if self._shard_loader is None:
-            return {}
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else None
-        return {"shards": self._shard_loader.state(done)}
+        """The shards source's place in the epoch (saved in Lightning checkpoints)."""
+        return {"shards": self.shards.state_dict(self.trainer)} if self.shards is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._shard_state = state_dict.get("shards")
-        if self._shard_loader is not None and self._shard_state is not None:
-            self._shard_loader.restore(self._shard_state)
+        self._shards_state = state_dict.get("shards")
+        if self.shards is not None and self._shards_state:
+            self.shards.load_state_dict(self._shards_state)
+
+
+def uses_cuda(trainer) -> bool:
+    """Whether the trainer (or, outside one, this machine) runs on CUDA: then DataLoaders pin memory."""
+    return trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
+
+
+def shard_source(hp, items: list, transforms: tuple, skipped: SkipCounter):
+    """The `simmim.shards.ShardSource` of data hyperparameters (shards, val_shards, seed, shuffle_buffer): items
+    and transforms are (train, val) pairs; JPEGs are decoded at the scale each transform needs."""
+    from simmim.shards import ShardSource
+
+    decodes = [partial(decode_image, name="sample", **decode_needs(t)) for t in transforms]
+    return ShardSource(hp.shards, hp.val_shards, items, decodes, skipped, seed=hp.seed,
+                       shuffle_buffer=hp.shuffle_buffer)

@@ -269,3 +269,63 @@ class ShardLoader:
             yield batch
             if self.batches >= self.num_batches:
                 return
+
+
+class ShardSource:
+    """The shards source of a LightningDataModule: train and val `ShardDataset`s (val: `val_shards`, else the
+    last training shard held out), their `ShardLoader`s for the trainer's rank, and the training position.
+
+    items and decodes are (train, val) pairs of ShardDataset's make_item and decode.
+    """
+
+    def __init__(self, shards: str | None, val_shards: str | None, items: tuple, decodes: tuple, skipped,
+                 seed: int = 0, shuffle_buffer: int = 1000):
+        if not shards:
+            raise FileNotFoundError("data.source=shards needs data.shards=<directory, brace pattern or URL of .tar "
+                                    "shards>; scripts/make_shards.py makes them from a folder or list")
+        train = shard_urls(shards)
+        if not val_shards and len(train) < 2:
+            raise ValueError(f"data.shards={shards} is 1 shard; need at least 2 to hold the last one out for "
+                             f"validation, or set data.val_shards")
+        train, val = (train, shard_urls(val_shards)) if val_shards else (train[:-1], train[-1:])
+        self.shards = shards
+        self.train_set = ShardDataset(train, shard_counts(train), items[0], decodes[0], skipped, seed=seed,
+                                      shuffle=True, shuffle_buffer=shuffle_buffer)
+        self.val_set = ShardDataset(val, shard_counts(val), items[1], decodes[1], skipped, seed=seed, shuffle=False)
+        self.train_loader, self._pending = None, None
+
+    def split(self, trainer, num_workers: int) -> None:
+        """Give the datasets the trainer's rank (none: one process); every reader (ranks x workers) needs a
+        training shard."""
+        for dataset in (self.train_set, self.val_set):
+            dataset.rank, dataset.world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        readers = self.train_set.world_size * max(num_workers, 1)
+        if len(self.train_set.urls) < readers:
+            raise ValueError(f"data.shards={self.shards} has {len(self.train_set.urls)} training shards for "
+                             f"{readers} readers (ranks x data.num_workers); make smaller shards "
+                             f"(make_shards.py shard_mb=) or lower data.num_workers")
+
+    def loader(self, train: bool, trainer, batch_size: int, num_workers: int, drop_last: bool = True,
+               pin_memory: bool = False) -> ShardLoader:
+        self.split(trainer, num_workers)
+        if not train:  # every rank reads all of its validation samples
+            loader = ShardLoader(self.val_set, batch_size, num_workers, drop_last=False, pin_memory=pin_memory,
+                                 fixed_epoch=0)
+            loader.num_batches = loader.per_rank[self.val_set.rank]
+            return loader
+        self.train_loader = ShardLoader(self.train_set, batch_size, num_workers, drop_last, pin_memory)
+        if self._pending is not None:
+            self.train_loader.restore(self._pending)
+        return self.train_loader
+
+    def state_dict(self, trainer) -> dict:
+        """The training position after the batches the trainer has processed ({} before training)."""
+        if self.train_loader is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else None
+        return self.train_loader.state(done)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state or None
+        if self.train_loader is not None and self._pending is not None:
+            self.train_loader.restore(self._pending)

@@ -293,3 +293,21 @@ def test_pretrain_script_on_shards_made_from_a_folder(tmp_path, capsys):
     column = lines[0].split(",").index("data/skipped")
     skipped = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]
     assert skipped and skipped[-1] >= 1  # the broken file, met in epoch 0 and again in epoch 1
+
+
+def test_finetune_datamodule_streams_labeled_shards(tmp_path):
+    from finetune.module import ClassificationDataModule
+
+    total = numbered_shards(tmp_path / "train", [5, 6, 5])
+    numbered_shards(tmp_path / "val", [3])
+    dm = ClassificationDataModule(source="shards", shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"),
+                                  img_size=16, batch_size=4, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        images, labels = batches[0]
+        assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+        assert len(batches) == 3 and len({int(x) for _, y in batches for x in y}) == 12 <= total
+        assert dm.state_dict()["shards"]["batches"] == 3
+        assert [len(y) for _, y in dm.val_dataloader()] == [3]
