@@ -45,7 +45,8 @@ from masking import build_mask_generator
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
     "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image", "decode_needs",
-    "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source", "digits_split", "build_sources", "build_source", "labeled_datasets",
+    "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source",
+    "digits_split", "build_sources", "build_source", "labeled_datasets",
     "ImageDataset", "MaskedImageDataset", "EpochSampler", "SimMIMDataModule",
 ]
 

@@ -28,7 +28,6 @@ from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
-import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle

@@ -104,9 +104,9 @@ def test_exif_orientation_is_applied_like_opencv(orientation):
     """OpenCV's IMREAD_COLOR applies EXIF orientation itself: an independent reference."""
     _, jpeg = smooth_jpeg((30, 40, 3))
     for order in ("little", "big"):
-        data = with_exif_orientation(jpeg, orientation, order)
-        expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        out = decode_image(data)
+        encoded = with_exif_orientation(jpeg, orientation, order)
+        expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        out = decode_image(encoded)
         assert out.shape == expected.shape == ((30, 40, 3) if orientation < 5 else (40, 30, 3))
         assert np.abs(out.astype(int) - expected).max() <= 2  # two libjpeg builds: rounding may differ
 

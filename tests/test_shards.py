@@ -1,6 +1,5 @@
 import functools
 import http.server
-import io
 import json
 import threading
 import warnings
