@@ -20,6 +20,7 @@ neither the worker count nor a resume changes them.
 """
 from __future__ import annotations
 
+import io
 import json
 import random
 import warnings
@@ -37,6 +38,7 @@ __all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "balan
            "ShardLoader"]
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+READ_BUFFER = 1 << 20
 SHARD_INDEX = "shardindex.json"  # {"shardlist": [{"url": NAME, "nsamples": N}, ...]} (the wids index format)
 
 
@@ -58,8 +60,12 @@ def shard_urls(spec: str) -> list[str]:
 
 
 def _open(url: str):
-    """A binary stream of url; http(s) is streamed (no range requests)."""
-    return fsspec.open(url, "rb", **({"block_size": 0} if url.startswith(("http://", "https://")) else {})).open()
+    """A binary stream of url, read through a 1 MiB buffer (tarfile reads in small pieces); http(s) is streamed
+    (no range requests)."""
+    if "://" not in url:
+        return open(url, "rb", buffering=READ_BUFFER)
+    stream = fsspec.open(url, "rb", **({"block_size": 0} if url.startswith(("http://", "https://")) else {})).open()
+    return io.BufferedReader(stream, buffer_size=READ_BUFFER)
 
 
 def _raw_samples(url: str, on_error: Callable[[Exception], bool]) -> Iterator[dict]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def write_shard(samples: FileList, indices: np.ndarray, path: Path) -> None:
     """Write the samples at indices to path (through path.tmp, renamed when complete)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as stream:
-        with TarWriter(stream, encoder=False) as writer:
+        with TarWriter(stream, encoder=False, mtime=int(time.time())) as writer:  # whole seconds: no PAX headers
             for index in indices:
                 file, label = samples[int(index)]
                 writer.write(sample_of(file, label, f"{int(index):09d}"))
