@@ -8,13 +8,13 @@ A *source* gives lists of samples ``(image, label)``, one for train and one for 
   fixed 2 % of the files (at least one) is held out for validation.
 - ``list``: a text file with one image path per line and an optional integer label after a space or tab;
   relative paths are relative to the list file; blank lines and ``#`` comments are skipped. Split as above.
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, labels 0..9, offline), upscaled once to
+  ``img_size``, with a fixed stratified 20 % validation split (`digits_split`).
 - ``shards``: WebDataset tar shards, streamed (`simmim.shards`).
 
 Folder and list files are not decoded at setup (``verify=True`` does, and drops the unreadable ones): a file
 that fails to decode when read is replaced by another sample of the split and counted (`SkipCounter`). Their
 paths and labels live in numpy arrays (`FileList`), so DataLoader workers share them instead of copying.
-- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, labels 0..9, offline), upscaled once to
-  ``img_size``, with a fixed stratified 20 % validation split (`digits_split`).
 
 Masks depend only on (seed, epoch, index): `EpochSampler` hands the epoch to the dataset with every index, so
 neither the worker count nor a resumed run changes them.
@@ -59,6 +59,7 @@ DIGITS_VAL_FRACTION = 0.2
 CHECK_CHUNK = 256  # files per thread-pool task when checking that images decode
 MAX_REPLACEMENTS = 100  # a sample whose file and this many replacements all fail to decode is an error
 SKIP_WARN_EVERY = 1000  # warn at the first undecodable file and then at every this many
+EXIF_SEARCH = 1 << 18  # bytes at the start of a JPEG searched for its EXIF segment (it precedes the image data)
 
 Sample = tuple[str | np.ndarray, int]
 
@@ -106,12 +107,12 @@ def read_image(path: str | os.PathLike, min_short: int = 0, min_area: int = 0) -
 def decode_image(data: bytes | np.ndarray, name: str = "image", min_short: int = 0, min_area: int = 0) -> np.ndarray:
     """Decode encoded image bytes to uint8 (H, W, 3) RGB, EXIF orientation applied.
 
-    JPEGs are decoded by libjpeg-turbo (simplejpeg) at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper than a
-    full decode) when the result still has a short side >= min_short and an area >= min_area (both 0:
-    full size): give what the transform needs (`decode_needs`). Other formats (and JPEGs simplejpeg rejects,
-    e.g. CMYK) go through ``cv2.imdecode(IMREAD_UNCHANGED)``: grayscale is repeated to 3 channels, an alpha
-    channel composited onto black, 16-bit values divided by 257 (rounded). Truncated or corrupt files raise
-    ValueError naming `name`.
+    JPEGs are decoded by libjpeg-turbo (simplejpeg) at 1/2, 1/4 or 1/8 scale (DCT scaling: the inverse DCT,
+    upsampling and color conversion shrink, the entropy decoding does not) when the result still has a short
+    side >= min_short and an area >= min_area (both 0: full size): give what the transform needs
+    (`decode_needs`). Other formats, and JPEGs simplejpeg does not take (CMYK), go through
+    ``cv2.imdecode(IMREAD_UNCHANGED)``: grayscale is repeated to 3 channels, an alpha channel composited onto
+    black, 16-bit values divided by 257 (rounded). Truncated or corrupt files raise ValueError naming `name`.
     """
     data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     image = None
@@ -160,7 +161,7 @@ def _decode_cv2(data: np.ndarray, name: str) -> np.ndarray:
 
 def _exif_orientation(data: np.ndarray) -> int:
     """The EXIF orientation (1..8) of a JPEG's APP1 segment, 1 when it has none."""
-    raw, pos = data.tobytes(), 2
+    raw, pos = data[:EXIF_SEARCH].tobytes(), 2
     while pos + 4 <= len(raw) and raw[pos] == 0xFF:
         marker, length = raw[pos + 1], int.from_bytes(raw[pos + 2:pos + 4], "big")
         if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
