@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
-from simmim.data import labeled_datasets
+from simmim.data import (LabeledItem, SkipCounter, eval_transform, finetune_transform, labeled_datasets,
+                         shard_source, uses_cuda)
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
 from simmim.train.strategies import shards_parameters
 from simmim.models.swinv2 import SwinTransformerV2
@@ -227,23 +228,51 @@ class SwinV2Classifier(pl.LightningModule):
 
 # ------------------------------------------------------------------------------------------------ data
 class ClassificationDataModule(pl.LightningDataModule):
-    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms)."""
+    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms),
+    or streamed from WebDataset shards (source="shards": `simmim.shards.ShardSource`, its position in the epoch
+    saved in checkpoints)."""
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
-                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0):
+                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0, verify: bool = False,
+                 shards: str | None = None, val_shards: str | None = None, shuffle_buffer: int = 1000,
+                 seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = None
+        self.skipped = SkipCounter()
+        self.shards, self._shards_state = None, None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            hp = self.hparams
-            self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file)
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        if hp.source == "shards":
+            transforms = finetune_transform(hp.img_size), eval_transform(hp.img_size)
+            self.shards = shard_source(hp, [LabeledItem(t) for t in transforms], transforms, self.skipped)
+            self.shards.split(self.trainer, hp.num_workers)
+            if self._shards_state:
+                self.shards.load_state_dict(self._shards_state)
+            self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
+            return
+        self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify)
+        self.train_set.skipped = self.val_set.skipped = self.skipped
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         hp = self.hparams
+        if self.shards is not None:
+            return self.shards.loader(train, self.trainer, hp.batch_size, hp.num_workers,
+                                      pin_memory=uses_cuda(self.trainer))
         return DataLoader(dataset, batch_size=hp.batch_size, shuffle=train, num_workers=hp.num_workers,
-                          drop_last=train and len(dataset) >= hp.batch_size, persistent_workers=hp.num_workers > 0)
+                          drop_last=train and len(dataset) >= hp.batch_size, persistent_workers=hp.num_workers > 0,
+                          pin_memory=uses_cuda(self.trainer))
+
+    def state_dict(self) -> dict:
+        return {"shards": self.shards.state_dict(self.trainer)} if self.shards is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._shards_state = state_dict.get("shards")
+        if self.shards is not None and self._shards_state:
+            self.shards.load_state_dict(self._shards_state)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
 from finetune.module import ClassificationDataModule, SwinV2Classifier
+from simmim.data import LogSkipped
 from simmim.models.checkpoint import load_pretrained, pretrained_window_sizes, read_checkpoint
 from simmim.train.config import ConfigError
 from simmim.train.stage import Stage, run_stage, section
@@ -54,8 +55,9 @@ def stage() -> Stage:
     """Fine-tuning as `simmim.train.stage` runs it."""
     return Stage(name="finetune", module=SwinV2Classifier, datamodule=ClassificationDataModule,
                  module_keys=lambda cfg: {"model": "model", **section(cfg, "optim"), **section(cfg, "train")},
-                 data_keys=lambda cfg: section(cfg, "data"), monitor="val/top1", mode="max",
-                 prepare=read_pretrained, setup=load_weights, finish=held_out_top1)
+                 data_keys=lambda cfg: {**section(cfg, "data"), "seed": "seed"}, monitor="val/top1", mode="max",
+                 prepare=read_pretrained, setup=load_weights, callbacks=lambda cfg, run_dir: [LogSkipped()],
+                 finish=held_out_top1)
 
 
 def main(argv: list[str]) -> None:

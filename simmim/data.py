@@ -5,11 +5,16 @@ A *source* gives lists of samples ``(image, label)``, one for train and one for 
 
 - ``folder``: every image under ``root`` (recursive). Labels are the sorted first-level subfolders when every
   image sits in one, else 0. ``root/train`` + ``root/val`` are used as the splits when both exist; otherwise a
-  fixed 2 % of the readable files (at least one) is held out for validation.
+  fixed 2 % of the files (at least one) is held out for validation.
 - ``list``: a text file with one image path per line and an optional integer label after a space or tab;
   relative paths are relative to the list file; blank lines and ``#`` comments are skipped. Split as above.
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, labels 0..9, offline), upscaled once to
   ``img_size``, with a fixed stratified 20 % validation split (`digits_split`).
+- ``shards``: WebDataset tar shards, streamed (`simmim.shards`).
+
+Folder and list files are not decoded at setup (``verify=True`` does, and drops the unreadable ones): a file
+that fails to decode when read is replaced by another sample of the split and counted (`SkipCounter`). Their
+paths and labels live in numpy arrays (`FileList`), so DataLoader workers share them instead of copying.
 
 Masks depend only on (seed, epoch, index): `EpochSampler` hands the epoch to the dataset with every index, so
 neither the worker count nor a resumed run changes them.
@@ -20,6 +25,7 @@ import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -27,6 +33,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytorch_lightning as pl
+import simplejpeg
 import torch
 from albumentations.pytorch import ToTensorV2
 from sklearn.datasets import load_digits
@@ -37,7 +44,8 @@ from masking import build_mask_generator
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
-    "pretrain_transform", "finetune_transform", "eval_transform", "read_image",
+    "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image", "decode_needs",
+    "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source",
     "digits_split", "build_sources", "build_source", "labeled_datasets",
     "ImageDataset", "MaskedImageDataset", "EpochSampler", "SimMIMDataModule",
 ]
@@ -45,10 +53,13 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-SOURCES = ("folder", "list", "digits")
+SOURCES = ("folder", "list", "digits", "shards")
 VAL_HOLDOUT = 0.02  # fraction of a folder / list held out for validation when it has no val split
 DIGITS_VAL_FRACTION = 0.2
 CHECK_CHUNK = 256  # files per thread-pool task when checking that images decode
+MAX_REPLACEMENTS = 100  # a sample whose file and this many replacements all fail to decode is an error
+SKIP_WARN_EVERY = 1000  # warn at the first undecodable file and then at every this many
+EXIF_SEARCH = 1 << 18  # bytes at the start of a JPEG searched for its EXIF segment (it precedes the image data)
 
 Sample = tuple[str | np.ndarray, int]
 
@@ -87,25 +98,57 @@ def eval_transform(img_size: int) -> A.Compose:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to uint8 (H, W, 3) RGB.
+def read_image(path: str | os.PathLike, min_short: int = 0, min_area: int = 0) -> np.ndarray:
+    """Decode an image file to uint8 (H, W, 3) RGB (see `decode_image`). Raises OSError if the file cannot be
+    read, ValueError if it does not decode."""
+    return decode_image(np.fromfile(path, dtype=np.uint8), str(path), min_short, min_area)
 
-    Grayscale is repeated to 3 channels, an alpha channel is composited onto black, 16-bit values are divided
-    by 257 (rounded). The file is read with ``np.fromfile`` and decoded with ``cv2.imdecode(IMREAD_UNCHANGED)``:
-    unlike ``cv2.imread``, that rejects truncated JPEGs instead of returning them gray-filled. EXIF orientation
-    is not applied. Raises OSError if the file cannot be read, ValueError if it does not decode.
+
+def decode_image(data: bytes | np.ndarray, name: str = "image", min_short: int = 0, min_area: int = 0) -> np.ndarray:
+    """Decode encoded image bytes to uint8 (H, W, 3) RGB, EXIF orientation applied.
+
+    JPEGs are decoded by libjpeg-turbo (simplejpeg) at 1/2, 1/4 or 1/8 scale (DCT scaling: the inverse DCT,
+    upsampling and color conversion shrink, the entropy decoding does not) when the result still has a short
+    side >= min_short and an area >= min_area (both 0: full size): give what the transform needs
+    (`decode_needs`). Other formats, and JPEGs simplejpeg does not take (CMYK), go through
+    ``cv2.imdecode(IMREAD_UNCHANGED)``: grayscale is repeated to 3 channels, an alpha channel composited onto
+    black, 16-bit values divided by 257 (rounded). Truncated or corrupt files raise ValueError naming `name`.
     """
-    data = np.fromfile(path, dtype=np.uint8)
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    image = None
+    if data[:2].tobytes() == b"\xff\xd8":
+        image = _decode_jpeg(data, name, min_short, min_area)
+    if image is None:
+        image = _decode_cv2(data, name)
+    return _orient(image, _exif_orientation(data) if data[:2].tobytes() == b"\xff\xd8" else 1)
+
+
+def _decode_jpeg(data: np.ndarray, name: str, min_short: int, min_area: int) -> np.ndarray | None:
+    """simplejpeg at the largest 1/f (f = 8, 4, 2, 1) that keeps min_short and min_area; None if it cannot."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("Gray", "YCbCr", "RGB"):
+            return None
+        factor = next(f for f in (8, 4, 2, 1) if f == 1 or (min_short or min_area) and (
+            min(height, width) / f >= min_short and height * width / f ** 2 >= min_area))
+        scale = {} if factor == 1 else {"min_height": -(-height // factor), "min_width": -(-width // factor)}
+        image = simplejpeg.decode_jpeg(data, colorspace="GRAY" if colorspace == "Gray" else "RGB", **scale)
+    except ValueError as error:
+        raise ValueError(f"cannot decode image {name}: the file is corrupt, truncated or not an image ({error})")
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 or image.shape[2] == 1 else image
+
+
+def _decode_cv2(data: np.ndarray, name: str) -> np.ndarray:
     try:
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error:
         image = None
     if image is None:
-        raise ValueError(f"cannot decode image {path}: the file is corrupt, truncated or not an image")
+        raise ValueError(f"cannot decode image {name}: the file is corrupt, truncated or not an image")
     if image.dtype == np.uint16:
         image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif image.dtype != np.uint8:
-        raise ValueError(f"unsupported pixel type {image.dtype} in {path}: only 8- and 16-bit images are supported")
+        raise ValueError(f"unsupported pixel type {image.dtype} in {name}: only 8- and 16-bit images are supported")
     if image.ndim == 2:
         image = image[..., None]
     if image.shape[2] in (2, 4):  # gray + alpha or BGRA
@@ -114,6 +157,57 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if image.shape[2] == 1:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _exif_orientation(data: np.ndarray) -> int:
+    """The EXIF orientation (1..8) of a JPEG's APP1 segment, 1 when it has none."""
+    raw, pos = data[:EXIF_SEARCH].tobytes(), 2
+    while pos + 4 <= len(raw) and raw[pos] == 0xFF:
+        marker, length = raw[pos + 1], int.from_bytes(raw[pos + 2:pos + 4], "big")
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
+            return 1
+        segment = raw[pos + 4:pos + 2 + length]
+        if marker == 0xE1 and segment[:6] == b"Exif\0\0":
+            tiff = segment[6:]
+            order = "little" if tiff[:2] == b"II" else "big"
+            ifd = int.from_bytes(tiff[4:8], order)
+            for i in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+                entry = tiff[ifd + 2 + 12 * i:ifd + 14 + 12 * i]
+                if int.from_bytes(entry[:2], order) == 0x0112:
+                    value = int.from_bytes(entry[8:10], order)
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        pos += 2 + length
+    return 1
+
+
+def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """The upright image of EXIF orientation 1..8: 2 mirrored, 3 turned 180, 4 flipped, 5 transposed, 6 turned
+    90 counterclockwise, 7 transversed, 8 turned 90 clockwise (as stored)."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(1, 0, 2)  # 5; then 6 = mirror, 7 = both, 8 = flip
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    if orientation in (2, 3):
+        image = image[:, ::-1]
+    if orientation in (3, 4):
+        image = image[::-1]
+    return np.ascontiguousarray(image)
+
+
+def decode_needs(transform: A.Compose) -> dict[str, int]:
+    """{"min_short", "min_area"} of a decoded image (`decode_image`) for the transform's output to keep full
+    detail: a random resized crop must still span img_size pixels across its smallest crop (area fraction
+    scale[0], aspect ratio within `ratio`); a resize of the short side to S needs a short side >= S. Zeros
+    (a full decode) for other transforms."""
+    first = transform.transforms[0]
+    if isinstance(first, A.RandomResizedCrop):
+        size = max(first.size)
+        area = size ** 2 / (first.scale[0] * min(first.ratio[0], 1 / first.ratio[1]))
+        return {"min_short": size, "min_area": int(np.ceil(area))}
+    if isinstance(first, A.SmallestMaxSize):
+        return {"min_short": first.max_size if isinstance(first.max_size, int) else max(first.max_size),
+                "min_area": 0}
+    return {"min_short": 0, "min_area": 0}
 
 
 def _is_readable(path: str) -> bool:
@@ -143,12 +237,53 @@ def _digits_samples(img_size: int) -> tuple[list[Sample], list[Sample]]:
             [(images[i], int(digits.target[i])) for i in val])
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under folder (recursive, following links), sorted, as paths relative to folder."""
+class FileList:
+    """Image paths and integer labels held in numpy arrays; ``file_list[i]`` is ``(path str, label int)``.
+
+    A Python list of tuples would be one refcounted object per file, which every DataLoader worker copies page
+    by page as it reads them (pytorch/pytorch#13246); here the paths are one byte buffer plus offsets.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int]):
+        encoded = [os.fsencode(path) for path in paths]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(path) for path in encoded], out=self.offsets[1:])
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(len(encoded))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return os.fsdecode(self.data[start:end].tobytes()), int(self.labels[index])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return (self[i] for i in range(len(self)))
+
+    def path(self, index: int) -> str:
+        return self[index][0]
+
+    def subset(self, indices: np.ndarray) -> "FileList":
+        """The samples at `indices` (int array), in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        starts, lengths = self.offsets[indices], self.offsets[indices + 1] - self.offsets[indices]
+        subset = FileList([], [])
+        subset.offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=subset.offsets[1:])
+        subset.data = self.data[np.repeat(starts - subset.offsets[:-1], lengths) + np.arange(subset.offsets[-1])]
+        subset.labels = self.labels[indices]
+        return subset
+
+
+def _image_files(folder: str | os.PathLike) -> list[str]:
+    """Image files under folder (recursive, following links), sorted, as paths relative to folder (plain
+    strings: pathlib objects would cost minutes for millions of files)."""
     files = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
-        files += [Path(dirpath, name).relative_to(folder) for name in sorted(filenames)
+        relative = os.path.relpath(dirpath, folder)
+        files += [name if relative == "." else os.path.join(relative, name) for name in sorted(filenames)
                   if name.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
@@ -156,68 +291,79 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[list[Sample], list[str]]:
+def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[FileList, list[str]]:
     """Samples under folder and the class names used for their labels.
 
     classes None: the sorted first-level subfolders when every image sits in one, else [] (every label 0).
     """
     files = _image_files(folder)
+    tops = [f.split(os.sep, 1)[0] if os.sep in f else None for f in files]
     if classes is None:
-        classes = [] if any(len(f.parts) == 1 for f in files) else sorted({f.parts[0] for f in files})
+        classes = [] if None in tops else sorted(set(tops))
     index = {name: i for i, name in enumerate(classes)}
-    if classes and (stray := [f for f in files if len(f.parts) == 1 or f.parts[0] not in index]):
+    if classes and (stray := [f for f, top in zip(files, tops) if top not in index]):
         raise ValueError(f"{folder / stray[0]} is outside the train class folders; "
                          f"give train and val the same class folders")
-    return [(str(folder / f), index[f.parts[0]] if classes else 0) for f in files], classes
+    labels = [index[top] for top in tops] if classes else [0] * len(files)
+    return FileList([os.path.join(folder, f) for f in files], labels), classes
 
 
-def _list_samples(list_file: Path) -> list[Sample]:
+def _list_samples(list_file: Path) -> FileList:
     if not list_file.is_file():
         raise FileNotFoundError(f"image list {list_file} does not exist; pass list_file=<text file with one image "
                                 f"path and an optional label per line>")
-    samples = []
-    for line in list_file.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        labeled = re.fullmatch(r"(.*\S)\s+(\d+)", line)
-        path, label = (labeled[1], int(labeled[2])) if labeled else (line, 0)
-        samples.append((str(list_file.parent / path), label))
-    if not samples:
+    paths, labels = [], []
+    with open(list_file) as lines:
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            labeled = re.fullmatch(r"(.*\S)\s+(\d+)", line)
+            paths.append(os.path.join(list_file.parent, labeled[1] if labeled else line))
+            labels.append(int(labeled[2]) if labeled else 0)
+    if not paths:
         raise ValueError(f"image list {list_file} names no images; write one image path per line")
-    return samples
+    return FileList(paths, labels)
 
 
-def _hold_out(samples: list[Sample], where: str) -> tuple[list[Sample], list[Sample]]:
+def _hold_out(samples: FileList, where: str) -> tuple[FileList, FileList]:
     """Fixed split: a seed-0 random VAL_HOLDOUT of the samples (at least one) goes to val."""
     if len(samples) < 2:
-        raise ValueError(f"{where} has only 1 readable image; need at least 2 to hold one out for validation")
+        raise ValueError(f"{where} has only 1 image; need at least 2 to hold one out for validation")
     num_val = max(1, round(VAL_HOLDOUT * len(samples)))
     is_val = np.zeros(len(samples), dtype=bool)
     is_val[np.random.default_rng(0).permutation(len(samples))[:num_val]] = True
-    return ([s for s, v in zip(samples, is_val) if not v], [s for s, v in zip(samples, is_val) if v])
+    return samples.subset(np.flatnonzero(~is_val)), samples.subset(np.flatnonzero(is_val))
 
 
-def _drop_unreadable(samples: list[Sample], where: str) -> list[Sample]:
-    """Decode every file once (thread pool) and drop the bad ones with one warning; error if none is left."""
-    paths = [path for path, _ in samples]
+def _drop_unreadable(splits: tuple[FileList, ...], where: str) -> tuple[FileList, ...]:
+    """Decode every file once (thread pool) and drop the bad ones with one warning; error if a split is left empty."""
+    paths = [path for split in splits for path, _ in split]
     chunks = [paths[i:i + CHECK_CHUNK] for i in range(0, len(paths), CHECK_CHUNK)]
     with ThreadPoolExecutor() as pool:
-        flags = [ok for chunk in pool.map(lambda c: [_is_readable(p) for p in c], chunks) for ok in chunk]
-    bad = [path for path, ok in zip(paths, flags) if not ok]
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable images of {len(paths)} under {where} (first: {bad[0]})",
-                      stacklevel=3)
-    if len(bad) == len(paths):
-        raise ValueError(f"no readable images under {where}; all {len(paths)} files failed to decode")
-    return [sample for sample, ok in zip(samples, flags) if ok]
+        flags = np.array([ok for chunk in pool.map(lambda c: [_is_readable(p) for p in c], chunks) for ok in chunk],
+                         dtype=bool)
+    if not flags.all():
+        bad = paths[int(np.argmin(flags))]
+        warnings.warn(f"skipped {int((~flags).sum())} unreadable images of {len(paths)} under {where} "
+                      f"(first: {bad})", stacklevel=3)
+    kept, start = [], 0
+    for split in splits:
+        ok = flags[start:start + len(split)]
+        start += len(split)
+        if not ok.any():
+            raise ValueError(f"no readable images under {where}; all {len(split)} files of a split failed to decode")
+        kept.append(split.subset(np.flatnonzero(ok)))
+    return tuple(kept)
 
 
 def build_sources(name: str, img_size: int, root: str | os.PathLike | None = None,
-                  list_file: str | os.PathLike | None = None) -> tuple[list[Sample], list[Sample]]:
+                  list_file: str | os.PathLike | None = None,
+                  verify: bool = False) -> tuple[FileList | list[Sample], FileList | list[Sample]]:
     """(train, val) samples of a source ("folder" needs root, "list" needs list_file; digits need img_size).
 
-    Folder and list files are all decoded once here; unreadable ones are skipped with a single warning.
+    Files are only listed here; with verify they are all decoded once and the unreadable ones dropped with a
+    single warning (the split is made first, so it does not depend on verify).
     """
     if name == "digits":
         return _digits_samples(img_size)
@@ -225,31 +371,62 @@ def build_sources(name: str, img_size: int, root: str | os.PathLike | None = Non
         if root is None or not Path(root).is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist; pass root=<folder of images>")
         root = Path(root)
-        if not ((root / "train").is_dir() and (root / "val").is_dir()):
-            return _hold_out(_drop_unreadable(_folder_samples(root)[0], str(root)), str(root))
-        train, classes = _folder_samples(root / "train")
-        val, _ = _folder_samples(root / "val", classes)
-        val_paths = {path for path, _ in val}
-        kept = _drop_unreadable(train + val, str(root))
-        train, val = [s for s in kept if s[0] not in val_paths], [s for s in kept if s[0] in val_paths]
-        for split, samples in (("train", train), ("val", val)):
-            if not samples:
-                raise ValueError(f"no readable images in {root / split}; check the files there")
-        return train, val
-    if name == "list":
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            train, classes = _folder_samples(root / "train")
+            splits = train, _folder_samples(root / "val", classes)[0]
+        else:
+            splits = _hold_out(_folder_samples(root)[0], str(root))
+    elif name == "list":
         if list_file is None:
             raise FileNotFoundError("the list source needs list_file=<text file with one image path per line>")
-        return _hold_out(_drop_unreadable(_list_samples(Path(list_file)), str(list_file)), str(list_file))
-    raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
+        splits = _hold_out(_list_samples(Path(list_file)), str(list_file))
+    elif name == "shards":
+        raise ValueError("the shards source streams its samples: use simmim.shards (SimMIMDataModule does)")
+    else:
+        raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
+    return _drop_unreadable(splits, str(root if name == "folder" else list_file)) if verify else splits
 
 
 def build_source(name: str, split: str, img_size: int, root: str | os.PathLike | None = None,
-                 list_file: str | os.PathLike | None = None) -> list[Sample]:
+                 list_file: str | os.PathLike | None = None, verify: bool = False) -> FileList | list[Sample]:
     """The "train" or "val" samples of a source (see `build_sources`)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    train, val = build_sources(name, img_size, root, list_file)
+    train, val = build_sources(name, img_size, root, list_file, verify)
     return train if split == "train" else val
+
+
+class SkipCounter:
+    """Counts the images that failed to decode, over the main process and every DataLoader worker.
+
+    One int64 slot per worker (mod SLOTS - 1, the last slot is the main process) in shared memory, so
+    workers never write the same slot. Warns at the first skip and at every SKIP_WARN_EVERY-th of a process.
+    """
+    SLOTS = 257
+
+    def __init__(self):
+        self.counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self, error: Exception) -> None:
+        worker = get_worker_info()
+        slot = self.SLOTS - 1 if worker is None else worker.id % (self.SLOTS - 1)
+        self.counts[slot] += 1
+        if (count := int(self.counts[slot])) == 1 or count % SKIP_WARN_EVERY == 0:
+            warnings.warn(f"skipped {self.total} undecodable images so far, replaced by other samples "
+                          f"(logged as data/skipped; latest: {error})", stacklevel=3)
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+class LogSkipped(pl.Callback):
+    """Logs ``data/skipped``, the images that failed to decode so far (`SkipCounter` of the datamodule)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        counter = getattr(trainer.datamodule, "skipped", None)
+        if counter is not None and trainer.global_step % trainer.log_every_n_steps == 0:
+            pl_module.log("data/skipped", float(counter.total), reduce_fx="sum", sync_dist=True)
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -261,17 +438,18 @@ class ImageDataset(Dataset):
     So inside a worker the transform is reseeded from the worker's torch seed (new each epoch and worker).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: A.Compose):
-        self.samples = list(samples)
+    def __init__(self, samples: FileList | Sequence[Sample], transform: A.Compose):
+        self.samples = samples if isinstance(samples, FileList) else list(samples)
         self.transform = transform
         self._worker_seed = None
+        self.skipped = SkipCounter()
+        self.decode_needs = decode_needs(transform)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.samples[index]
-        image = read_image(image) if isinstance(image, (str, os.PathLike)) else image
+        image, label = self._load(index)
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
         worker = get_worker_info()
@@ -279,6 +457,21 @@ class ImageDataset(Dataset):
             self._worker_seed = worker.seed
             self.transform.set_random_seed(worker.seed % 2 ** 32)
         return self.transform(image=image)["image"], label
+
+    def _load(self, index: int) -> tuple[np.ndarray, int]:
+        """The image and label at index; a file that does not decode is counted in `skipped` and replaced by
+        another sample, drawn from np.random.default_rng([index, attempt]) (so always the same one)."""
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            image, label = self.samples[index]
+            if not isinstance(image, (str, os.PathLike)):
+                return image, label
+            try:
+                return read_image(image, **self.decode_needs), label
+            except (OSError, ValueError) as error:
+                self.skipped.add(error)
+                index = int(np.random.default_rng([index, attempt]).integers(len(self.samples)))
+        raise RuntimeError(f"{MAX_REPLACEMENTS + 1} files in a row failed to decode (last: {image}); most of the "
+                           f"data is unreadable, check it (data.verify=true lists what decodes at setup)")
 
 
 class MaskedImageDataset(Dataset):
@@ -329,50 +522,96 @@ class EpochSampler(DistributedSampler):
 
 
 def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.PathLike | None = None,
-                     list_file: str | os.PathLike | None = None) -> tuple[ImageDataset, ImageDataset]:
+                     list_file: str | os.PathLike | None = None,
+                     verify: bool = False) -> tuple[ImageDataset, ImageDataset]:
     """(train, val) ImageDatasets for a classification fine-tune: finetune / eval transforms, same splits."""
-    train, val = build_sources(source, img_size, root, list_file)
+    train, val = build_sources(source, img_size, root, list_file, verify)
     return ImageDataset(train, finetune_transform(img_size)), ImageDataset(val, eval_transform(img_size))
 
 
 # ------------------------------------------------------------------------------------------------ datamodule
+class MaskedItem:
+    """(image, label, rng) -> (transformed image (3, S, S), mask (h, w) int64, label): the transform is seeded
+    from rng, then the mask drawn from it (the per-sample randomness of the shards source)."""
+
+    def __init__(self, transform: A.Compose, mask_generator: Callable[[np.random.Generator], np.ndarray]):
+        self.transform, self.mask_generator = transform, mask_generator
+
+    def __call__(self, image: np.ndarray, label: int, rng: np.random.Generator):
+        self.transform.set_random_seed(int(rng.integers(2 ** 32)))
+        return self.transform(image=image)["image"], torch.from_numpy(self.mask_generator(rng)), label
+
+
+class LabeledItem:
+    """(image, label, rng) -> (transformed image (3, S, S), label), the transform seeded from rng (the
+    per-sample randomness of the shards source for a classifier)."""
+
+    def __init__(self, transform: A.Compose):
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray, label: int, rng: np.random.Generator):
+        self.transform.set_random_seed(int(rng.integers(2 ** 32)))
+        return self.transform(image=image)["image"], label
+
+
 class SimMIMDataModule(pl.LightningDataModule):
     """Masked (image, mask, label) batches for SimMIM: images (B, 3, S, S), masks (B, S/p, S/p) with p the
     model patch size, labels (B,).
 
     Train uses `pretrain_transform` and masks that change every epoch; val uses `eval_transform` and the fixed
     epoch-0 masks. Folder sources without train/ and val/ subfolders, and list sources, hold out a fixed 2 %
-    of their readable files (at least one) for validation.
+    of their files (at least one) for validation. The shards source (`simmim.shards`) streams ``shards``
+    (validation: ``val_shards``, else the last shard is held out); its position in the epoch is the
+    datamodule's state, saved in Lightning checkpoints.
     """
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
                  img_size: int = 64, batch_size: int = 32, num_workers: int = 0, mask_kind: str = "random",
                  mask_patch_size: int = 16, model_patch_size: int = 4, mask_ratio: float = 0.6, seed: int = 0,
-                 pin_memory: bool = False, drop_last: bool = True):
+                 pin_memory: bool | None = None, drop_last: bool = True, verify: bool = False,
+                 shards: str | None = None, val_shards: str | None = None, shuffle_buffer: int = 1000):
         super().__init__()
         self.save_hyperparameters()
         self.train_set: MaskedImageDataset | None = None
         self.val_set: MaskedImageDataset | None = None
+        self.skipped = SkipCounter()
+        self.shards, self._shards_state = None, None  # the shards source (simmim.shards.ShardSource), its state
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         hp = self.hparams
-        train, val = build_sources(hp.source, hp.img_size, hp.root, hp.list_file)
+        masks = build_mask_generator(hp.mask_kind, input_size=hp.img_size, mask_patch_size=hp.mask_patch_size,
+                                     model_patch_size=hp.model_patch_size, mask_ratio=hp.mask_ratio, seed=hp.seed)
+        transforms = pretrain_transform(hp.img_size), eval_transform(hp.img_size)
+        if hp.source == "shards":
+            self.shards = shard_source(hp, [MaskedItem(t, masks) for t in transforms], transforms, self.skipped)
+            self.shards.split(self.trainer, hp.num_workers)
+            if self._shards_state:
+                self.shards.load_state_dict(self._shards_state)
+            self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
+            return
+        train, val = build_sources(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify)
         if hp.drop_last and len(train) < hp.batch_size:
             raise ValueError(f"only {len(train)} training images, fewer than batch_size={hp.batch_size} with "
                              f"drop_last=True; lower batch_size or set drop_last=False")
-        masks = build_mask_generator(hp.mask_kind, input_size=hp.img_size, mask_patch_size=hp.mask_patch_size,
-                                     model_patch_size=hp.model_patch_size, mask_ratio=hp.mask_ratio, seed=hp.seed)
-        self.train_set = MaskedImageDataset(ImageDataset(train, pretrain_transform(hp.img_size)), masks, hp.seed)
-        self.val_set = MaskedImageDataset(ImageDataset(val, eval_transform(hp.img_size)), masks, hp.seed)
+        self.train_set = MaskedImageDataset(ImageDataset(train, transforms[0]), masks, hp.seed)
+        self.val_set = MaskedImageDataset(ImageDataset(val, transforms[1]), masks, hp.seed)
+        self.train_set.dataset.skipped = self.val_set.dataset.skipped = self.skipped
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.hparams.seed,
-                               drop_last=self.hparams.drop_last, **self._ranks())
-        return self._loader(self.train_set, sampler, drop_last=self.hparams.drop_last)
+        hp = self.hparams
+        if self.shards is not None:
+            return self.shards.loader(True, self.trainer, hp.batch_size, hp.num_workers, hp.drop_last,
+                                      self._pin_memory())
+        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=hp.seed, drop_last=hp.drop_last,
+                               **self._ranks())
+        return self._loader(self.train_set, sampler, drop_last=hp.drop_last)
 
     def val_dataloader(self) -> DataLoader:
+        if self.shards is not None:
+            return self.shards.loader(False, self.trainer, self.hparams.batch_size, self.hparams.num_workers,
+                                      pin_memory=self._pin_memory())
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
 
@@ -380,11 +619,37 @@ class SimMIMDataModule(pl.LightningDataModule):
         """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""
         return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
 
+    def _pin_memory(self) -> bool:
+        """pin_memory, or when None: whether the trainer (or, outside one, this machine) uses CUDA."""
+        if self.hparams.pin_memory is not None:
+            return self.hparams.pin_memory
+        return uses_cuda(self.trainer)
+
     def _loader(self, dataset: Dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory, drop_last=drop_last,
-            # Workers carry no state between epochs: the epoch reaches them with every index through the
-            # sampler, so restarting them each epoch is safe and gives their transforms fresh seeds.
-            persistent_workers=False,
-        )
+            pin_memory=self._pin_memory(), drop_last=drop_last, persistent_workers=self.hparams.num_workers > 0)
+
+    def state_dict(self) -> dict:
+        """The shards source's place in the epoch (saved in Lightning checkpoints)."""
+        return {"shards": self.shards.state_dict(self.trainer)} if self.shards is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._shards_state = state_dict.get("shards")
+        if self.shards is not None and self._shards_state:
+            self.shards.load_state_dict(self._shards_state)
+
+
+def uses_cuda(trainer) -> bool:
+    """Whether the trainer (or, outside one, this machine) runs on CUDA: then DataLoaders pin memory."""
+    return trainer.strategy.root_device.type == "cuda" if trainer is not None else torch.cuda.is_available()
+
+
+def shard_source(hp, items: list, transforms: tuple, skipped: SkipCounter):
+    """The `simmim.shards.ShardSource` of data hyperparameters (shards, val_shards, seed, shuffle_buffer): items
+    and transforms are (train, val) pairs; JPEGs are decoded at the scale each transform needs."""
+    from simmim.shards import ShardSource
+
+    decodes = [partial(decode_image, name="sample", **decode_needs(t)) for t in transforms]
+    return ShardSource(hp.shards, hp.val_shards, items, decodes, skipped, seed=hp.seed,
+                       shuffle_buffer=hp.shuffle_buffer)

@@ -11,6 +11,7 @@ config, checkpoints (last, best), logs (TensorBoard, CSV), reconstruction pictur
 """
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
+from torch.utils.data import IterableDataset
 
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.train.checkpoint_io import atomic_save
@@ -148,7 +150,10 @@ class ReconstructionPictures(pl.Callback):
 
     def _fixed_batch(self, trainer, device):
         dataset = trainer.datamodule.val_set
-        items = [dataset[(i, 0)] for i in range(min(self.num_images, len(dataset)))]
+        if isinstance(dataset, IterableDataset):  # streamed (the shards source): its first samples
+            items = list(itertools.islice(dataset, self.num_images))
+        else:
+            items = [dataset[(i, 0)] for i in range(min(self.num_images, len(dataset)))]
         x = torch.stack([item[0] for item in items]).to(device)
         mask = torch.stack([torch.as_tensor(item[1]) for item in items]).to(device)
         return x, mask
@@ -188,7 +193,9 @@ def _data_keys(cfg) -> dict[str, str]:
 
 
 def _callbacks(cfg, run_dir: Path) -> list[pl.Callback]:
-    return [ThroughputMonitor(),
+    from simmim.data import LogSkipped
+
+    return [ThroughputMonitor(), LogSkipped(),
             ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps, cfg.logging.recon_images)]
 
 

@@ -1,3 +1,5 @@
+import os
+import time
 import warnings
 
 import cv2
@@ -7,9 +9,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, ImageDataset, MaskedImageDataset,
-                         SimMIMDataModule, build_source, build_sources, digits_split, eval_transform,
-                         finetune_transform, labeled_datasets, pretrain_transform, read_image)
+from simmim import data
+from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset, MaskedImageDataset,
+                         SimMIMDataModule, build_source, build_sources, decode_image, decode_needs, digits_split,
+                         eval_transform, finetune_transform, labeled_datasets, pretrain_transform, read_image)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -82,6 +85,50 @@ def test_read_image_errors(tmp_path):
         read_image(tmp_path / "noise.png")
 
 
+def smooth_jpeg(shape, quality=90):
+    image = cv2.GaussianBlur(color_image(7, shape), (0, 0), 4)
+    return image, cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int, order: str = "little") -> bytes:
+    """The JPEG with an APP1 Exif segment whose IFD0 holds Orientation (tag 0x0112, SHORT)."""
+    short, long_ = (lambda v: v.to_bytes(2, order)), (lambda v: v.to_bytes(4, order))
+    tiff = (b"II*\0" if order == "little" else b"MM\0*") + long_(8) + short(1)
+    tiff += short(0x0112) + short(3) + long_(1) + short(orientation) + b"\0\0" + long_(0)
+    segment = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_opencv(orientation):
+    """OpenCV's IMREAD_COLOR applies EXIF orientation itself: an independent reference."""
+    _, jpeg = smooth_jpeg((30, 40, 3))
+    for order in ("little", "big"):
+        encoded = with_exif_orientation(jpeg, orientation, order)
+        expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        out = decode_image(encoded)
+        assert out.shape == expected.shape == ((30, 40, 3) if orientation < 5 else (40, 30, 3))
+        assert np.abs(out.astype(int) - expected).max() <= 2  # two libjpeg builds: rounding may differ
+
+
+def test_jpegs_decode_at_reduced_scale_when_the_crop_allows():
+    image, jpeg = smooth_jpeg((1200, 1600, 3))
+    full = decode_image(jpeg)
+    assert full.shape == (1200, 1600, 3) and np.abs(full.astype(int) - image[..., ::-1]).mean() < 2
+    needs = decode_needs(pretrain_transform(192))  # short side >= 192, area >= 192^2 / (0.67 * 3/4)
+    reduced = decode_image(jpeg, **needs)
+    assert reduced.shape == (300, 400, 3)  # 1/4: 1/8 would leave a 150 px short side
+    area = cv2.resize(full, (400, 300), interpolation=cv2.INTER_AREA)
+    assert np.abs(reduced.astype(int) - area).mean() < 1.5  # DCT scaling ~ an area resize of the full decode
+    assert decode_image(jpeg, **decode_needs(finetune_transform(224))).shape == full.shape  # small crops: full
+    assert decode_image(jpeg, **decode_needs(eval_transform(224))).shape == (300, 400, 3)  # short side >= 256
+    assert decode_image(jpeg, **decode_needs(eval_transform(320))).shape == (600, 800, 3)  # short side >= 366
+    gray = decode_image(cv2.imencode(".jpg", image[..., 0])[1].tobytes(), min_short=100)
+    assert gray.shape == (150, 200, 3) and (gray[..., 0] == gray[..., 2]).all()
+    with pytest.raises(ValueError, match="cannot decode image x.jpg"):
+        decode_image(jpeg[:len(jpeg) // 2], "x.jpg", **needs)
+
+
 # ------------------------------------------------------------------------------------------------ digits
 def test_digits_split_is_fixed_stratified_and_disjoint():
     train, val = digits_split()
@@ -119,24 +166,73 @@ def make_class_folder(root):
     (root / "ant" / "notes.txt").write_text("not an image")
 
 
-def test_folder_source_skips_corrupt_files_with_one_warning(tmp_path):
+def test_folder_source_with_verify_skips_corrupt_files_with_one_warning(tmp_path):
     make_class_folder(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train, val = build_sources("folder", 32, root=tmp_path)
+        train, val = build_sources("folder", 32, root=tmp_path, verify=True)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
     assert messages[0].startswith(f"skipped 2 unreadable images of 7 under {tmp_path} (first: ")
-    assert "noise.webp" in messages[0]
+    assert "noise.webp" in messages[0] or "cut.jpg" in messages[0]
 
-    labels = {path.split("/")[-1]: label for path, label in train + val}
+    labels = {path.split("/")[-1]: label for path, label in [*train, *val]}
     assert labels == {"rgba.png": 0, "photo.JPG": 0, "color.png": 1, "gray.png": 1, "deep16.PNG": 1}
-    assert len(val) == 1
     with pytest.warns(UserWarning, match="skipped 2"):
-        assert build_sources("folder", 32, root=tmp_path) == (train, val)  # fixed hold-out
+        again = build_sources("folder", 32, root=tmp_path, verify=True)
+    assert [list(split) for split in again] == [list(train), list(val)]  # fixed hold-out
 
-    dataset = ImageDataset(train + val, pretrain_transform(32))
+    dataset = ImageDataset([*train, *val], pretrain_transform(32))
     assert all(dataset[i][0].shape == (3, 32, 32) for i in range(len(dataset)))
+
+
+def test_folder_source_lists_without_decoding_and_replaces_bad_files_when_read(tmp_path, monkeypatch):
+    make_class_folder(tmp_path)
+    decoded = []
+    monkeypatch.setattr(data, "read_image", lambda path, **needs: decoded.append(path) or read_image(path, **needs))
+    train, val = build_sources("folder", 32, root=tmp_path)
+    assert decoded == [] and isinstance(train, FileList) and len(train) + len(val) == 7
+    verified = build_sources("folder", 32, root=tmp_path, verify=True)
+    assert {p for p, _ in verified[1]} <= {p for p, _ in val}  # the split does not depend on verify
+
+    dataset = ImageDataset([*train, *val], eval_transform(32))
+    with pytest.warns(UserWarning, match=r"skipped 1 undecodable images so far.*data/skipped.*(cut.jpg|noise.webp)"):
+        items = [dataset[i] for i in range(len(dataset))]
+    assert dataset.skipped.total == 2 and all(image.shape == (3, 32, 32) for image, _ in items)
+    bad = [i for i, (path, _) in enumerate(dataset.samples) if path.endswith(("cut.jpg", "noise.webp"))]
+    good = {path: i for i, (path, _) in enumerate(dataset.samples) if i not in bad}
+    for i in bad:  # replaced by a good sample, the same one every time
+        assert torch.equal(dataset[i][0], items[i][0])
+        assert any(torch.equal(items[i][0], items[j][0]) for j in good.values())
+    assert dataset.skipped.total == 4
+
+
+def test_every_file_bad_is_a_clear_error(tmp_path):
+    for i in range(3):
+        write_truncated_jpg(tmp_path / f"{i}.jpg")
+    train, _ = build_sources("folder", 32, root=tmp_path)
+    with pytest.raises(RuntimeError, match="files in a row failed to decode"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ImageDataset(train, eval_transform(32))[0]
+
+
+def test_skip_counter_counts_over_workers():
+    """Two workers each hit a missing file; the counter in shared memory sees both."""
+    samples = FileList(["/nonexistent/a.png", "/nonexistent/b.png"], [0, 0])
+    dataset = ImageDataset([*samples] + [(color_image(), 0)] * 2, eval_transform(16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(DataLoader(torch.utils.data.Subset(dataset, [0, 1]), batch_size=1, num_workers=2))
+    assert dataset.skipped.total >= 2
+
+
+def test_file_list_holds_paths_in_numpy_arrays():
+    paths = ["/a/b.png", "/ü/ç d.jpg", "rel/x.webp"]
+    samples = FileList(paths, [3, 0, 7])
+    assert list(samples) == [("/a/b.png", 3), ("/ü/ç d.jpg", 0), ("rel/x.webp", 7)] and len(samples) == 3
+    assert isinstance(samples.data, np.ndarray) and samples.data.dtype == np.uint8
+    assert list(samples.subset(np.array([2, 0]))) == [("rel/x.webp", 7), ("/a/b.png", 3)]
+    assert ImageDataset(samples, eval_transform(16)).samples is samples
 
 
 def test_folder_with_train_and_val_subfolders(tmp_path):
@@ -159,7 +255,7 @@ def test_folder_images_at_top_level_get_label_zero(tmp_path):
         write_png(tmp_path / f"{i}.png", color_image(i))
     write_png(tmp_path / "sub" / "x.png", color_image())
     train, val = build_sources("folder", 32, root=tmp_path)
-    assert len(train) == 3 and len(val) == 1 and {label for _, label in train + val} == {0}
+    assert len(train) == 3 and len(val) == 1 and {label for _, label in [*train, *val]} == {0}
 
 
 def test_list_source(tmp_path):
@@ -171,8 +267,8 @@ def test_list_source(tmp_path):
     list_file.parent.mkdir()
     list_file.write_text(f"# path label\n../imgs/a.png 3\n\n../imgs/my b.png\t7\n  {absolute}\n../imgs/cut.jpg 1\n")
     with pytest.warns(UserWarning, match="skipped 1 unreadable images of 4"):
-        train, val = build_sources("list", 32, list_file=list_file)
-    labels = {path.split("/")[-1]: label for path, label in train + val}
+        train, val = build_sources("list", 32, list_file=list_file, verify=True)
+    labels = {path.split("/")[-1]: label for path, label in [*train, *val]}
     assert labels == {"a.png": 3, "my b.png": 7, "c.png": 0} and len(val) == 1
     assert all(ImageDataset(train, eval_transform(32))[i][0].shape == (3, 32, 32) for i in range(len(train)))
 
@@ -189,8 +285,9 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="names no images"):
         build_sources("list", 32, list_file=tmp_path / "comments.txt")
     write_truncated_jpg(tmp_path / "bad" / "cut.jpg")
+    write_truncated_jpg(tmp_path / "bad" / "cut2.jpg")
     with pytest.raises(ValueError, match="no readable images under .*bad"), pytest.warns(UserWarning):
-        build_sources("folder", 32, root=tmp_path / "bad")
+        build_sources("folder", 32, root=tmp_path / "bad", verify=True)
     with pytest.raises(ValueError, match="unknown data source 'imagenet'"):
         build_sources("imagenet", 32)
     with pytest.raises(FileNotFoundError, match="image folder .*missing does not exist"):
@@ -303,3 +400,32 @@ def test_lightning_feeds_the_epoch_to_the_sampler():
     assert not torch.equal(model.train_masks[0], model.train_masks[1])
     assert torch.equal(model.val_masks[0], model.val_masks[1])
     assert torch.equal(model.val_masks[0], expected_masks(dm.val_set, [(i, 0) for i in range(4)]))
+
+
+def test_folder_start_does_not_grow_with_the_number_of_files(tmp_path, monkeypatch):
+    """1,500 files reach the first batch about as fast as 15: setup only lists them, the batch decodes its own."""
+    image = cv2.GaussianBlur(color_image(shape=(1000, 1500, 3)), (0, 0), 2)  # a batch decode of ~0.1 s
+    original = write_png(tmp_path / "original.jpg", image)
+    for count in (15, 1500):
+        for i in range(count):  # hard links: 1,500 files without 1,500 copies on disk
+            path = tmp_path / str(count) / f"class{i % 3}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(original, path)
+    decoded = []
+    monkeypatch.setattr(data, "read_image", lambda path, **needs: decoded.append(path) or read_image(path, **needs))
+
+    def first_batch(count):
+        decoded.clear()
+        start = time.perf_counter()
+        dm = SimMIMDataModule(source="folder", root=str(tmp_path / str(count)), batch_size=12, **SMALL)
+        dm.setup("fit")
+        assert decoded == []  # nothing decoded at setup
+        images, _, _ = next(iter(dm.train_dataloader()))
+        assert images.shape == (12, 3, 32, 32) and len(decoded) == 12
+        return time.perf_counter() - start
+
+    seconds = {15: [], 1500: []}
+    for _ in range(3):  # interleaved, best of 3: the machine may be busy
+        for count in seconds:
+            seconds[count].append(first_batch(count))
+    assert min(seconds[1500]) < 1.5 * min(seconds[15]), seconds

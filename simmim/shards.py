@@ -1,0 +1,336 @@
+"""Streaming WebDataset tar shards: the ``data.source=shards`` input for collections of millions of images.
+
+A shard is a tar of samples ``KEY.jpg`` (or .jpeg/.png/.webp) plus an optional ``KEY.cls`` (integer label,
+else 0), read with the ``webdataset`` library from a local path or any fsspec URL (file://, https://, s3://,
+gs://, ...). ``shard_urls`` expands ``data.shards``: a directory (its ``*.tar``), a brace pattern
+(``train-{000000..000999}.tar``) or one shard.
+
+Each epoch sees every sample once: the shards are split once into balanced groups (by sample count, from the
+``shardindex.json`` that `simmim.tools.make_shards` writes beside them, else counted once), one group per
+DataLoader worker of every rank. A worker reads its group in an order shuffled by (seed, epoch, group), through
+a shuffle buffer of ``shuffle_buffer`` samples (raw bytes, decoded after), and tags every sample with its worker
+and its position in that stream. `ShardLoader` strips the tags and keeps per worker the position reached, which
+is its state: restored, each worker skips what it had delivered (without decoding) and the epoch continues with
+the batches an uninterrupted run would have given. Every rank gives the same number of batches per epoch (the
+smallest rank's), so distributed training never waits on a rank that ran out.
+
+A sample whose image does not decode is counted (`simmim.data.SkipCounter`) and replaced by the worker's next
+good one, so batch counts do not change. Masks and augmentations are drawn from (seed, epoch, shard name, key):
+neither the worker count nor a resume changes them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import warnings
+import zlib
+from typing import Callable, Iterator
+
+import fsspec
+import numpy as np
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+__all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "balanced_groups", "ShardDataset",
+           "ShardLoader"]
+
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+READ_BUFFER = 1 << 20
+SHARD_INDEX = "shardindex.json"  # {"shardlist": [{"url": NAME, "nsamples": N}, ...]} (the wids index format)
+
+
+def shard_urls(spec: str) -> list[str]:
+    """The shard URLs of ``data.shards``: a directory (local or fsspec URL; its ``*.tar``, sorted), a brace
+    pattern or one shard."""
+    if "{" in spec:
+        return list(braceexpand(spec))
+    fs, path = fsspec.core.url_to_fs(spec)
+    if not spec.startswith(("http://", "https://")) and fs.isdir(path):
+        urls = sorted(fs.unstrip_protocol(p) if "://" in spec else p for p in fs.glob(path.rstrip("/") + "/*.tar"))
+        if not urls:
+            raise FileNotFoundError(f"no .tar shards in data.shards={spec}; make them with scripts/make_shards.py")
+        return urls
+    if not fs.exists(path):
+        raise FileNotFoundError(f"data.shards={spec} does not exist; give a directory of .tar shards, a brace "
+                                f"pattern (train-{{000000..000099}}.tar) or a URL")
+    return [spec]
+
+
+def _open(url: str):
+    """A binary stream of url, read through a 1 MiB buffer (tarfile reads in small pieces); http(s) is streamed
+    (no range requests)."""
+    if "://" not in url:
+        return open(url, "rb", buffering=READ_BUFFER)
+    stream = fsspec.open(url, "rb", **({"block_size": 0} if url.startswith(("http://", "https://")) else {})).open()
+    return io.BufferedReader(stream, buffer_size=READ_BUFFER)
+
+
+def _raw_samples(url: str, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The samples of one shard: dicts of suffix -> bytes plus __key__ and __url__."""
+    with _open(url) as stream:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=on_error),
+                                 handler=on_error)
+
+
+def _index_next_to(url: str) -> dict[str, int]:
+    """{shard file name: samples} from the shardindex.json beside url, or {} if there is none."""
+    index_url = url.rsplit("/", 1)[0] + "/" + SHARD_INDEX if "/" in url else SHARD_INDEX
+    try:
+        with _open(index_url) as stream:
+            index = json.load(stream)
+    except (OSError, ValueError):
+        return {}
+    return {entry["url"].rsplit("/", 1)[-1]: int(entry["nsamples"]) for entry in index.get("shardlist", [])}
+
+
+def shard_counts(urls: list[str]) -> list[int]:
+    """Samples per shard, from the shardindex.json beside them; shards it does not list are read and counted."""
+    known = _index_next_to(urls[0])
+    missing = [url for url in urls if url.rsplit("/", 1)[-1] not in known]
+    if missing:
+        warnings.warn(f"counting the samples of {len(missing)} shards by reading them (no {SHARD_INDEX} lists "
+                      f"them; scripts/make_shards.py writes one)", stacklevel=2)
+        for url in missing:
+            known[url.rsplit("/", 1)[-1]] = sum(1 for sample in _raw_samples(url, _reraise) if _image_key(sample))
+    return [known[url.rsplit("/", 1)[-1]] for url in urls]
+
+
+def _reraise(error: Exception) -> bool:
+    raise error
+
+
+def _image_key(sample: dict) -> str | None:
+    return next((suffix for suffix in IMAGE_SUFFIXES if suffix in sample), None)
+
+
+def balanced_groups(counts: list[int], num_groups: int) -> list[list[int]]:
+    """Shard indices split into num_groups groups of nearly equal sample totals (largest shard first to the
+    lightest group; ties by index), each group sorted."""
+    groups, totals = [[] for _ in range(num_groups)], np.zeros(num_groups, dtype=np.int64)
+    for shard in sorted(range(len(counts)), key=lambda i: (-counts[i], i)):
+        lightest = int(np.argmin(totals))
+        groups[lightest].append(shard)
+        totals[lightest] += counts[shard]
+    return [sorted(group) for group in groups]
+
+
+class ShardDataset(IterableDataset):
+    """Samples of shards for one rank: yields (*item, worker, position) where item is ``make_item(image uint8
+    (H, W, 3) RGB, label, rng)``, with rng seeded by (seed, epoch, shard name, key).
+
+    Set `epoch` and `skip` (raw samples each worker has already delivered this epoch) before iterating; with
+    num_workers workers per rank, worker w of rank r reads group r * num_workers + w of `balanced_groups`.
+    """
+
+    def __init__(self, urls: list[str], counts: list[int], make_item: Callable, decode: Callable, skipped,
+                 seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, rank: int = 0,
+                 world_size: int = 1):
+        self.urls, self.counts = list(urls), list(counts)
+        self.make_item, self.decode, self.skipped = make_item, decode, skipped
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip = 0, {}
+
+    def groups(self, num_workers: int) -> list[list[int]]:
+        """This rank's shard groups, one per worker."""
+        groups = balanced_groups(self.counts, self.world_size * num_workers)
+        return groups[self.rank * num_workers:(self.rank + 1) * num_workers]
+
+    def _warn(self, error: Exception) -> bool:
+        self.skipped.add(error)
+        return True
+
+    def _stream(self, group: list[int], worker: int) -> Iterator[dict]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        order = [group[i] for i in rng.permutation(len(group))] if self.shuffle else group
+        samples = (sample for shard in order for sample in _raw_samples(self.urls[shard], self._warn)
+                   if _image_key(sample))
+        if self.shuffle and self.shuffle_buffer > 1:
+            samples = _shuffle(samples, self.shuffle_buffer, self.shuffle_buffer,
+                               rng=random.Random(int(rng.integers(2 ** 63))))
+        return samples
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        group = self.groups(num_workers)[worker]
+        skip, owed = self.skip.get(worker, 0), 0
+        for position, sample in enumerate(self._stream(group, worker), 1):
+            if position <= skip:
+                continue
+            try:
+                image = self.decode(sample[_image_key(sample)])
+                label = int(sample["cls"]) if "cls" in sample else 0
+            except (OSError, ValueError) as error:
+                self._warn(ValueError(f"{sample['__url__']}: {sample['__key__']}: {error}"))
+                owed += 1  # replaced by the next good sample
+                continue
+            name = sample["__url__"].rsplit("/", 1)[-1] + "/" + sample["__key__"]
+            for _ in range(1 + owed):
+                rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(name.encode())])
+                yield (*self.make_item(image, label, rng), worker, position)
+            owed = 0
+
+
+class ShardLoader:
+    """Batches of a `ShardDataset` through a DataLoader, at most `num_batches` per epoch (the same on every
+    rank), with a resumable state.
+
+    Each DataLoader worker batches its own stream; a fresh DataLoader takes them round-robin from worker 0, so
+    the batch order is by (batch number within its worker, worker). That order is kept on resume: the
+    batches come back in it from a small reorder buffer (the per-worker batch counts follow from the shard
+    sample counts). ``set_epoch`` starts an epoch (Lightning calls it through ``sampler``, as for a
+    DistributedSampler); ``state(batches)`` is the state after the first `batches` batches of the current
+    epoch (default: all given out so far; the last KEEP are kept, as Lightning fetches a batch ahead), and
+    ``restore(state)`` continues from it. With fixed_epoch (validation) set_epoch is ignored and every
+    iteration gives the whole epoch.
+    """
+
+    KEEP = 8  # states of the last batches given out
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, num_workers: int = 0, drop_last: bool = True,
+                 pin_memory: bool = False, num_batches: int | None = None, fixed_epoch: int | None = None):
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.drop_last, self.pin_memory = drop_last, pin_memory
+        self.worker_batches = [self._worker_batches(rank) for rank in range(dataset.world_size)]
+        self.per_rank = [sum(batches) for batches in self.worker_batches]
+        self.num_batches = min(self.per_rank) if num_batches is None else num_batches
+        self.sampler = self
+        self.fixed_epoch = fixed_epoch
+        self.epoch = fixed_epoch or 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.positions, self.rounds, self.batches, self._history = {}, {}, 0, []
+
+    def _worker_batches(self, rank: int) -> list[int]:
+        """Batches of each of the rank's workers per epoch."""
+        readers = max(self.num_workers, 1)
+        groups = balanced_groups(self.dataset.counts, self.dataset.world_size * readers)
+        samples = [sum(self.dataset.counts[i] for i in group) for group in groups[rank * readers:(rank + 1) * readers]]
+        return [n // self.batch_size if self.drop_last else -(-n // self.batch_size) for n in samples]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch and self.fixed_epoch is None:
+            self.epoch = epoch
+            self._reset()
+
+    def state(self, batches: int | None = None) -> dict:
+        """{"epoch", "batches", "positions": {worker: raw samples delivered}, "rounds": {worker: batches}} after
+        `batches` batches of this epoch."""
+        if batches is None or batches == self.batches:
+            return {"epoch": self.epoch, "batches": self.batches, "positions": dict(self.positions),
+                    "rounds": dict(self.rounds)}
+        for state in self._history:
+            if state["batches"] == batches:
+                return state
+        raise ValueError(f"no data state kept for batch {batches} of epoch {self.epoch} "
+                         f"(given out: {self.batches}, kept: the last {self.KEEP})")
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.positions = {int(worker): int(position) for worker, position in state["positions"].items()}
+        self.rounds = {int(worker): int(count) for worker, count in state["rounds"].items()}
+        self._history = []
+
+    def _schedule(self) -> Iterator[int]:
+        """The workers of the remaining batches, in order: by (batch number within the worker, worker)."""
+        totals = self.worker_batches[self.dataset.rank]
+        rounds = [self.rounds.get(w, 0) for w in range(len(totals))]
+        while True:
+            left = [(rounds[w], w) for w in range(len(totals)) if rounds[w] < totals[w]]
+            if not left:
+                return
+            worker = min(left)[1]
+            rounds[worker] += 1
+            yield worker
+
+    def __iter__(self):
+        if self.fixed_epoch is not None:
+            self._reset()
+        self.dataset.epoch, self.dataset.skip = self.epoch, dict(self.positions)
+        if self.batches >= self.num_batches:
+            return
+        batches = iter(DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                  drop_last=self.drop_last, pin_memory=self.pin_memory, persistent_workers=False))
+        waiting = {}
+        for worker in self._schedule():
+            while not waiting.get(worker):
+                batch = next(batches, None)
+                if batch is None:  # fewer samples than counted (a truncated shard): the epoch ends here
+                    return
+                *batch, workers, positions = batch
+                waiting.setdefault(int(workers[0]), []).append((batch, int(positions.max())))
+            batch, self.positions[worker] = waiting[worker].pop(0)
+            self.rounds[worker] = self.rounds.get(worker, 0) + 1
+            self.batches += 1
+            self._history = [*self._history[-(self.KEEP - 1):], self.state()]
+            yield batch
+            if self.batches >= self.num_batches:
+                return
+
+
+class ShardSource:
+    """The shards source of a LightningDataModule: train and val `ShardDataset`s (val: `val_shards`, else the
+    last training shard held out), their `ShardLoader`s for the trainer's rank, and the training position.
+
+    items and decodes are (train, val) pairs of ShardDataset's make_item and decode.
+    """
+
+    def __init__(self, shards: str | None, val_shards: str | None, items: tuple, decodes: tuple, skipped,
+                 seed: int = 0, shuffle_buffer: int = 1000):
+        if not shards:
+            raise FileNotFoundError("data.source=shards needs data.shards=<directory, brace pattern or URL of .tar "
+                                    "shards>; scripts/make_shards.py makes them from a folder or list")
+        train = shard_urls(shards)
+        if not val_shards and len(train) < 2:
+            raise ValueError(f"data.shards={shards} is 1 shard; need at least 2 to hold the last one out for "
+                             f"validation, or set data.val_shards")
+        train, val = (train, shard_urls(val_shards)) if val_shards else (train[:-1], train[-1:])
+        self.shards = shards
+        self.train_set = ShardDataset(train, shard_counts(train), items[0], decodes[0], skipped, seed=seed,
+                                      shuffle=True, shuffle_buffer=shuffle_buffer)
+        self.val_set = ShardDataset(val, shard_counts(val), items[1], decodes[1], skipped, seed=seed, shuffle=False)
+        self.train_loader, self._pending = None, None
+
+    def split(self, trainer, num_workers: int) -> None:
+        """Give the datasets the trainer's rank (none: one process); every reader (ranks x workers) needs a
+        training shard."""
+        for dataset in (self.train_set, self.val_set):
+            dataset.rank, dataset.world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        readers = self.train_set.world_size * max(num_workers, 1)
+        if len(self.train_set.urls) < readers:
+            raise ValueError(f"data.shards={self.shards} has {len(self.train_set.urls)} training shards for "
+                             f"{readers} readers (ranks x data.num_workers); make smaller shards "
+                             f"(make_shards.py shard_mb=) or lower data.num_workers")
+
+    def loader(self, train: bool, trainer, batch_size: int, num_workers: int, drop_last: bool = True,
+               pin_memory: bool = False) -> ShardLoader:
+        self.split(trainer, num_workers)
+        if not train:  # every rank reads all of its validation samples
+            loader = ShardLoader(self.val_set, batch_size, num_workers, drop_last=False, pin_memory=pin_memory,
+                                 fixed_epoch=0)
+            loader.num_batches = loader.per_rank[self.val_set.rank]
+            return loader
+        self.train_loader = ShardLoader(self.train_set, batch_size, num_workers, drop_last, pin_memory)
+        if self._pending is not None:
+            self.train_loader.restore(self._pending)
+        return self.train_loader
+
+    def state_dict(self, trainer) -> dict:
+        """The training position after the batches the trainer has processed ({} before training)."""
+        if self.train_loader is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else None
+        return self.train_loader.state(done)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state or None
+        if self.train_loader is not None and self._pending is not None:
+            self.train_loader.restore(self._pending)

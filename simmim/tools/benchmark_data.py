@@ -1,0 +1,165 @@
+"""Input-pipeline benchmark: images/s per worker (images per CPU second of one process, one thread) of the
+folder and shards sources against a plain decode-everything-then-crop baseline, in the same run.
+
+    python scripts/benchmark_data.py
+    python scripts/benchmark_data.py images=400 rounds=5 pretrain_size=192 finetune_size=224
+
+For each of `image_sizes` (default ImageNet-sized 500x375, and 1280x960 photos), generates `images` JPEGs
+(quality 90; a third of them upright) under `work`, packs them into shards (scripts/make_shards.py), then times,
+for the pretraining transform (with SimMIM masks) and the fine-tuning transform:
+  baseline  cv2.imdecode of the whole file (IMREAD_UNCHANGED, then BGR->RGB), the same albumentations transform
+  folder    the folder source's ImageDataset (simplejpeg, DCT-scaled when the crop allows, EXIF orientation)
+  shards    the shards source's ShardDataset (tar stream, shuffle buffer, same decoding), through its DataLoader
+            collation like training
+Every pipeline runs `rounds` times, interleaved (baseline, folder, shards, baseline, ...), so that a busy
+machine slows them alike; the table gives the median images/s and the median of the per-round ratios to the
+baseline. `gpu_images_per_s` (default: SwinV2-T SimMIM, compiled bf16 on one H200, the speed issue) divided by
+the best pretraining images/s per worker on the first image size gives the cores that feed one GPU. Writes
+JSON to `out`.
+Arguments are key=value:
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from masking import build_mask_generator
+from simmim.data import (FileList, ImageDataset, LabeledItem, MaskedImageDataset, MaskedItem, SkipCounter,
+                         decode_image, decode_needs, finetune_transform, pretrain_transform)
+from simmim.shards import ShardDataset, shard_counts, shard_urls
+from simmim.tools.make_shards import make_shards
+from simmim.train.config import ConfigError, options_from_argv
+
+SCHEMA = {
+    "images": 300,              # generated JPEGs
+    "rounds": 3,                # interleaved repetitions of every pipeline
+    "pretrain_size": 192,
+    "finetune_size": 224,
+    "batch_size": 32,
+    "gpu_images_per_s": 1573,   # SwinV2-T SimMIM training, compiled bf16, one H200 (speed issue)
+    "image_sizes": [[500, 375], [1280, 960]],  # width x height of the generated sets: ImageNet-sized, photo-sized
+    "work": "runs/benchmark_data",
+    "out": "runs/benchmark_data/benchmark_data.json",
+}
+PIPELINES = ("baseline", "folder", "shards")
+
+
+class DecodeAllDataset(Dataset):
+    """The baseline: decode the whole file with OpenCV, then the transform: (image (3, S, S), label)."""
+
+    def __init__(self, samples: FileList, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = cv2.cvtColor(cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB)
+        return self.transform(image=image)["image"], label
+
+
+def generate(folder: Path, count: int, width: int, height: int) -> FileList:
+    """count JPEGs of width x height (every third one turned upright), quality 90, random colors with coarse
+    and fine detail (~100 KB at 500x375, like ImageNet photos); 4 class folders."""
+    paths = []
+    for i in range(count):
+        path = folder / f"class{i % 4}" / f"{i:06d}.jpg"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shape = (width, height, 3) if i % 3 == 2 else (height, width, 3)
+            noise = np.random.default_rng(i).integers(0, 256, shape, dtype=np.uint8)
+            image = cv2.addWeighted(cv2.GaussianBlur(noise, (0, 0), 6), 0.8, cv2.GaussianBlur(noise, (0, 0), 0.8), 0.5,
+                                    0)
+            assert cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        paths.append(path)
+    return FileList(paths, [i % 4 for i in range(count)])
+
+
+def timed(loader) -> float:
+    """Images per CPU second of this process (one thread) over one pass of loader: a core's throughput, which
+    other processes on a shared machine slow far less than wall time."""
+    start, count = time.process_time(), 0
+    for batch in loader:
+        count += len(batch[0])
+    return count / (time.process_time() - start)
+
+
+def pipelines(stage: str, samples: FileList, urls: list[str], cfg) -> dict:
+    """name -> DataLoader (main process, batch_size) for the stage's transform."""
+    size = cfg.pretrain_size if stage == "pretrain" else cfg.finetune_size
+    make = pretrain_transform if stage == "pretrain" else finetune_transform
+    masks = build_mask_generator("random", input_size=size, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6)
+    item = MaskedItem(make(size), masks) if stage == "pretrain" else LabeledItem(make(size))
+    shards = ShardDataset(urls, shard_counts(urls), item, partial(decode_image, **decode_needs(make(size))),
+                          SkipCounter(), shuffle_buffer=100)
+    if stage == "pretrain":
+        baseline = MaskedImageDataset(DecodeAllDataset(samples, make(size)), masks)
+        folder = MaskedImageDataset(ImageDataset(samples, make(size)), masks)
+    else:
+        baseline, folder = DecodeAllDataset(samples, make(size)), ImageDataset(samples, make(size))
+    return {"baseline": DataLoader(baseline, batch_size=cfg.batch_size),
+            "folder": DataLoader(folder, batch_size=cfg.batch_size),
+            "shards": DataLoader(shards, batch_size=cfg.batch_size)}
+
+
+def main(argv: list[str]) -> None:
+    cfg = options_from_argv(SCHEMA, argv, __doc__)
+    if cfg is None:
+        return
+    for key in ("images", "rounds", "batch_size", "pretrain_size", "finetune_size"):
+        if not (isinstance(cfg[key], int) and cfg[key] > 0):
+            raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    results = {}
+    for width, height in cfg.image_sizes:
+        work = Path(cfg.work) / f"{width}x{height}"
+        samples = generate(work / "images", cfg.images, width, height)
+        make_shards(samples, work / "shards", "bench", 16_000_000, 2)
+        results[f"{width}x{height}"] = measure(samples, shard_urls(str(work / "shards")), cfg)
+
+    first = results[next(iter(results))]["pretrain"]
+    best = max(first[name]["images_per_s"] for name in ("folder", "shards"))
+    summary = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "load_average": os.getloadavg(), "config": OmegaConf.to_container(cfg), "results": results,
+               "cores_per_gpu": cfg.gpu_images_per_s / best}
+    print(f"{'images':<10} {'stage':<9} {'pipeline':<9} {'images/s per worker':>20} {'vs baseline':>12}")
+    for size, stages in results.items():
+        for stage, rows in stages.items():
+            for name, row in rows.items():
+                print(f"{size:<10} {stage:<9} {name:<9} {row['images_per_s']:>20.1f} {row['vs_baseline']:>11.2f}x")
+    print(f"cores to feed {cfg.gpu_images_per_s} images/s (pretraining at {cfg.pretrain_size} px on "
+          f"{next(iter(results))} images, best source): {summary['cores_per_gpu']:.1f}; load average during the "
+          f"run: {', '.join(f'{x:.1f}' for x in summary['load_average'])} on {os.cpu_count()} cores")
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def measure(samples: FileList, urls: list[str], cfg) -> dict:
+    """{stage: {pipeline: {"images_per_s" (median), "vs_baseline" (median per-round ratio), "rounds"}}}."""
+    results = {}
+    for stage in ("pretrain", "finetune"):
+        loaders = pipelines(stage, samples, urls, cfg)
+        for name in PIPELINES:  # warm-up: page cache, first-call costs
+            timed(loaders[name])
+        rates = {name: [] for name in PIPELINES}
+        for _ in range(cfg.rounds):
+            for name in PIPELINES:
+                rates[name].append(timed(loaders[name]))
+        results[stage] = {name: {"images_per_s": statistics.median(rates[name]),
+                                 "vs_baseline": statistics.median(r / b for r, b in zip(rates[name],
+                                                                                         rates["baseline"])),
+                                 "rounds": rates[name]} for name in PIPELINES}
+    return results

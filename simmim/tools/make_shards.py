@@ -1,0 +1,108 @@
+"""Pack an image folder or list into WebDataset tar shards for data.source=shards.
+
+    python scripts/make_shards.py root=/data/imagenet out=/data/imagenet-shards
+    python scripts/make_shards.py list_file=images.txt out=shards shard_mb=500 workers=16
+
+The splits are those of the folder and list sources (root/train + root/val, else a fixed 2 % hold-out), written
+to out/train/ and out/val/ as train-000000.tar, ... with each sample KEY.jpg|.jpeg|.png|.webp (the file's bytes
+as they are; other formats re-encoded as .png) and KEY.cls (its label: class folders or the list's labels). The
+samples are shuffled (seed 0) before packing, so every shard mixes the classes. Each directory gets a
+shardindex.json (samples per shard) that the shards source reads instead of counting. A shard is written to a
+.tmp file and renamed when complete: run the same command again after an interruption and the complete shards
+are kept. Files are not decoded (verify=true decodes each once and leaves out the unreadable ones); training
+skips and counts the ones that fail.
+Then: python scripts/pretrain.py data.source=shards data.shards=OUT/train data.val_shards=OUT/val
+Arguments are key=value:
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+from webdataset import TarWriter
+
+from simmim.data import FileList, build_sources, read_image
+from simmim.shards import IMAGE_SUFFIXES, SHARD_INDEX
+from simmim.train.config import ConfigError, options_from_argv
+
+SCHEMA = {
+    "root": None,        # an image folder (class subfolders, or train/ and val/) ...
+    "list_file": None,   # ... or a text file of image paths with optional labels
+    "out": None,         # required: output directory (out/train, out/val)
+    "shard_mb": 1000,    # target shard size in MB (files are not split: shards end at the first file past it)
+    "workers": 8,        # shards written in parallel
+    "verify": False,     # decode every file once and leave out the unreadable ones
+}
+SIZE_SAMPLE = 1000  # files whose sizes estimate the mean file size
+
+
+def plan(samples: FileList, shard_bytes: int) -> list[np.ndarray]:
+    """Sample indices of each shard: a seed-0 shuffled order cut into runs of about shard_bytes (estimated from
+    the mean size of up to SIZE_SAMPLE files)."""
+    order = np.random.default_rng(0).permutation(len(samples))
+    sizes = [os.path.getsize(samples.path(i)) for i in order[:SIZE_SAMPLE]]
+    per_shard = max(1, int(shard_bytes // max(1.0, float(np.mean(sizes)))))
+    return [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
+
+
+def sample_of(path: str, label: int, key: str) -> dict:
+    """A WebDataset sample of an image file: its bytes under its suffix (others re-encoded as png), its label."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix in IMAGE_SUFFIXES:
+        data = Path(path).read_bytes()
+    else:
+        suffix, data = "png", cv2.imencode(".png", cv2.cvtColor(read_image(path), cv2.COLOR_RGB2BGR))[1].tobytes()
+    return {"__key__": key, suffix: data, "cls": str(label).encode()}
+
+
+def write_shard(samples: FileList, indices: np.ndarray, path: Path) -> None:
+    """Write the samples at indices to path (through path.tmp, renamed when complete)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as stream:
+        with TarWriter(stream, encoder=False, mtime=int(time.time())) as writer:  # whole seconds: no PAX headers
+            for index in indices:
+                file, label = samples[int(index)]
+                writer.write(sample_of(file, label, f"{int(index):09d}"))
+    tmp.replace(path)
+
+
+def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, workers: int) -> list[Path]:
+    """Shards of samples in out/PREFIX-NNNNNN.tar (complete ones already there are kept) and out/shardindex.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = plan(samples, shard_bytes)
+    paths = [out / f"{prefix}-{i:06d}.tar" for i in range(len(shards))]
+    todo = [i for i, path in enumerate(paths) if not path.exists()]
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(shards), initial=len(shards) - len(todo),
+                                                    desc=f"{prefix} shards", unit="shard") as bar:
+        for _ in pool.map(lambda i: write_shard(samples, shards[i], paths[i]), todo):
+            bar.update()
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
+             "shardlist": [{"url": path.name, "nsamples": len(shard)} for path, shard in zip(paths, shards)]}
+    (out / SHARD_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    return paths
+
+
+def main(argv: list[str]) -> None:
+    cfg = options_from_argv(SCHEMA, argv, __doc__)
+    if cfg is None:
+        return
+    if not cfg.out:
+        raise ConfigError("out=<directory for the shards> is required")
+    if (cfg.root is None) == (cfg.list_file is None):
+        raise ConfigError("give one of root=<image folder> or list_file=<text file of image paths>")
+    if not (isinstance(cfg.shard_mb, (int, float)) and cfg.shard_mb > 0):
+        raise ConfigError(f"shard_mb={cfg.shard_mb} must be a positive number of MB")
+    if not (isinstance(cfg.workers, int) and cfg.workers > 0):
+        raise ConfigError(f"workers={cfg.workers} must be a positive integer")
+    splits = build_sources("folder" if cfg.root else "list", 0, cfg.root, cfg.list_file, verify=cfg.verify)
+    out = Path(cfg.out)
+    for name, samples in zip(("train", "val"), splits):
+        paths = make_shards(samples, out / name, name, int(cfg.shard_mb * 1e6), cfg.workers)
+        print(f"{name}: {len(samples)} images in {len(paths)} shards under {out / name}")
+    print(f"train with: data.source=shards data.shards={out / 'train'} data.val_shards={out / 'val'}")

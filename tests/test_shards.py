@@ -1,0 +1,312 @@
+import functools
+import http.server
+import json
+import threading
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from webdataset import TarWriter
+
+from simmim.data import SimMIMDataModule, SkipCounter, decode_image
+from simmim.shards import ShardDataset, ShardLoader, balanced_groups, shard_counts, shard_urls
+from simmim.tools import make_shards
+
+
+
+def jpeg(seed, shape=(24, 32, 3)):
+    image = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def write_shard(path, samples):
+    """samples: (key, {suffix: bytes})."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as stream, TarWriter(stream, encoder=False) as writer:
+        for key, fields in samples:
+            writer.write({"__key__": key, **fields})
+
+
+def numbered_shards(folder, sizes):
+    """Shards of JPEG samples whose .cls is a unique number: shard i holds sizes[i] samples."""
+    number = 0
+    for i, size in enumerate(sizes):
+        write_shard(folder / f"part-{i:03d}.tar",
+                    [(f"s{number + j:05d}", {"jpg": jpeg(number + j), "cls": str(number + j).encode()})
+                     for j in range(size)])
+        number += size
+    return number
+
+
+def label_item(image, label, rng):
+    return (label,)
+
+
+def image_item(image, label, rng):
+    return torch.from_numpy(image.copy()), label, int(rng.integers(1 << 30))
+
+
+def dataset(urls, make_item=label_item, **kwargs):
+    return ShardDataset(urls, shard_counts(urls), make_item, decode_image, SkipCounter(), **kwargs)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A local HTTP server (127.0.0.1, own thread) serving tmp_path; stopped after the test."""
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_shard_urls_directory_brace_pattern_and_errors(tmp_path):
+    numbered_shards(tmp_path / "d", [2, 2, 2])
+    names = [f"part-{i:03d}.tar" for i in range(3)]
+    assert shard_urls(str(tmp_path / "d")) == [str(tmp_path / "d" / n) for n in names]
+    assert shard_urls(f"file://{tmp_path}/d") == [f"file://{tmp_path}/d/{n}" for n in names]
+    assert shard_urls(str(tmp_path / "d" / "part-{000..002}.tar")) == [str(tmp_path / "d" / n) for n in names]
+    with pytest.raises(FileNotFoundError, match="data.shards=.*missing does not exist"):
+        shard_urls(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        shard_urls(str(tmp_path / "empty"))
+
+
+def test_balanced_groups():
+    assert balanced_groups([5, 1, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4, 5]]
+    groups = balanced_groups([3] * 7, 3)
+    assert sorted(i for g in groups for i in g) == list(range(7)) and [len(g) for g in groups] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("where", ["path", "file", "http"])
+def test_two_ranks_two_workers_see_every_sample_once(tmp_path, http_root, where):
+    total = numbered_shards(tmp_path / "shards", [5, 4, 6, 3, 5, 4, 2, 7])
+    spec = {"path": str(tmp_path / "shards"), "file": f"file://{tmp_path}/shards",
+            "http": f"{http_root}/shards/part-{{000..007}}.tar"}[where]
+    urls = shard_urls(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no shardindex.json here: counted, with a warning
+        with pytest.raises(UserWarning, match="counting the samples of 8 shards"):
+            shard_counts(urls)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rank in range(2):
+            data = dataset(urls, shuffle_buffer=4, rank=rank, world_size=2)
+            loader = torch.utils.data.DataLoader(data, batch_size=1, num_workers=2)
+            seen += [int(label) for label, _, _ in loader]
+    assert len(seen) == total and set(seen) == set(range(total))
+
+
+def epoch_batches(loader, epoch, stop=None):
+    loader.set_epoch(epoch)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == stop:
+            break
+    return out
+
+
+def same(batches_a, batches_b):
+    return len(batches_a) == len(batches_b) and all(
+        all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(batches_a, batches_b))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_gives_the_rest_of_the_epoch(tmp_path, num_workers):
+    numbered_shards(tmp_path, [7, 6, 8, 5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        urls = shard_urls(str(tmp_path))
+
+        def loader():
+            return ShardLoader(dataset(urls, image_item, seed=3, shuffle_buffer=5), batch_size=2,
+                               num_workers=num_workers)
+        full = epoch_batches(loader(), 1)
+        assert len(full) == len(loader()) == (13 // 2 + 13 // 2 if num_workers else 26 // 2)
+        interrupted = loader()
+        head = epoch_batches(interrupted, 1, stop=3)
+        state = json.loads(json.dumps(interrupted.state()))  # as a checkpoint would carry it
+        resumed = loader()
+        resumed.restore(state)
+        resumed_rest = list(resumed)
+        assert same(head, full[:3]) and same(resumed_rest, full[3:])
+        assert interrupted.state(2)["batches"] == 2  # the states of the last batches are kept
+        other_epoch = epoch_batches(loader(), 2)
+    labels = [int(label) for batch in full for label in batch[1]]
+    assert labels != [int(label) for batch in other_epoch for label in batch[1]]  # shuffled per epoch
+    assert len(set(labels)) == len(labels)
+
+
+def test_corrupt_samples_are_skipped_counted_and_replaced(tmp_path):
+    good = [(f"k{i}", {"jpg": jpeg(i), "cls": str(i).encode()}) for i in range(6)]
+    write_shard(tmp_path / "a.tar", good[:3] + [("bad", {"jpg": jpeg(9)[:100], "cls": b"99"})] + good[3:])
+    write_shard(tmp_path / "b.tar", [("x", {"png": cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()}),
+                                     ("txt-only", {"txt": b"no image"})])
+    urls = shard_urls(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = dataset(urls, shuffle=False)
+        labels = [item[0] for item in data]
+    assert data.skipped.total == 1
+    assert labels == [0, 1, 2, 3, 3, 4, 5, 0]  # the bad one replaced by the next good one; png without .cls -> 0
+
+
+def test_datamodule_shards_source_and_state(tmp_path):
+    numbered_shards(tmp_path / "train", [6, 6, 6])
+    numbered_shards(tmp_path / "val", [3])
+    dm = SimMIMDataModule(source="shards", shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"),
+                          img_size=32, batch_size=4, mask_patch_size=8, model_patch_size=4, num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        images, masks, labels = next(iter(loader))
+        assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 8, 8) and labels.shape == (4,)
+        assert dm.state_dict() == {"shards": {"epoch": 0, "batches": 1, "positions": {0: 4}, "rounds": {0: 1}}}
+        val = list(dm.val_dataloader())
+        assert [len(b[0]) for b in val] == [3] and [len(b[0]) for b in dm.val_dataloader()] == [3]
+        dm2 = SimMIMDataModule(**dm.hparams)
+        dm2.load_state_dict(dm.state_dict())
+        dm2.setup("fit")
+        rest = list(dm2.train_dataloader())
+    assert len(rest) == len(loader) - 1 == 3
+    with pytest.raises(FileNotFoundError, match="data.shards="):
+        SimMIMDataModule(source="shards").setup("fit")
+    with pytest.raises(ValueError, match="1 shard; need at least 2"):
+        SimMIMDataModule(source="shards", shards=str(tmp_path / "val")).setup("fit")
+    with pytest.raises(ValueError, match="2 training shards for 3 readers"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SimMIMDataModule(source="shards", shards=str(tmp_path / "train"), num_workers=3).setup("fit")
+
+
+def test_make_shards_keeps_labels_and_resumes(tmp_path, capsys):
+    for cls in ("cat", "dog"):
+        for i in range(10):
+            (tmp_path / "src" / cls).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "src" / cls / f"{i}.jpg").write_bytes(jpeg(i + 100 * (cls == "dog")))
+    assert cv2.imwrite(str(tmp_path / "src" / "cat" / "x.bmp"), np.full((6, 6, 3), 7, np.uint8))
+    out = tmp_path / "out"
+    make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "shard_mb=0.004", "workers=2"])
+    shards = sorted((out / "train").glob("*.tar"))
+    assert len(shards) > 2 and "data.shards=" in capsys.readouterr().out
+    index = json.loads((out / "train" / "shardindex.json").read_text())
+    assert [e["url"] for e in index["shardlist"]] == [p.name for p in shards]
+
+    seen = {}
+    for split in ("train", "val"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for image, label, *_ in dataset(shard_urls(str(out / split)), image_item, shuffle=False):
+                seen[(image.shape, int(image[0, 0, 0]))] = label
+    assert len(seen) >= 20 and seen[((6, 6, 3), 7)] == 0  # bmp re-encoded, cat = 0
+    counts = shard_counts(shard_urls(str(out / "train"))) + shard_counts(shard_urls(str(out / "val")))
+    assert sum(counts) == 21
+
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    shards[1].unlink()
+    (out / "train" / "train-000000.tar.tmp").write_bytes(b"partial")
+    make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "shard_mb=0.004", "workers=2"])
+    assert shards[1].exists() and all(p.stat().st_mtime_ns == stamps[p] for p in shards if p != shards[1])
+    with pytest.raises(Exception, match="out=<directory"):
+        make_shards.main([f"root={tmp_path / 'src'}"])
+
+
+class LabelRecorder(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.labels = []
+
+    def training_step(self, batch, batch_idx):
+        self.labels.append(batch[2].tolist())
+        return self.weight * batch[0].mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(tmp_path, datamodule, max_steps=-1, ckpt_path=None):
+    model = LabelRecorder()
+    checkpoints = ModelCheckpoint(tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
+    trainer = pl.Trainer(max_epochs=2, max_steps=max_steps, limit_val_batches=0, logger=False,
+                         callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return model.labels
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_lightning_resumes_mid_epoch_from_a_step_checkpoint(tmp_path, num_workers):
+    """Killed after 3 steps of epoch 0 (5 steps per epoch), resumed: the batches of an uninterrupted run."""
+    numbered_shards(tmp_path / "train", [6, 7, 5, 8])
+    numbered_shards(tmp_path / "val", [2])
+
+    def datamodule():
+        return SimMIMDataModule(source="shards", shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"),
+                                img_size=16, batch_size=2, mask_patch_size=8, model_patch_size=4,
+                                num_workers=num_workers, shuffle_buffer=4, seed=5)
+    whole = fit(tmp_path / "whole", datamodule())
+    assert len(whole) == 2 * (13 if num_workers == 0 else 6 + 6)
+    head = fit(tmp_path / "cut", datamodule(), max_steps=3)
+    rest = fit(tmp_path / "cut", datamodule(), ckpt_path=str(tmp_path / "cut" / "ckpt" / "last.ckpt"))
+    assert head == whole[:3] and rest == whole[3:]
+
+
+def test_pretrain_script_on_shards_made_from_a_folder(tmp_path, capsys):
+    from simmim import pretrain
+
+    for i in range(40):
+        path = tmp_path / "src" / f"class{i % 2}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg(i, (40, 40, 3)))
+    (tmp_path / "src" / "class0" / "broken.jpg").write_bytes(jpeg(99)[:50])
+    make_shards.main([f"root={tmp_path / 'src'}", f"out={tmp_path / 'shards'}", "shard_mb=0.01", "workers=2"])
+    args = [f"output_dir={tmp_path}", "run_name=demo", "data.batch_size=4", "data.num_workers=0",
+            "data.source=shards", f"data.shards={tmp_path / 'shards' / 'train'}",
+            f"data.val_shards={tmp_path / 'shards' / 'val'}", "data.img_size=32", "simmim.mask_patch_size=8",
+            "model.embed_dim=16", "model.depths=[2,2]", "model.num_heads=[2,4]", "trainer.max_epochs=2",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "logging.recon_every_n_steps=0",
+            "logging.recon_images=2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain.main(args)
+    assert "encoder: " in capsys.readouterr().out
+    lines = (tmp_path / "demo" / "csv" / "metrics.csv").read_text().splitlines()
+    column = lines[0].split(",").index("data/skipped")
+    skipped = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]
+    assert skipped and skipped[-1] >= 1  # the broken file, met in epoch 0 and again in epoch 1
+
+
+def test_finetune_datamodule_streams_labeled_shards(tmp_path):
+    from finetune.module import ClassificationDataModule
+
+    total = numbered_shards(tmp_path / "train", [5, 6, 5])
+    numbered_shards(tmp_path / "val", [3])
+    dm = ClassificationDataModule(source="shards", shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"),
+                                  img_size=16, batch_size=4, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        images, labels = batches[0]
+        assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+        assert len(batches) == 3 and len({int(x) for _, y in batches for x in y}) == 12 <= total
+        assert dm.state_dict()["shards"]["batches"] == 3
+        assert [len(y) for _, y in dm.val_dataloader()] == [3]
