@@ -201,10 +201,12 @@ class SwinV2Classifier(pl.LightningModule):
 
 # ------------------------------------------------------------------------------------------------ data
 class ClassificationDataModule(pl.LightningDataModule):
-    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms)."""
+    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms;
+    RandAugment and random erasing as `simmim.data.finetune_transform` takes them)."""
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
-                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0):
+                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0, randaug_ops: int = 0,
+                 randaug_magnitude: float = 9.0, randaug_magnitude_std: float = 0.5, random_erasing: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = None
@@ -212,7 +214,10 @@ class ClassificationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             hp = self.hparams
-            self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file)
+            self.train_set, self.val_set = labeled_datasets(
+                hp.source, hp.img_size, hp.root, hp.list_file, randaug_ops=hp.randaug_ops,
+                randaug_magnitude=hp.randaug_magnitude, randaug_magnitude_std=hp.randaug_magnitude_std,
+                random_erasing=hp.random_erasing)
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         hp = self.hparams

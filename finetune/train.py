@@ -53,7 +53,10 @@ def main(argv: list[str]) -> None:
 
     data = ClassificationDataModule(source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file,
                                     img_size=cfg.data.img_size, batch_size=cfg.data.batch_size,
-                                    num_workers=cfg.data.num_workers)
+                                    num_workers=cfg.data.num_workers, randaug_ops=cfg.data.randaug_ops,
+                                    randaug_magnitude=cfg.data.randaug_magnitude,
+                                    randaug_magnitude_std=cfg.data.randaug_magnitude_std,
+                                    random_erasing=cfg.data.random_erasing)
     data.setup("fit")
     module = SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),
                               **OmegaConf.to_container(cfg.train),
