@@ -63,7 +63,7 @@ def test_timm_export_is_the_state_dict_timm_has(tmp_path):
     for key, value in fixture["state_dict"].items():
         assert torch.equal(exported[key], value), key
     metadata = safetensors_metadata(tmp_path / "m.safetensors")
-    assert json.loads(metadata["timm_kwargs"]) == {k: v for k, v in fixture["kwargs"].items()}
+    assert json.loads(metadata["timm_kwargs"]) == fixture["kwargs"]
 
 
 def write_official(tmp_path, model, config) -> Path:
@@ -181,3 +181,17 @@ def test_export_arguments_are_checked(tmp_path):
         main([f"checkpoint={tmp_path}", "format=onnx", "out=x"])
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         main([f"checkpoint={tmp_path / 'missing.pth'}", "format=timm", "out=x.safetensors"])
+
+
+def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):
+    """The official implementation's weights and outputs (tests/data/swinv2_official_w8_pt4.pt, window 8 over
+    pretrained windows 4): exported with model.* keys, transformers reproduces the official logits."""
+    transformers = pytest.importorskip("transformers")
+    official = torch.load(DATA / "swinv2_official_w8_pt4.pt", weights_only=True)
+    main([f"checkpoint={DATA / 'swinv2_official_w8_pt4.pt'}", "format=hf", f"out={tmp_path / 'hf'}",
+          "model.embed_dim=16", "model.depths=[2,2,2,2]", "model.num_heads=[2,2,4,8]", "model.img_size=64",
+          "model.window_size=8", "model.pretrained_window_sizes=[4,4,4,2]"])
+    classifier = transformers.Swinv2ForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        logits = classifier(pixel_values=official["input"]).logits
+    torch.testing.assert_close(logits, official["logits"], rtol=0, atol=1e-4)
