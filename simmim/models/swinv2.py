@@ -67,7 +67,8 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
 @functools.lru_cache(maxsize=64)
 def cached_shifted_window_mask(height: int, width: int, window_size: int, shift_size: int,
                                device: torch.device) -> torch.Tensor:
-    """`shifted_window_mask` on `device`, computed once per map shape (inputs other than img_size)."""
+    """`shifted_window_mask` on `device`, computed once per map shape (inputs other than img_size; the last 64
+    shapes are kept)."""
     return shifted_window_mask(height, width, window_size, shift_size).to(device)
 
 
