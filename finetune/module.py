@@ -6,8 +6,6 @@ import copy
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from finetune.mixup import Mixup, soft_target_cross_entropy
 from simmim.data import (LabeledItem, SkipCounter, eval_transform, finetune_transform, labeled_datasets,
                          shard_source, uses_cuda)
+from simmim.tools.plot import confusion_matrix_figure, figure_to_rgb, save_figure
+from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
 from simmim.train.strategies import shards_parameters
 from simmim.models.swinv2 import SwinTransformerV2
@@ -62,36 +62,6 @@ def layer_decay_groups(model: SwinTransformerV2, weight_decay: float, layer_deca
             "lr_scale": layer_decay ** (num_layers + 1 - lid)})
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
-
-
-# ------------------------------------------------------------------------------------------------ picture
-def confusion_matrix_image(matrix: np.ndarray) -> np.ndarray:
-    """(N, N) counts (rows true class, columns predicted) -> BGR uint8 heatmap (48 + N*c, 48 + N*c, 3), colored
-    by the fraction of each true class, counts in the cells and class indices on the axes (when cells are
-    large enough to read, c >= 16 px, i.e. up to 60 classes)."""
-    n, margin = len(matrix), 48
-    cell = max(4, min(48, 960 // n))
-    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    heat = cv2.applyColorMap(np.round(rates * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
-    image = np.full((margin + n * cell, margin + n * cell, 3), 255, np.uint8)
-    image[margin:, margin:] = cv2.resize(heat, (n * cell, n * cell), interpolation=cv2.INTER_NEAREST)
-    if cell < 16:
-        return image
-    font, scale = cv2.FONT_HERSHEY_SIMPLEX, cell / 120
-
-    def text(s: str, cx: int, cy: int, color: tuple[int, int, int], size: float = scale) -> None:
-        (w, h), _ = cv2.getTextSize(s, font, size, 1)
-        cv2.putText(image, s, (cx - w // 2, cy + h // 2), font, size, color, 1, cv2.LINE_AA)
-
-    text("true\\pred", margin // 2, margin // 4, (0, 0, 0), size=0.3)
-    for i in range(n):
-        center = margin + i * cell + cell // 2
-        text(str(i), center, margin * 3 // 4, (0, 0, 0))  # predicted class, top
-        text(str(i), margin * 3 // 4, center, (0, 0, 0))  # true class, left
-        for j in range(n):
-            color = (0, 0, 0) if rates[i, j] > 0.6 else (255, 255, 255)  # viridis is bright at the top
-            text(str(int(matrix[i, j])), margin + j * cell + cell // 2, center, color)
-    return image
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -205,15 +175,19 @@ class SwinV2Classifier(pl.LightningModule):
         """Write the last validation's confusion matrix as a PNG heatmap; returns the path."""
         if self.last_confusion is None:
             raise RuntimeError("no confusion matrix yet: run a validation (trainer.fit or trainer.validate) first")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(path), confusion_matrix_image(self.last_confusion.numpy())):
-            raise OSError(f"could not write {path}; use a .png path in a writable folder")
-        return path
+        return save_figure(confusion_matrix_figure(self.last_confusion.numpy()), path)
 
     def on_fit_end(self) -> None:
-        if self.hparams.confusion_matrix_path and self.last_confusion is not None and self.trainer.is_global_zero:
-            self.save_confusion_matrix(self.hparams.confusion_matrix_path)
+        """The last validation's confusion matrix to `confusion_matrix_path` and to every logger that takes
+        images."""
+        if self.last_confusion is None or not self.trainer.is_global_zero:
+            return
+        figure = confusion_matrix_figure(self.last_confusion.numpy())
+        if self.hparams.confusion_matrix_path:
+            save_figure(figure, self.hparams.confusion_matrix_path)
+        image = figure_to_rgb(figure)
+        for logger in self.trainer.loggers:
+            log_image(logger, "confusion_matrix", image, self.global_step)
 
     # -- optimizer
     def configure_optimizers(self):
@@ -228,14 +202,15 @@ class SwinV2Classifier(pl.LightningModule):
 
 # ------------------------------------------------------------------------------------------------ data
 class ClassificationDataModule(pl.LightningDataModule):
-    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms),
-    or streamed from WebDataset shards (source="shards": `simmim.shards.ShardSource`, its position in the epoch
-    saved in checkpoints)."""
+    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms;
+    RandAugment and random erasing as `simmim.data.finetune_transform` takes them), or streamed from WebDataset
+    shards (source="shards": `simmim.shards.ShardSource`, its position in the epoch saved in checkpoints)."""
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
                  img_size: int = 128, batch_size: int = 32, num_workers: int = 0, verify: bool = False,
                  shards: str | None = None, val_shards: str | None = None, shuffle_buffer: int = 1000,
-                 seed: int = 0):
+                 seed: int = 0, randaug_ops: int = 0, randaug_magnitude: float = 9.0,
+                 randaug_magnitude_std: float = 0.5, random_erasing: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = None
@@ -246,15 +221,18 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         hp = self.hparams
+        augment = dict(randaug_ops=hp.randaug_ops, randaug_magnitude=hp.randaug_magnitude,
+                       randaug_magnitude_std=hp.randaug_magnitude_std, random_erasing=hp.random_erasing)
         if hp.source == "shards":
-            transforms = finetune_transform(hp.img_size), eval_transform(hp.img_size)
+            transforms = finetune_transform(hp.img_size, **augment), eval_transform(hp.img_size)
             self.shards = shard_source(hp, [LabeledItem(t) for t in transforms], transforms, self.skipped)
             self.shards.split(self.trainer, hp.num_workers)
             if self._shards_state:
                 self.shards.load_state_dict(self._shards_state)
             self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
             return
-        self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify)
+        self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify,
+                                                        **augment)
         self.train_set.skipped = self.val_set.skipped = self.skipped
 
     def _loader(self, dataset, train: bool) -> DataLoader:

@@ -41,6 +41,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from masking import build_mask_generator
+from simmim.augment import RandAugment, RandomErasing
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
@@ -78,13 +79,21 @@ def pretrain_transform(img_size: int) -> A.Compose:
     ])
 
 
-def finetune_transform(img_size: int) -> A.Compose:
-    """Classification fine-tune augmentation (bicubic, like the official recipe): -> float (3, img_size, img_size)."""
+def finetune_transform(img_size: int, randaug_ops: int = 0, randaug_magnitude: float = 9.0,
+                       randaug_magnitude_std: float = 0.5, random_erasing: float = 0.0) -> A.Compose:
+    """Classification fine-tune augmentation (bicubic, like the official recipe): random resized crop, flip,
+    RandAugment when `randaug_ops` > 0, normalization, random erasing with probability `random_erasing`
+    (simmim.augment; the official recipe: 2 ops, magnitude 9, std 0.5, erasing 0.25) -> float (3, S, S)."""
+    randaug = [RandAugment(randaug_ops, randaug_magnitude, randaug_magnitude_std)] if randaug_ops else []
+    erasing = [RandomErasing(p=random_erasing)] if random_erasing else []
     return A.Compose([
         A.RandomResizedCrop(size=(img_size, img_size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                             interpolation=cv2.INTER_CUBIC),
         A.HorizontalFlip(p=0.5),
-        *_normalize_to_tensor(),
+        *randaug,
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
+        *erasing,
+        ToTensorV2(),
     ])
 
 
@@ -522,11 +531,12 @@ class EpochSampler(DistributedSampler):
 
 
 def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.PathLike | None = None,
-                     list_file: str | os.PathLike | None = None,
-                     verify: bool = False) -> tuple[ImageDataset, ImageDataset]:
-    """(train, val) ImageDatasets for a classification fine-tune: finetune / eval transforms, same splits."""
+                     list_file: str | os.PathLike | None = None, verify: bool = False,
+                     **augment) -> tuple[ImageDataset, ImageDataset]:
+    """(train, val) ImageDatasets for a classification fine-tune: finetune / eval transforms, same splits;
+    `augment`: the RandAugment and random-erasing arguments of `finetune_transform`."""
     train, val = build_sources(source, img_size, root, list_file, verify)
-    return ImageDataset(train, finetune_transform(img_size)), ImageDataset(val, eval_transform(img_size))
+    return ImageDataset(train, finetune_transform(img_size, **augment)), ImageDataset(val, eval_transform(img_size))
 
 
 # ------------------------------------------------------------------------------------------------ datamodule

@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset
 
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.train.checkpoint_io import atomic_save
+from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups
 from simmim.train.strategies import full_state_dict, root_params_gathered
 from simmim.train.stage import Stage, run_stage, section
@@ -142,7 +143,7 @@ def reconstruction_grid(simmim: SimMIM, x: torch.Tensor, mask: torch.Tensor) -> 
 
 class ReconstructionPictures(pl.Callback):
     """A PNG grid for a fixed validation batch every `every_n_steps` and at the end of training, written to
-    `<run dir>/reconstructions/` and to TensorBoard."""
+    `<run dir>/reconstructions/` and to every logger that takes images (TensorBoard, W&B, MLflow)."""
 
     def __init__(self, out_dir: str | Path, every_n_steps: int = 100, num_images: int = 8):
         self.out_dir, self.every_n_steps, self.num_images = Path(out_dir), every_n_steps, num_images
@@ -172,8 +173,7 @@ class ReconstructionPictures(pl.Callback):
         cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
         self.last_path = path
         for logger in trainer.loggers:
-            if hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image("reconstruction", grid, trainer.global_step, dataformats="HWC")
+            log_image(logger, "reconstruction", grid, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

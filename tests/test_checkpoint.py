@@ -1,4 +1,3 @@
-import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from torch import nn
 from conftest import TINY, randomize_, tiny_swinv2
 from simmim.models.checkpoint import load_pretrained, pretrained_window_sizes
 from simmim.pretrain import SimMIMPretrainModule
+from simmim.tools.export import to_timm  # checked against real timm in test_export.py
 
 DATA = Path(__file__).parent / "data"
 ENCODER_CFG = {k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY.items() if k != "num_classes"}
@@ -23,20 +23,6 @@ def lightning_ckpt(module: SimMIMPretrainModule) -> dict:
     """What Lightning writes for our pretraining module (the parts the loader reads)."""
     return {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
             "pytorch-lightning_version": "2.6.6"}
-
-
-def to_timm(state_dict: dict) -> dict:
-    """Official SwinV2 keys -> timm's: merging moves to the start of the next stage, head -> head.fc; timm
-    keeps no derived buffers."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith(("relative_coords_table", "relative_position_index", "attn_mask")):
-            continue
-        match = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
-        if match:
-            key = f"layers.{int(match[1]) + 1}.downsample.{match[2]}"
-        out[key.replace("head.", "head.fc.")] = value
-    return out
 
 
 def assert_encoder_loaded(model: nn.Module, source: dict) -> None:

@@ -115,5 +115,5 @@ def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module, mon
     monkeypatch.setattr(sys, "argv", ["reconstruct.py", f"checkpoint={tmp_path / 'none.pth'}", f"images={images}"])
     with pytest.raises(SystemExit) as exit:
         run_cli(reconstruct.main)
-    assert exit.value.code == (f"error: checkpoint {tmp_path / 'none.pth'} does not exist; pass the path of a .ckpt "
-                               f"or .pth file")
+    assert exit.value.code == (f"error: checkpoint {tmp_path / 'none.pth'} does not exist; pass the path of a .ckpt, "
+                               f".pth or .safetensors file")

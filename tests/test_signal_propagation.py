@@ -63,7 +63,7 @@ def test_pre_norm_amplitude_grows_faster_with_depth_after_training(tmp_path, cap
     plot = cv2.imread(str(tmp_path / "signal_propagation.png"))
     assert plot.shape == (540, 960, 3)
     for color in COLORS[:2]:  # both curves drawn, beyond their legend entries
-        hits = np.all(np.abs(plot.astype(int) - color) <= 8, axis=-1)
+        hits = np.all(np.abs(plot.astype(int) - bgr(color)) <= 8, axis=-1)
         assert hits.sum() > 400, color
 
 
@@ -96,13 +96,18 @@ def test_help_and_one_line_errors(capsys, monkeypatch):
     assert exit.value.code.startswith("error: unknown key 'norm_mode' in the command line; did you mean norm_modes")
 
 
-def test_line_plot_puts_larger_values_higher():
-    from simmim.tools.plot import line_plot
+def bgr(color: str) -> tuple[int, int, int]:
+    """'#rrggbb' -> (b, g, r), as cv2.imread gives pixels."""
+    return tuple(int(color[i:i + 2], 16) for i in (5, 3, 1))
 
-    image = line_plot({"up": ([0, 1, 2], [1.0, 10.0, 100.0])}, log_y=True)
-    rows, cols = np.nonzero(np.all(np.abs(image.astype(int) - COLORS[0]) <= 8, axis=-1))
-    plot_area = rows > 120  # below the legend
-    left, right = cols[plot_area] < 300, cols[plot_area] > 700
-    assert rows[plot_area][left].mean() > rows[plot_area][right].mean() + 200
+
+def test_line_plot_puts_larger_values_higher():
+    from simmim.tools.plot import figure_to_rgb, line_plot
+
+    image = figure_to_rgb(line_plot({"up": ([0, 1, 2], [1.0, 10.0, 100.0])}, log_y=True))
+    assert image.shape == (540, 960, 3)
+    rows, cols = np.nonzero(np.all(np.abs(image.astype(int) - bgr(COLORS[0])[::-1]) <= 8, axis=-1))
+    left, right = cols < 300, cols > 700  # the median ignores the legend's short sample line
+    assert np.median(rows[left]) > np.median(rows[right]) + 200
     with pytest.raises(ValueError, match="positive"):
         line_plot({"zero": ([0, 1], [0.0, 1.0])}, log_y=True)

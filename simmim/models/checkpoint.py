@@ -10,12 +10,14 @@ Accepted checkpoints (detected by `detect_layout`, converted to our parameter na
 - `timm`: a timm SwinV2 state dict (bare or under "state_dict" / "model"): patch merging at the start of the
   next stage (`layers.{i+1}.downsample`) and the classifier as `head.fc`.
 
+Each can also be a `.safetensors` file (bare state dicts, e.g. timm's or `scripts/export.py format=timm`).
 `encoder_from_checkpoint` and `simmim_from_checkpoint` build the model a checkpoint holds (from the config our
 checkpoints carry, with overrides) and load it, for tools that use a checkpoint as it is.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import pickle
 import re
@@ -32,8 +34,9 @@ from simmim.models.simmim import build_simmim
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
-           "read_checkpoint", "detect_layout", "saved_model_config", "saved_simmim_config", "model_config",
-           "encoder_from_checkpoint", "simmim_from_checkpoint", "SIMMIM_LAYOUTS"]
+           "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
+           "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
+           "SIMMIM_LAYOUTS"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
@@ -65,11 +68,15 @@ class LoadReport:
 
 def read_checkpoint(source: str | Path | Mapping) -> dict:
     """A checkpoint as a dict: loaded on CPU from a path (weights only first; full unpickling for Lightning
-    checkpoints whose hyperparameters hold other objects), or returned as is."""
+    checkpoints whose hyperparameters hold other objects; `.safetensors` files by `read_safetensors`), or
+    returned as is."""
     if isinstance(source, Mapping):
         return dict(source)
     if not Path(source).is_file():
-        raise FileNotFoundError(f"checkpoint {source} does not exist; pass the path of a .ckpt or .pth file")
+        raise FileNotFoundError(f"checkpoint {source} does not exist; pass the path of a .ckpt, .pth or "
+                                f".safetensors file")
+    if Path(source).suffix == ".safetensors":
+        return read_safetensors(source)
     try:
         try:
             ckpt = torch.load(source, map_location="cpu", weights_only=True)
@@ -82,6 +89,23 @@ def read_checkpoint(source: str | Path | Mapping) -> dict:
         raise ValueError(f"{source} holds a {type(ckpt).__name__}, not a checkpoint dict; pass a state dict or a "
                          f"training checkpoint")
     return ckpt
+
+
+def read_safetensors(path: str | Path) -> dict:
+    """A `.safetensors` state dict (any layout below, e.g. timm's) as a checkpoint dict: the bare tensors, or
+    `{"model": tensors, "config": ...}` when its metadata holds our config (scripts/export.py writes it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"cannot read {path} as safetensors ({error}); pass a file written by "
+                         f"safetensors.torch.save_file") from error
+    if "config" in metadata:
+        return {"model": tensors, "config": json.loads(metadata["config"])}
+    return tensors
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -162,6 +186,13 @@ CONVERTERS = {
 }
 
 
+def checkpoint_weights(ckpt: Mapping) -> dict:
+    """The encoder weights (and classifier head, where there is one) of a loaded checkpoint of any layout above,
+    under our parameter names; derived buffers, the mask token and the decoder are left out."""
+    return {key: value for key, value in CONVERTERS[detect_layout(ckpt)](ckpt).items()
+            if not key.endswith(DROPPED_SUFFIXES)}
+
+
 # ------------------------------------------------------------------------------------------------ loading
 def _shape_error(key: str, ours: torch.Size, theirs: torch.Size) -> ValueError:
     return ValueError(f"checkpoint does not match the model: {key} is {tuple(theirs)} in the checkpoint but "
@@ -183,8 +214,7 @@ def load_pretrained(model: SwinTransformerV2, source: str | Path | Mapping, stri
     """
     ckpt = read_checkpoint(source)
     layout = detect_layout(ckpt)
-    weights = {key: value for key, value in CONVERTERS[layout](ckpt).items()
-               if not key.endswith(DROPPED_SUFFIXES)}
+    weights = checkpoint_weights(ckpt)
     target = model.state_dict()
     report = LoadReport(layout)
     usable = {}

@@ -8,6 +8,7 @@ Inside the encoder tokens stay channels-last: (B, H, W, C).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -61,6 +62,14 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
     labels = window_partition(region, window_size).squeeze(-1)  # nW, N
     different = labels.unsqueeze(1) != labels.unsqueeze(2)
     return torch.zeros(different.shape).masked_fill(different, SHIFT_MASK_VALUE)
+
+
+@functools.lru_cache(maxsize=64)
+def cached_shifted_window_mask(height: int, width: int, window_size: int, shift_size: int,
+                               device: torch.device) -> torch.Tensor:
+    """`shifted_window_mask` on `device`, computed once per map shape (inputs other than img_size; the last 64
+    shapes are kept)."""
+    return shifted_window_mask(height, width, window_size, shift_size).to(device)
 
 
 # ------------------------------------------------------------------------------------------------ windows
@@ -325,8 +334,9 @@ class WindowAttention(nn.Module):
 class SwinTransformerV2Block(nn.Module):
     """(Shifted) window attention and MLP, each with a residual post-norm: x + norm(f(x)).
 
-    `input_resolution` is the (H, W) of the stage; when a side is not larger than the window, the window
-    shrinks to the map and there is no shift (as the official code does).
+    `input_resolution` is the (H, W) of the stage at img_size; when a side is not larger than the window, the
+    window shrinks to the map and there is no shift (as the official code does). Maps of other sizes are padded
+    (zeros, bottom and right) to whole windows, with the shift mask of the padded shape.
     """
 
     def __init__(
@@ -371,18 +381,28 @@ class SwinTransformerV2Block(nn.Module):
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, window_size={self.window_size}, "
                 f"shift_size={self.shift_size}, norm_mode={self.norm_mode}")
 
+    def _shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor | None:
+        """The shift mask of a (padded) map: the buffer at input_resolution, else cached per shape."""
+        if not self.shift_size or (height, width) == self.input_resolution:
+            return self.attn_mask
+        return cached_shifted_window_mask(height, width, self.window_size, self.shift_size, device)
+
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C): roll, attend within windows, roll back."""
+        """(B, H, W, C) -> (B, H, W, C): pad to whole windows, roll, attend within windows, roll back, crop."""
         B, H, W, C = x.shape
-        s = self.shift_size
+        s, ws = self.shift_size, self.window_size
+        pad_h, pad_w = -H % ws, -W % ws
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        num_windows = (H // self.window_size) * (W // self.window_size)
-        windows = self.attn(window_partition(x, self.window_size), mask=self.attn_mask, num_windows=num_windows)
-        x = window_reverse(windows, self.window_size, H, W)
+        windows = self.attn(window_partition(x, ws), mask=self._shift_mask(Hp, Wp, x.device),
+                            num_windows=(Hp // ws) * (Wp // ws))
+        x = window_reverse(windows, ws, Hp, Wp)
         if s:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        return x
+        return x[:, :H, :W].contiguous() if pad_h or pad_w else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
@@ -398,7 +418,8 @@ class SwinTransformerV2Block(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2x2 neighbourhood concat, then reduction and norm (V2 order): (B, H, W, C) -> (B, H/2, W/2, 2C)."""
+    """2x2 neighbourhood concat, then reduction and norm (V2 order): (B, H, W, C) -> (B, ceil(H/2), ceil(W/2),
+    2C); an odd side is padded with a zero row / column first."""
 
     def __init__(self, dim: int, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm):
         super().__init__()
@@ -408,6 +429,9 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
         # Channel order (0,0), (1,0), (0,1), (1,1) as in the official code, so its weights apply.
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
         return self.norm(self.reduction(x))
@@ -506,6 +530,10 @@ class SwinTransformerV2(nn.Module):
     (a LayerNorm after every k-th block of a stage, H and G use 6), `attn_impl` ("fast", or
     "reference": the official code's order of operations), `sequential_attn` / `sequential_attn_chunk`
     (windows attended in chunks of this many, each recomputed in backward).
+
+    Images of any size are accepted (as timm's strict_img_size=False): `img_size` fixes the window of each stage
+    (shrunk where the map at img_size is not larger), other sizes are padded to whole patches, windows and
+    mergings, with shift masks computed per padded shape and cached.
     """
 
     def __init__(
@@ -621,28 +649,43 @@ class SwinTransformerV2(nn.Module):
 
     # -- forward
     def _check_input(self, x: torch.Tensor) -> None:
-        expected = f"(B, {self.in_chans}, {self.img_size}, {self.img_size})"
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected input {expected}, got {tuple(x.shape)}; pass {self.in_chans}-channel "
-                             f"images or build the model with in_chans={x.shape[1] if x.dim() == 4 else '?'}")
-        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"expected input {expected}, got {tuple(x.shape)}; resize the images to "
-                             f"{self.img_size} px or build the model with the image size you feed")
+        if x.dim() != 4 or x.shape[1] != self.in_chans or min(x.shape[2:]) < 1:
+            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got {tuple(x.shape)}; pass "
+                             f"{self.in_chans}-channel images or build the model with "
+                             f"in_chans={x.shape[1] if x.dim() == 4 else '?'}")
+
+    def _position_embedding(self, height: int, width: int) -> torch.Tensor:
+        """The absolute position embedding (1, h, w, C), resized bicubically for a grid other than img_size's."""
+        R = self.patches_resolution
+        pos = self.absolute_pos_embed.view(1, R, R, -1)
+        if (height, width) == (R, R):
+            return pos
+        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(height, width), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1)
 
     def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, H/p, W/p, C) patch tokens; where `mask` (B, H/p, W/p) is 1 the token
-        becomes `mask_token` (after the patch norm, as SimMIM does)."""
+        """(B, C_in, H, W) -> (B, ceil(H/p), ceil(W/p), C) patch tokens (any H, W: the image is padded with zeros
+        to whole patches); where `mask` (B, ceil(H/p), ceil(W/p)) is 1 the token becomes `mask_token` (after
+        the patch norm, as SimMIM does)."""
         self._check_input(x)
+        p = self.patch_size
+        pad_h, pad_w = -x.shape[2] % p, -x.shape[3] % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.patch_embed(x)
         if mask is not None:
+            if mask.shape[-2:] != x.shape[1:3]:
+                raise ValueError(f"mask is {tuple(mask.shape)} but the image has a {tuple(x.shape[1:3])} patch "
+                                 f"grid; pass one mask value per {p}x{p} patch")
             w = mask.unsqueeze(-1).to(x.dtype)
             x = x * (1.0 - w) + mask_token.to(x.dtype) * w
         if self.absolute_pos_embed is not None:
-            x = x + self.absolute_pos_embed.view(1, *x.shape[1:])
+            x = x + self._position_embedding(*x.shape[1:3])
         return self.pos_drop(x)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Stages and final norm on embedded tokens: (B, H/p, W/p, C) -> (B, H/32, W/32, num_features)."""
+        """Stages and final norm on embedded tokens: (B, h, w, C) -> (B, h / 2^(stages-1), w / 2^(stages-1),
+        num_features), sides rounded up at each merging."""
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
@@ -664,7 +707,8 @@ class SwinTransformerV2(nn.Module):
         """Returns (final normalized map (B, h, w, C), [stage maps (B, C_i, H_i, W_i) for `indices`]).
 
         Stage i's map is taken after its blocks and before its patch merging: C_i = embed_dim * 2^i,
-        H_i = H / (patch_size * 2^i). `norm` applies the final norm to the last stage's map.
+        H_i = H / (patch_size * 2^i), rounded up for sizes other than multiples of it. `norm` applies the final
+        norm to the last stage's map. Any input size works (see `embed`).
         """
         indices = range(self.num_layers) if indices is None else [i % self.num_layers for i in indices]
         x = self.embed(x)

@@ -29,7 +29,6 @@ import csv
 from pathlib import Path
 
 
-import cv2
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -41,7 +40,7 @@ from simmim.train.config import (ConfigError, as_list, load_config, model_sectio
 from simmim.data import SOURCES, ImageDataset, build_sources, eval_transform
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import param_groups
-from simmim.tools.plot import line_plot
+from simmim.tools.plot import line_plot, save_figure
 from simmim.cli import resolve_device
 
 SCHEMA = {
@@ -161,10 +160,9 @@ def write_outputs(curves: list, out_dir: Path, title: str) -> tuple[Path, Path]:
     stages = [stage for stage, _, _ in curves[0][2]]
     boundaries = [i - 0.5 for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
     series = {label: (range(len(rows)), [rms for _, _, rms in rows]) for label, _, rows in curves}
-    image = line_plot(series, title=title, x_label="block (all stages, in order)",
-                      y_label="RMS of the block output", log_y=True, vlines=boundaries)
-    if not cv2.imwrite(str(png_path), image):
-        raise ValueError(f"cannot write {png_path}; pass a writable out_dir")
+    figure = line_plot(series, title=title, x_label="block (all stages, in order)",
+                       y_label="RMS of the block output", log_y=True, vlines=boundaries)
+    save_figure(figure, png_path)
     return csv_path, png_path
 
 

@@ -1,0 +1,232 @@
+"""Export an encoder for the tools users already have: timm, Hugging Face transformers, the official layout.
+
+    python scripts/export.py checkpoint=runs/finetune/default/checkpoints/best.ckpt format=timm out=swinv2.safetensors
+    python scripts/export.py checkpoint=runs/pretrain/default/encoder.pth format=hf out=swinv2-hf/
+    python scripts/export.py checkpoint=timm_swinv2.safetensors format=official out=swinv2.pth model.window_size=8
+
+- `timm`: a safetensors state dict in the key layout of timm's `SwinTransformerV2` (patch merging at the
+  start of the next stage, the classifier as `head.fc`), which that model built with the same settings loads
+  with strict=True. The settings are printed and stored in the file's metadata (`timm_kwargs`).
+- `hf`: a folder with `config.json` and `model.safetensors` for `transformers.Swinv2Model.from_pretrained`
+  (`Swinv2ForImageClassification` when the checkpoint has a classifier head).
+- `official`: a `.pth` in the microsoft/Swin-Transformer layout: `{"model": SimMIM state dict, "config"}` for
+  pretraining checkpoints (as scripts/pretrain.py writes encoder.pth), `{"model": encoder state dict with head,
+  "config"}` otherwise.
+
+The checkpoint is any layout `simmim.models.checkpoint` reads (.ckpt, .pth, .safetensors); the model is built
+from the config our checkpoints carry, model.* keys override it (official and timm files carry none).
+Arguments are key=value:
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from simmim.models.checkpoint import (SIMMIM_LAYOUTS, checkpoint_weights, detect_layout, load_pretrained,
+                                      model_config, read_checkpoint, saved_simmim_config, simmim_from_checkpoint)
+from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
+from simmim.train.checkpoint_io import atomic_save
+from simmim.train.config import ConfigError, model_section, options_from_argv
+
+__all__ = ["FORMATS", "to_timm", "to_hf", "hf_config", "timm_kwargs", "encoder_for_export", "export_timm",
+           "export_hf", "export_official", "main"]
+
+FORMATS = ("timm", "hf", "official")
+SCHEMA = {
+    "checkpoint": None,       # required: any checkpoint simmim.models.checkpoint reads
+    "format": None,           # required: timm | hf | official
+    "out": None,              # required: a .safetensors file (timm), a folder (hf), a .pth file (official)
+    "model": model_section(),  # null: the checkpoint's value
+}
+# SwinTransformerV2 settings that neither timm's nor transformers' SwinV2 has: (argument, the value they build)
+PLAIN_SWINV2 = (("ape", False), ("patch_norm", True), ("norm_mode", "res_post_norm"), ("attn_mode", "cosine"),
+                ("position_bias", "log_cpb"), ("extra_norm_every", 0))
+
+
+def _check_plain(config: Mapping, target: str) -> None:
+    for name, value in PLAIN_SWINV2:
+        if config.get(name, value) != value:
+            raise ValueError(f"{target} has no SwinV2 with {name}={config[name]!r}; only {name}={value!r} "
+                             f"models export to {target} (use format=official)")
+
+
+def _encoder_state(state_dict: Mapping) -> dict:
+    """Our state dict without derived buffers, each tensor contiguous and unshared (as safetensors wants)."""
+    return {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()
+            if key.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}
+
+
+# ------------------------------------------------------------------------------------------------- timm
+def to_timm(state_dict: Mapping) -> dict:
+    """Our (official) keys -> timm's: `layers.{i}.downsample.*` -> `layers.{i+1}.downsample.*`, `head.*` ->
+    `head.fc.*`; derived buffers are left out (timm recomputes them). The inverse of the `timm` reader in
+    simmim.models.checkpoint."""
+    out = {}
+    for key, value in _encoder_state(state_dict).items():
+        key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) + 1}.downsample.", key)
+        out[re.sub(r"^head\.", "head.fc.", key)] = value
+    return out
+
+
+def timm_kwargs(config: Mapping) -> dict:
+    """Arguments of `timm.models.swin_transformer_v2.SwinTransformerV2` for the same model."""
+    _check_plain(config, "timm")
+    keys = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths", "num_heads", "window_size",
+            "mlp_ratio", "qkv_bias", "pretrained_window_sizes")
+    kwargs = {key: config[key] for key in keys if key in config}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+# ------------------------------------------------------------------------------------------ transformers
+_HF_BLOCK = {  # our names inside a block -> transformers' Swinv2Layer names
+    "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+    "attn.logit_scale": "attention.self.logit_scale", "attn.cpb_mlp": "attention.self.continuous_position_bias_mlp",
+    "attn.q_bias": "attention.self.query.bias", "attn.v_bias": "attention.self.value.bias",
+    "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
+}
+_HF_TOP = {"patch_embed.proj": "embeddings.patch_embeddings.projection", "patch_embed.norm": "embeddings.norm",
+           "norm": "layernorm"}
+
+
+def _hf_key(key: str) -> str:
+    block = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+    if block:
+        stage, index, rest = block.groups()
+        for ours, theirs in _HF_BLOCK.items():
+            if rest == ours or rest.startswith(ours + "."):
+                return f"encoder.layers.{stage}.blocks.{index}.{theirs}{rest[len(ours):]}"
+    elif key.startswith("layers."):  # layers.{i}.downsample.*: merging at the end of a stage, as ours
+        return "encoder." + key
+    else:
+        for ours, theirs in _HF_TOP.items():
+            if key.startswith(ours + "."):
+                return theirs + key[len(ours):]
+    raise ValueError(f"no transformers Swinv2 parameter for {key}; export format=official instead")
+
+
+def to_hf(state_dict: Mapping) -> dict:
+    """Our keys -> transformers' `Swinv2Model` keys; the fused qkv weight is split into query, key and value
+    (the key projection has no bias, as in the official code). With a classifier head the keys are those of
+    `Swinv2ForImageClassification`: `swinv2.*` and `classifier.*`."""
+    ours = _encoder_state(state_dict)
+    prefix = "swinv2." if "head.weight" in ours else ""
+    out = {}
+    for key, value in ours.items():
+        if key.startswith("head."):
+            out["classifier." + key.removeprefix("head.")] = value
+        elif key.endswith(".attn.qkv.weight"):
+            base = _hf_key(key.replace("attn.qkv.weight", "attn.q_bias")).removesuffix("query.bias")
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out[f"{prefix}{base}{name}.weight"] = part.contiguous()
+        else:
+            out[prefix + _hf_key(key)] = value
+    return out
+
+
+def hf_config(config: Mapping, num_classes: int = 0) -> dict:
+    """config.json of transformers' Swinv2 for the same model (`model_type` swinv2)."""
+    _check_plain(config, "transformers")
+    defaults = {name: p.default for name, p in inspect.signature(SwinTransformerV2).parameters.items()}
+    cfg = {**defaults, **config}
+    depths = list(cfg["depths"])
+    hf = {
+        "model_type": "swinv2",
+        "architectures": ["Swinv2ForImageClassification" if num_classes else "Swinv2Model"],
+        "image_size": cfg["img_size"], "patch_size": cfg["patch_size"], "num_channels": cfg["in_chans"],
+        "embed_dim": cfg["embed_dim"], "depths": depths, "num_heads": list(cfg["num_heads"]),
+        "window_size": cfg["window_size"],
+        "pretrained_window_sizes": list(cfg["pretrained_window_sizes"] or [0] * len(depths)),
+        "mlp_ratio": cfg["mlp_ratio"], "qkv_bias": cfg["qkv_bias"], "hidden_act": "gelu",
+        "hidden_dropout_prob": cfg["drop_rate"], "attention_probs_dropout_prob": cfg["attn_drop_rate"],
+        "drop_path_rate": cfg["drop_path_rate"], "use_absolute_embeddings": False, "layer_norm_eps": 1e-5,
+        "encoder_stride": cfg["patch_size"] * 2 ** (len(depths) - 1),
+    }
+    if num_classes:
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_classes)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(num_classes)}
+    return hf
+
+
+# ------------------------------------------------------------------------------------------------ export
+def encoder_for_export(source, overrides: Mapping | None = None) -> tuple[SwinTransformerV2, dict]:
+    """(our encoder with the checkpoint's weights, with its classifier head when the checkpoint has one, its
+    arguments); ValueError naming the first key when the weights do not fit."""
+    ckpt = read_checkpoint(source)
+    head = checkpoint_weights(ckpt).get("head.weight")
+    config = {**model_config(ckpt, overrides), "num_classes": 0 if head is None else head.shape[0]}
+    model = SwinTransformerV2(**config)
+    load_pretrained(model, ckpt)
+    return model, config
+
+
+def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+    tmp.replace(path)
+
+
+def export_timm(model: SwinTransformerV2, config: Mapping, out: str | Path) -> Path:
+    """Write timm's state dict of `model` as safetensors; the metadata holds the timm arguments (`timm_kwargs`)
+    and our model config (`config`, so our readers rebuild the model without model.* keys)."""
+    kwargs = timm_kwargs(config)
+    out = Path(out)
+    _save_safetensors(to_timm(model.state_dict()), out,
+                      {"timm_kwargs": json.dumps(kwargs), "config": json.dumps({"model": dict(config)})})
+    return out
+
+
+def export_hf(model: SwinTransformerV2, config: Mapping, out: str | Path) -> Path:
+    """Write `out/config.json` and `out/model.safetensors` for transformers' Swinv2."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={out} is a file; format=hf writes a folder (config.json, model.safetensors)")
+    hf = hf_config(config, config.get("num_classes", 0))
+    _save_safetensors(to_hf(model.state_dict()), out / "model.safetensors", {})
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return out
+
+
+def export_official(source, overrides: Mapping | None, out: str | Path) -> Path:
+    """Write the official layout: SimMIM (encoder, mask token, decoder) for pretraining checkpoints, else the
+    encoder with its head; both with `config.model`, which our readers use to rebuild the model."""
+    ckpt = read_checkpoint(source)
+    if detect_layout(ckpt) in SIMMIM_LAYOUTS:
+        simmim, config = simmim_from_checkpoint(ckpt, overrides)
+        payload = {"model": simmim.state_dict(), "config": {"model": config, "simmim": saved_simmim_config(ckpt)}}
+    else:
+        model, config = encoder_for_export(ckpt, overrides)
+        payload = {"model": model.state_dict(), "config": {"model": config}}
+    atomic_save(payload, out)
+    return Path(out)
+
+
+def main(argv: list[str]) -> None:
+    cfg = options_from_argv(SCHEMA, argv, __doc__)
+    if cfg is None:
+        return
+    if not cfg.checkpoint or not cfg.format or not cfg.out:
+        raise ConfigError("checkpoint=, format= and out= are required, e.g. checkpoint=runs/pretrain/default/"
+                          "encoder.pth format=timm out=swinv2.safetensors")
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
+    overrides = OmegaConf.to_container(cfg.model)
+    if cfg.format == "official":
+        print(f"official layout: {export_official(cfg.checkpoint, overrides, cfg.out)}")
+        return
+    model, config = encoder_for_export(cfg.checkpoint, overrides)
+    if cfg.format == "timm":
+        out = export_timm(model, config, cfg.out)
+        print(f"timm state dict: {out}\nload it into timm.models.swin_transformer_v2.SwinTransformerV2("
+              f"{', '.join(f'{k}={v!r}' for k, v in timm_kwargs(config).items())})")
+    else:
+        out = export_hf(model, config, cfg.out)
+        print(f"transformers folder: {out} (transformers.Swinv2Model.from_pretrained({str(out)!r}))")

@@ -1,0 +1,123 @@
+"""Loggers and extra callbacks of a run, from the recipe (`logging.loggers`, `callbacks`), and pictures to
+every logger that takes images.
+
+    logging.loggers=[tensorboard,csv,wandb]          # names: tensorboard | csv | wandb | mlflow
+    callbacks=[{class_path: EarlyStopping, init_args: {monitor: val/top1, mode: max, patience: 3}}]
+
+A `logging.loggers` entry is a name above (written under the run directory; wandb and mlflow need
+`pip install '.[wandb]'` / `'.[mlflow]'`) or `{class_path: ..., init_args: {...}}` for any Lightning logger
+(e.g. WandbLogger with your project and entity). A `callbacks` entry is `{class_path, init_args}`; a bare class
+name is looked up in `pytorch_lightning.callbacks`. Both come on top of what the scripts add (checkpoints,
+throughput, pictures), so `trainer.logger` and `trainer.callbacks` are refused.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger
+
+from simmim.train.config import ConfigError
+
+__all__ = ["LOGGER_NAMES", "build_loggers", "build_callbacks", "log_image"]
+
+LOGGER_NAMES = ("tensorboard", "csv", "wandb", "mlflow")
+PROJECT = "swinv2-simmim"  # the wandb project / mlflow experiment of the named loggers
+
+
+def _named_logger(name: str, run_dir: Path, run_name: str) -> Logger:
+    from pytorch_lightning import loggers
+
+    if name == "tensorboard":
+        return loggers.TensorBoardLogger(run_dir, name="tensorboard", version="")
+    if name == "csv":
+        return loggers.CSVLogger(run_dir, name="csv", version="")
+    extra = {"wandb": "wandb", "mlflow": "mlflow"}[name]
+    try:
+        importlib.import_module(extra)
+    except ImportError as error:
+        raise ConfigError(f"logging.loggers names {name}, which needs the {extra} package: pip install "
+                          f"'swinv2-simmim[{name}]' (or -e '.[{name}]' in a checkout)") from error
+    if name == "wandb":  # offline runs: WANDB_MODE=offline
+        return loggers.WandbLogger(project=PROJECT, name=run_name, save_dir=str(run_dir))
+    # MLFLOW_TRACKING_URI picks a server; else a SQLite store and artifacts under the run directory
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return loggers.MLFlowLogger(experiment_name=PROJECT, run_name=run_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return loggers.MLFlowLogger(experiment_name=PROJECT, run_name=run_name,
+                                tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}",
+                                artifact_location=(run_dir / "mlruns").resolve().as_uri())
+
+
+def _instantiate(entry, key: str, default_module: str, base: type):
+    """`{class_path, init_args}` -> the object; ConfigError naming `key`, the entry and the fix."""
+    if not isinstance(entry, Mapping) or "class_path" not in entry or set(entry) - {"class_path", "init_args"}:
+        raise ConfigError(f"{key} entry {entry!r} is not {{class_path: ..., init_args: {{...}}}}; e.g. "
+                          f"{{class_path: pytorch_lightning.callbacks.EarlyStopping, init_args: {{monitor: val/loss}}}}")
+    class_path = str(entry["class_path"])
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or default_module), name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"{key}: cannot import {class_path} ({error}); give the full class path, e.g. "
+                          f"{default_module}.{name}") from error
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{key}: {class_path} is not a {base.__module__}.{base.__name__}")
+    init_args = entry.get("init_args") or {}
+    try:
+        return cls(**init_args)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{key}: {class_path}(**{dict(init_args)}) failed: {error}") from error
+
+
+def _entries(node) -> list:
+    return list((OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node) or [])
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """The loggers `logging.loggers` names (default tensorboard and csv), writing under `run_dir`."""
+    if "logger" in cfg.trainer:
+        raise ConfigError("trainer.logger clashes with the run's loggers; set logging.loggers=[tensorboard,csv,"
+                          "wandb,mlflow] (names or {class_path, init_args}), or logging.loggers=[] for none")
+    logging = cfg.get("logging") or {}
+    entries = _entries(logging.get("loggers", ["tensorboard", "csv"]))
+    loggers = []
+    for entry in entries:
+        if isinstance(entry, str):
+            if entry not in LOGGER_NAMES:
+                raise ConfigError(f"logging.loggers names {entry!r}; use {', '.join(LOGGER_NAMES)} or "
+                                  f"{{class_path: ..., init_args: {{...}}}}")
+            loggers.append(_named_logger(entry, Path(run_dir), str(cfg.get("run_name", run_dir.name))))
+        else:
+            loggers.append(_instantiate(entry, "logging.loggers", "pytorch_lightning.loggers", Logger))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The extra callbacks of `callbacks` ({class_path, init_args} each), after those the scripts add."""
+    if "callbacks" in cfg.trainer:
+        raise ConfigError("trainer.callbacks clashes with the run's callbacks; add yours as callbacks=[{class_path: "
+                          "EarlyStopping, init_args: {monitor: val/loss}}]")
+    return [_instantiate(entry, "callbacks", "pytorch_lightning.callbacks", pl.Callback)
+            for entry in _entries(cfg.get("callbacks"))]
+
+
+def log_image(logger: Logger, key: str, image: np.ndarray, step: int) -> bool:
+    """Send an RGB uint8 picture (H, W, 3) to `logger` if it takes images (TensorBoard, W&B, MLflow); returns
+    whether it did."""
+    from pytorch_lightning import loggers
+
+    if isinstance(logger, loggers.TensorBoardLogger):
+        logger.experiment.add_image(key, image, step, dataformats="HWC")
+    elif isinstance(logger, loggers.WandbLogger):
+        logger.log_image(key=key, images=[image], step=step)
+    elif isinstance(logger, loggers.MLFlowLogger):
+        logger.experiment.log_image(logger.run_id, image, f"{key}/step_{step:07d}.png")
+    else:
+        return False
+    return True

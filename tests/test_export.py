@@ -1,0 +1,197 @@
+"""scripts/export.py: timm (against a fixture made by real timm), transformers (loaded by real transformers),
+the official layout, and safetensors files read back by every checkpoint reader."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY, randomize_, tiny_swinv2
+from simmim.models.checkpoint import (checkpoint_weights, detect_layout, encoder_from_checkpoint, load_pretrained,
+                                      read_checkpoint)
+from simmim.models.swinv2 import SwinTransformerV2
+from simmim.pretrain import SimMIMPretrainModule
+from simmim.tools.export import encoder_for_export, export_hf, hf_config, main, timm_kwargs, to_timm
+
+DATA = Path(__file__).parent / "data"
+ENCODER_CFG = {k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY.items() if k != "num_classes"}
+
+
+def classifier_file(tmp_path, num_classes: int = 10, **overrides) -> tuple[torch.nn.Module, Path]:
+    """A fine-tuned classifier as our official-layout .pth with its config (what format=official writes)."""
+    model = randomize_(tiny_swinv2(num_classes=num_classes, **overrides), seed=5).eval()
+    config = {**ENCODER_CFG, **overrides, "num_classes": num_classes}
+    path = tmp_path / "classifier.pth"
+    torch.save({"model": model.state_dict(), "config": {"model": config}}, path)
+    return model, path
+
+
+# ------------------------------------------------------------------------------------------------- timm
+def timm_fixture() -> dict:
+    return torch.load(DATA / "timm_swinv2.pt", weights_only=True)
+
+
+def test_timm_fixture_loads_into_ours_and_gives_timms_outputs():
+    """Real timm's state dict (tests/data/make_timm_fixture.py) read by the timm reader: our model gives timm's
+    logits and features."""
+    fixture = timm_fixture()
+    model = timm_settings_model(fixture["kwargs"])
+    report = load_pretrained(model, fixture["state_dict"])
+    assert report.layout == "timm" and not report.missing and not report.unexpected and not report.reinitialized
+    with torch.no_grad():
+        torch.testing.assert_close(model(fixture["input"]), fixture["logits"], rtol=0, atol=1e-4)
+        features = model.forward_head(model.forward_features(fixture["input"]), pre_logits=True)
+        torch.testing.assert_close(features, fixture["features"], rtol=0, atol=1e-4)
+
+
+def timm_settings_model(kwargs: dict) -> SwinTransformerV2:
+    """Our model with the settings timm's was built with."""
+    return SwinTransformerV2(**kwargs, drop_path_rate=0.0).eval()
+
+
+def test_timm_export_is_the_state_dict_timm_has(tmp_path):
+    """Ours -> timm gives exactly timm's keys (what strict=True checks), shapes and values; the settings
+    printed for timm are the ones the fixture's model was built with."""
+    fixture = timm_fixture()
+    model = timm_settings_model(fixture["kwargs"])
+    load_pretrained(model, fixture["state_dict"])
+    config = {**fixture["kwargs"], "drop_path_rate": 0.0}
+    main([f"checkpoint={write_official(tmp_path, model, config)}", "format=timm", f"out={tmp_path / 'm.safetensors'}"])
+    exported = load_file(tmp_path / "m.safetensors")
+    assert sorted(exported) == sorted(fixture["timm_keys"])
+    for key, value in fixture["state_dict"].items():
+        assert torch.equal(exported[key], value), key
+    metadata = safetensors_metadata(tmp_path / "m.safetensors")
+    assert json.loads(metadata["timm_kwargs"]) == fixture["kwargs"]
+
+
+def write_official(tmp_path, model, config) -> Path:
+    path = tmp_path / "ours.pth"
+    torch.save({"model": model.state_dict(), "config": {"model": config}}, path)
+    return path
+
+
+def safetensors_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        return file.metadata()
+
+
+def test_timm_export_reads_back_without_model_keys(tmp_path):
+    """The exported .safetensors is a checkpoint like any other: every reader takes it, and the config in its
+    metadata rebuilds the model."""
+    model, path = classifier_file(tmp_path)
+    main([f"checkpoint={path}", "format=timm", f"out={tmp_path / 'timm.safetensors'}"])
+    ckpt = read_checkpoint(tmp_path / "timm.safetensors")
+    assert detect_layout(ckpt) == "timm"
+    encoder, config, report = encoder_from_checkpoint(tmp_path / "timm.safetensors")
+    assert config["window_size"] == 4 and not report.missing
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval().forward_features(x), model.forward_features(x), rtol=0, atol=0)
+
+
+def test_bare_timm_safetensors_is_read(tmp_path):
+    """A timm safetensors file as timm or the Hub write it (no metadata of ours)."""
+    source = randomize_(tiny_swinv2(), seed=6)
+    save_file(to_timm(source.state_dict()), str(tmp_path / "model.safetensors"))
+    model = tiny_swinv2()
+    report = load_pretrained(model, tmp_path / "model.safetensors")
+    assert report.layout == "timm" and not report.missing and not report.unexpected
+    assert torch.equal(model.head.weight, source.head.weight)
+
+
+def test_unreadable_safetensors_is_one_clear_error(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"cannot read .*bad.safetensors as safetensors"):
+        read_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_timm_and_hf_refuse_settings_they_do_not_have():
+    for target, check in (("timm", timm_kwargs), ("transformers", hf_config)):
+        with pytest.raises(ValueError, match=rf"{target} has no SwinV2 with norm_mode='pre_norm'"):
+            check({**ENCODER_CFG, "norm_mode": "pre_norm"})
+
+
+# ---------------------------------------------------------------------------------------- transformers
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_hf_export_loads_in_transformers_and_matches(tmp_path, num_classes):
+    transformers = pytest.importorskip("transformers")  # the `test` extra installs it
+    model, path = classifier_file(tmp_path, num_classes=num_classes, window_size=8,
+                                  pretrained_window_sizes=[4, 4, 4, 2])
+    main([f"checkpoint={path}", "format=hf", f"out={tmp_path / 'hf'}"])
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    hf, info = transformers.Swinv2Model.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert set(info["unexpected_keys"]) == ({"classifier.weight", "classifier.bias"} if num_classes else set())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.forward_features(x)
+        out = hf.eval()(pixel_values=x)
+        torch.testing.assert_close(out.last_hidden_state, ours.flatten(1, 2), rtol=0, atol=1e-4)
+        torch.testing.assert_close(out.pooler_output, ours.mean(dim=(1, 2)), rtol=0, atol=1e-4)
+        if num_classes:
+            classifier = transformers.Swinv2ForImageClassification.from_pretrained(tmp_path / "hf").eval()
+            torch.testing.assert_close(classifier(pixel_values=x).logits, model(x), rtol=0, atol=1e-4)
+
+
+def test_hf_export_of_a_pretraining_checkpoint(tmp_path):
+    """Our SimMIM Lightning checkpoint: the encoder goes out (no head), the decoder stays behind."""
+    transformers = pytest.importorskip("transformers")
+    module = randomize_(SimMIMPretrainModule(model=ENCODER_CFG), seed=7)
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    main([f"checkpoint={tmp_path / 'last.ckpt'}", "format=hf", f"out={tmp_path / 'hf'}"])
+    hf = transformers.Swinv2Model.from_pretrained(tmp_path / "hf").eval()
+    encoder = module.simmim.encoder.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state,
+                                   encoder.forward_features(x).flatten(1, 2), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- official
+def test_official_export_of_pretraining_and_classifier(tmp_path):
+    module = randomize_(SimMIMPretrainModule(model=ENCODER_CFG), seed=8)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "p.ckpt")
+    main([f"checkpoint={tmp_path / 'p.ckpt'}", "format=official", f"out={tmp_path / 'simmim.pth'}"])
+    exported = torch.load(tmp_path / "simmim.pth", weights_only=True)
+    assert detect_layout(exported) == "exported-simmim"
+    for key, value in module.simmim.state_dict().items():
+        assert torch.equal(exported["model"][key], value), key
+
+    model, path = classifier_file(tmp_path)
+    main([f"checkpoint={path}", "format=official", f"out={tmp_path / 'swinv2.pth'}"])
+    exported = torch.load(tmp_path / "swinv2.pth", weights_only=True)
+    assert detect_layout(exported) == "official-swinv2"
+    weights = checkpoint_weights(exported)
+    assert torch.equal(weights["head.weight"], model.head.weight)
+    rebuilt, config = encoder_for_export(tmp_path / "swinv2.pth")
+    assert config["num_classes"] == 10
+
+
+def test_export_arguments_are_checked(tmp_path):
+    from simmim.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint=, format= and out= are required"):
+        main(["format=timm"])
+    with pytest.raises(ConfigError, match="format=onnx is not one of timm, hf, official"):
+        main([f"checkpoint={tmp_path}", "format=onnx", "out=x"])
+    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
+        main([f"checkpoint={tmp_path / 'missing.pth'}", "format=timm", "out=x.safetensors"])
+
+
+def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):
+    """The official implementation's weights and outputs (tests/data/swinv2_official_w8_pt4.pt, window 8 over
+    pretrained windows 4): exported with model.* keys, transformers reproduces the official logits."""
+    transformers = pytest.importorskip("transformers")
+    official = torch.load(DATA / "swinv2_official_w8_pt4.pt", weights_only=True)
+    main([f"checkpoint={DATA / 'swinv2_official_w8_pt4.pt'}", "format=hf", f"out={tmp_path / 'hf'}",
+          "model.embed_dim=16", "model.depths=[2,2,2,2]", "model.num_heads=[2,2,4,8]", "model.img_size=64",
+          "model.window_size=8", "model.pretrained_window_sizes=[4,4,4,2]"])
+    classifier = transformers.Swinv2ForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        logits = classifier(pixel_values=official["input"]).logits
+    torch.testing.assert_close(logits, official["logits"], rtol=0, atol=1e-4)
