@@ -227,10 +227,13 @@ class SwinV2Classifier(pl.LightningModule):
 
 # ------------------------------------------------------------------------------------------------ data
 class ClassificationDataModule(pl.LightningDataModule):
-    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms)."""
+    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms;
+    crop_scale, crop_ratio, hflip; labels_per_class images per class drawn by seed, or all)."""
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
-                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0):
+                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0,
+                 crop_scale: Sequence[float] = (0.08, 1.0), crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 hflip: float = 0.5, labels_per_class: int | None = None, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = None
@@ -238,7 +241,9 @@ class ClassificationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             hp = self.hparams
-            self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file)
+            self.train_set, self.val_set = labeled_datasets(
+                hp.source, hp.img_size, hp.root, hp.list_file, hp.crop_scale, hp.crop_ratio, hp.hflip,
+                hp.labels_per_class, hp.seed)
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         hp = self.hparams

@@ -53,7 +53,9 @@ def main(argv: list[str]) -> None:
 
     data = ClassificationDataModule(source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file,
                                     img_size=cfg.data.img_size, batch_size=cfg.data.batch_size,
-                                    num_workers=cfg.data.num_workers)
+                                    num_workers=cfg.data.num_workers, crop_scale=list(cfg.data.crop_scale),
+                                    crop_ratio=list(cfg.data.crop_ratio), hflip=cfg.data.hflip,
+                                    labels_per_class=cfg.data.labels_per_class, seed=cfg.seed)
     data.setup("fit")
     module = SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),
                               **OmegaConf.to_container(cfg.train),

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 
+from simmim.evaluation import knn_monitor, knn_summary
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.train.checkpoint_io import atomic_save
 from simmim.train.config import config_from_argv, prepare_run, save_config
@@ -195,7 +196,8 @@ def main(argv: list[str]) -> None:
         source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file, img_size=cfg.data.img_size,
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, mask_kind=cfg.simmim.mask_kind,
         mask_patch_size=cfg.simmim.mask_patch_size, model_patch_size=cfg.model.patch_size,
-        mask_ratio=cfg.simmim.mask_ratio, seed=cfg.seed)
+        mask_ratio=cfg.simmim.mask_ratio, seed=cfg.seed, crop_scale=list(cfg.data.crop_scale),
+        crop_ratio=list(cfg.data.crop_ratio), hflip=cfg.data.hflip)
     data.setup("fit")  # bad data paths fail here, before anything is written
     module = SimMIMPretrainModule(model=OmegaConf.to_container(cfg.model),
                                   norm_target_patch_size=cfg.simmim.norm_target_patch_size,
@@ -204,10 +206,13 @@ def main(argv: list[str]) -> None:
 
     pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
                                       cfg.logging.recon_images)
-    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[ThroughputMonitor(), pictures])
+    knn = knn_monitor(cfg, data.train_set.dataset.samples, data.val_set.dataset.samples, run_dir / "knn.png")
+    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[ThroughputMonitor(), pictures, *knn])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     state = full_state_dict(trainer.strategy)  # on every rank: sharding strategies gather the weights here
     if trainer.is_global_zero:
         encoder = module.export_encoder(run_dir / "encoder.pth", OmegaConf.to_container(cfg), state)
         print(f"run directory: {run_dir}\nreconstructions: {pictures.last_path}\nencoder: {encoder}")
+        if knn:
+            print(f"k-NN top-1 (val) by epoch: {knn_summary(knn[0].history)}; plot: {run_dir / 'knn.png'}")
