@@ -380,9 +380,9 @@ class SimMIMDataModule(pl.LightningDataModule):
     """Masked (image, mask, label) batches for SimMIM: images (B, 3, S, S), masks (B, S/p, S/p) with p the
     model patch size, labels (B,).
 
-    Train uses `pretrain_transform` (crop_scale, crop_ratio, hflip) and masks that change every epoch; val uses `eval_transform` and the fixed
-    epoch-0 masks. Folder sources without train/ and val/ subfolders, and list sources, hold out a fixed 2 %
-    of their readable files (at least one) for validation.
+    Train uses `pretrain_transform` (crop_scale, crop_ratio, hflip) and masks that change every epoch; val uses
+    `eval_transform` and the fixed epoch-0 masks. Folder sources without train/ and val/ subfolders, and list
+    sources, hold out a fixed 2 % of their readable files (at least one) for validation.
     """
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,

@@ -7,6 +7,7 @@ wins. The linear probe is an L2-regularized logistic regression (scikit-learn) o
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -78,7 +79,7 @@ class KNNMonitor(pl.Callback):
     """k-NN top-1 of the pretraining encoder (`pl_module.simmim.encoder`) while it trains.
 
     Before the first epoch (a fresh run), every `every_n_epochs` epochs and after the last, `train_set` and
-    `val_set` (labeled, un-augmented (image, label) datasets) are embed in eval mode and `knn/top1` is logged at
+    `val_set` (labeled, un-augmented (image, label) datasets) are embedded in eval mode and `knn/top1` is logged at
     the current step. `history` keeps one row per epoch ({"epoch", "train_loss" (mean over the epoch's steps),
     "val_loss", "knn_top1"}, None where not measured; epoch 0 is before training); it is saved in checkpoints,
     and written as a plot to `plot_path` at the end of training. Every rank embeds the whole sets (sharded
@@ -104,7 +105,7 @@ class KNNMonitor(pl.Callback):
         encoder.eval()
         loaders = [DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
                    for dataset in (self.train_set, self.val_set)]
-        with root_params_gathered(strategy) if strategy is not None else _nothing():
+        with root_params_gathered(strategy) if strategy is not None else nullcontext():
             (train, train_labels), (val, val_labels) = (pooled_features(encoder, loader, pl_module.device)
                                                         for loader in loaders)
         encoder.train(was_training)
@@ -146,14 +147,6 @@ class KNNMonitor(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def knn_summary(history: Sequence[dict]) -> str:

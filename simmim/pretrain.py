@@ -207,7 +207,8 @@ def main(argv: list[str]) -> None:
     pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
                                       cfg.logging.recon_images)
     knn = knn_monitor(cfg, data.train_set.dataset.samples, data.val_set.dataset.samples, run_dir / "knn.png")
-    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min", callbacks=[ThroughputMonitor(), pictures, *knn])
+    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min",
+                           callbacks=[ThroughputMonitor(), pictures, *knn])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     state = full_state_dict(trainer.strategy)  # on every rank: sharding strategies gather the weights here

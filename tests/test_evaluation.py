@@ -109,7 +109,8 @@ def test_monitor_measures_on_schedule_keeps_a_history_and_plots(tmp_path):
     # before training, after epoch 2 (every 2) and after the last (3); the loss rows are the epochs' means
     assert [row["epoch"] for row in monitor.history] == [0, 1, 2, 3]
     assert [row["knn_top1"] for row in monitor.history] == [expected, None, expected, expected]
-    assert monitor.history[0]["train_loss"] is None and monitor.history[3]["train_loss"] < monitor.history[1]["train_loss"]
+    losses = [row["train_loss"] for row in monitor.history]
+    assert losses[0] is None and losses[3] < losses[1]
     assert all(module.modes)  # the measurement puts the encoder back in train mode
     csv = (tmp_path / "csv" / "metrics.csv").read_text()
     assert csv.splitlines()[0].split(",").count("knn/top1") == 1 and csv.count("1.0") >= 3

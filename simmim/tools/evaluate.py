@@ -30,7 +30,7 @@ from simmim.models.swinv2 import SwinTransformerV2
 from simmim.train.config import ConfigError, as_list, model_section, options_from_argv
 
 SCHEMA = {
-    "checkpoint": None,          # required: one path or [a,b,...]: our .ckpt / encoder.pth, official SimMIM / SwinV2, timm
+    "checkpoint": None,          # required: a path or [a,b,...]: our .ckpt / encoder.pth, official SimMIM / SwinV2
     "data": {
         "source": "digits",      # digits | folder | list
         "root": None,            # folder source: image directory (class subfolders, or train/ and val/)
