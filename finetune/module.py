@@ -203,13 +203,16 @@ class SwinV2Classifier(pl.LightningModule):
 # ------------------------------------------------------------------------------------------------ data
 class ClassificationDataModule(pl.LightningDataModule):
     """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms;
-    RandAugment and random erasing as `simmim.data.finetune_transform` takes them), or streamed from WebDataset
-    shards (source="shards": `simmim.shards.ShardSource`, its position in the epoch saved in checkpoints)."""
+    RandAugment and random erasing as `simmim.data.finetune_transform` takes them; labels_per_class images per
+    class drawn by seed, or all), or streamed from WebDataset shards (source="shards": `simmim.shards.ShardSource`,
+    its position in the epoch saved in checkpoints)."""
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
                  img_size: int = 128, batch_size: int = 32, num_workers: int = 0, verify: bool = False,
                  shards: str | None = None, val_shards: str | None = None, shuffle_buffer: int = 1000,
-                 seed: int = 0, randaug_ops: int = 0, randaug_magnitude: float = 9.0,
+                 seed: int = 0, crop_scale: Sequence[float] = (0.08, 1.0),
+                 crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 labels_per_class: int | None = None, randaug_ops: int = 0, randaug_magnitude: float = 9.0,
                  randaug_magnitude_std: float = 0.5, random_erasing: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
@@ -221,9 +224,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         hp = self.hparams
-        augment = dict(randaug_ops=hp.randaug_ops, randaug_magnitude=hp.randaug_magnitude,
+        augment = dict(crop_scale=hp.crop_scale, crop_ratio=hp.crop_ratio, hflip=hp.hflip,
+                       randaug_ops=hp.randaug_ops, randaug_magnitude=hp.randaug_magnitude,
                        randaug_magnitude_std=hp.randaug_magnitude_std, random_erasing=hp.random_erasing)
         if hp.source == "shards":
+            if hp.labels_per_class is not None:
+                raise ValueError(f"data.labels_per_class={hp.labels_per_class} needs a folder, list or digits "
+                                 f"source (shards are streamed); set data.labels_per_class=null")
             transforms = finetune_transform(hp.img_size, **augment), eval_transform(hp.img_size)
             self.shards = shard_source(hp, [LabeledItem(t) for t in transforms], transforms, self.skipped)
             self.shards.split(self.trainer, hp.num_workers)
@@ -232,7 +239,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
             return
         self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify,
-                                                        **augment)
+                                                        hp.labels_per_class, hp.seed, **augment)
         self.train_set.skipped = self.val_set.skipped = self.skipped
 
     def _loader(self, dataset, train: bool) -> DataLoader:

@@ -56,7 +56,7 @@ def stage() -> Stage:
     return Stage(name="finetune", module=SwinV2Classifier, datamodule=ClassificationDataModule,
                  module_keys=lambda cfg: {"model": "model", **section(cfg, "optim"), **section(cfg, "train")},
                  data_keys=lambda cfg: {**section(cfg, "data"), "seed": "seed"}, monitor="val/top1", mode="max",
-                 prepare=read_pretrained, setup=load_weights, callbacks=lambda cfg, run_dir: [LogSkipped()],
+                 prepare=read_pretrained, setup=load_weights, callbacks=lambda cfg, run_dir, data: [LogSkipped()],
                  finish=held_out_top1)
 
 

@@ -47,7 +47,7 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
     "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image", "decode_needs",
     "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source",
-    "digits_split", "build_sources", "build_source", "labeled_datasets",
+    "digits_split", "build_sources", "build_source", "labels_per_class_subset", "labeled_datasets",
     "ImageDataset", "MaskedImageDataset", "EpochSampler", "SimMIMDataModule",
 ]
 
@@ -70,26 +70,48 @@ def _normalize_to_tensor() -> list:
     return [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0), ToTensorV2()]
 
 
-def pretrain_transform(img_size: int) -> A.Compose:
-    """SimMIM pretraining augmentation: uint8 (H, W, 3) RGB -> normalized float (3, img_size, img_size)."""
+def _check_crop_flip(crop_scale: Sequence[float], crop_ratio: Sequence[float], hflip: float) -> None:
+    """ValueError naming the data.* key when a crop range or the flip probability is out of bounds."""
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"data.crop_scale={list(crop_scale)} must be [min, max] area fractions with "
+                         f"0 < min <= max <= 1, e.g. [0.67, 1.0]")
+    if len(crop_ratio) != 2 or not 0 < crop_ratio[0] <= crop_ratio[1]:
+        raise ValueError(f"data.crop_ratio={list(crop_ratio)} must be [min, max] aspect ratios (width / height) "
+                         f"with 0 < min <= max, e.g. [0.75, 1.333]")
+    if not 0 <= hflip <= 1:
+        raise ValueError(f"data.hflip={hflip} must be a probability in [0, 1] (0: no flips)")
+
+
+def pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.67, 1.0),
+                       crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> A.Compose:
+    """SimMIM pretraining augmentation: uint8 (H, W, 3) RGB -> normalized float (3, img_size, img_size).
+
+    A random crop of `crop_scale` (fractions of the area) and `crop_ratio` (width / height) resized to img_size,
+    a horizontal flip with probability `hflip`.
+    """
+    _check_crop_flip(crop_scale, crop_ratio, hflip)
     return A.Compose([
-        A.RandomResizedCrop(size=(img_size, img_size), scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
-        A.HorizontalFlip(p=0.5),
+        A.RandomResizedCrop(size=(img_size, img_size), scale=tuple(crop_scale), ratio=tuple(crop_ratio)),
+        A.HorizontalFlip(p=hflip),
         *_normalize_to_tensor(),
     ])
 
 
-def finetune_transform(img_size: int, randaug_ops: int = 0, randaug_magnitude: float = 9.0,
-                       randaug_magnitude_std: float = 0.5, random_erasing: float = 0.0) -> A.Compose:
-    """Classification fine-tune augmentation (bicubic, like the official recipe): random resized crop, flip,
-    RandAugment when `randaug_ops` > 0, normalization, random erasing with probability `random_erasing`
-    (simmim.augment; the official recipe: 2 ops, magnitude 9, std 0.5, erasing 0.25) -> float (3, S, S)."""
+def finetune_transform(img_size: int, crop_scale: Sequence[float] = (0.08, 1.0),
+                       crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5, randaug_ops: int = 0,
+                       randaug_magnitude: float = 9.0, randaug_magnitude_std: float = 0.5,
+                       random_erasing: float = 0.0) -> A.Compose:
+    """Classification fine-tune augmentation (bicubic, like the official recipe): random resized crop, flip (as in
+    `pretrain_transform`; the defaults are the ImageNet recipe's), RandAugment when `randaug_ops` > 0,
+    normalization, random erasing with probability `random_erasing` (simmim.augment; the official recipe: 2 ops,
+    magnitude 9, std 0.5, erasing 0.25) -> float (3, S, S)."""
+    _check_crop_flip(crop_scale, crop_ratio, hflip)
     randaug = [RandAugment(randaug_ops, randaug_magnitude, randaug_magnitude_std)] if randaug_ops else []
     erasing = [RandomErasing(p=random_erasing)] if random_erasing else []
     return A.Compose([
-        A.RandomResizedCrop(size=(img_size, img_size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+        A.RandomResizedCrop(size=(img_size, img_size), scale=tuple(crop_scale), ratio=tuple(crop_ratio),
                             interpolation=cv2.INTER_CUBIC),
-        A.HorizontalFlip(p=0.5),
+        A.HorizontalFlip(p=hflip),
         *randaug,
         A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
         *erasing,
@@ -530,12 +552,27 @@ class EpochSampler(DistributedSampler):
         return iter([(index, self.epoch) for index in super().__iter__()])
 
 
+def labels_per_class_subset(samples: Sequence[Sample], per_class: int, seed: int = 0) -> list[Sample]:
+    """`per_class` samples of each label (all of a label that has fewer), drawn by `seed`, in their given order."""
+    if per_class < 1:
+        raise ValueError(f"data.labels_per_class={per_class} must be >= 1, or null for every label")
+    labels = np.array([label for _, label in samples])
+    rng = np.random.default_rng(seed)
+    keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)])
+    return [samples[i] for i in np.sort(keep)]
+
+
 def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.PathLike | None = None,
                      list_file: str | os.PathLike | None = None, verify: bool = False,
+                     labels_per_class: int | None = None, seed: int = 0,
                      **augment) -> tuple[ImageDataset, ImageDataset]:
-    """(train, val) ImageDatasets for a classification fine-tune: finetune / eval transforms, same splits;
-    `augment`: the RandAugment and random-erasing arguments of `finetune_transform`."""
+    """(train, val) ImageDatasets for a classification fine-tune: `finetune_transform` / eval transform, same
+    splits; `augment`: the crop, flip, RandAugment and random-erasing arguments of `finetune_transform`.
+    `labels_per_class`: train on that many images per class (`labels_per_class_subset` with `seed`); val stays
+    whole."""
     train, val = build_sources(source, img_size, root, list_file, verify)
+    if labels_per_class is not None:
+        train = labels_per_class_subset(train, labels_per_class, seed)
     return ImageDataset(train, finetune_transform(img_size, **augment)), ImageDataset(val, eval_transform(img_size))
 
 
@@ -568,18 +605,20 @@ class SimMIMDataModule(pl.LightningDataModule):
     """Masked (image, mask, label) batches for SimMIM: images (B, 3, S, S), masks (B, S/p, S/p) with p the
     model patch size, labels (B,).
 
-    Train uses `pretrain_transform` and masks that change every epoch; val uses `eval_transform` and the fixed
-    epoch-0 masks. Folder sources without train/ and val/ subfolders, and list sources, hold out a fixed 2 %
-    of their files (at least one) for validation. The shards source (`simmim.shards`) streams ``shards``
-    (validation: ``val_shards``, else the last shard is held out); its position in the epoch is the
-    datamodule's state, saved in Lightning checkpoints.
+    Train uses `pretrain_transform` (crop_scale, crop_ratio, hflip) and masks that change every epoch; val uses
+    `eval_transform` and the fixed epoch-0 masks. Folder sources without train/ and val/ subfolders, and list
+    sources, hold out a fixed 2 % of their files (at least one) for validation. The shards source
+    (`simmim.shards`) streams ``shards`` (validation: ``val_shards``, else the last shard is held out); its
+    position in the epoch is the datamodule's state, saved in Lightning checkpoints.
     """
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
                  img_size: int = 64, batch_size: int = 32, num_workers: int = 0, mask_kind: str = "random",
                  mask_patch_size: int = 16, model_patch_size: int = 4, mask_ratio: float = 0.6, seed: int = 0,
                  pin_memory: bool | None = None, drop_last: bool = True, verify: bool = False,
-                 shards: str | None = None, val_shards: str | None = None, shuffle_buffer: int = 1000):
+                 shards: str | None = None, val_shards: str | None = None, shuffle_buffer: int = 1000,
+                 crop_scale: Sequence[float] = (0.67, 1.0), crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 hflip: float = 0.5):
         super().__init__()
         self.save_hyperparameters()
         self.train_set: MaskedImageDataset | None = None
@@ -593,7 +632,7 @@ class SimMIMDataModule(pl.LightningDataModule):
         hp = self.hparams
         masks = build_mask_generator(hp.mask_kind, input_size=hp.img_size, mask_patch_size=hp.mask_patch_size,
                                      model_patch_size=hp.model_patch_size, mask_ratio=hp.mask_ratio, seed=hp.seed)
-        transforms = pretrain_transform(hp.img_size), eval_transform(hp.img_size)
+        transforms = pretrain_transform(hp.img_size, hp.crop_scale, hp.crop_ratio, hp.hflip), eval_transform(hp.img_size)
         if hp.source == "shards":
             self.shards = shard_source(hp, [MaskedItem(t, masks) for t in transforms], transforms, self.skipped)
             self.shards.split(self.trainer, hp.num_workers)

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
+from simmim.evaluation import KNNMonitor, knn_monitor, knn_summary
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.train.checkpoint_io import atomic_save
 from simmim.train.loggers import log_image
@@ -192,11 +193,13 @@ def _data_keys(cfg) -> dict[str, str]:
             "mask_ratio": "simmim.mask_ratio", "model_patch_size": "model.patch_size", "seed": "seed"}
 
 
-def _callbacks(cfg, run_dir: Path) -> list[pl.Callback]:
+def _callbacks(cfg, run_dir: Path, data) -> list[pl.Callback]:
     from simmim.data import LogSkipped
 
-    return [ThroughputMonitor(), LogSkipped(),
-            ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps, cfg.logging.recon_images)]
+    pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
+                                      cfg.logging.recon_images)
+    knn = knn_monitor(cfg, data.train_set.dataset.samples, data.val_set.dataset.samples, run_dir / "knn.png")
+    return [ThroughputMonitor(), LogSkipped(), pictures, *knn]
 
 
 def _finish(trainer: pl.Trainer, module: SimMIMPretrainModule, cfg, run_dir: Path) -> list[str]:
@@ -206,7 +209,11 @@ def _finish(trainer: pl.Trainer, module: SimMIMPretrainModule, cfg, run_dir: Pat
         return []
     encoder = module.export_encoder(run_dir / "encoder.pth", OmegaConf.to_container(cfg), state)
     pictures = next(c for c in trainer.callbacks if isinstance(c, ReconstructionPictures))
-    return [f"reconstructions: {pictures.last_path}", f"encoder: {encoder}"]
+    lines = [f"reconstructions: {pictures.last_path}", f"encoder: {encoder}"]
+    knn = [c for c in trainer.callbacks if isinstance(c, KNNMonitor)]
+    if knn:
+        lines.append(f"k-NN top-1 (val) by epoch: {knn_summary(knn[0].history)}; plot: {run_dir / 'knn.png'}")
+    return lines
 
 
 def stage() -> Stage:

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from simmim import data
 from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset, MaskedImageDataset,
                          SimMIMDataModule, build_source, build_sources, decode_image, decode_needs, digits_split,
-                         eval_transform, finetune_transform, labeled_datasets, pretrain_transform, read_image)
+                         eval_transform, finetune_transform, labeled_datasets, labels_per_class_subset,
+                         pretrain_transform, read_image)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -429,3 +430,63 @@ def test_folder_start_does_not_grow_with_the_number_of_files(tmp_path, monkeypat
         for count in seconds:
             seconds[count].append(first_batch(count))
     assert min(seconds[1500]) < 1.5 * min(seconds[15]), seconds
+# ------------------------------------------------------------------------------------------------ augmentation keys
+def test_crop_and_flip_keys_reach_the_transforms():
+    image = color_image(shape=(32, 32, 3))
+    for make in (pretrain_transform, finetune_transform):
+        plain = eval_transform(32)  # at 32 px the eval transform resizes to 37 and center-crops: not the input
+        kept = make(32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)
+        flipped = make(32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0)
+        expected = (torch.from_numpy(image).permute(2, 0, 1) / 255 - MEAN) / STD
+        for _ in range(3):
+            assert torch.allclose(kept(image=image)["image"], expected, atol=1e-5)
+            assert torch.allclose(flipped(image=image)["image"], expected.flip(2), atol=1e-5)
+        assert not torch.allclose(plain(image=image)["image"], expected, atol=1e-2)
+        # a small crop range gives crops of about that area: the same 8x8 checkerboard cell covers more pixels
+        board = np.kron((np.indices((8, 8)).sum(0) % 2) * 255, np.ones((16, 16))).astype(np.uint8)
+        board = np.repeat(board[..., None], 3, axis=2)
+        small = make(128, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), hflip=0.0)(image=board)["image"]
+        row = (small[0, 64] > 0).numpy()
+        assert np.count_nonzero(row[1:] != row[:-1]) <= 5  # 4 cells of 32 px in a row (whole image: 8 of 16)
+
+
+def test_datamodule_and_labeled_datasets_use_the_augmentation_keys():
+    dm = SimMIMDataModule(batch_size=4, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0, **SMALL)
+    dm.setup()
+    (image, label), (source, _) = dm.train_set.dataset[0], dm.train_set.dataset.samples[0]
+    source = np.repeat(source[..., None], 3, axis=2)
+    assert torch.allclose(image, ((torch.from_numpy(source).permute(2, 0, 1) / 255 - MEAN) / STD).flip(2), atol=1e-5)
+    train, _ = labeled_datasets("digits", img_size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0)
+    assert torch.allclose(train[0][0], image, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(crop_scale=(0.5, 0.2)), r"data.crop_scale=\[0.5, 0.2\] must be \[min, max\]"),
+    (dict(crop_scale=(0.0, 1.0)), r"data.crop_scale=\[0.0, 1.0\]"),
+    (dict(crop_scale=(0.5,)), r"data.crop_scale=\[0.5\]"),
+    (dict(crop_ratio=(2.0, 1.0)), r"data.crop_ratio=\[2.0, 1.0\] must be \[min, max\]"),
+    (dict(hflip=1.5), r"data.hflip=1.5 must be a probability"),
+])
+def test_bad_augmentation_keys_are_named(kwargs, message):
+    for make in (pretrain_transform, finetune_transform):
+        with pytest.raises(ValueError, match=message):
+            make(32, **kwargs)
+
+
+def test_labels_per_class_draws_the_same_subset_for_a_seed():
+    full, _ = build_sources("digits", 16)
+    subsets = {seed: labels_per_class_subset(full, 10, seed) for seed in (0, 1)}
+    for subset in subsets.values():
+        labels = [label for _, label in subset]
+        assert len(subset) == 100 and all(labels.count(c) == 10 for c in range(10))
+        assert {id(image) for image, _ in subset} <= {id(image) for image, _ in full}  # drawn from train
+    index = lambda subset: {id(image) for image, _ in subset}
+    assert index(labels_per_class_subset(full, 10, 0)) == index(subsets[0])  # both arms of a seed: one subset
+    assert index(subsets[0]) != index(subsets[1])
+    few = [(f"a{i}", 0) for i in range(3)] + [("b", 1)]
+    picked = labels_per_class_subset(few, 2)  # a class with fewer images than asked keeps them all
+    assert [label for _, label in picked] == [0, 0, 1] and set(picked) <= set(few)
+    train, val = labeled_datasets("digits", img_size=16, labels_per_class=3, seed=2)
+    assert len(train) == 30 and len(val) == 360
+    with pytest.raises(ValueError, match="data.labels_per_class=0 must be >= 1"):
+        labels_per_class_subset(full, 0)

@@ -24,7 +24,7 @@ def test_pretrain_then_finetune_at_a_larger_window(tmp_path, capsys):
     run = tmp_path / "ft" / "f"
     saved = OmegaConf.load(run / "config.yaml")
     assert list(saved.model.pretrained_window_sizes) == [4, 4, 4, 2]  # from the pretraining run's config
-    assert saved.model.window_size == 8 and saved.model.img_size == 128
+    assert saved.model.window_size == 8 and saved.model.img_size == 64
     assert "held-out top-1" in printed and "reinitialized" in printed
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "confusion_matrix.png").is_file()
 

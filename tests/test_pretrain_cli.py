@@ -18,7 +18,8 @@ def fast_args(tmp_path, *extra):
     return [f"output_dir={tmp_path}", "run_name=demo", "data.batch_size=8", "data.num_workers=0",
             "model.embed_dim=16", "model.num_heads=[2,2,4,8]", "trainer.max_epochs=1",
             "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false", "logging.recon_every_n_steps=2", "logging.recon_images=4", *extra]
+            "trainer.enable_progress_bar=false", "logging.recon_every_n_steps=2", "logging.recon_images=4",
+            "eval.knn_max_images=40", *extra]
 
 
 @pytest.mark.slow
@@ -27,6 +28,7 @@ def test_default_recipe_end_to_end_and_resume(tmp_path, capsys):
     run = tmp_path / "demo"
     printed = capsys.readouterr().out
     assert f"encoder: {run / 'encoder.pth'}" in printed
+    assert "k-NN top-1 (val) by epoch: 0: " in printed and (run / "knn.png").is_file()
 
     saved = OmegaConf.load(run / "config.yaml")
     assert saved.model.embed_dim == 16 and saved.trainer.limit_train_batches == 3 and saved.recipe == "default"
@@ -36,7 +38,8 @@ def test_default_recipe_end_to_end_and_resume(tmp_path, capsys):
     import cv2
     assert cv2.imread(str(pictures[-1])).shape == (4 * 64, 4 * 64, 3)
     metrics = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for name in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/mask_ratio", "val/loss"):
+    for name in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/mask_ratio", "val/loss",
+                 "knn/top1"):
         assert name in metrics, name
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -53,6 +56,8 @@ def test_default_recipe_end_to_end_and_resume(tmp_path, capsys):
     second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert second["global_step"] == 6 and second["epoch"] == 1
     assert second["lr_schedulers"][0]["last_epoch"] == 6
+    history = next(v for k, v in second["callbacks"].items() if k.startswith("KNNMonitor"))["history"]
+    assert [row["epoch"] for row in history] == [0, 1, 2]  # the monitor's rows survive the resume
 
     with pytest.raises(ConfigError, match="already holds checkpoints; pass resume=auto"):
         pretrain.main(fast_args(tmp_path, "resume=null"))

@@ -116,8 +116,9 @@ class RecipeCLI(LightningCLI):
         self.stage.setup(self.model, self.cfg, run_dir, ckpt_path is not None, self.prepared)
         save_config(self.cfg, run_dir / "config.yaml")
         self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
+        self.datamodule.setup("fit")  # bad data paths fail here, before the Trainer; callbacks may read the data
         return make_trainer(self.cfg, run_dir, self.stage.monitor, self.stage.mode,
-                            self.stage.callbacks(self.cfg, run_dir))
+                            self.stage.callbacks(self.cfg, run_dir, self.datamodule))
 
     def after_fit(self) -> None:
         lines = self.stage.finish(self.trainer, self.model, self.cfg, self.run_dir)

@@ -34,7 +34,8 @@ class Stage:
     their constructor arguments' recipe keys; monitor / mode: the metric of best.ckpt. Hooks, each optional:
     prepare(cfg) fills derived recipe values before anything is built (fine-tuning reads the pretrained checkpoint's
     windows) and returns what `setup` needs; setup(module, cfg, run_dir, resuming, prepared) runs before fit
-    (fine-tuning loads the pretrained weights); callbacks(cfg, run_dir) adds Lightning callbacks;
+    (fine-tuning loads the pretrained weights); callbacks(cfg, run_dir, datamodule) adds Lightning callbacks
+    (the datamodule is set up);
     finish(trainer, module, cfg, run_dir) runs after fit on every rank and returns lines to print on rank 0.
     """
 
@@ -47,7 +48,7 @@ class Stage:
     mode: str
     prepare: Callable[[DictConfig], Any] = lambda cfg: None
     setup: Callable[..., None] = lambda module, cfg, run_dir, resuming, prepared: None
-    callbacks: Callable[[DictConfig, Path], list] = lambda cfg, run_dir: []
+    callbacks: Callable[[DictConfig, Path, pl.LightningDataModule], list] = lambda cfg, run_dir, data: []
     finish: Callable[..., list[str]] = lambda trainer, module, cfg, run_dir: []
 
     def init_args(self, cfg: DictConfig) -> tuple[dict, dict]:
@@ -116,7 +117,7 @@ def fit(stage: Stage, cfg: DictConfig, prepared: Any = None) -> None:
     module = stage.module(**module_args)
     stage.setup(module, cfg, run_dir, ckpt_path is not None, prepared)
     save_config(cfg, run_dir / "config.yaml")
-    trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir))
+    trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir, data))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     lines = stage.finish(trainer, module, cfg, run_dir)
     if trainer.is_global_zero:

@@ -1,0 +1,207 @@
+"""What a frozen encoder's features are worth: k-NN and linear-probe top-1 on pooled features, and the k-NN
+monitor of pretraining with its plot.
+
+k-NN follows DINO's evaluation: features are L2-normalized, each query takes its k most cosine-similar training
+images, which vote for their labels with weight exp(similarity / temperature); the class with the largest sum
+wins. The linear probe is an L2-regularized logistic regression (scikit-learn) on standardized features.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from simmim.train.strategies import root_params_gathered
+
+__all__ = ["pooled_features", "knn_scores", "knn_top1", "linear_probe_top1", "KNNMonitor", "knn_monitor", "knn_summary",
+           "plot_knn_history"]
+
+
+@torch.no_grad()
+def pooled_features(encoder: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, C) float32, labels (N,) int64) on the CPU: the mean over positions of the encoder's final
+    normalized map, what a classifier head reads. The encoder is run as it is (the caller sets eval mode)."""
+    features, labels = [], []
+    for x, y in loader:
+        pooled = encoder.forward_head(encoder.forward_features(x.to(device)), pre_logits=True)
+        features.append(pooled.float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(features), torch.cat(labels).long()
+
+
+@torch.no_grad()
+def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
+               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class scores (Q, num_classes) of queries (Q, C) from training features (N, C) and labels (N,): the sum of
+    exp(cosine similarity / temperature) over each query's k nearest training images (all when N < k)."""
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k-NN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    train = F.normalize(train_features.float(), dim=1)
+    k = min(k, len(train))
+    scores = []
+    for query in F.normalize(query_features.float(), dim=1).split(chunk):
+        similarity, index = (query @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(query), num_classes)
+        scores.append(votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp()))
+    return torch.cat(scores)
+
+
+def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+             val_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
+    """Fraction of val images whose k-NN vote (`knn_scores`) is their label."""
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    scores = knn_scores(train_features, train_labels, val_features, num_classes, k, temperature)
+    return (scores.argmax(dim=1) == val_labels).float().mean().item()
+
+
+def linear_probe_top1(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+                      val_labels: torch.Tensor, c: float = 1.0) -> float:
+    """Top-1 on val of a multinomial logistic regression (L2, inverse strength `c`, L-BFGS) fitted on the
+    training features, both standardized with the training mean and std."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_features.numpy())
+    probe = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(train_features.numpy()), train_labels.numpy())
+    return float((probe.predict(scaler.transform(val_features.numpy())) == val_labels.numpy()).mean())
+
+
+# ------------------------------------------------------------------------------------------------ monitor
+class KNNMonitor(pl.Callback):
+    """k-NN top-1 of the pretraining encoder (`pl_module.simmim.encoder`) while it trains.
+
+    Before the first epoch (a fresh run), every `every_n_epochs` epochs and after the last, `train_set` and
+    `val_set` (labeled, un-augmented (image, label) datasets) are embedded in eval mode and `knn/top1` is logged at
+    the current step. `history` keeps one row per epoch ({"epoch", "train_loss" (mean over the epoch's steps),
+    "val_loss", "knn_top1"}, None where not measured; epoch 0 is before training); it is saved in checkpoints,
+    and written as a plot to `plot_path` at the end of training. Every rank embeds the whole sets (sharded
+    weights are gathered); rank 0 logs and plots.
+    """
+
+    def __init__(self, train_set: Dataset, val_set: Dataset, every_n_epochs: int = 1, k: int = 20,
+                 temperature: float = 0.07, batch_size: int = 64, num_workers: int = 0,
+                 plot_path: str | Path | None = None):
+        if every_n_epochs < 1:
+            raise ValueError(f"eval.knn_every_n_epochs={every_n_epochs} must be >= 1 (0 turns the monitor off)")
+        self.train_set, self.val_set = train_set, val_set
+        self.every_n_epochs, self.k, self.temperature = every_n_epochs, k, temperature
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.plot_path = Path(plot_path) if plot_path is not None else None
+        self.history: list[dict] = []
+        self._losses: list[float] = []
+
+    def measure(self, pl_module: pl.LightningModule, strategy=None) -> float:
+        """k-NN top-1 of the module's encoder now (its train / eval mode is restored)."""
+        encoder = pl_module.simmim.encoder
+        was_training = encoder.training
+        encoder.eval()
+        loaders = [DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+                   for dataset in (self.train_set, self.val_set)]
+        with root_params_gathered(strategy) if strategy is not None else nullcontext():
+            (train, train_labels), (val, val_labels) = (pooled_features(encoder, loader, pl_module.device)
+                                                        for loader in loaders)
+        encoder.train(was_training)
+        return knn_top1(train, train_labels, val, val_labels, self.k, self.temperature)
+
+    def _record(self, trainer, pl_module, epoch: int, measure: bool, **losses) -> None:
+        top1 = self.measure(pl_module, trainer.strategy) if measure else None
+        self.history.append({"epoch": epoch, **losses, "knn_top1": top1})
+        if top1 is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"knn/top1": top1}, step=trainer.global_step)
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.current_epoch == 0 and not self.history:
+            self._record(trainer, pl_module, 0, True, train_loss=None, val_loss=None)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._losses.append(float(loss))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epoch = trainer.current_epoch + 1
+        measure = epoch % self.every_n_epochs == 0 or epoch >= trainer.max_epochs
+        val_loss = trainer.callback_metrics.get("val/loss")
+        self._record(trainer, pl_module, epoch, measure,
+                     train_loss=float(np.mean(self._losses)) if self._losses else None,
+                     val_loss=float(val_loss) if val_loss is not None else None)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.plot_path is not None and trainer.is_global_zero:
+            plot_knn_history(self.history, self.plot_path)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
+
+
+def knn_summary(history: Sequence[dict]) -> str:
+    """`epoch: top-1` of each measured row of `KNNMonitor.history`, e.g. "0: 0.512, 4: 0.861"."""
+    return ", ".join(f"{row['epoch']}: {row['knn_top1']:.3f}" for row in history if row["knn_top1"] is not None)
+
+
+def plot_knn_history(history: Sequence[dict], path: str | Path) -> Path:
+    """A PNG of the losses (left axis) and k-NN top-1 (right axis) per epoch from `KNNMonitor.history`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        rows = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    figure, loss_axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for key, label, color in (("train_loss", "train loss", "tab:blue"), ("val_loss", "val loss", "tab:cyan")):
+        loss_axis.plot(*series(key), marker="o", markersize=3, color=color, label=label)
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("SimMIM loss (L1, masked pixels)")
+    knn_axis = loss_axis.twinx()
+    knn_axis.plot(*series("knn_top1"), marker="s", markersize=4, color="tab:red", label="k-NN top-1 (val)")
+    knn_axis.set_ylabel("k-NN top-1")
+    lines = loss_axis.get_lines() + knn_axis.get_lines()
+    loss_axis.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def knn_monitor(cfg, train_samples: Sequence, val_samples: Sequence, plot_path: str | Path) -> list[KNNMonitor]:
+    """The pretraining run's k-NN monitor from the recipe (`eval.*`, `data.*`) and the source's (image, label)
+    samples, passed through the eval transform; [] when eval.knn_every_n_epochs is 0 or the train split has
+    a single label (with a warning)."""
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    from simmim.data import ImageDataset, eval_transform
+
+    if not cfg.eval.knn_every_n_epochs:
+        return []
+    if len({label for _, label in train_samples}) < 2:
+        rank_zero_warn("k-NN monitor off: the training images have a single label (give the folder class "
+                       "subfolders, or the list file labels), or set eval.knn_every_n_epochs=0")
+        return []
+    limit = cfg.eval.knn_max_images
+    subsets = [list(s) if limit is None or len(s) <= limit else
+               [s[i] for i in np.sort(np.random.default_rng(0).permutation(len(s))[:limit])]
+               for s in (train_samples, val_samples)]
+    transform = eval_transform(cfg.data.img_size)
+    return [KNNMonitor(ImageDataset(subsets[0], transform), ImageDataset(subsets[1], transform),
+                       cfg.eval.knn_every_n_epochs, cfg.eval.knn_k, cfg.eval.knn_temperature,
+                       cfg.data.batch_size, cfg.data.num_workers, plot_path)]
