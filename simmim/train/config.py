@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from simmim.models.swinv2 import VARIANTS, SwinTransformerV2
@@ -87,6 +88,29 @@ def _check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
         raise ConfigError(f"unknown key {key!r} in {source}{hint}")
 
 
+def _load_yaml(path: Path) -> DictConfig:
+    """A recipe file; a YAML syntax error is one line naming the file, line and problem."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error ({getattr(error, 'problem', None) or error}); "
+                          f"fix the file") from None
+
+
+def _dotlist(pairs: dict[str, str]) -> DictConfig:
+    """`key=value` arguments as a config; a value that is not valid YAML is one line naming it."""
+    merged = OmegaConf.create()
+    for key, value in pairs.items():
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key}={value}: not valid YAML ({getattr(error, 'problem', None) or error}); "
+                              f"quote strings and close brackets, e.g. {key}=[2,2,6,2]") from None
+    return merged
+
+
 def _key_value_pairs(argv: list[str], example: str) -> dict[str, str]:
     bad = [a for a in argv if "=" not in a]
     if bad:
@@ -99,8 +123,7 @@ def parse_cli(argv: list[str]) -> tuple[str, DictConfig, bool]:
     pairs = _key_value_pairs(argv, "recipe=default trainer.max_epochs=2")
     recipe = pairs.pop("recipe", "default")
     print_config = pairs.pop("print_config", "false").lower() in ("1", "true", "yes")
-    overrides = OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()])
-    return recipe, overrides, print_config
+    return recipe, _dotlist(pairs), print_config
 
 
 def config_from_argv(stage: str, argv: list[str], usage: str) -> tuple[DictConfig, bool] | None:
@@ -129,23 +152,23 @@ def options_from_argv(defaults: dict, argv: list[str], usage: str) -> DictConfig
         print(f"{usage}\nkeys (default value):\n{keys}")
         return None
     example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
-    overrides = OmegaConf.from_dotlist([f"{k}={v}" for k, v in _key_value_pairs(argv, example).items()])
+    overrides = _dotlist(_key_value_pairs(argv, example))
     _check_keys(overrides, schema, "the command line")
     return OmegaConf.merge(schema, overrides)
 
 
 def load_config(stage: str, recipe: str = "default", overrides: DictConfig | list[str] | None = None) -> DictConfig:
     """Merge default <- recipe <- overrides, reject unknown keys, return the resolved config."""
-    schema = OmegaConf.load(_recipe_path(stage, "default"))
+    schema = _load_yaml(_recipe_path(stage, "default"))
     layers = [schema]
     recipe_path = _recipe_path(stage, recipe)
     if recipe != "default":
-        recipe_cfg = OmegaConf.load(recipe_path)
+        recipe_cfg = _load_yaml(recipe_path)
         _check_keys(recipe_cfg, schema, f"recipe {recipe_path}")
         layers.append(recipe_cfg)
     if overrides is not None:
         if isinstance(overrides, (list, ListConfig)):
-            overrides = OmegaConf.from_dotlist(list(overrides))
+            overrides = _dotlist(_key_value_pairs(list(overrides), "trainer.max_epochs=2"))
         _check_keys(overrides, schema, "the command line")
         layers.append(overrides)
     variant = OmegaConf.merge(*layers).model.get("variant")
@@ -154,6 +177,9 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
     cfg = OmegaConf.merge(*layers)
     cfg.recipe = Path(recipe).stem
     OmegaConf.resolve(cfg)
+    from simmim.train.validate import validate_config  # here: validate imports ConfigError from this module
+
+    validate_config(cfg, schema)
     if cfg.model.img_size != cfg.data.img_size:
         raise ConfigError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}; "
                           f"set data.img_size (the model is built for the images it gets)")
