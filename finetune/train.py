@@ -16,8 +16,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.models.checkpoint import load_pretrained, pretrained_window_sizes, read_checkpoint
 from finetune.module import ClassificationDataModule, SwinV2Classifier
-from simmim.train.config import ConfigError, config_from_argv, prepare_run, save_config
+from simmim.train.config import ConfigError, config_from_argv, prepare_run
+from simmim.train.run_dir import start_run
 from simmim.train.trainer import make_trainer
+from simmim.train.validate import validate_labels
 
 
 def resolve_window_sizes(cfg, checkpoint: dict) -> None:
@@ -55,16 +57,20 @@ def main(argv: list[str]) -> None:
                                     img_size=cfg.data.img_size, batch_size=cfg.data.batch_size,
                                     num_workers=cfg.data.num_workers)
     data.setup("fit")
+    for split, dataset in (("train", data.train_set), ("val", data.val_set)):
+        validate_labels(dataset.samples, cfg.model.num_classes, f"the {split} split of data.source={cfg.data.source}")
     module = SwinV2Classifier(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim),
                               **OmegaConf.to_container(cfg.train),
                               confusion_matrix_path=str(run_dir / "confusion_matrix.png"))
     if pretrained is not None and ckpt_path is None:
         report = load_pretrained(module.model, pretrained)
         print(f"loaded {cfg.pretrained}\n{report}")
-    save_config(cfg, run_dir / "config.yaml")
+    start_run(cfg, run_dir)  # the lock, the config and its dated copy
 
     trainer = make_trainer(cfg, run_dir, monitor="val/top1", mode="max")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
-        print(f"run directory: {run_dir}\nheld-out top-1 (last epoch): {float(trainer.callback_metrics['val/top1']):.4f}")
+        top1 = trainer.callback_metrics.get("val/top1")
+        result = f"{float(top1):.4f}" if top1 is not None else "none (no validation ran)"
+        print(f"run directory: {run_dir}\nheld-out top-1 (last validation): {result}")
 

@@ -11,8 +11,9 @@ A *source* gives lists of samples ``(image, label)``, one for train and one for 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, labels 0..9, offline), upscaled once to
   ``img_size``, with a fixed stratified 20 % validation split (`digits_split`).
 
-Masks depend only on (seed, epoch, index): `EpochSampler` hands the epoch to the dataset with every index, so
-neither the worker count nor a resumed run changes them.
+Masks and pretraining augmentations depend only on (seed, epoch, index): `EpochSampler` hands the epoch to the
+dataset with every index, so neither the worker count nor a resumed run changes them; a run resumed mid-epoch
+continues the same order after the batches it had done (`SimMIMDataModule.state_dict`).
 """
 from __future__ import annotations
 
@@ -176,12 +177,17 @@ def _list_samples(list_file: Path) -> list[Sample]:
         raise FileNotFoundError(f"image list {list_file} does not exist; pass list_file=<text file with one image "
                                 f"path and an optional label per line>")
     samples = []
-    for line in list_file.read_text().splitlines():
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        labeled = re.fullmatch(r"(.*\S)\s+(\d+)", line)
-        path, label = (labeled[1], int(labeled[2])) if labeled else (line, 0)
+        labeled = re.fullmatch(r"(.*\S)\s+(\S+)", line)
+        # "path -1", "path cat": a label that is not a class index (a last word with "." or "/" is a path's)
+        if (labeled and not re.fullmatch(r"[0-9]+", labeled[2]) and not re.search(r"[./]", labeled[2])
+                and not (list_file.parent / line).exists()):
+            raise ValueError(f"{list_file} line {number}: label {labeled[2]!r} of {labeled[1]} is not a class index "
+                             f"(an integer >= 0); write 'path' or 'path index'")
+        path, label = (labeled[1], int(labeled[2])) if labeled and re.fullmatch(r"[0-9]+", labeled[2]) else (line, 0)
         samples.append((str(list_file.parent / path), label))
     if not samples:
         raise ValueError(f"image list {list_file} names no images; write one image path per line")
@@ -254,37 +260,47 @@ def build_source(name: str, split: str, img_size: int, root: str | os.PathLike |
 
 # ------------------------------------------------------------------------------------------------ datasets
 class ImageDataset(Dataset):
-    """samples + transform -> (image float (3, H, W), label int).
+    """samples + transform -> (image float (3, H, W), label int); an item is an index or (index, epoch).
 
     albumentations keeps its own random state, which forked DataLoader workers would all copy from the main
-    process: every worker, and with non-persistent workers every epoch, would replay the same crops and flips.
-    So inside a worker the transform is reseeded from the worker's torch seed (new each epoch and worker).
+    process. With `seed` the transform is reseeded for every item from (seed, epoch, index): the crops and flips
+    of a sample depend on nothing else (not the worker count, not a resumed run). Without it, the transform is
+    reseeded inside each worker from the worker's torch seed (new each epoch and worker).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: A.Compose):
+    def __init__(self, samples: Sequence[Sample], transform: A.Compose, seed: int | None = None):
         self.samples = list(samples)
         self.transform = transform
+        self.seed = seed
         self._worker_seed = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
         image, label = self.samples[index]
         image = read_image(image) if isinstance(image, (str, os.PathLike)) else image
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-        worker = get_worker_info()
-        if worker is not None and worker.seed != self._worker_seed:
+        if self.seed is not None:
+            self.transform.set_random_seed(augmentation_seed(self.seed, epoch, index))
+        elif (worker := get_worker_info()) is not None and worker.seed != self._worker_seed:
             self._worker_seed = worker.seed
             self.transform.set_random_seed(worker.seed % 2 ** 32)
         return self.transform(image=image)["image"], label
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The 32-bit seed of one sample's augmentation in one epoch (a stream apart from its mask's)."""
+    return int(np.random.SeedSequence([seed, epoch, index, 1]).generate_state(1)[0])
 
 
 class MaskedImageDataset(Dataset):
     """Adds a SimMIM mask: item index or (index, epoch) -> (image (3, H, W), mask (h, w) int64, label).
 
     The mask is ``mask_generator(np.random.default_rng([seed, epoch, index]))``; a plain index means epoch 0.
+    ``dataset`` gets the (index, epoch) item (an `ImageDataset` with a seed augments from it).
     """
 
     def __init__(self, dataset: Dataset, mask_generator: Callable[[np.random.Generator], np.ndarray], seed: int = 0):
@@ -297,7 +313,7 @@ class MaskedImageDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         index, epoch = item if isinstance(item, tuple) else (item, 0)
-        image, label = self.dataset[index]
+        image, label = self.dataset[(index, epoch)]
         mask = self.mask_generator(np.random.default_rng([self.seed, epoch, index]))
         return image, torch.from_numpy(mask), label
 
@@ -311,21 +327,36 @@ class EpochSampler(DistributedSampler):
     at each step the N ranks' batches of B / N together hold the samples of the one-device batch of B. drop_last
     cuts the order to a multiple of N, else it is padded with its first indices. Being a DistributedSampler, it is
     used as it is by Lightning, which would otherwise wrap it in a sampler that shuffles the order again.
+    `epoch_fn`, when given, is asked for the epoch whenever an epoch's iteration starts, instead of set_epoch (the
+    DataModule passes the trainer's current epoch: Lightning's set_epoch count runs one ahead after a resume from an
+    end-of-epoch checkpoint). `resume(epoch, count)` starts that epoch after its first `count` indices (a run
+    resumed mid-epoch); the length stays the epoch's, as Lightning counts the batches already done.
     """
 
     def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, fixed_epoch: int | None = None,
-                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
+                 epoch_fn: Callable[[], int] | None = None):
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self.fixed_epoch = fixed_epoch
         self.epoch = 0 if fixed_epoch is None else fixed_epoch
+        self.epoch_fn = epoch_fn
+        self.skip = (None, 0)  # (epoch, indices of it already used)
 
     def set_epoch(self, epoch: int) -> None:
         if self.fixed_epoch is None:
             self.epoch = epoch
 
+    def resume(self, epoch: int, count: int) -> None:
+        self.skip = (epoch, count)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(index, self.epoch) for index in super().__iter__()])
+        if self.epoch_fn is not None and self.fixed_epoch is None:
+            self.epoch = self.epoch_fn()
+        indices = list(super().__iter__())
+        if self.skip[0] == self.epoch:
+            indices = indices[self.skip[1]:]
+        return iter([(index, self.epoch) for index in indices])
 
 
 def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.PathLike | None = None,
@@ -353,6 +384,8 @@ class SimMIMDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_set: MaskedImageDataset | None = None
         self.val_set: MaskedImageDataset | None = None
+        self._train_sampler: EpochSampler | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -360,21 +393,44 @@ class SimMIMDataModule(pl.LightningDataModule):
         hp = self.hparams
         train, val = build_sources(hp.source, hp.img_size, hp.root, hp.list_file)
         if hp.drop_last and len(train) < hp.batch_size:
-            raise ValueError(f"only {len(train)} training images, fewer than batch_size={hp.batch_size} with "
-                             f"drop_last=True; lower batch_size or set drop_last=False")
+            raise ValueError(f"only {len(train)} training images, fewer than data.batch_size={hp.batch_size} (every "
+                             f"batch is full); lower data.batch_size or add images")
         masks = build_mask_generator(hp.mask_kind, input_size=hp.img_size, mask_patch_size=hp.mask_patch_size,
                                      model_patch_size=hp.model_patch_size, mask_ratio=hp.mask_ratio, seed=hp.seed)
-        self.train_set = MaskedImageDataset(ImageDataset(train, pretrain_transform(hp.img_size)), masks, hp.seed)
+        self.train_set = MaskedImageDataset(ImageDataset(train, pretrain_transform(hp.img_size), hp.seed), masks,
+                                            hp.seed)
         self.val_set = MaskedImageDataset(ImageDataset(val, eval_transform(hp.img_size)), masks, hp.seed)
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.hparams.seed,
-                               drop_last=self.hparams.drop_last, **self._ranks())
+                               drop_last=self.hparams.drop_last, **self._ranks(),
+                               epoch_fn=self._current_epoch if self.trainer else None)
+        if self._resume_at is not None:
+            epoch, batches = self._resume_at
+            sampler.resume(epoch, batches * self.hparams.batch_size)
+        self._train_sampler = sampler
         return self._loader(self.train_set, sampler, drop_last=self.hparams.drop_last)
+
+    def state_dict(self) -> dict:
+        """Where training stands in the data: the epoch and how many of its batches were trained on (saved in
+        Lightning's checkpoints; a resumed run continues with the next batch of the same order)."""
+        if self._train_sampler is None or self.trainer is None:
+            return {}
+        done, epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed, self.trainer.current_epoch
+        if done >= self.trainer.num_training_batches:  # saved at the end of the epoch: the next one is due
+            return {"epoch": epoch + 1, "batches": 0}
+        return {"epoch": epoch, "batches": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume_at = (state["epoch"], state["batches"])
 
     def val_dataloader(self) -> DataLoader:
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch
 
     def _ranks(self) -> dict:
         """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""

@@ -23,9 +23,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.train.checkpoint_io import atomic_save
-from simmim.train.config import config_from_argv, prepare_run, save_config
+from simmim.train.config import config_from_argv, prepare_run
 from simmim.train.optim import adamw_per_step_schedule, param_groups
 from simmim.train.strategies import full_state_dict, root_params_gathered
+from simmim.train.run_dir import start_run
 from simmim.train.trainer import make_trainer
 
 
@@ -200,7 +201,7 @@ def main(argv: list[str]) -> None:
     module = SimMIMPretrainModule(model=OmegaConf.to_container(cfg.model),
                                   norm_target_patch_size=cfg.simmim.norm_target_patch_size,
                                   **OmegaConf.to_container(cfg.optim))
-    save_config(cfg, run_dir / "config.yaml")
+    start_run(cfg, run_dir)  # the lock, the config and its dated copy
 
     pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
                                       cfg.logging.recon_images)

@@ -238,21 +238,34 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
-    """The run directory and the checkpoint to resume from (None: a fresh run).
+    """The run directory and the checkpoint to resume from (None: a fresh run); writes nothing.
 
-    resume=auto continues `<run dir>/checkpoints/last.ckpt` when it exists; a fresh run refuses a directory
-    that already holds checkpoints instead of overwriting them; a resumed run must have the same model.
+    resume=auto continues from the newest checkpoint in `<run dir>/checkpoints/` that can be read (newer broken
+    ones are named in a warning); a fresh run refuses a directory that already holds checkpoints instead of
+    overwriting them; a resumed run must have the same model; a directory that a live run holds is refused.
     """
+    from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
+    from simmim.train.run_dir import check_unlocked  # here: run_dir imports this module
+
     run_dir = Path(cfg.output_dir) / str(cfg.run_name)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    check_unlocked(run_dir)
+    folder = run_dir / "checkpoints"
+    existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
     if cfg.resume == "auto":
-        ckpt = str(last) if last.exists() else None  # DeepSpeed writes checkpoints as folders
+        ckpt = newest_good_checkpoint(folder) if existing else None
+        if existing and ckpt is None:
+            raise ConfigError(f"no checkpoint in {folder} can be resumed from (see the warnings above); pass "
+                              f"resume=PATH of a good one, or run_name=NEW to start another run")
+        ckpt = None if ckpt is None else str(ckpt)
     elif cfg.resume:
         if not Path(cfg.resume).exists():
             raise ConfigError(f"resume={cfg.resume} does not exist; pass a .ckpt file, resume=auto or resume=null")
+        if problem := checkpoint_problem(cfg.resume):
+            raise ConfigError(f"resume={cfg.resume} cannot be resumed from ({problem}); pass another checkpoint or "
+                              f"resume=auto")
         ckpt = str(cfg.resume)
     else:
-        if last.exists():
+        if existing:
             raise ConfigError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run or "
                               f"run_name=NEW to start another")
         ckpt = None

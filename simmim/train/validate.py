@@ -231,3 +231,14 @@ def validate_config(cfg: DictConfig, schema: DictConfig) -> None:
         _check_rule(key, value)
     _check_trainer(values.get("trainer", {}))
     _check_relations(cfg)
+
+
+def validate_labels(samples, num_classes: int, where: str) -> None:
+    """Every (image, label) label a class index below num_classes (model.num_classes), before training."""
+    for image, label in samples:
+        if not 0 <= label < num_classes:
+            found = max(label for _, label in samples) + 1
+            name = image if isinstance(image, (str, Path)) else "an image"
+            raise ConfigError(f"model.num_classes={num_classes}: {where} has label {label} ({name}), expected "
+                              f"0..{num_classes - 1}; set model.num_classes={max(found, num_classes)} or fix the "
+                              f"labels")
