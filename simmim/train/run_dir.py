@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -115,7 +116,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
     run_dir = Path(run_dir)
     lock = acquire_lock(run_dir)
     remove_stale_temporaries(run_dir)
-    stamp = time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime())
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
     save_config(cfg, run_dir / f"config.{stamp}.yaml")
     save_config(cfg, run_dir / "config.yaml")
     return lock
