@@ -42,6 +42,18 @@ def test_lock_refuses_a_live_run_and_takes_over_a_dead_ones(tmp_path):
         acquire_lock(tmp_path)
 
 
+def test_other_ranks_neither_check_nor_take_the_lock(tmp_path, monkeypatch):
+    lock = acquire_lock(tmp_path)  # rank 0 (this process) holds it; a rank launched beside it runs the same code
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = load_config("pretrain", overrides=[f"output_dir={tmp_path.parent}", f"run_name={tmp_path.name}"])
+    lock.write_text(f"{HOST} {os.getppid()}\n")  # a live process other than this one
+    assert prepare_run(cfg) == (tmp_path, None) and start_run(cfg, tmp_path) is None
+    assert not list(tmp_path.glob("config*.yaml"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="is in use by pid"):
+        prepare_run(cfg)
+
+
 def test_start_run_keeps_every_config_and_removes_stale_temporaries(tmp_path):
     cfg = load_config("pretrain")
     (tmp_path / "checkpoints").mkdir()

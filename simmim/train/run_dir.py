@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
-from pytorch_lightning.utilities import rank_zero_only
 
 from simmim.train.config import ConfigError, save_config
 
@@ -45,8 +44,22 @@ def _read_lock(lock: Path) -> tuple[str, int] | None:
         return None
 
 
+def launch_rank() -> int:
+    """This process's rank before a Trainer exists, from the launchers' variables (torchrun, SLURM, MPI, Lightning's
+    own launcher: LOCAL_RANK and NODE_RANK); 0 when none is set."""
+    for name in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "JSM_NAMESPACE_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    return 0 if local == node == 0 else max(local, 1)
+
+
 def check_unlocked(run_dir: Path) -> None:
-    """Raise ConfigError when a live process holds run_dir's lock (read-only: call it before validating inputs)."""
+    """Raise ConfigError when a live process holds run_dir's lock (read-only: call it before validating inputs).
+    Ranks other than 0 do not check: their rank 0 holds the lock."""
+    if launch_rank() != 0:
+        return
     owner = _read_lock(Path(run_dir) / LOCK_NAME)
     if owner is None:
         return
@@ -111,7 +124,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
     """Take over the run directory once the config and the inputs are valid: on rank 0 take the lock, remove stale
     temporary files and write the resolved config to config.yaml and a dated copy `config.<UTC time>.yaml`
     beside it (every start is kept). Returns the lock (None on other ranks)."""
-    if rank_zero_only.rank != 0:
+    if launch_rank() != 0:
         return None
     run_dir = Path(run_dir)
     lock = acquire_lock(run_dir)

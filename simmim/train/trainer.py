@@ -34,8 +34,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
 
 def checkpoint_callbacks(cfg: DictConfig, folder: Path, monitor: str, mode: str) -> list[pl.Callback]:
     """best.ckpt (by `monitor`), last.ckpt (every epoch), step-<step>.ckpt every `cfg.every_n_steps` steps and
-    time-<step>.ckpt every `cfg.every_minutes` minutes (the newest `cfg.keep_last` of each). (Lightning's own `save_last=True` copies only the checkpoints it saves,
-    so with a monitor last.ckpt would be the best.) A resumed run overwrites a checkpoint of the same step."""
+    time-<step>.ckpt every `cfg.every_minutes` minutes (the newest `cfg.keep_last` of each). (Lightning's own
+    `save_last=True` copies only the checkpoints it saves, so with a monitor last.ckpt would be the best.) A resumed
+    run overwrites a checkpoint of the same step."""
     common = dict(dirpath=folder, auto_insert_metric_name=False, enable_version_counter=False)
     callbacks = [ModelCheckpoint(filename="best", monitor=monitor, mode=mode, **common),
                  ModelCheckpoint(filename="last", **common)]
