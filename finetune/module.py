@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
-from simmim.data import labeled_datasets
+from simmim.data import EpochSampler, ResumableDataModule, labeled_datasets
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
 from simmim.train.strategies import shards_parameters
 from simmim.models.swinv2 import SwinTransformerV2
@@ -226,11 +226,12 @@ class SwinV2Classifier(pl.LightningModule):
 
 
 # ------------------------------------------------------------------------------------------------ data
-class ClassificationDataModule(pl.LightningDataModule):
-    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms)."""
+class ClassificationDataModule(ResumableDataModule):
+    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms).
+    Train augmentations depend on (seed, epoch, index) and the order resumes mid-epoch (`ResumableDataModule`)."""
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
-                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0):
+                 img_size: int = 128, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = None
@@ -239,14 +240,17 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self.train_set is None:
             hp = self.hparams
             self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file)
+            self.train_set.seed = hp.seed
 
-    def _loader(self, dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
         hp = self.hparams
-        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=train, num_workers=hp.num_workers,
-                          drop_last=train and len(dataset) >= hp.batch_size, persistent_workers=hp.num_workers > 0)
+        return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
+                          drop_last=drop_last, persistent_workers=hp.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        drop_last = len(self.train_set) >= self.hparams.batch_size
+        return self._loader(self.train_set, self.train_sampler(len(self.train_set), drop_last), drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
+        return self._loader(self.val_set, sampler, drop_last=False)

@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
 
     data = ClassificationDataModule(source=cfg.data.source, root=cfg.data.root, list_file=cfg.data.list_file,
                                     img_size=cfg.data.img_size, batch_size=cfg.data.batch_size,
-                                    num_workers=cfg.data.num_workers)
+                                    num_workers=cfg.data.num_workers, seed=cfg.seed)
     data.setup("fit")
     for split, dataset in (("train", data.train_set), ("val", data.val_set)):
         validate_labels(dataset.samples, cfg.model.num_classes, f"the {split} split of data.source={cfg.data.source}")

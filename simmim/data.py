@@ -40,7 +40,7 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
     "pretrain_transform", "finetune_transform", "eval_transform", "read_image",
     "digits_split", "build_sources", "build_source", "labeled_datasets",
-    "ImageDataset", "MaskedImageDataset", "EpochSampler", "SimMIMDataModule",
+    "ImageDataset", "MaskedImageDataset", "EpochSampler", "ResumableDataModule", "SimMIMDataModule",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -367,7 +367,51 @@ def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.
 
 
 # ------------------------------------------------------------------------------------------------ datamodule
-class SimMIMDataModule(pl.LightningDataModule):
+class ResumableDataModule(pl.LightningDataModule):
+    """A DataModule whose training order continues exactly where a checkpoint left it, mid-epoch included.
+
+    Subclasses build their train sampler with `train_sampler` and need `hparams.seed` and `hparams.batch_size`.
+    The position (epoch, batches trained on) is saved in Lightning's checkpoints by `state_dict`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._train_sampler: EpochSampler | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+
+    def train_sampler(self, num_samples: int, drop_last: bool) -> EpochSampler:
+        """This rank's shuffled (index, epoch) order, epochs from the trainer, resumed after the batches done."""
+        sampler = EpochSampler(num_samples, shuffle=True, seed=self.hparams.seed, drop_last=drop_last,
+                               **self._ranks(), epoch_fn=self._current_epoch if self.trainer else None)
+        if self._resume_at is not None:
+            epoch, batches = self._resume_at
+            sampler.resume(epoch, batches * self.hparams.batch_size)
+        self._train_sampler = sampler
+        return sampler
+
+    def state_dict(self) -> dict:
+        """Where training stands in the data: the epoch and how many of its batches were trained on (saved in
+        Lightning's checkpoints; a resumed run continues with the next batch of the same order)."""
+        if self._train_sampler is None or self.trainer is None:
+            return {}
+        done, epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed, self.trainer.current_epoch
+        if done >= self.trainer.num_training_batches:  # saved at the end of the epoch: the next one is due
+            return {"epoch": epoch + 1, "batches": 0}
+        return {"epoch": epoch, "batches": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume_at = (state["epoch"], state["batches"])
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch
+
+    def _ranks(self) -> dict:
+        """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""
+        return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
+
+
+class SimMIMDataModule(ResumableDataModule):
     """Masked (image, mask, label) batches for SimMIM: images (B, 3, S, S), masks (B, S/p, S/p) with p the
     model patch size, labels (B,).
 
@@ -384,8 +428,6 @@ class SimMIMDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_set: MaskedImageDataset | None = None
         self.val_set: MaskedImageDataset | None = None
-        self._train_sampler: EpochSampler | None = None
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -402,39 +444,12 @@ class SimMIMDataModule(pl.LightningDataModule):
         self.val_set = MaskedImageDataset(ImageDataset(val, eval_transform(hp.img_size)), masks, hp.seed)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.hparams.seed,
-                               drop_last=self.hparams.drop_last, **self._ranks(),
-                               epoch_fn=self._current_epoch if self.trainer else None)
-        if self._resume_at is not None:
-            epoch, batches = self._resume_at
-            sampler.resume(epoch, batches * self.hparams.batch_size)
-        self._train_sampler = sampler
+        sampler = self.train_sampler(len(self.train_set), self.hparams.drop_last)
         return self._loader(self.train_set, sampler, drop_last=self.hparams.drop_last)
-
-    def state_dict(self) -> dict:
-        """Where training stands in the data: the epoch and how many of its batches were trained on (saved in
-        Lightning's checkpoints; a resumed run continues with the next batch of the same order)."""
-        if self._train_sampler is None or self.trainer is None:
-            return {}
-        done, epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed, self.trainer.current_epoch
-        if done >= self.trainer.num_training_batches:  # saved at the end of the epoch: the next one is due
-            return {"epoch": epoch + 1, "batches": 0}
-        return {"epoch": epoch, "batches": done}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self._resume_at = (state["epoch"], state["batches"])
 
     def val_dataloader(self) -> DataLoader:
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
-
-    def _current_epoch(self) -> int:
-        return self.trainer.current_epoch
-
-    def _ranks(self) -> dict:
-        """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""
-        return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
 
     def _loader(self, dataset: Dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
         return DataLoader(

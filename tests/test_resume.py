@@ -19,9 +19,16 @@ ARGS = ["data.img_size=32", "data.batch_size=8", "model.embed_dim=16", "model.nu
         "logging.recon_every_n_steps=0", "checkpoint.every_n_steps=3", "checkpoint.keep_last=2"]
 
 
-def pretrain(run_dir: Path, workers: int, wait: bool = True):
-    command = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), f"output_dir={run_dir.parent}",
-               f"run_name={run_dir.name}", f"data.num_workers={workers}", *ARGS]
+# the fine-tune: from scratch, Mixup / CutMix and drop path from the global generators
+FINETUNE = ["pretrained=null", "data.img_size=32", "model.window_size=4", "data.batch_size=8", "model.embed_dim=16",
+            "model.num_heads=[2,2,4,8]", "trainer.max_steps=10", "trainer.max_epochs=-1",
+            "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=3", "checkpoint.keep_last=2"]
+
+
+def pretrain(run_dir: Path, workers: int, wait: bool = True, script: str = "pretrain", args: list = ARGS):
+    command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), f"output_dir={run_dir.parent}",
+               f"run_name={run_dir.name}", f"data.num_workers={workers}", *args]
     env = {**os.environ, "PYTHONWARNINGS": "always"}
     if not wait:
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -84,3 +91,19 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, workers, kill
     assert len(list(run.glob("config.*.yaml"))) == 2 and not (run / "run.lock").exists()
     steps = sorted(p.name for p in (run / "checkpoints").glob("step-*.ckpt"))
     assert steps == ["step-00000006.ckpt", "step-00000009.ckpt"]  # keep_last=2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_finetune_resumes_to_the_uninterrupted_weights(tmp_path):
+    def final(run):
+        return torch.load(run / "checkpoints" / "step-00000009.ckpt", weights_only=False)["state_dict"]
+
+    pretrain(tmp_path / "whole", 0, script="finetune", args=FINETUNE)
+    run = tmp_path / "killed"
+    kill_after(pretrain(run, 0, wait=False, script="finetune", args=FINETUNE),
+               run / "checkpoints" / "step-00000003.ckpt")
+    pretrain(run, 0, script="finetune", args=FINETUNE)
+    whole, resumed = final(tmp_path / "whole"), final(run)
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
