@@ -23,7 +23,7 @@ class Mixup:
 
     With probability `prob`: CutMix (with probability `switch_prob` when both alphas are > 0) or Mixup, lambda
     ~ Beta(alpha, alpha); a CutMix box covers 1 - lambda of the image, clipped to it, and lambda is then set to
-    the uncovered fraction. `seed` makes the draws repeatable.
+    the uncovered fraction. `seed` makes the draws of successive batches repeatable.
     """
 
     def __init__(self, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
@@ -32,8 +32,10 @@ class Mixup:
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.prob, self.switch_prob = prob, switch_prob
         self.label_smoothing, self.num_classes = label_smoothing, num_classes
-        # without a seed, draw one from torch so that pl.seed_everything makes runs repeatable
-        self.rng = np.random.default_rng(seed if seed is not None else int(torch.randint(2 ** 62, (), device="cpu")))
+        # without a seed, every batch draws from a generator seeded by torch's global one: repeatable under
+        # pl.seed_everything, and in a resumed run (simmim.train.resume reseeds torch before every batch)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
 
     def _draw(self) -> tuple[float, bool]:
         """(lambda, use CutMix); lambda 1 means no mixing."""
@@ -57,6 +59,8 @@ class Mixup:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W), y (B,) -> mixed x (B, C, H, W) (a new tensor), soft targets (B, num_classes)."""
+        if self.seed is None:
+            self.rng = np.random.default_rng(int(torch.randint(2 ** 62, (), device="cpu")))
         lam, use_cutmix = self._draw()
         if lam < 1.0:
             if use_cutmix:

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
-from simmim.data import (LabeledItem, SkipCounter, eval_transform, finetune_transform, labeled_datasets,
-                         shard_source, uses_cuda)
+from simmim.data import (EpochSampler, LabeledItem, ResumableDataModule, SkipCounter, eval_transform,
+                         finetune_transform, labeled_datasets, shard_source, uses_cuda)
 from simmim.tools.plot import confusion_matrix_figure, figure_to_rgb, save_figure
 from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
@@ -201,11 +201,12 @@ class SwinV2Classifier(pl.LightningModule):
 
 
 # ------------------------------------------------------------------------------------------------ data
-class ClassificationDataModule(pl.LightningDataModule):
+class ClassificationDataModule(ResumableDataModule):
     """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms;
     RandAugment and random erasing as `simmim.data.finetune_transform` takes them; labels_per_class images per
     class drawn by seed, or all), or streamed from WebDataset shards (source="shards": `simmim.shards.ShardSource`,
-    its position in the epoch saved in checkpoints)."""
+    its position in the epoch saved in checkpoints). Train augmentations depend on (seed, epoch, index) and the
+    order resumes mid-epoch (`ResumableDataModule`)."""
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
                  img_size: int = 128, batch_size: int = 32, num_workers: int = 0, verify: bool = False,
@@ -218,7 +219,6 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_set = self.val_set = None
         self.skipped = SkipCounter()
-        self.shards, self._shards_state = None, None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -241,26 +241,25 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify,
                                                         hp.labels_per_class, hp.seed, **augment)
         self.train_set.skipped = self.val_set.skipped = self.skipped
+        self.train_set.seed = hp.seed
 
-    def _loader(self, dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
         hp = self.hparams
-        if self.shards is not None:
-            return self.shards.loader(train, self.trainer, hp.batch_size, hp.num_workers,
-                                      pin_memory=uses_cuda(self.trainer))
-        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=train, num_workers=hp.num_workers,
-                          drop_last=train and len(dataset) >= hp.batch_size, persistent_workers=hp.num_workers > 0,
-                          pin_memory=uses_cuda(self.trainer))
+        return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
+                          drop_last=drop_last, persistent_workers=hp.num_workers > 0, pin_memory=uses_cuda(self.trainer))
 
-    def state_dict(self) -> dict:
-        return {"shards": self.shards.state_dict(self.trainer)} if self.shards is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._shards_state = state_dict.get("shards")
-        if self.shards is not None and self._shards_state:
-            self.shards.load_state_dict(self._shards_state)
+    def _shard_loader(self, train: bool) -> DataLoader:
+        hp = self.hparams
+        return self.shards.loader(train, self.trainer, hp.batch_size, hp.num_workers, pin_memory=uses_cuda(self.trainer))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        if self.shards is not None:
+            return self._shard_loader(train=True)
+        drop_last = len(self.train_set) >= self.hparams.batch_size
+        return self._loader(self.train_set, self.train_sampler(len(self.train_set), drop_last), drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        if self.shards is not None:
+            return self._shard_loader(train=False)
+        sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
+        return self._loader(self.val_set, sampler, drop_last=False)

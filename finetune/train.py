@@ -17,6 +17,7 @@ from simmim.data import LogSkipped
 from simmim.models.checkpoint import load_pretrained, pretrained_window_sizes, read_checkpoint
 from simmim.train.config import ConfigError
 from simmim.train.stage import Stage, run_stage, section
+from simmim.train.validate import validate_labels
 
 
 def read_pretrained(cfg) -> dict | None:
@@ -46,9 +47,17 @@ def load_weights(module: SwinV2Classifier, cfg, run_dir: Path, resuming: bool, c
         print(f"loaded {cfg.pretrained}\n{load_pretrained(module.model, checkpoint)}")
 
 
+def check_labels(data: ClassificationDataModule, cfg) -> None:
+    """Every label of a listed source a class of model.num_classes, before training (streamed shards are checked
+    as they come)."""
+    if cfg.data.source != "shards":
+        for split, dataset in (("train", data.train_set), ("val", data.val_set)):
+            validate_labels(dataset.samples, cfg.model.num_classes, f"the {split} split of data.source={cfg.data.source}")
+
+
 def held_out_top1(trainer: pl.Trainer, module, cfg, run_dir: Path) -> list[str]:
     top1 = trainer.callback_metrics.get("val/top1")
-    return [] if top1 is None else [f"held-out top-1 (last epoch): {float(top1):.4f}"]
+    return [f"held-out top-1 (last validation): {f'{float(top1):.4f}' if top1 is not None else 'none (no validation ran)'}"]
 
 
 def stage() -> Stage:
@@ -56,7 +65,7 @@ def stage() -> Stage:
     return Stage(name="finetune", module=SwinV2Classifier, datamodule=ClassificationDataModule,
                  module_keys=lambda cfg: {"model": "model", **section(cfg, "optim"), **section(cfg, "train")},
                  data_keys=lambda cfg: {**section(cfg, "data"), "seed": "seed"}, monitor="val/top1", mode="max",
-                 prepare=read_pretrained, setup=load_weights, callbacks=lambda cfg, run_dir, data: [LogSkipped()],
+                 prepare=read_pretrained, check_data=check_labels, setup=load_weights, callbacks=lambda cfg, run_dir, data: [LogSkipped()],
                  finish=held_out_top1)
 
 

@@ -16,8 +16,9 @@ Folder and list files are not decoded at setup (``verify=True`` does, and drops 
 that fails to decode when read is replaced by another sample of the split and counted (`SkipCounter`). Their
 paths and labels live in numpy arrays (`FileList`), so DataLoader workers share them instead of copying.
 
-Masks depend only on (seed, epoch, index): `EpochSampler` hands the epoch to the dataset with every index, so
-neither the worker count nor a resumed run changes them.
+Masks and pretraining augmentations depend only on (seed, epoch, index): `EpochSampler` hands the epoch to the
+dataset with every index, so neither the worker count nor a resumed run changes them; a run resumed mid-epoch
+continues the same order after the batches it had done (`SimMIMDataModule.state_dict`).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ __all__ = [
     "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image", "decode_needs",
     "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source",
     "digits_split", "build_sources", "build_source", "labels_per_class_subset", "labeled_datasets",
-    "ImageDataset", "MaskedImageDataset", "EpochSampler", "SimMIMDataModule",
+    "ImageDataset", "MaskedImageDataset", "EpochSampler", "ResumableDataModule", "SimMIMDataModule",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -345,13 +346,19 @@ def _list_samples(list_file: Path) -> FileList:
                                 f"path and an optional label per line>")
     paths, labels = [], []
     with open(list_file) as lines:
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            labeled = re.fullmatch(r"(.*\S)\s+(\d+)", line)
-            paths.append(os.path.join(list_file.parent, labeled[1] if labeled else line))
-            labels.append(int(labeled[2]) if labeled else 0)
+            labeled = re.fullmatch(r"(.*\S)\s+(\S+)", line)
+            # "path -1", "path cat": a label that is not a class index (a last word with "." or "/" is a path's)
+            if (labeled and not re.fullmatch(r"[0-9]+", labeled[2]) and not re.search(r"[./]", labeled[2])
+                    and not (list_file.parent / line).exists()):
+                raise ValueError(f"{list_file} line {number}: label {labeled[2]!r} of {labeled[1]} is not a class "
+                                 f"index (an integer >= 0); write 'path' or 'path index'")
+            is_labeled = labeled and re.fullmatch(r"[0-9]+", labeled[2])
+            paths.append(os.path.join(list_file.parent, labeled[1] if is_labeled else line))
+            labels.append(int(labeled[2]) if is_labeled else 0)
     if not paths:
         raise ValueError(f"image list {list_file} names no images; write one image path per line")
     return FileList(paths, labels)
@@ -462,16 +469,18 @@ class LogSkipped(pl.Callback):
 
 # ------------------------------------------------------------------------------------------------ datasets
 class ImageDataset(Dataset):
-    """samples + transform -> (image float (3, H, W), label int).
+    """samples + transform -> (image float (3, H, W), label int); an item is an index or (index, epoch).
 
     albumentations keeps its own random state, which forked DataLoader workers would all copy from the main
-    process: every worker, and with non-persistent workers every epoch, would replay the same crops and flips.
-    So inside a worker the transform is reseeded from the worker's torch seed (new each epoch and worker).
+    process. With `seed` the transform is reseeded for every item from (seed, epoch, index): the crops and flips
+    of a sample depend on nothing else (not the worker count, not a resumed run). Without it, the transform is
+    reseeded inside each worker from the worker's torch seed (new each epoch and worker).
     """
 
-    def __init__(self, samples: FileList | Sequence[Sample], transform: A.Compose):
+    def __init__(self, samples: FileList | Sequence[Sample], transform: A.Compose, seed: int | None = None):
         self.samples = samples if isinstance(samples, FileList) else list(samples)
         self.transform = transform
+        self.seed = seed
         self._worker_seed = None
         self.skipped = SkipCounter()
         self.decode_needs = decode_needs(transform)
@@ -479,12 +488,14 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
         image, label = self._load(index)
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-        worker = get_worker_info()
-        if worker is not None and worker.seed != self._worker_seed:
+        if self.seed is not None:
+            self.transform.set_random_seed(augmentation_seed(self.seed, epoch, index))
+        elif (worker := get_worker_info()) is not None and worker.seed != self._worker_seed:
             self._worker_seed = worker.seed
             self.transform.set_random_seed(worker.seed % 2 ** 32)
         return self.transform(image=image)["image"], label
@@ -505,10 +516,16 @@ class ImageDataset(Dataset):
                            f"data is unreadable, check it (data.verify=true lists what decodes at setup)")
 
 
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The 32-bit seed of one sample's augmentation in one epoch (a stream apart from its mask's)."""
+    return int(np.random.SeedSequence([seed, epoch, index, 1]).generate_state(1)[0])
+
+
 class MaskedImageDataset(Dataset):
     """Adds a SimMIM mask: item index or (index, epoch) -> (image (3, H, W), mask (h, w) int64, label).
 
     The mask is ``mask_generator(np.random.default_rng([seed, epoch, index]))``; a plain index means epoch 0.
+    ``dataset`` gets the (index, epoch) item (an `ImageDataset` with a seed augments from it).
     """
 
     def __init__(self, dataset: Dataset, mask_generator: Callable[[np.random.Generator], np.ndarray], seed: int = 0):
@@ -521,7 +538,7 @@ class MaskedImageDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         index, epoch = item if isinstance(item, tuple) else (item, 0)
-        image, label = self.dataset[index]
+        image, label = self.dataset[(index, epoch)]
         mask = self.mask_generator(np.random.default_rng([self.seed, epoch, index]))
         return image, torch.from_numpy(mask), label
 
@@ -535,21 +552,36 @@ class EpochSampler(DistributedSampler):
     at each step the N ranks' batches of B / N together hold the samples of the one-device batch of B. drop_last
     cuts the order to a multiple of N, else it is padded with its first indices. Being a DistributedSampler, it is
     used as it is by Lightning, which would otherwise wrap it in a sampler that shuffles the order again.
+    `epoch_fn`, when given, is asked for the epoch whenever an epoch's iteration starts, instead of set_epoch (the
+    DataModule passes the trainer's current epoch: Lightning's set_epoch count runs one ahead after a resume from an
+    end-of-epoch checkpoint). `resume(epoch, count)` starts that epoch after its first `count` indices (a run
+    resumed mid-epoch); the length stays the epoch's, as Lightning counts the batches already done.
     """
 
     def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, fixed_epoch: int | None = None,
-                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+                 num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
+                 epoch_fn: Callable[[], int] | None = None):
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self.fixed_epoch = fixed_epoch
         self.epoch = 0 if fixed_epoch is None else fixed_epoch
+        self.epoch_fn = epoch_fn
+        self.skip = (None, 0)  # (epoch, indices of it already used)
 
     def set_epoch(self, epoch: int) -> None:
         if self.fixed_epoch is None:
             self.epoch = epoch
 
+    def resume(self, epoch: int, count: int) -> None:
+        self.skip = (epoch, count)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(index, self.epoch) for index in super().__iter__()])
+        if self.epoch_fn is not None and self.fixed_epoch is None:
+            self.epoch = self.epoch_fn()
+        indices = list(super().__iter__())
+        if self.skip[0] == self.epoch:
+            indices = indices[self.skip[1]:]
+        return iter([(index, self.epoch) for index in indices])
 
 
 def labels_per_class_subset(samples: Sequence[Sample], per_class: int, seed: int = 0) -> list[Sample]:
@@ -601,7 +633,59 @@ class LabeledItem:
         return self.transform(image=image)["image"], label
 
 
-class SimMIMDataModule(pl.LightningDataModule):
+class ResumableDataModule(pl.LightningDataModule):
+    """A DataModule whose training order continues exactly where a checkpoint left it, mid-epoch included.
+
+    Subclasses build their train sampler with `train_sampler` and need `hparams.seed` and `hparams.batch_size`.
+    The position (epoch, batches trained on) is saved in Lightning's checkpoints by `state_dict`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._train_sampler: EpochSampler | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self.shards, self._shards_state = None, None  # the shards source (simmim.shards.ShardSource), its state
+
+    def train_sampler(self, num_samples: int, drop_last: bool) -> EpochSampler:
+        """This rank's shuffled (index, epoch) order, epochs from the trainer, resumed after the batches done."""
+        sampler = EpochSampler(num_samples, shuffle=True, seed=self.hparams.seed, drop_last=drop_last,
+                               **self._ranks(), epoch_fn=self._current_epoch if self.trainer else None)
+        if self._resume_at is not None:
+            epoch, batches = self._resume_at
+            sampler.resume(epoch, batches * self.hparams.batch_size)
+        self._train_sampler = sampler
+        return sampler
+
+    def state_dict(self) -> dict:
+        """Where training stands in the data: the epoch and how many of its batches were trained on (saved in
+        Lightning's checkpoints; a resumed run continues with the next batch of the same order); for the shards
+        source, its own place in the stream."""
+        if self.shards is not None:
+            return {"shards": self.shards.state_dict(self.trainer)}
+        if self._train_sampler is None or self.trainer is None:
+            return {}
+        done, epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed, self.trainer.current_epoch
+        if done >= self.trainer.num_training_batches:  # saved at the end of the epoch: the next one is due
+            return {"epoch": epoch + 1, "batches": 0}
+        return {"epoch": epoch, "batches": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "shards" in state:
+            self._shards_state = state["shards"]
+            if self.shards is not None:
+                self.shards.load_state_dict(self._shards_state)
+        elif state:
+            self._resume_at = (state["epoch"], state["batches"])
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch
+
+    def _ranks(self) -> dict:
+        """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""
+        return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
+
+
+class SimMIMDataModule(ResumableDataModule):
     """Masked (image, mask, label) batches for SimMIM: images (B, 3, S, S), masks (B, S/p, S/p) with p the
     model patch size, labels (B,).
 
@@ -624,7 +708,6 @@ class SimMIMDataModule(pl.LightningDataModule):
         self.train_set: MaskedImageDataset | None = None
         self.val_set: MaskedImageDataset | None = None
         self.skipped = SkipCounter()
-        self.shards, self._shards_state = None, None  # the shards source (simmim.shards.ShardSource), its state
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -642,9 +725,9 @@ class SimMIMDataModule(pl.LightningDataModule):
             return
         train, val = build_sources(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify)
         if hp.drop_last and len(train) < hp.batch_size:
-            raise ValueError(f"only {len(train)} training images, fewer than batch_size={hp.batch_size} with "
-                             f"drop_last=True; lower batch_size or set drop_last=False")
-        self.train_set = MaskedImageDataset(ImageDataset(train, transforms[0]), masks, hp.seed)
+            raise ValueError(f"only {len(train)} training images, fewer than data.batch_size={hp.batch_size} (every "
+                             f"batch is full); lower data.batch_size or add images")
+        self.train_set = MaskedImageDataset(ImageDataset(train, transforms[0], hp.seed), masks, hp.seed)
         self.val_set = MaskedImageDataset(ImageDataset(val, transforms[1]), masks, hp.seed)
         self.train_set.dataset.skipped = self.val_set.dataset.skipped = self.skipped
 
@@ -653,9 +736,8 @@ class SimMIMDataModule(pl.LightningDataModule):
         if self.shards is not None:
             return self.shards.loader(True, self.trainer, hp.batch_size, hp.num_workers, hp.drop_last,
                                       self._pin_memory())
-        sampler = EpochSampler(len(self.train_set), shuffle=True, seed=hp.seed, drop_last=hp.drop_last,
-                               **self._ranks())
-        return self._loader(self.train_set, sampler, drop_last=hp.drop_last)
+        return self._loader(self.train_set, self.train_sampler(len(self.train_set), hp.drop_last),
+                            drop_last=hp.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         if self.shards is not None:
@@ -663,10 +745,6 @@ class SimMIMDataModule(pl.LightningDataModule):
                                       pin_memory=self._pin_memory())
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
-
-    def _ranks(self) -> dict:
-        """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""
-        return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
 
     def _pin_memory(self) -> bool:
         """pin_memory, or when None: whether the trainer (or, outside one, this machine) uses CUDA."""
@@ -679,14 +757,6 @@ class SimMIMDataModule(pl.LightningDataModule):
             dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
             pin_memory=self._pin_memory(), drop_last=drop_last, persistent_workers=self.hparams.num_workers > 0)
 
-    def state_dict(self) -> dict:
-        """The shards source's place in the epoch (saved in Lightning checkpoints)."""
-        return {"shards": self.shards.state_dict(self.trainer)} if self.shards is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._shards_state = state_dict.get("shards")
-        if self.shards is not None and self._shards_state:
-            self.shards.load_state_dict(self._shards_state)
 
 
 def uses_cuda(trainer) -> bool:

@@ -1,4 +1,5 @@
-"""Strategy names, and two ranks on CPU (gloo, forked processes) against one process with the same total batch and seed.
+"""Strategy names, and two ranks on CPU (gloo, spawned processes: a fork after OpenMP threads exist can hang
+when OMP_NUM_THREADS is set) against one process with the same total batch and seed.
 
 The default recipe's model and data, with two changes that make a run a function of the seed alone: the train
 images get the deterministic eval transform (the random crops come from each process's own RNG, so they could
@@ -115,7 +116,7 @@ def test_two_rank_batches_hold_the_one_rank_batch():
 
 def test_ddp_two_ranks_match_one_process(one_process, tmp_path):
     """2 ranks x 8 images see, step by step, the 16 images of the one-process batch: same losses, same weights."""
-    train(tmp_path / "ddp", "ddp_fork", devices=2)
+    train(tmp_path / "ddp", "ddp_spawn", devices=2)
     ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(2)]
     assert len(one_process["losses"]) == STEPS
     assert one_process["losses"][-1] != one_process["losses"][0]  # the weights did move
@@ -141,7 +142,7 @@ class ResumeCheck(pl.Callback):
 def test_zero1_shards_optimizer_states_and_matches_unsharded(one_process, tmp_path):
     """ddp_zero1: each rank holds about half of the AdamW state bytes, the two halves make the whole; the weights
     and losses match unsharded one-process training; the checkpoint holds the whole state and resumes into shards."""
-    train(tmp_path / "zero1", build_strategy("ddp_zero1", start_method="fork"), devices=2)
+    train(tmp_path / "zero1", build_strategy("ddp_zero1", start_method="spawn"), devices=2)
     ranks = [torch.load(tmp_path / f"zero1_rank{r}.pt") for r in range(2)]
     total = one_process["state_bytes"]
     assert sum(run["state_bytes"] for run in ranks) == total
@@ -152,7 +153,7 @@ def test_zero1_shards_optimizer_states_and_matches_unsharded(one_process, tmp_pa
     [checkpoint] = (tmp_path / "checkpoints").glob("*.ckpt")
     saved = torch.load(checkpoint, weights_only=False)
     assert len(saved["optimizer_states"][0]["state"]) == one_process["num_params"]
-    train(tmp_path / "resumed", build_strategy("ddp_zero1", start_method="fork"), devices=2, max_epochs=2, steps=1,
+    train(tmp_path / "resumed", build_strategy("ddp_zero1", start_method="spawn"), devices=2, max_epochs=2, steps=1,
           ckpt_path=checkpoint, callbacks=[ResumeCheck(checkpoint)])
     resumed = torch.load(tmp_path / "resumed_rank0.pt")
     assert len(resumed["losses"]) == 1

@@ -117,3 +117,16 @@ def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module, mon
         run_cli(reconstruct.main)
     assert exit.value.code == (f"error: checkpoint {tmp_path / 'none.pth'} does not exist; pass the path of a .ckpt, "
                                f".pth or .safetensors file")
+
+
+def test_undecodable_files_are_skipped_with_a_count(tmp_path, images, module):
+    ckpt, _ = checkpoints(module, tmp_path)["exported"]
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "grid.png"
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable images of 4 under .*images \(first: .*broken.png\)"):
+        reconstruct.main([f"checkpoint={ckpt}", f"images={images}", f"out={out}", "device=cpu"])
+    assert len(read_grid(out)[0]) == 3 * S
+    for name in ("im0.png", "im1.png", "im2.png"):
+        (images / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable images under .*images; all 4 files failed to decode"):
+        reconstruct.main([f"checkpoint={ckpt}", f"images={images}", f"out={out}", "device=cpu"])

@@ -85,7 +85,8 @@ class PeaksFirst(pl.LightningModule):
 
 def test_last_checkpoint_is_the_final_epoch_not_the_best(tmp_path):
     """The classifiers evaluated are checkpoints/last.ckpt: it must hold the weights training ended with."""
-    cfg = OmegaConf.create({"trainer": {"max_epochs": 3, "enable_progress_bar": False, "enable_model_summary": False}})
+    cfg = OmegaConf.create({"seed": 0, "checkpoint": {"every_n_steps": 0, "every_minutes": 0, "keep_last": 1},
+                            "trainer": {"max_epochs": 3, "enable_progress_bar": False, "enable_model_summary": False}})
     batches = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
     make_trainer(cfg, tmp_path, monitor="val/top1", mode="max").fit(PeaksFirst(), batches, batches)
     steps = {name: torch.load(tmp_path / "checkpoints" / f"{name}.ckpt", weights_only=False)["global_step"]

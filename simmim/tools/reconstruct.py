@@ -18,8 +18,8 @@ the visible pixels. Predictions of normalized targets are mapped back with each 
 Prints the masked L1 loss of the batch (in the target space the checkpoint was trained on).
 Arguments are key=value:
 """
+import warnings
 from pathlib import Path
-
 
 import cv2
 import numpy as np
@@ -64,6 +64,25 @@ def image_paths(images, limit: int) -> list[Path]:
     return paths[:limit]
 
 
+def read_images(paths: list[Path], where) -> tuple[list[Path], list[np.ndarray]]:
+    """The decodable files of `paths` and their uint8 RGB pixels; the others are skipped with one counted warning
+    (as training does), an error when none decodes."""
+    kept, images = [], []
+    for path in paths:
+        try:
+            images.append(read_image(path))
+            kept.append(path)
+        except (OSError, ValueError):
+            pass
+    bad = [path for path in paths if path not in kept]
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable images of {len(paths)} under {where} (first: {bad[0]})",
+                      stacklevel=2)
+    if not kept:
+        raise ValueError(f"no readable images under {where}; all {len(paths)} files failed to decode")
+    return kept, images
+
+
 def masks_for(cfg, saved: dict, count: int, img_size: int, patch_size: int) -> torch.Tensor:
     """(count, S/p, S/p) int64 masks, 1 = masked, drawn from cfg.seed."""
     choice = {key: cfg[key] if cfg[key] is not None else saved.get(key, DEFAULT_MASK[key]) for key in DEFAULT_MASK}
@@ -87,7 +106,8 @@ def main(argv: list[str]) -> None:
     if cfg.norm_target_patch_size is not None:
         simmim.norm_target_patch_size = cfg.norm_target_patch_size
     transform = eval_transform(model["img_size"])
-    x = torch.stack([transform(image=read_image(path))["image"] for path in paths])
+    paths, images = read_images(paths, cfg.images)
+    x = torch.stack([transform(image=image)["image"] for image in images])
     mask = masks_for(cfg, saved_simmim_config(ckpt), len(paths), model["img_size"], simmim.patch_size)
 
     simmim.eval().to(device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,3 +31,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         atomic_save(checkpoint, path)
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why a Lightning checkpoint cannot be resumed from (truncated, corrupt, not a training checkpoint), or
+    None when it can. Reads the pickled structure; the tensors stay on disk (mmap). DeepSpeed folders pass."""
+    path = Path(path)
+    if path.is_dir():
+        return None if any(path.iterdir()) else "an empty folder"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # truncated zip, bad pickle, ...: any failure means it cannot be resumed
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
+        return "not a Lightning training checkpoint (no state_dict or loop state)"
+    return None
+
+
+def newest_good_checkpoint(folder: str | Path) -> Path | None:
+    """The newest (by modification time) resumable checkpoint in folder; every newer bad one is named in a
+    warning and skipped. None when there is none."""
+    candidates = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        warnings.warn(f"checkpoint {path} cannot be resumed from ({problem}); trying the next newest",
+                      stacklevel=2)
+    return None

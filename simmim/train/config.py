@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from simmim.models.swinv2 import VARIANTS, SwinTransformerV2
@@ -79,6 +80,29 @@ def check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
         raise ConfigError(f"unknown key {key!r} in {source}{hint}")
 
 
+def _load_yaml(path: Path) -> DictConfig:
+    """A recipe file; a YAML syntax error is one line naming the file, line and problem."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error ({getattr(error, 'problem', None) or error}); "
+                          f"fix the file") from None
+
+
+def _dotlist(pairs: dict[str, str]) -> DictConfig:
+    """`key=value` arguments as a config; a value that is not valid YAML is one line naming it."""
+    merged = OmegaConf.create()
+    for key, value in pairs.items():
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key}={value}: not valid YAML ({getattr(error, 'problem', None) or error}); "
+                              f"quote strings and close brackets, e.g. {key}=[2,2,6,2]") from None
+    return merged
+
+
 def _key_value_pairs(argv: list[str], example: str) -> dict[str, str]:
     bad = [a for a in argv if "=" not in a]
     if bad:
@@ -91,8 +115,7 @@ def parse_cli(argv: list[str]) -> tuple[str, DictConfig, bool]:
     pairs = _key_value_pairs(argv, "recipe=default trainer.max_epochs=2")
     recipe = pairs.pop("recipe", "default")
     print_config = pairs.pop("print_config", "false").lower() in ("1", "true", "yes")
-    overrides = OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()])
-    return recipe, overrides, print_config
+    return recipe, _dotlist(pairs), print_config
 
 
 def config_from_argv(stage: str, argv: list[str], usage: str) -> tuple[DictConfig, bool] | None:
@@ -121,23 +144,28 @@ def options_from_argv(defaults: dict, argv: list[str], usage: str) -> DictConfig
         print(f"{usage}\nkeys (default value):\n{keys}")
         return None
     example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
-    overrides = OmegaConf.from_dotlist([f"{k}={v}" for k, v in _key_value_pairs(argv, example).items()])
+    overrides = _dotlist(_key_value_pairs(argv, example))
     check_keys(overrides, schema, "the command line")
     return OmegaConf.merge(schema, overrides)
 
 
+def stage_schema(stage: str) -> DictConfig:
+    """`recipes/<stage>/default.yaml`: every key a run of the stage reads, with its default."""
+    return _load_yaml(_recipe_path(stage, "default"))
+
+
 def load_config(stage: str, recipe: str = "default", overrides: DictConfig | list[str] | None = None) -> DictConfig:
     """Merge default <- recipe <- overrides, reject unknown keys, return the resolved config."""
-    schema = OmegaConf.load(_recipe_path(stage, "default"))
+    schema = stage_schema(stage)
     layers = [schema]
     recipe_path = _recipe_path(stage, recipe)
     if recipe != "default":
-        recipe_cfg = OmegaConf.load(recipe_path)
+        recipe_cfg = _load_yaml(recipe_path)
         check_keys(recipe_cfg, schema, f"recipe {recipe_path}")
         layers.append(recipe_cfg)
     if overrides is not None:
         if isinstance(overrides, (list, ListConfig)):
-            overrides = OmegaConf.from_dotlist(list(overrides))
+            overrides = _dotlist(_key_value_pairs(list(overrides), "trainer.max_epochs=2"))
         check_keys(overrides, schema, "the command line")
         layers.append(overrides)
     variant = OmegaConf.merge(*layers).model.get("variant")
@@ -146,12 +174,16 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
     cfg = OmegaConf.merge(*layers)
     cfg.recipe = Path(recipe).stem
     OmegaConf.resolve(cfg)
-    check_config(cfg)
+    check_config(cfg, schema)
     return cfg
 
 
-def check_config(cfg: DictConfig) -> None:
-    """What a resolved config must satisfy beyond its keys (run by load_config and the Lightning CLI)."""
+def check_config(cfg: DictConfig, schema: DictConfig) -> None:
+    """Every value of a resolved config against the stage's schema (`simmim.train.validate`), and what must hold
+    between keys; run by load_config and by the Lightning CLI."""
+    from simmim.train.validate import validate_config  # here: validate imports ConfigError from this module
+
+    validate_config(cfg, schema)
     if cfg.model.img_size != cfg.data.img_size:
         raise ConfigError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}; "
                           f"set data.img_size (the model is built for the images it gets)")
@@ -209,21 +241,34 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
-    """The run directory and the checkpoint to resume from (None: a fresh run).
+    """The run directory and the checkpoint to resume from (None: a fresh run); writes nothing.
 
-    resume=auto continues `<run dir>/checkpoints/last.ckpt` when it exists; a fresh run refuses a directory
-    that already holds checkpoints instead of overwriting them; a resumed run must have the same model.
+    resume=auto continues from the newest checkpoint in `<run dir>/checkpoints/` that can be read (newer broken
+    ones are named in a warning); a fresh run refuses a directory that already holds checkpoints instead of
+    overwriting them; a resumed run must have the same model; a directory that a live run holds is refused.
     """
+    from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
+    from simmim.train.run_dir import check_unlocked  # here: run_dir imports this module
+
     run_dir = Path(cfg.output_dir) / str(cfg.run_name)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    check_unlocked(run_dir)
+    folder = run_dir / "checkpoints"
+    existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
     if cfg.resume == "auto":
-        ckpt = str(last) if last.exists() else None  # DeepSpeed writes checkpoints as folders
+        ckpt = newest_good_checkpoint(folder) if existing else None
+        if existing and ckpt is None:
+            raise ConfigError(f"no checkpoint in {folder} can be resumed from (see the warnings above); pass "
+                              f"resume=PATH of a good one, or run_name=NEW to start another run")
+        ckpt = None if ckpt is None else str(ckpt)
     elif cfg.resume:
         if not Path(cfg.resume).exists():
             raise ConfigError(f"resume={cfg.resume} does not exist; pass a .ckpt file, resume=auto or resume=null")
+        if problem := checkpoint_problem(cfg.resume):
+            raise ConfigError(f"resume={cfg.resume} cannot be resumed from ({problem}); pass another checkpoint or "
+                              f"resume=auto")
         ckpt = str(cfg.resume)
     else:
-        if last.exists():
+        if existing:
             raise ConfigError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run or "
                               f"run_name=NEW to start another")
         ckpt = None

@@ -22,7 +22,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.cli import LightningCLI
 
-from simmim.train.config import ConfigError, check_config, check_keys, load_config, prepare_run, save_config
+from simmim.train.config import ConfigError, check_config, check_keys, load_config, prepare_run, stage_schema
+from simmim.train.run_dir import start_run
 from simmim.train.stage import Stage, plain
 from simmim.train.trainer import make_trainer
 
@@ -105,7 +106,7 @@ class RecipeCLI(LightningCLI):
                        if k in self.recipe.trainer or defaults.get(k, object()) != v}
         cfg.seed = config.seed_everything
         self.cfg = self.stage.recipe_from_init_args(cfg, model_args, data_args)
-        check_config(self.cfg)
+        check_config(self.cfg, stage_schema(self.stage.name))
         self.prepared = self.stage.prepare(self.cfg)
         for arg, value in self.stage.init_args(self.cfg)[0].items():
             config.model[arg] = value
@@ -113,10 +114,11 @@ class RecipeCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         run_dir, ckpt_path = prepare_run(self.cfg)
         self.run_dir = run_dir
+        self.datamodule.setup("fit")  # bad data paths fail here, before anything is written
+        self.stage.check_data(self.datamodule, self.cfg)
         self.stage.setup(self.model, self.cfg, run_dir, ckpt_path is not None, self.prepared)
-        save_config(self.cfg, run_dir / "config.yaml")
+        start_run(self.cfg, run_dir)  # the lock, the config and its dated copy
         self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
-        self.datamodule.setup("fit")  # bad data paths fail here, before the Trainer; callbacks may read the data
         return make_trainer(self.cfg, run_dir, self.stage.monitor, self.stage.mode,
                             self.stage.callbacks(self.cfg, run_dir, self.datamodule))
 

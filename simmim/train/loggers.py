@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
 from simmim.train.config import ConfigError
+from simmim.train.run_dir import AppendingCSVLogger
 
 __all__ = ["LOGGER_NAMES", "build_loggers", "build_callbacks", "log_image"]
 
@@ -36,7 +37,7 @@ def _named_logger(name: str, run_dir: Path, run_name: str) -> Logger:
     if name == "tensorboard":
         return loggers.TensorBoardLogger(run_dir, name="tensorboard", version="")
     if name == "csv":
-        return loggers.CSVLogger(run_dir, name="csv", version="")
+        return AppendingCSVLogger(run_dir, name="csv", version="")  # a resumed run appends
     extra = {"wandb": "wandb", "mlflow": "mlflow"}[name]
     try:
         importlib.import_module(extra)

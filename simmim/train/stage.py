@@ -15,7 +15,8 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from simmim.train.config import ConfigError, config_from_argv, prepare_run, save_config
+from simmim.train.config import ConfigError, config_from_argv, prepare_run
+from simmim.train.run_dir import start_run
 from simmim.train.trainer import make_trainer
 
 KeyMap = Callable[[DictConfig], dict[str, str]]  # constructor argument -> dotted recipe key
@@ -33,7 +34,8 @@ class Stage:
     module / datamodule: the LightningModule and LightningDataModule classes (or factories); module_keys / data_keys:
     their constructor arguments' recipe keys; monitor / mode: the metric of best.ckpt. Hooks, each optional:
     prepare(cfg) fills derived recipe values before anything is built (fine-tuning reads the pretrained checkpoint's
-    windows) and returns what `setup` needs; setup(module, cfg, run_dir, resuming, prepared) runs before fit
+    windows) and returns what `setup` needs; check_data(datamodule, cfg) checks the set-up data against the config
+    (fine-tuning: labels against model.num_classes); setup(module, cfg, run_dir, resuming, prepared) runs before fit
     (fine-tuning loads the pretrained weights); callbacks(cfg, run_dir, datamodule) adds Lightning callbacks
     (the datamodule is set up);
     finish(trainer, module, cfg, run_dir) runs after fit on every rank and returns lines to print on rank 0.
@@ -47,6 +49,7 @@ class Stage:
     monitor: str
     mode: str
     prepare: Callable[[DictConfig], Any] = lambda cfg: None
+    check_data: Callable[[pl.LightningDataModule, DictConfig], None] = lambda data, cfg: None
     setup: Callable[..., None] = lambda module, cfg, run_dir, resuming, prepared: None
     callbacks: Callable[[DictConfig, Path, pl.LightningDataModule], list] = lambda cfg, run_dir, data: []
     finish: Callable[..., list[str]] = lambda trainer, module, cfg, run_dir: []
@@ -114,9 +117,10 @@ def fit(stage: Stage, cfg: DictConfig, prepared: Any = None) -> None:
     module_args, data_args = stage.init_args(cfg)
     data = stage.datamodule(**data_args)
     data.setup("fit")  # bad data paths fail here, before anything is written
+    stage.check_data(data, cfg)
     module = stage.module(**module_args)
     stage.setup(module, cfg, run_dir, ckpt_path is not None, prepared)
-    save_config(cfg, run_dir / "config.yaml")
+    start_run(cfg, run_dir)  # the lock, the config and its dated copy
     trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir, data))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     lines = stage.finish(trainer, module, cfg, run_dir)

@@ -1,0 +1,42 @@
+"""What a resumed run needs, beyond Lightning's checkpoint, to replay the uninterrupted run exactly.
+
+The data's randomness depends only on (seed, epoch, index) (`simmim.data`); the model's (drop path, dropout,
+Mixup) comes from the global generators, which `ExactResume` reseeds before every training batch from
+(seed, epoch, batch index, rank). A run resumed at any step therefore draws what the uninterrupted run drew, without
+saving generator states, whatever the loaders and validation drew in between.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+
+def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """A 63-bit seed of one training batch on one rank."""
+    return int(np.random.SeedSequence([seed, epoch, batch_idx, rank]).generate_state(2, np.uint32).view(np.uint64)[0]
+               >> np.uint64(1))
+
+
+class ExactResume(pl.Callback):
+    """Seeds torch (CPU and CUDA), numpy and random from `batch_seed(seed, epoch, batch_idx, rank)` at the start
+    of every training batch; logs a resumed run's metrics at the step of the uninterrupted run (Lightning 2.6 logs
+    one step ahead after a resume from a checkpoint saved at the end of an epoch)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._align_step = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._align_step = trainer.ckpt_path is not None and pl_module.automatic_optimization
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._align_step:  # one optimizer step per step: the logged step is the global step
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            self._align_step = False
+        value = batch_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
+        torch.manual_seed(value)
+        np.random.seed(value % 2 ** 32)
+        random.seed(value)

@@ -1,0 +1,244 @@
+"""Every value of a resolved config checked against the schema before anything runs.
+
+Types come from the schema (`recipes/<stage>/default.yaml`: the type of each default; `NULLABLE` for keys whose
+default is null) and, for `trainer.*`, from `pytorch_lightning.Trainer`'s annotations. Ranges and choices are in
+`RULES`. A problem is a `ConfigError` of one line: the key, the value and what is expected.
+"""
+from __future__ import annotations
+
+import collections.abc
+import typing
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from simmim.train.config import ConfigError
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _at_least(low):
+    return lambda v: v >= low
+
+
+def _fraction(v) -> bool:  # [0, 1)
+    return 0 <= v < 1
+
+
+def _probability(v) -> bool:  # [0, 1]
+    return 0 <= v <= 1
+
+
+def _one_of(*choices):
+    return lambda v: v in choices
+
+
+# key -> (check of the value, or of each element of a list value; what is expected)
+RULES: dict[str, tuple[typing.Callable, str]] = {
+    "seed": (_at_least(0), "an integer >= 0"),
+    "model.img_size": (_positive, "an integer > 0"),
+    "model.patch_size": (_positive, "an integer > 0"),
+    "model.in_chans": (_positive, "an integer > 0"),
+    "model.num_classes": (_positive, "an integer > 0"),
+    "model.embed_dim": (_positive, "an integer > 0"),
+    "model.depths": (_positive, "a list of integers > 0, one per stage"),
+    "model.num_heads": (_positive, "a list of integers > 0, one per stage"),
+    "model.window_size": (_positive, "an integer > 0"),
+    "model.pretrained_window_sizes": (_at_least(0), "null or a list of integers >= 0, one per stage"),
+    "model.mlp_ratio": (_positive, "a number > 0"),
+    "model.drop_rate": (_fraction, "a number in [0, 1)"),
+    "model.attn_drop_rate": (_fraction, "a number in [0, 1)"),
+    "model.drop_path_rate": (_fraction, "a number in [0, 1)"),
+    "model.norm_mode": (_one_of("res_post_norm", "pre_norm"), "res_post_norm or pre_norm"),
+    "model.attn_mode": (_one_of("cosine", "dot"), "cosine or dot"),
+    "model.position_bias": (_one_of("log_cpb", "linear_cpb", "table", "none"), "log_cpb, linear_cpb, table or none"),
+    "model.extra_norm_every": (_at_least(0), "an integer >= 0"),
+    "model.sequential_attn_chunk": (_positive, "an integer > 0"),
+    "simmim.mask_patch_size": (_positive, "an integer > 0"),
+    "simmim.mask_ratio": (_fraction, "a number in [0, 1)"),
+    "simmim.mask_kind": (_one_of("random", "block"), "random or block"),
+    "simmim.norm_target_patch_size": (_positive, "null or an integer > 0"),
+    "data.img_size": (_positive, "an integer > 0"),
+    "data.batch_size": (_positive, "an integer > 0 (images per device)"),
+    "data.num_workers": (_at_least(0), "an integer >= 0"),
+    "optim.base_lr": (_positive, "a number > 0"),
+    "optim.warmup_lr": (_at_least(0), "a number >= 0"),
+    "optim.min_lr": (_at_least(0), "a number >= 0"),
+    "optim.weight_decay": (_at_least(0), "a number >= 0"),
+    "optim.betas": (_fraction, "two numbers in [0, 1)"),
+    "optim.eps": (_positive, "a number > 0"),
+    "optim.warmup_epochs": (_at_least(0), "a number >= 0"),
+    "optim.schedule": (_one_of("cosine", "multistep"), "cosine or multistep"),
+    "optim.milestones": (_at_least(0), "a list of epochs >= 0"),
+    "optim.gamma": (_positive, "a number > 0"),
+    "optim.max_nonfinite_steps": (_positive, "an integer > 0"),
+    "optim.layer_decay": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "logging.recon_every_n_steps": (_at_least(0), "an integer >= 0 (0: only at the end)"),
+    "logging.recon_images": (_positive, "an integer > 0"),
+    "train.label_smoothing": (_fraction, "a number in [0, 1)"),
+    "train.mixup": (_at_least(0), "a number >= 0 (0: off)"),
+    "train.cutmix": (_at_least(0), "a number >= 0 (0: off)"),
+    "train.mixup_prob": (_probability, "a number in [0, 1]"),
+    "train.mixup_switch_prob": (_probability, "a number in [0, 1]"),
+    "train.ema_decay": (_fraction, "null or a number in [0, 1), e.g. 0.9998"),
+    "checkpoint.every_n_steps": (_at_least(0), "an integer >= 0 (0: off)"),
+    "checkpoint.every_minutes": (_at_least(0), "a number >= 0 (0: off)"),
+    "checkpoint.keep_last": (_positive, "an integer > 0"),
+    "trainer.max_epochs": (_at_least(-1), "an integer >= -1 (-1: no limit)"),
+    "trainer.max_steps": (_at_least(-1), "an integer >= -1 (-1: no limit)"),
+    "trainer.accumulate_grad_batches": (_positive, "an integer > 0"),
+    "trainer.log_every_n_steps": (_positive, "an integer > 0"),
+    "trainer.num_nodes": (_positive, "an integer > 0"),
+    "trainer.gradient_clip_val": (_at_least(0), "null or a number >= 0"),
+}
+# keys that may be null, and the type of their non-null values
+NULLABLE = {
+    "resume": str, "pretrained": str, "model.variant": str, "model.pretrained_window_sizes": list,
+    "simmim.norm_target_patch_size": int, "data.root": str, "data.list_file": str, "train.ema_decay": float,
+}
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _is(value, kind: type) -> bool:
+    """A YAML value as the schema's type: ints are numbers too, bools are not."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _fail(key: str, value, expected: str) -> ConfigError:
+    return ConfigError(f"{key}={_show(value)}: expected {expected}")
+
+
+def _show(value) -> str:
+    """A value as it is written on the command line: [2, 2], true, null."""
+    if isinstance(value, list):
+        return f"[{', '.join(_show(v) for v in value)}]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+def _leaves(node, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _check_type(key: str, value, default) -> None:
+    if key.startswith("trainer.") or value is None and (default is None or key in NULLABLE):
+        return
+    if value is None:
+        raise _fail(key, value, f"{TYPE_NAMES[type(default)]}, as the default {_show(default)}")
+    kind = type(default) if default is not None else NULLABLE.get(key)
+    if kind is None:
+        return
+    if not _is(value, kind):
+        example = f", as the default {_show(default)}" if default is not None else " or null"
+        raise _fail(key, value, f"{TYPE_NAMES[kind]}{example}")
+    if kind is list:
+        element = type(default[0]) if default else (int if key in NULLABLE else None)
+        if element is not None and not all(_is(v, element) for v in value):
+            raise _fail(key, value, f"a list of {TYPE_NAMES[element].removeprefix('an ').removeprefix('a ')}s")
+
+
+def _check_rule(key: str, value) -> None:
+    if key not in RULES or value is None:
+        return
+    check, expected = RULES[key]
+    values = value if isinstance(value, list) else [value]
+    try:
+        ok = all(check(v) for v in values)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise _fail(key, value, expected)
+
+
+def _matches(value, hint) -> bool:
+    """Whether a YAML value fits a Trainer argument's annotation (unknown classes accept anything)."""
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is typing.Union:
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint in (int, float, bool, str):
+        return _is(value, hint)
+    if origin in (list, tuple, collections.abc.Iterable) or hint in (list, tuple):
+        return isinstance(value, list)
+    return isinstance(value, dict)  # a dict (timedelta fields, class_path / init_args) for other classes
+
+
+def _check_trainer(trainer: dict) -> None:
+    import pytorch_lightning as pl
+
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    for name, value in trainer.items():
+        hint = hints.get(name)
+        if hint is not None and not _matches(value, hint):
+            expected = str(hint).replace("typing.", "").replace("NoneType", "null")
+            raise _fail(f"trainer.{name}", value, f"a value of type {expected}")
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible here; use "
+                          f"trainer.accelerator=cpu (or auto) or run on a machine with a GPU")
+
+
+def _check_relations(cfg: DictConfig) -> None:
+    model = cfg.model
+    if len(model.depths) != len(model.num_heads):
+        raise ConfigError(f"model.depths={_show(list(model.depths))} and model.num_heads="
+                          f"{_show(list(model.num_heads))}: expected one value per stage in each")
+    if model.img_size % model.patch_size:
+        raise ConfigError(f"model.img_size={model.img_size}: expected a multiple of model.patch_size="
+                          f"{model.patch_size}")
+    if "simmim" in cfg and cfg.data.img_size % cfg.simmim.mask_patch_size:
+        raise ConfigError(f"simmim.mask_patch_size={cfg.simmim.mask_patch_size}: expected a divisor of "
+                          f"data.img_size={cfg.data.img_size}")
+    if "simmim" in cfg and cfg.simmim.mask_patch_size % model.patch_size:
+        raise ConfigError(f"simmim.mask_patch_size={cfg.simmim.mask_patch_size}: expected a multiple of "
+                          f"model.patch_size={model.patch_size}")
+    output = Path(cfg.output_dir)
+    for path in (output, *output.parents):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"output_dir={cfg.output_dir}: {path} is a file; expected a folder (new or existing)")
+    run_dir = output / str(cfg.run_name)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_name={cfg.run_name}: {run_dir} is a file; expected a folder (new or existing)")
+
+
+def validate_config(cfg: DictConfig, schema: DictConfig) -> None:
+    """Raise ConfigError (one line: key, value, what is expected) for the first value that the schema, the
+    rules or pytorch_lightning.Trainer reject. `cfg` is resolved; `schema` is the stage's default.yaml."""
+    defaults = dict(_leaves(OmegaConf.to_container(schema, resolve=False)))
+    values = OmegaConf.to_container(cfg, resolve=True)
+    for key, value in _leaves(values):
+        default = defaults.get(key)
+        if isinstance(default, str) and default.startswith("${"):  # a copy of another key, checked there
+            continue
+        _check_type(key, value, default)
+        _check_rule(key, value)
+    _check_trainer(values.get("trainer", {}))
+    _check_relations(cfg)
+
+
+def validate_labels(samples, num_classes: int, where: str) -> None:
+    """Every (image, label) label a class index below num_classes (model.num_classes), before training."""
+    for image, label in samples:
+        if not 0 <= label < num_classes:
+            found = max(label for _, label in samples) + 1
+            name = image if isinstance(image, (str, Path)) else "an image"
+            raise ConfigError(f"model.num_classes={num_classes}: {where} has label {label} ({name}), expected "
+                              f"0..{num_classes - 1}; set model.num_classes={max(found, num_classes)} or fix the "
+                              f"labels")

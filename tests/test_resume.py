@@ -1,0 +1,110 @@
+"""kill -9 in the middle of an epoch, resume=auto: the run ends with the weights of a run that was never killed."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# 4 batches of 8 per epoch, 10 steps: epochs end at steps 4 and 8; step checkpoints at 3, 6 and 9 (mid-epoch 0,
+# mid-epoch 1, mid-epoch 2). Drop path draws from the global generator; validation runs every epoch.
+ARGS = ["data.img_size=32", "data.batch_size=8", "model.embed_dim=16", "model.num_heads=[2,2,4,8]",
+        "model.drop_path_rate=0.1", "trainer.max_steps=10", "trainer.max_epochs=-1", "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+        "logging.recon_every_n_steps=0", "checkpoint.every_n_steps=3", "checkpoint.keep_last=2",
+        "eval.knn_every_n_epochs=0"]  # the k-NN monitor logs once more after the last step
+
+
+# the fine-tune: from scratch, Mixup / CutMix and drop path from the global generators
+FINETUNE = ["pretrained=null", "data.img_size=32", "model.window_size=4", "data.batch_size=8", "model.embed_dim=16",
+            "model.num_heads=[2,2,4,8]", "trainer.max_steps=10", "trainer.max_epochs=-1",
+            "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=3", "checkpoint.keep_last=2"]
+
+
+def pretrain(run_dir: Path, workers: int, wait: bool = True, script: str = "pretrain", args: list = ARGS):
+    command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), f"output_dir={run_dir.parent}",
+               f"run_name={run_dir.name}", f"data.num_workers={workers}", *args]
+    env = {**os.environ, "PYTHONWARNINGS": "always"}
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def encoder(run_dir: Path) -> dict:
+    return torch.load(run_dir / "encoder.pth", weights_only=False)["model"]
+
+
+def kill_after(process: subprocess.Popen, path: Path, timeout: float = 240) -> None:
+    """SIGKILL the process as soon as `path` exists."""
+    start = time.monotonic()
+    while not path.exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() - start < timeout, f"{path} did not appear"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("whole") / "run"
+    pretrain(run, workers=0)
+    return encoder(run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("workers, kill_after_step", [(0, 3), (2, 6)])
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, workers, kill_after_step, uninterrupted):
+    """The same weights with 0 and 2 workers (data randomness depends on (seed, epoch, index) only). With 2, the
+    newest checkpoint (step 6) is truncated: the run resumes from the one before (last.ckpt, end of epoch 0)."""
+    run = tmp_path / "killed"
+    kill_after(pretrain(run, workers, wait=False), run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt")
+    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert not (run / "encoder.pth").exists() and (run / "run.lock").exists()
+    if workers:  # the newest checkpoint truncated (a crash of the disk, not of the save): the next one is used
+        newest = checkpoints[-1]
+        newest.write_bytes(newest.read_bytes()[:1000])
+    rows_before = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    key = "encoder.layers.0.blocks.0.mlp.fc1.weight"
+    first = torch.load(checkpoints[0], weights_only=False)["state_dict"][f"simmim.{key}"]
+
+    resumed = pretrain(run, workers)
+    assert "taking over the lock of pid" in resumed.stderr
+    if workers:
+        assert f"checkpoint {newest} cannot be resumed from" in resumed.stderr
+    weights = encoder(run)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+    assert (weights[key] - first).abs().max() > 1e-4  # the resumed part of the run did train
+
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    assert rows[:len(rows_before)] == [{**{k: "" for k in rows[0]}, **row} for row in rows_before]
+    assert max(int(row["step"]) for row in rows) == 9  # the last logged step (0-based) of 10
+    assert len(list(run.glob("config.*.yaml"))) == 2 and not (run / "run.lock").exists()
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step-*.ckpt"))
+    assert steps == ["step-00000006.ckpt", "step-00000009.ckpt"]  # keep_last=2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_finetune_resumes_to_the_uninterrupted_weights(tmp_path):
+    def final(run):
+        return torch.load(run / "checkpoints" / "step-00000009.ckpt", weights_only=False)["state_dict"]
+
+    pretrain(tmp_path / "whole", 0, script="finetune", args=FINETUNE)
+    run = tmp_path / "killed"
+    kill_after(pretrain(run, 0, wait=False, script="finetune", args=FINETUNE),
+               run / "checkpoints" / "step-00000003.ckpt")
+    pretrain(run, 0, script="finetune", args=FINETUNE)
+    whole, resumed = final(tmp_path / "whole"), final(run)
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)

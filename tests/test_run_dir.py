@@ -1,0 +1,125 @@
+"""Run directories: one writer (lock), nothing changed by a failing command, history kept, broken files handled."""
+import csv
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import simmim.pretrain as pretrain
+from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
+from simmim.train.config import ConfigError, load_config, prepare_run
+from simmim.train.run_dir import LOCK_NAME, AppendingCSVLogger, acquire_lock, release_lock, start_run
+
+HOST = socket.gethostname()
+
+
+def test_lock_refuses_a_live_run_and_takes_over_a_dead_ones(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(f"{HOST} {other.pid}\n")
+        message = (f"{tmp_path} is in use by pid {other.pid} on {HOST} ({tmp_path / LOCK_NAME}); wait until that "
+                   f"run ends, pass run_name=NEW for another run, or delete the lock if that process is gone")
+        with pytest.raises(ConfigError) as error:
+            acquire_lock(tmp_path)
+        assert str(error.value) == message
+        cfg = load_config("pretrain", overrides=[f"output_dir={tmp_path.parent}", f"run_name={tmp_path.name}"])
+        with pytest.raises(ConfigError, match="is in use by pid"):
+            prepare_run(cfg)  # refused before the inputs are read
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.warns(UserWarning, match=rf"taking over the lock of pid {other.pid} on {HOST}, which is no longer"):
+        lock = acquire_lock(tmp_path)
+    assert lock.read_text() == f"{HOST} {os.getpid()}\n"
+    release_lock(lock)
+    assert not lock.exists()
+
+    lock.write_text(f"another-host {os.getpid()}\n")  # a process of another host cannot be checked: refused
+    with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()} on another-host"):
+        acquire_lock(tmp_path)
+
+
+def test_other_ranks_neither_check_nor_take_the_lock(tmp_path, monkeypatch):
+    lock = acquire_lock(tmp_path)  # rank 0 (this process) holds it; a rank launched beside it runs the same code
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = load_config("pretrain", overrides=[f"output_dir={tmp_path.parent}", f"run_name={tmp_path.name}"])
+    lock.write_text(f"{HOST} {os.getppid()}\n")  # a live process other than this one
+    assert prepare_run(cfg) == (tmp_path, None) and start_run(cfg, tmp_path) is None
+    assert not list(tmp_path.glob("config*.yaml"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="is in use by pid"):
+        prepare_run(cfg)
+
+
+def test_start_run_keeps_every_config_and_removes_stale_temporaries(tmp_path):
+    cfg = load_config("pretrain")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".last.ckpt.x1y2.tmp").write_bytes(b"")  # an interrupted atomic save
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"keep")
+    with pytest.warns(UserWarning, match="removed 1 temporary files of an interrupted save"):
+        lock = start_run(cfg, tmp_path)
+    release_lock(lock)
+    cfg.seed = 1
+    start_run(cfg, tmp_path)
+    release_lock(lock)
+    copies = sorted(tmp_path.glob("config.*.yaml"))
+    assert [p.name for p in tmp_path.rglob("*.tmp")] == [] and (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert "seed: 1" in (tmp_path / "config.yaml").read_text()
+    assert len(copies) == 2 and "seed: 0" in copies[0].read_text() and "seed: 1" in copies[1].read_text()
+
+
+def snapshot(folder):
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("bad", ["data.batch_size=-1", "data.source=folder"])
+def test_a_failing_command_changes_nothing_in_the_run_directory(tmp_path, bad):
+    run = tmp_path / "default"
+    (run / "csv").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "csv" / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
+    before = snapshot(tmp_path)
+    with pytest.raises((ConfigError, FileNotFoundError)):
+        pretrain.main([f"output_dir={tmp_path}", bad, f"data.root={tmp_path / 'missing'}"])
+    assert snapshot(tmp_path) == before
+
+
+def test_metrics_csv_is_appended_to(tmp_path):
+    first = AppendingCSVLogger(tmp_path, name="csv", version="")
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.save()
+    second = AppendingCSVLogger(tmp_path, name="csv", version="")
+    second.log_metrics({"train/loss": 0.5}, step=1)
+    second.log_metrics({"val/loss": 0.7}, step=1)  # a new column: the header grows, the rows stay
+    second.save()
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [("0", "1.0", ""), ("1", "0.5", ""),
+                                                                          ("1", "", "0.7")]
+
+
+def test_broken_checkpoints_are_named_and_skipped(tmp_path):
+    good, newer = tmp_path / "step-00000001.ckpt", tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "loops": {}}, good)
+    newer.write_bytes(good.read_bytes()[:100])  # truncated
+    os.utime(good, (1, 1))
+    assert checkpoint_problem(good) is None and "RuntimeError" in checkpoint_problem(newer)
+    torch.save({"model": {}}, tmp_path / "encoder.ckpt")
+    os.utime(tmp_path / "encoder.ckpt", (0, 0))
+    assert checkpoint_problem(tmp_path / "encoder.ckpt") == "not a Lightning training checkpoint (no state_dict " \
+                                                            "or loop state)"
+    with pytest.warns(UserWarning, match=f"checkpoint {newer} cannot be resumed from"):
+        assert newest_good_checkpoint(tmp_path) == good
+
+    good.unlink()
+    cfg = load_config("pretrain", overrides=[f"output_dir={tmp_path.parent}", f"run_name={tmp_path.name}"])
+    (tmp_path / "checkpoints").mkdir()
+    for path in (newer, tmp_path / "encoder.ckpt"):
+        path.rename(tmp_path / "checkpoints" / path.name)
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="no checkpoint in .* can be resumed from"):
+        prepare_run(cfg)
+    cfg.resume = str(tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match=r"resume=.*last.ckpt cannot be resumed from \(RuntimeError"):
+        prepare_run(cfg)

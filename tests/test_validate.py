@@ -1,0 +1,97 @@
+"""Bad values end in one line naming the key, the value and what is expected, before anything runs."""
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import finetune.train as finetune_script
+import simmim.pretrain as pretrain
+from simmim.cli import run_cli
+from simmim.data import build_sources
+from simmim.train.config import ConfigError, load_config
+from simmim.train.validate import validate_labels
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_steps=abc", "trainer.max_steps=abc: expected an integer >= -1"),
+    ("trainer.max_epochs=2.5", "trainer.max_epochs=2.5: expected a value of type Optional[int]"),
+    ("model.window_size=0", "model.window_size=0: expected an integer > 0"),
+    ("model.depths=[2, 2", "model.depths=[2, 2: not valid YAML (did not find expected ',' or ']')"),
+    ("model.depths=[2,a]", "model.depths=[2, a]: expected a list of integers"),
+    ("model.depths=[2,2]", "model.depths=[2, 2] and model.num_heads=[2, 4, 8, 16]: expected one value per stage"),
+    ("data.img_size=abc", "data.img_size=abc: expected an integer, as the default 64"),
+    ("data.img_size=66", "model.img_size=66: expected a multiple of model.patch_size=4"),
+    ("data.batch_size=-1", "data.batch_size=-1: expected an integer > 0"),
+    ("data.num_workers=null", "data.num_workers=null: expected an integer, as the default 2"),
+    ("simmim.mask_ratio=1.5", "simmim.mask_ratio=1.5: expected a number in [0, 1)"),
+    ("simmim.mask_kind=blocks", "simmim.mask_kind=blocks: expected random or block"),
+    ("optim.betas=[0.9,2]", "optim.betas=[0.9, 2]: expected two numbers in [0, 1)"),
+    ("optim.base_lr=fast", "optim.base_lr=fast: expected a number, as the default 0.008"),
+    ("model.qkv_bias=1", "model.qkv_bias=1: expected true or false"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last=0: expected an integer > 0"),
+    ("trainer.accelerator=gpu", "trainer.accelerator=gpu but no CUDA GPU is visible here"),
+])
+def test_bad_values_are_one_line(override, message):
+    if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError) as error:
+        load_config("pretrain", overrides=[override])
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_good_values_pass():
+    cfg = load_config("pretrain", overrides=["trainer.devices=auto", "trainer.precision=16", "resume=null",
+                                             "optim.base_lr=1", "trainer.max_steps=10", "trainer.max_time=null",
+                                             "trainer.val_check_interval=0.5"])
+    assert cfg.optim.base_lr == 1 and cfg.trainer.precision == 16
+    for recipe in ("tiny", "giant"):
+        load_config("pretrain", recipe)
+        load_config("finetune", recipe)
+
+
+def test_recipe_syntax_error_and_output_dir_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  depths: [2, 2\n")
+    with pytest.raises(ConfigError, match=r"^.*bad.yaml, line 3: YAML syntax error \(did not find expected"):
+        load_config("pretrain", str(recipe))
+    with pytest.raises(ConfigError, match=r"output_dir=.*bad.yaml: .*bad.yaml is a file; expected a folder"):
+        load_config("pretrain", overrides=[f"output_dir={recipe}"])
+
+
+def test_script_prints_one_error_line_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", f"output_dir={tmp_path}", "data.batch_size=-1"])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(pretrain.main)
+    assert exit.value.code == "error: data.batch_size=-1: expected an integer > 0 (images per device)"
+    assert not any(tmp_path.iterdir())
+
+
+def write_images(folder, count):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+
+
+def test_list_labels_that_are_not_class_indices(tmp_path):
+    write_images(tmp_path, 3)
+    for bad in ("-1", "cat"):
+        (tmp_path / "list.txt").write_text(f"0.png 0\n1.png {bad}\n2.png 1\n")
+        with pytest.raises(ValueError, match=rf"list.txt line 2: label '{bad}' of 1.png is not a class index"):
+            build_sources("list", 8, list_file=tmp_path / "list.txt")
+
+
+def test_labels_checked_against_num_classes_before_training(tmp_path):
+    for name in ("a", "b", "c"):
+        write_images(tmp_path / "data" / name, 4)
+    train, _ = build_sources("folder", 8, root=tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"model.num_classes=2: train has label 2 \(.*c/.\.png\), expected 0..1; "
+                                          r"set model.num_classes=3 or fix the labels"):
+        validate_labels(train, 2, "train")
+    validate_labels(train, 3, "train")
+    with pytest.raises(ConfigError, match="model.num_classes=2: the train split of data.source=folder has label 2"):
+        finetune_script.main([f"output_dir={tmp_path}/runs", "pretrained=null", "data.source=folder",
+                              f"data.root={tmp_path / 'data'}", "model.num_classes=2", "data.img_size=32",
+                              "model.window_size=4"])
+    assert not (tmp_path / "runs").exists()
