@@ -26,6 +26,7 @@ from simmim.train.checkpoint_io import atomic_save
 from simmim.train.config import config_from_argv, prepare_run, save_config
 from simmim.train.optim import adamw_per_step_schedule, param_groups
 from simmim.train.strategies import full_state_dict, root_params_gathered
+from simmim.train.speed import CompileTime, compile_encoder
 from simmim.train.trainer import make_trainer
 
 
@@ -41,11 +42,20 @@ class SimMIMPretrainModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.simmim = build_simmim(dict(model), norm_target_patch_size)
+        self.compile_setting, self.compiled = model.get("compile", False), False
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.simmim(x, mask)
+
+    def configure_model(self) -> None:
+        """`model.compile`: the encoder's blocks under torch.compile, once the run's device is known."""
+        if not self.compiled:
+            self.compiled = compile_encoder(self.simmim.encoder, self.compile_setting, self.trainer.strategy.root_device)
+
+    def configure_callbacks(self):
+        return [CompileTime()]  # reports the compile time when configure_model compiled
 
     def training_step(self, batch, batch_idx):
         x, mask, _ = batch

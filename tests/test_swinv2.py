@@ -290,3 +290,36 @@ def test_block_compiles_without_graph_breaks(settings):
     explanation = torch._dynamo.explain(block)(torch.randn(2, 16, 16, block.dim, requires_grad=training))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"attn_mode": "dot"}, {"position_bias": "table"}, {"position_bias": "none"}])
+def test_flex_attention_matches_reference_formula(kwargs):
+    """FlexAttention (forward only: PyTorch has no flex backward on CPU; the CUDA test below checks gradients)."""
+    model = randomize_(tiny_swinv2(**kwargs)).eval()
+    x = _x()
+    with torch.no_grad():
+        reference = model(x)
+        model.set_attn_impl("flex")
+        flex = model(x)
+    assert (flex - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has a backward on CUDA only")
+def test_flex_attention_gradients_match_reference_on_cuda():
+    reference = randomize_(tiny_swinv2()).cuda().train()
+    flex = copy.deepcopy(reference)
+    flex.set_attn_impl("flex")
+    reference.set_attn_impl("reference")
+    x = _x().cuda()
+    out_a, grads_a = _outputs_and_grads(reference, x)
+    out_b, grads_b = _outputs_and_grads(flex, x)
+    assert (out_b - out_a).abs().max() <= 1e-4 * out_a.abs().max()
+    for name, grad in grads_a.items():
+        assert (grads_b[name] - grad).abs().max() <= 1e-3 * grad.abs().max(), name
+
+
+def test_flex_attention_settings_fail_early():
+    with pytest.raises(ValueError, match="attn_drop_rate=0"):
+        tiny_swinv2(attn_impl="flex", attn_drop_rate=0.1)
+    with pytest.raises(ValueError, match="sequential_attn needs attn_impl='fast'"):
+        tiny_swinv2(attn_impl="flex", sequential_attn=True)

@@ -8,20 +8,21 @@ Inside the encoder tokens stay channels-last: (B, H, W, C).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SwinTransformerV2", "build_swinv2", "VARIANTS", "check_img_size"]
+__all__ = ["SwinTransformerV2", "build_swinv2", "encoder_args", "VARIANTS", "check_img_size"]
 
 NORM_MODES = ("res_post_norm", "pre_norm")
 ATTN_MODES = ("cosine", "dot")
 POSITION_BIASES = ("log_cpb", "linear_cpb", "table", "none")
-ATTN_IMPLS = ("fast", "reference")
+ATTN_IMPLS = ("fast", "flex", "reference")
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
 SHIFT_MASK_VALUE = -100.0
 DERIVED_BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
@@ -118,11 +119,38 @@ def _drop_derived_buffers(state_dict: dict, prefix: str, *args) -> None:
 
 
 # -------------------------------------------------------------------------------------- window attention
-def _check_attn_settings(attn_impl: str, sequential_attn: bool) -> None:
+def _check_attn_settings(attn_impl: str, sequential_attn: bool, attn_drop: float = 0.0) -> None:
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl={attn_impl!r} is not one of {list(ATTN_IMPLS)}")
     if sequential_attn and attn_impl != "fast":
-        raise ValueError("sequential_attn needs attn_impl='fast'; the reference path attends all windows at once")
+        raise ValueError(f"sequential_attn needs attn_impl='fast'; the {attn_impl} path attends all windows at once")
+    if attn_drop > 0 and attn_impl == "flex":
+        raise ValueError(f"attn_impl='flex' has no attention dropout, got attn_drop_rate={attn_drop}; use "
+                         f"attn_drop_rate=0 or attn_impl='fast'")
+
+
+def _flex_with_table(q, k, v, table: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T + table[h]) v with FlexAttention: q, k, v (B, H, N, d), table (H, N, N) or None, added to
+    the logits inside the kernel by a score_mod (its gradient is accumulated there too)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def add_table(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=None if table is None else add_table, scale=1.0)
+
+
+@functools.cache
+def _compiled_flex_with_table() -> Callable:
+    return torch.compile(_flex_with_table, dynamic=False)
+
+
+def flex_attention_with_table(q, k, v, table: torch.Tensor | None) -> torch.Tensor:
+    """`_flex_with_table`, compiled into fused kernels on CUDA (FlexAttention is only fast compiled); inside a
+    compiled region it is traced as it is. On CPU PyTorch runs it unfused and has no backward for it."""
+    if q.is_cuda and not torch.compiler.is_compiling():
+        return _compiled_flex_with_table()(q, k, v, table)
+    return _flex_with_table(q, k, v, table)
 
 
 class WindowAttention(nn.Module):
@@ -154,7 +182,7 @@ class WindowAttention(nn.Module):
         self.attn_mode, self.position_bias = attn_mode, position_bias
         self.attn_impl = attn_impl
         self.sequential_attn, self.sequential_attn_chunk = sequential_attn, sequential_attn_chunk
-        _check_attn_settings(attn_impl, sequential_attn)
+        _check_attn_settings(attn_impl, sequential_attn, attn_drop)
         self.attn_drop_p = attn_drop
 
         if attn_mode == "cosine":
@@ -239,6 +267,8 @@ class WindowAttention(nn.Module):
         q, k, v = self._qkv(x)
         if self.attn_impl == "reference":
             out = self._reference_attention(q, k, v, mask, nW)
+        elif self.attn_impl == "flex":
+            out = self._flex_attention(q, k, v, mask, nW)
         else:
             out = self._fast_attention(q, k, v, mask, nW)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
@@ -279,6 +309,26 @@ class WindowAttention(nn.Module):
         else:
             out = self._attend(q, k, v, bias, mask)
         return out.reshape(B_, heads, N, d)  # CUDA SDPA may return it non-contiguous
+
+    def _flex_attention(self, q, k, v, mask: torch.Tensor | None, nW: int) -> torch.Tensor:
+        """FlexAttention (`attn_impl='flex'`): the windows of an image are heads of one call, (B, nW*heads, N, d),
+        and a score_mod adds position bias + shift mask from one (nW*heads, N, N) table inside the kernel, so no
+        (N, N) logits reach memory. One table row per (window, head), also in plain blocks, spreads the
+        backward's atomic adds over nW times more addresses. Every query sees its whole window, so there is no
+        block to skip and no block mask. q, k, v (B*nW, heads, N, d) -> same shape."""
+        B_, heads, N, d = q.shape
+        if self.attn_mode == "cosine":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k = (q * self._temperature(q.dtype)).to(v.dtype), k.to(v.dtype)
+        bias = self.position_bias_table()  # heads, N, N
+        table = None
+        if bias is not None or mask is not None:
+            table = torch.zeros((), device=q.device) if bias is None else bias.float()
+            if mask is not None:
+                table = table + mask.float().unsqueeze(1)  # nW, heads, N, N
+            table = table.expand(nW, heads, N, N).reshape(nW * heads, N, N)
+        q, k, v = (t.reshape(B_ // nW, nW * heads, N, d) for t in (q, k, v))
+        return flex_attention_with_table(q, k, v, table).reshape(B_, heads, N, d)
 
     def _attend(self, q, k, v, bias: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         """softmax(q k^T + bias + mask) v. Plain windows: q, k, v (B*nW, heads, N, d), bias (heads, N, N), mask
@@ -503,9 +553,10 @@ class SwinTransformerV2(nn.Module):
 
     Arguments as in the official `SwinTransformerV2`, plus: `norm_mode` (res_post_norm | pre_norm),
     `attn_mode` (cosine | dot), `position_bias` (log_cpb | linear_cpb | table | none), `extra_norm_every`
-    (a LayerNorm after every k-th block of a stage, H and G use 6), `attn_impl` ("fast", or
-    "reference": the official code's order of operations), `sequential_attn` / `sequential_attn_chunk`
-    (windows attended in chunks of this many, each recomputed in backward).
+    (a LayerNorm after every k-th block of a stage, H and G use 6), `attn_impl` ("fast"; "flex":
+    FlexAttention, for compiled CUDA runs; "reference": the official code's order of operations),
+    `sequential_attn` / `sequential_attn_chunk` (windows attended in chunks of this many, each recomputed in
+    backward).
     """
 
     def __init__(
@@ -608,15 +659,25 @@ class SwinTransformerV2(nn.Module):
     def set_sequential_attn(self, enable: bool = True, chunk: int | None = None) -> None:
         for module in self.modules():
             if isinstance(module, WindowAttention):
-                _check_attn_settings(module.attn_impl, enable)
+                _check_attn_settings(module.attn_impl, enable, module.attn_drop_p)
                 module.sequential_attn = enable
                 if chunk is not None:
                     module.sequential_attn_chunk = chunk
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile every block in place (`nn.Module.compile`): parameter names, activation checkpointing
+        (which wraps the block call), sequential attention (inside the graph) and FSDP's per-block units stay
+        as they are, and blocks of one stage and kind share compiled code. Patch embedding, merging and the
+        final norm stay eager. Calling it again changes nothing."""
+        for layer in self.layers:
+            for block in layer.blocks:
+                if getattr(block, "_compiled_call_impl", None) is None:
+                    block.compile(**compile_kwargs)
+
     def set_attn_impl(self, attn_impl: str) -> None:
         for module in self.modules():
             if isinstance(module, WindowAttention):
-                _check_attn_settings(attn_impl, module.sequential_attn)
+                _check_attn_settings(attn_impl, module.sequential_attn, module.attn_drop_p)
                 module.attn_impl = attn_impl
 
     # -- forward
@@ -698,6 +759,14 @@ VARIANTS: dict[str, dict] = {
     "huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), extra_norm_every=6),
     "giant": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), extra_norm_every=6),
 }
+
+
+SECTION_ONLY_KEYS = ("variant", "compile")  # keys of a recipe's model section that are not constructor arguments
+
+
+def encoder_args(section: Mapping) -> dict:
+    """SwinTransformerV2 arguments of a recipe's model section: lists as tuples, `SECTION_ONLY_KEYS` left out."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items() if k not in SECTION_ONLY_KEYS}
 
 
 def build_swinv2(name: str, **overrides) -> SwinTransformerV2:
