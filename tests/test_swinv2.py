@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import randomize_, tiny_swinv2
-from simmim.models.swinv2 import VARIANTS, SwinTransformerV2, build_swinv2, relative_coords_table
+from simmim.models.swinv2 import VARIANTS, DropPath, SwinTransformerV2, build_swinv2, relative_coords_table
 
 DATA = Path(__file__).parent / "data"
 
@@ -94,6 +94,31 @@ def test_fast_attention_matches_reference_formula(attn_mode):
         model.set_attn_impl("reference")
         reference = model(x)
     assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.parametrize("attn_mode", ["cosine", "dot"])
+def test_fast_path_gradients_match_reference_path(attn_mode):
+    """Training: the fast path's hand-written backward passes (normalize, token gathers) against autograd of
+    the official order of operations, every parameter."""
+    fast = randomize_(tiny_swinv2(attn_mode=attn_mode)).train()
+    reference = copy.deepcopy(fast)
+    reference.set_attn_impl("reference")
+    x = _x()
+    out_a, grads_a = _outputs_and_grads(reference, x)
+    out_b, grads_b = _outputs_and_grads(fast, x)
+    assert (out_b - out_a).abs().max() <= 1e-5 * out_a.abs().max()
+    for name, grad in grads_a.items():
+        assert (grads_b[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+
+
+def test_drop_path_in_the_residual_add_draws_the_same_samples():
+    drop = DropPath(0.5).train()
+    x, branch = torch.randn(8, 4, 4, 16), torch.randn(8, 4, 4, 16)
+    torch.manual_seed(1)
+    fused = drop.add_to(x, branch)
+    torch.manual_seed(1)
+    torch.testing.assert_close(fused, x + drop(branch))
+    assert 0 < (fused == x).all(dim=(1, 2, 3)).sum() < 8  # some samples dropped, not all
 
 
 @pytest.mark.parametrize("case", ["swinv2_official_w4.pt", "swinv2_official_w8_pt4.pt"])

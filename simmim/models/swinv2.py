@@ -79,6 +79,28 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
 
 
+class _GatherTokens(torch.autograd.Function):
+    """x (B, L, C) -> x[:, order] (B, L, C); backward gathers with the inverse order (a permutation), so both
+    directions are one copy, where autograd's index backward would scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def shifted_window_order(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
+    """(H*W,) token indices such that x.flatten(1, 2)[:, order] = window_partition(roll(x, -shift)), flattened."""
+    grid = torch.arange(height * width).view(1, height, width, 1)
+    rolled = torch.roll(grid, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    return window_partition(rolled, window_size).flatten()
+
+
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability drop_prob, rescale the rest."""
     if drop_prob == 0.0 or not training:
@@ -95,6 +117,14 @@ class DropPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
+
+    def add_to(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """x + self(branch) in one pass: the per-sample keep / (1 - p) scale enters addcmul (same random draws)."""
+        if self.drop_prob == 0.0 or not self.training:
+            return x + branch
+        keep = 1.0 - self.drop_prob
+        scale = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep).div_(keep)
+        return torch.addcmul(x, branch, scale)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
@@ -151,6 +181,34 @@ def flex_attention_with_table(q, k, v, table: torch.Tensor | None) -> torch.Tens
     if q.is_cuda and not torch.compiler.is_compiling():
         return _compiled_flex_with_table()(q, k, v, table)
     return _flex_with_table(q, k, v, table)
+
+
+class _ScaledNormalize(torch.autograd.Function):
+    """F.normalize(x, dim=-1) * scale with a hand-written backward: two passes over x each way, where autograd
+    takes about ten. x (..., d); scale (heads, 1, 1) broadcast against x's (heads, N, d) dims, or None for 1."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        factor = norm.clamp_min(1e-12).reciprocal_()  # F.normalize's eps
+        if scale is not None:
+            factor = factor * scale
+        y = x * factor
+        ctx.save_for_backward(y, factor, norm, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, factor, norm, scale = ctx.saved_tensors
+        dot = torch.linalg.vecdot(grad, y, dim=-1).unsqueeze(-1)  # <g, y>
+        scale_sq = 1.0 if scale is None else scale.square()
+        coef = torch.where(norm > 1e-12, dot / scale_sq, 0.0)  # where the norm is clamped it is a constant
+        grad_x = torch.addcmul(grad, y, coef, value=-1).mul_(factor)
+        grad_scale = None
+        if scale is not None and ctx.needs_input_grad[1]:
+            dims = tuple(range(dot.ndim - scale.ndim)) + (dot.ndim - 2,)
+            grad_scale = (dot / scale).sum(dims).view_as(scale)  # <g, x / |x|> per head
+        return grad_x, grad_scale
 
 
 class WindowAttention(nn.Module):
@@ -228,7 +286,8 @@ class WindowAttention(nn.Module):
             # a (heads, N, N) intermediate kept for backward
             table = 16 * torch.sigmoid(self.cpb_mlp(coords).view(-1, self.num_heads))
         N = self.window_size ** 2
-        return table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+        # index_select: its backward is an index_add, where indexing's is a slow accumulating index_put
+        return table.index_select(0, self.relative_position_index.view(-1)).view(N, N, -1).permute(2, 0, 1).contiguous()
 
     def position_bias_table(self) -> torch.Tensor | None:
         """(heads, N, N) position bias of this window. In eval mode it is computed once per
@@ -297,8 +356,11 @@ class WindowAttention(nn.Module):
         (B, nW*heads, N, d) against a (nW*heads, N, N) term that broadcasts over the batch."""
         B_, heads, N, d = q.shape
         if self.attn_mode == "cosine":
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        q, k = (q * self._temperature(q.dtype)).to(v.dtype), k.to(v.dtype)  # autocast: normalize gives float32
+            q = _ScaledNormalize.apply(q, self._temperature(torch.float32))
+            k = _ScaledNormalize.apply(k, None)
+        else:
+            q = q * self._temperature(q.dtype)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # autocast: the norms are float32
         bias = self.position_bias_table()  # heads, N, N
         bias = None if bias is None else bias.to(v.dtype)
         if mask is not None:
@@ -416,32 +478,36 @@ class SwinTransformerV2Block(nn.Module):
         H, W = self.input_resolution
         mask = shifted_window_mask(H, W, window_size, shift_size) if shift_size > 0 else None
         self.register_buffer("attn_mask", mask, persistent=False)
+        order = shifted_window_order(H, W, window_size, shift_size) if shift_size > 0 else None
+        self.register_buffer("window_order", order, persistent=False)
+        self.register_buffer("window_order_inverse", None if order is None else order.argsort(), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, window_size={self.window_size}, "
                 f"shift_size={self.shift_size}, norm_mode={self.norm_mode}")
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C): roll, attend within windows, roll back."""
+        """(B, H, W, C) -> (B, H, W, C): roll, attend within windows, roll back. Roll and window partition
+        (and their inverses) are one token gather each (`window_order`)."""
         B, H, W, C = x.shape
-        s = self.shift_size
-        if s:
-            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
         num_windows = (H // self.window_size) * (W // self.window_size)
-        windows = self.attn(window_partition(x, self.window_size), mask=self.attn_mask, num_windows=num_windows)
-        x = window_reverse(windows, self.window_size, H, W)
-        if s:
-            x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        return x
+        N = self.window_size ** 2
+        if self.shift_size:
+            windows = _GatherTokens.apply(x.reshape(B, H * W, C), self.window_order, self.window_order_inverse)
+            windows = self.attn(windows.view(B * num_windows, N, C), mask=self.attn_mask, num_windows=num_windows)
+            x = _GatherTokens.apply(windows.view(B, H * W, C), self.window_order_inverse, self.window_order)
+            return x.view(B, H, W, C)
+        windows = self.attn(window_partition(x, self.window_size), mask=None, num_windows=num_windows)
+        return window_reverse(windows, self.window_size, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         if self.norm_mode == "res_post_norm":
-            x = x + self.drop_path(self.norm1(self._window_attention(x)))
-            x = x + self.drop_path(self.norm2(self.mlp(x)))
+            x = self.drop_path.add_to(x, self.norm1(self._window_attention(x)))
+            x = self.drop_path.add_to(x, self.norm2(self.mlp(x)))
         else:
-            x = x + self.drop_path(self._window_attention(self.norm1(x)))
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = self.drop_path.add_to(x, self._window_attention(self.norm1(x)))
+            x = self.drop_path.add_to(x, self.mlp(self.norm2(x)))
         if self.norm3 is not None:
             x = self.norm3(x)
         return x
