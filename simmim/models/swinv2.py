@@ -332,6 +332,16 @@ class WindowAttention(nn.Module):
             out = self._fast_attention(q, k, v, mask, nW)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
 
+    def _scaled_qk(self, q, k, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k of the fast paths: normalized (cosine attention) with the temperature folded into q, in `dtype`
+        (under autocast the norms are float32)."""
+        if self.attn_mode == "cosine":
+            q = _ScaledNormalize.apply(q, self._temperature(torch.float32))
+            k = _ScaledNormalize.apply(k, None)
+        else:
+            q = q * self._temperature(q.dtype)
+        return q.to(dtype), k.to(dtype)
+
     def _reference_attention(self, q, k, v, mask: torch.Tensor | None, nW: int) -> torch.Tensor:
         """The formula in the official code's order: (cos(q, k) * scale + bias + shift mask).softmax() v.
         q, k, v (B*nW, heads, N, d) -> (B*nW, heads, N, d). The baseline of tests and scripts/benchmark.py."""
@@ -355,12 +365,7 @@ class WindowAttention(nn.Module):
         shifted blocks the mask differs per window, so the windows of an image become heads of one call,
         (B, nW*heads, N, d) against a (nW*heads, N, N) term that broadcasts over the batch."""
         B_, heads, N, d = q.shape
-        if self.attn_mode == "cosine":
-            q = _ScaledNormalize.apply(q, self._temperature(torch.float32))
-            k = _ScaledNormalize.apply(k, None)
-        else:
-            q = q * self._temperature(q.dtype)
-        q, k = q.to(v.dtype), k.to(v.dtype)  # autocast: the norms are float32
+        q, k = self._scaled_qk(q, k, v.dtype)
         bias = self.position_bias_table()  # heads, N, N
         bias = None if bias is None else bias.to(v.dtype)
         if mask is not None:
@@ -379,9 +384,7 @@ class WindowAttention(nn.Module):
         backward's atomic adds over nW times more addresses. Every query sees its whole window, so there is no
         block to skip and no block mask. q, k, v (B*nW, heads, N, d) -> same shape."""
         B_, heads, N, d = q.shape
-        if self.attn_mode == "cosine":
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        q, k = (q * self._temperature(q.dtype)).to(v.dtype), k.to(v.dtype)
+        q, k = self._scaled_qk(q, k, v.dtype)
         bias = self.position_bias_table()  # heads, N, N
         table = None
         if bias is not None or mask is not None:
@@ -409,8 +412,11 @@ class WindowAttention(nn.Module):
         cpu_bias_grad = q.device.type == "cpu" and additive is not None and additive.requires_grad
         if not cpu_bias_grad:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout, scale=1.0)
-        attn = torch.matmul(q, k.transpose(-2, -1)) + additive
-        return F.dropout(attn.softmax(dim=-1), dropout, self.training) @ v
+        # 3-D bmm on views (4-D matmul copies the transposed k), the bias added in place of a new buffer
+        B, H, N, d = q.shape
+        attn = torch.bmm(q.reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2)).view(B, H, N, N)
+        attn = F.dropout(attn.add_(additive).softmax(dim=-1), dropout, self.training)
+        return torch.bmm(attn.view(B * H, N, N), v.reshape(B * H, N, d)).view(B, H, N, d)
 
     def _attend_sequential(self, q, k, v, bias: torch.Tensor | None, mask: torch.Tensor | None,
                            nW: int) -> torch.Tensor:
