@@ -303,7 +303,8 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings", [{}, {"sequential_attn": True, "sequential_attn_chunk": 4}, {"training": False}])
+@pytest.mark.parametrize("settings", [{}, {"sequential_attn": True, "sequential_attn_chunk": 4}, {"training": False},
+                                      {"attn_impl": "flex", "training": False}])
 def test_block_compiles_without_graph_breaks(settings):
     """torch.compile must see a shifted block as one graph (no Python fallbacks on the hot path)."""
     settings = dict(settings)
@@ -312,7 +313,8 @@ def test_block_compiles_without_graph_breaks(settings):
     block = model.layers[0].blocks[1]
     assert block.shift_size > 0
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(block)(torch.randn(2, 16, 16, block.dim, requires_grad=training))
+    with torch.set_grad_enabled(training):  # flex: PyTorch has no FlexAttention backward on CPU
+        explanation = torch._dynamo.explain(block)(torch.randn(2, 16, 16, block.dim, requires_grad=training))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
@@ -348,3 +350,19 @@ def test_flex_attention_settings_fail_early():
         tiny_swinv2(attn_impl="flex", attn_drop_rate=0.1)
     with pytest.raises(ValueError, match="sequential_attn needs attn_impl='fast'"):
         tiny_swinv2(attn_impl="flex", sequential_attn=True)
+
+
+def test_cpu_linear_matches_torch():
+    """The oneDNN linear of eager CPU float32 (simmim.models.swinv2.linear): outputs and all three gradients."""
+    from simmim.models.swinv2 import linear
+
+    x = torch.randn(2, 5, 7, 24, requires_grad=True)
+    weight, bias = torch.randn(40, 24, requires_grad=True), torch.randn(40, requires_grad=True)
+    grad = torch.randn(2, 5, 7, 40)
+    ours = linear(x, weight, bias)
+    theirs = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours, (x, weight, bias), grad),
+                    torch.autograd.grad(theirs, (x, weight, bias), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert ours.grad_fn is not theirs.grad_fn and "OneDNN" in type(ours.grad_fn).__name__
