@@ -21,7 +21,8 @@ The configurations (`configs=[...]`, default all that run on the device):
   compiled_bf16   compiled under bf16 autocast
   flex_bf16       attn_impl=flex (FlexAttention, its kernel compiled) under bf16 autocast; CUDA only
   compiled_flex_bf16  compiled blocks with attn_impl=flex under bf16 autocast; CUDA only
-`norm_target=null` trains against raw pixels instead of 47-px normalized ones. `peers=true` (needs
+`norm_target=null` trains against raw pixels instead of 47-px normalized ones; `tf32=true` runs float32
+matmuls on TF32 tensor cores (CUDA, as trainer.tf32 does in training). `peers=true` (needs
 norm_target=null) adds, for each of fast, fast_bf16, compiled, compiled_bf16 chosen, the same step on timm's and
 transformers' SwinV2 where they are installed (simmim/tools/peers.py; compiled: torch.compile of the whole peer
 model), named timm, timm_bf16, timm_compiled, ... The configurations run interleaved: after each one's warmup,
@@ -54,6 +55,7 @@ from simmim.train.optim import make_adamw, param_groups
 from simmim.cli import resolve_device
 from simmim.models.swinv2 import VARIANTS
 from simmim.tools.peers import available_peers, build_peer
+from simmim.train.speed import set_tf32
 
 CONFIGS = {
     "reference": dict(attn_impl="reference", fused_adamw=False, official_targets=True),
@@ -70,11 +72,12 @@ CONFIGS = {
 CUDA_ONLY = ("flex_bf16", "compiled_flex_bf16")  # FlexAttention has no backward on CPU
 PEER_SUFFIXES = {"fast": "", "fast_bf16": "_bf16", "compiled": "_compiled", "compiled_bf16": "_compiled_bf16"}
 DEFAULTS = dict(model="tiny", embed_dim=None, depths=None, num_heads=None, img_size=192, window_size=12, batch_size=8,
-                sequential_attn_chunk=16, norm_target=47, peers=False, steps=5, warmup=2, configs=None,
+                sequential_attn_chunk=16, norm_target=47, peers=False, tf32=False, steps=5, warmup=2, configs=None,
                 device="auto", threads=0, seed=0, out="runs/benchmark/benchmark.json")
-# Dense peaks (FLOP/s) from the datasheets: fp32 without tensor cores, bf16 with them.
-GPU_PEAKS = {"H100": {"fp32": 67e12, "bf16": 989e12}, "H200": {"fp32": 67e12, "bf16": 989e12},
-             "A100": {"fp32": 19.5e12, "bf16": 312e12}}
+# Dense peaks (FLOP/s) from the datasheets: fp32 without tensor cores, tf32 and bf16 with them.
+GPU_PEAKS = {"H100": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12},
+             "H200": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12},
+             "A100": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12}}
 
 
 def peer_configs(names: list[str], peers: list[str]) -> dict[str, dict]:
@@ -169,7 +172,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 @cache
 def device_peak(device: torch.device, bf16: bool) -> tuple[float, str]:
-    kind = "bf16" if bf16 else "fp32"
+    kind = "bf16" if bf16 else "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for gpu, peaks in GPU_PEAKS.items():
@@ -272,6 +275,7 @@ def main(argv: list[str]) -> None:
         print("peers=true: neither timm nor transformers is installed here; only our configurations run")
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    set_tf32(opts.tf32, device)
 
     configs = {name: CONFIGS[name] for name in names} | peer_configs(names, peers)
     flops = flops_per_image(opts, device)
