@@ -160,7 +160,8 @@ class SwinV2Classifier(pl.LightningModule):
     def configure_model(self) -> None:
         """`model.compile`: the encoder's blocks under torch.compile, once the run's device is known."""
         if not self.compiled:
-            self.compiled = compile_encoder(self.model, self.compile_setting, self.trainer.strategy.root_device)
+            device = self.device if self._trainer is None else self.trainer.strategy.root_device
+            self.compiled = compile_encoder(self.model, self.compile_setting, device)
 
     def configure_callbacks(self):
         return [CompileTime()]  # reports the compile time when configure_model compiled
