@@ -19,8 +19,9 @@ from simmim.data import (EpochSampler, LabeledItem, ResumableDataModule, SkipCou
 from simmim.tools.plot import confusion_matrix_figure, figure_to_rgb, save_figure
 from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
+from simmim.train.speed import CompileTime, compile_encoder
 from simmim.train.strategies import shards_parameters
-from simmim.models.swinv2 import SwinTransformerV2
+from simmim.models.swinv2 import SwinTransformerV2, encoder_args
 
 
 # ------------------------------------------------------------------------------------------------ layer decay
@@ -82,8 +83,8 @@ class SwinV2Classifier(pl.LightningModule):
                  confusion_matrix_path: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items() if k != "variant"}
-        self.model = SwinTransformerV2(**args)
+        self.model = SwinTransformerV2(**encoder_args(model))
+        self.compile_setting, self.compiled = model.get("compile", False), False
         num_classes = self.model.num_classes
         if linear_probe:
             self.model.requires_grad_(False)
@@ -126,6 +127,15 @@ class SwinV2Classifier(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[-1]["lr"], prog_bar=True)
         return loss
+
+    def configure_model(self) -> None:
+        """`model.compile`: the encoder's blocks under torch.compile, once the run's device is known."""
+        if not self.compiled:
+            device = self.device if self._trainer is None else self.trainer.strategy.root_device
+            self.compiled = compile_encoder(self.model, self.compile_setting, device)
+
+    def configure_callbacks(self):
+        return [CompileTime()]  # reports the compile time when configure_model compiled
 
     def setup(self, stage: str) -> None:
         if self.ema is not None and shards_parameters(self.trainer.strategy):

@@ -30,6 +30,7 @@ from simmim.train.checkpoint_io import atomic_save
 from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups
 from simmim.train.strategies import full_state_dict, root_params_gathered
+from simmim.train.speed import CompileTime, compile_encoder
 from simmim.train.stage import Stage, run_stage, section
 
 
@@ -45,11 +46,21 @@ class SimMIMPretrainModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.simmim = build_simmim(dict(model), norm_target_patch_size)
+        self.compile_setting, self.compiled = model.get("compile", False), False
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.simmim(x, mask)
+
+    def configure_model(self) -> None:
+        """`model.compile`: the encoder's blocks under torch.compile, once the run's device is known."""
+        if not self.compiled:
+            device = self.device if self._trainer is None else self.trainer.strategy.root_device
+            self.compiled = compile_encoder(self.simmim.encoder, self.compile_setting, device)
+
+    def configure_callbacks(self):
+        return [CompileTime()]  # reports the compile time when configure_model compiled
 
     def training_step(self, batch, batch_idx):
         x, mask, _ = batch

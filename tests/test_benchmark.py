@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from simmim.tools.peers import available_peers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "embed_dim=16", "depths=[2,2]", "num_heads=[1,2]", "img_size=64", "window_size=4",
@@ -39,3 +42,24 @@ def test_benchmark_rejects_unknown_configuration(tmp_path):
     run = _benchmark(*TINY, "configs=[fastest]", f"out={tmp_path / 'x.json'}")
     assert run.returncode != 0
     assert "unknown config 'fastest'" in run.stderr and "reference" in run.stderr
+
+
+def test_benchmark_refuses_what_cannot_be_compared(tmp_path):
+    out = f"out={tmp_path / 'x.json'}"
+    run = _benchmark(*TINY, "configs=[fast]", "peers=true", out)
+    assert run.returncode != 0 and "norm_target=null" in run.stderr  # peers train against raw pixels
+    if not torch.cuda.is_available():
+        run = _benchmark(*TINY, "configs=[fast,compiled_flex_bf16]", out)
+        assert run.returncode != 0 and "['compiled_flex_bf16'] need CUDA" in run.stderr
+
+
+@pytest.mark.skipif(not available_peers(), reason="neither timm nor transformers is installed (optional)")
+def test_benchmark_runs_the_peers_interleaved_with_ours(tmp_path):
+    out = tmp_path / "bench.json"
+    run = _benchmark(*TINY, "configs=[fast]", "norm_target=null", "peers=true", f"out={out}")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert [r["config"] for r in report["results"]] == ["fast", *available_peers()]
+    assert all(len(r["step_ms_all"]) == 1 and r["images_per_s"] > 0 for r in report["results"])
+    rate = {r["config"]: r["images_per_s"] for r in report["results"]}
+    assert report["versus_peers"]["fast"] == pytest.approx(rate["fast"] / max(rate[p] for p in available_peers()))

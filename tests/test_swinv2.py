@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import randomize_, tiny_swinv2
-from simmim.models.swinv2 import VARIANTS, SwinTransformerV2, build_swinv2, relative_coords_table
+from simmim.models.swinv2 import VARIANTS, DropPath, SwinTransformerV2, build_swinv2, relative_coords_table
 
 DATA = Path(__file__).parent / "data"
 
@@ -94,6 +94,31 @@ def test_fast_attention_matches_reference_formula(attn_mode):
         model.set_attn_impl("reference")
         reference = model(x)
     assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.parametrize("attn_mode", ["cosine", "dot"])
+def test_fast_path_gradients_match_reference_path(attn_mode):
+    """Training: the fast path's hand-written backward passes (normalize, token gathers) against autograd of
+    the official order of operations, every parameter."""
+    fast = randomize_(tiny_swinv2(attn_mode=attn_mode)).train()
+    reference = copy.deepcopy(fast)
+    reference.set_attn_impl("reference")
+    x = _x()
+    out_a, grads_a = _outputs_and_grads(reference, x)
+    out_b, grads_b = _outputs_and_grads(fast, x)
+    assert (out_b - out_a).abs().max() <= 1e-5 * out_a.abs().max()
+    for name, grad in grads_a.items():
+        assert (grads_b[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+
+
+def test_drop_path_in_the_residual_add_draws_the_same_samples():
+    drop = DropPath(0.5).train()
+    x, branch = torch.randn(8, 4, 4, 16), torch.randn(8, 4, 4, 16)
+    torch.manual_seed(1)
+    fused = drop.add_to(x, branch)
+    torch.manual_seed(1)
+    torch.testing.assert_close(fused, x + drop(branch))
+    assert 0 < (fused == x).all(dim=(1, 2, 3)).sum() < 8  # some samples dropped, not all
 
 
 @pytest.mark.parametrize("case", ["swinv2_official_w4.pt", "swinv2_official_w8_pt4.pt"])
@@ -278,7 +303,8 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings", [{}, {"sequential_attn": True, "sequential_attn_chunk": 4}, {"training": False}])
+@pytest.mark.parametrize("settings", [{}, {"sequential_attn": True, "sequential_attn_chunk": 4}, {"training": False},
+                                      {"attn_impl": "flex", "training": False}])
 def test_block_compiles_without_graph_breaks(settings):
     """torch.compile must see a shifted block as one graph (no Python fallbacks on the hot path)."""
     settings = dict(settings)
@@ -287,6 +313,56 @@ def test_block_compiles_without_graph_breaks(settings):
     block = model.layers[0].blocks[1]
     assert block.shift_size > 0
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(block)(torch.randn(2, 16, 16, block.dim, requires_grad=training))
+    with torch.set_grad_enabled(training):  # flex: PyTorch has no FlexAttention backward on CPU
+        explanation = torch._dynamo.explain(block)(torch.randn(2, 16, 16, block.dim, requires_grad=training))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"attn_mode": "dot"}, {"position_bias": "table"}, {"position_bias": "none"}])
+def test_flex_attention_matches_reference_formula(kwargs):
+    """FlexAttention (forward only: PyTorch has no flex backward on CPU; the CUDA test below checks gradients)."""
+    model = randomize_(tiny_swinv2(**kwargs)).eval()
+    x = _x()
+    with torch.no_grad():
+        reference = model(x)
+        model.set_attn_impl("flex")
+        flex = model(x)
+    assert (flex - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has a backward on CUDA only")
+def test_flex_attention_gradients_match_reference_on_cuda():
+    reference = randomize_(tiny_swinv2()).cuda().train()
+    flex = copy.deepcopy(reference)
+    flex.set_attn_impl("flex")
+    reference.set_attn_impl("reference")
+    x = _x().cuda()
+    out_a, grads_a = _outputs_and_grads(reference, x)
+    out_b, grads_b = _outputs_and_grads(flex, x)
+    assert (out_b - out_a).abs().max() <= 1e-4 * out_a.abs().max()
+    for name, grad in grads_a.items():
+        assert (grads_b[name] - grad).abs().max() <= 1e-3 * grad.abs().max(), name
+
+
+def test_flex_attention_settings_fail_early():
+    with pytest.raises(ValueError, match="attn_drop_rate=0"):
+        tiny_swinv2(attn_impl="flex", attn_drop_rate=0.1)
+    with pytest.raises(ValueError, match="sequential_attn needs attn_impl='fast'"):
+        tiny_swinv2(attn_impl="flex", sequential_attn=True)
+
+
+def test_cpu_linear_matches_torch():
+    """The oneDNN linear of eager CPU float32 (simmim.models.swinv2.linear): outputs and all three gradients."""
+    from simmim.models.swinv2 import linear
+
+    x = torch.randn(2, 5, 7, 24, requires_grad=True)
+    weight, bias = torch.randn(40, 24, requires_grad=True), torch.randn(40, requires_grad=True)
+    grad = torch.randn(2, 5, 7, 40)
+    ours = linear(x, weight, bias)
+    theirs = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours, (x, weight, bias), grad),
+                    torch.autograd.grad(theirs, (x, weight, bias), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert ours.grad_fn is not theirs.grad_fn and "OneDNN" in type(ours.grad_fn).__name__

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simmim.models.swinv2 import SwinTransformerV2
+from simmim.models.swinv2 import SwinTransformerV2, encoder_args
 
 
 class SwinTransformerV2ForSimMIM(SwinTransformerV2):
@@ -114,9 +114,8 @@ class SimMIM(nn.Module):
 
 def build_simmim(model: dict, norm_target_patch_size: int | None = None) -> SimMIM:
     """SimMIM around a SwinV2 built from a `model` config section (SwinTransformerV2 arguments; `variant` is
-    resolved into widths, depths and heads when the config is loaded)."""
-    encoder_args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items() if k != "variant"}
-    encoder = SwinTransformerV2ForSimMIM(**encoder_args)
+    resolved into widths, depths and heads when the config is loaded; `compile` is the LightningModule's)."""
+    encoder = SwinTransformerV2ForSimMIM(**encoder_args(model))
     return SimMIM(encoder, encoder_stride=encoder.patch_size * 2 ** (encoder.num_layers - 1),
                   in_chans=encoder.in_chans, patch_size=encoder.patch_size,
                   norm_target_patch_size=norm_target_patch_size)

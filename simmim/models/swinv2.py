@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SwinTransformerV2", "build_swinv2", "VARIANTS", "check_img_size"]
+__all__ = ["SwinTransformerV2", "build_swinv2", "encoder_args", "VARIANTS", "check_img_size"]
 
 NORM_MODES = ("res_post_norm", "pre_norm")
 ATTN_MODES = ("cosine", "dot")
 POSITION_BIASES = ("log_cpb", "linear_cpb", "table", "none")
-ATTN_IMPLS = ("fast", "reference")
+ATTN_IMPLS = ("fast", "flex", "reference")
 MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
 SHIFT_MASK_VALUE = -100.0
 DERIVED_BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask")
@@ -87,6 +87,29 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
 
 
+class _GatherTokens(torch.autograd.Function):
+    """x (B, L, C) -> x[:, order] (B, L, C); backward gathers with the inverse order (a permutation), so both
+    directions are one copy, where autograd's index backward would scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def shifted_window_order(height: int, width: int, window_size: int, shift_size: int,
+                         device: torch.device | None = None) -> torch.Tensor:
+    """(H*W,) token indices such that x.flatten(1, 2)[:, order] = window_partition(roll(x, -shift)), flattened."""
+    grid = torch.arange(height * width, device=device).view(1, height, width, 1)
+    rolled = torch.roll(grid, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    return window_partition(rolled, window_size).flatten()
+
+
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability drop_prob, rescale the rest."""
     if drop_prob == 0.0 or not training:
@@ -104,8 +127,54 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
 
+    def add_to(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """x + self(branch) in one pass: the per-sample keep / (1 - p) scale enters addcmul (same random draws)."""
+        if self.drop_prob == 0.0 or not self.training:
+            return x + branch
+        keep = 1.0 - self.drop_prob
+        scale = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep).div_(keep)
+        return torch.addcmul(x, branch, scale)
+
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear for CPU float32 through oneDNN's GEMM (forward, and the input gradient as a linear map by the
+    transposed weight); the weight gradient stays torch.mm. x (..., in), weight (out, in), bias (out,) or None."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        x2 = x.reshape(-1, x.shape[-1])
+        return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "").view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(g2, weight.t().contiguous(), None, "none", [], "")
+            grad_x = grad_x.view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear. Eager CPU float32 goes through oneDNN, which multiplies these thin matrices up to 1.6x faster
+    than the MKL sgemm behind F.linear on the CPUs measured (same products; scripts/benchmark.py)."""
+    if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class Mlp(nn.Module):
@@ -117,7 +186,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.drop(self.act(linear(x, self.fc1.weight, self.fc1.bias)))
+        return self.drop(linear(x, self.fc2.weight, self.fc2.bias))
 
 
 def _drop_derived_buffers(state_dict: dict, prefix: str, *args) -> None:
@@ -127,11 +197,66 @@ def _drop_derived_buffers(state_dict: dict, prefix: str, *args) -> None:
 
 
 # -------------------------------------------------------------------------------------- window attention
-def _check_attn_settings(attn_impl: str, sequential_attn: bool) -> None:
+def _check_attn_settings(attn_impl: str, sequential_attn: bool, attn_drop: float = 0.0) -> None:
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl={attn_impl!r} is not one of {list(ATTN_IMPLS)}")
     if sequential_attn and attn_impl != "fast":
-        raise ValueError("sequential_attn needs attn_impl='fast'; the reference path attends all windows at once")
+        raise ValueError(f"sequential_attn needs attn_impl='fast'; the {attn_impl} path attends all windows at once")
+    if attn_drop > 0 and attn_impl == "flex":
+        raise ValueError(f"attn_impl='flex' has no attention dropout, got attn_drop_rate={attn_drop}; use "
+                         f"attn_drop_rate=0 or attn_impl='fast'")
+
+
+def _flex_with_table(q, k, v, table: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T + table[h]) v with FlexAttention: q, k, v (B, H, N, d), table (H, N, N) or None, added to
+    the logits inside the kernel by a score_mod (its gradient is accumulated there too)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def add_table(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=None if table is None else add_table, scale=1.0)
+
+
+@functools.cache
+def _compiled_flex_with_table() -> Callable:
+    return torch.compile(_flex_with_table, dynamic=False)
+
+
+def flex_attention_with_table(q, k, v, table: torch.Tensor | None) -> torch.Tensor:
+    """`_flex_with_table`, compiled into fused kernels on CUDA (FlexAttention is only fast compiled); inside a
+    compiled region it is traced as it is. On CPU PyTorch runs it unfused and has no backward for it."""
+    if q.is_cuda and not torch.compiler.is_compiling():
+        return _compiled_flex_with_table()(q, k, v, table)
+    return _flex_with_table(q, k, v, table)
+
+
+class _ScaledNormalize(torch.autograd.Function):
+    """F.normalize(x, dim=-1) * scale with a hand-written backward: two passes over x each way, where autograd
+    takes about ten. x (..., d); scale (heads, 1, 1) broadcast against x's (heads, N, d) dims, or None for 1."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        factor = norm.clamp_min(1e-12).reciprocal_()  # F.normalize's eps
+        if scale is not None:
+            factor = factor * scale
+        y = x * factor
+        ctx.save_for_backward(y, factor, norm, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, factor, norm, scale = ctx.saved_tensors
+        dot = torch.linalg.vecdot(grad, y, dim=-1).unsqueeze(-1)  # <g, y>
+        scale_sq = 1.0 if scale is None else scale.square()
+        coef = torch.where(norm > 1e-12, dot / scale_sq, 0.0)  # where the norm is clamped it is a constant
+        grad_x = torch.addcmul(grad, y, coef, value=-1).mul_(factor)
+        grad_scale = None
+        if scale is not None and ctx.needs_input_grad[1]:
+            dims = tuple(range(dot.ndim - scale.ndim)) + (dot.ndim - 2,)
+            grad_scale = (dot / scale).sum(dims).view_as(scale)  # <g, x / |x|> per head
+        return grad_x, grad_scale
 
 
 class WindowAttention(nn.Module):
@@ -163,7 +288,7 @@ class WindowAttention(nn.Module):
         self.attn_mode, self.position_bias = attn_mode, position_bias
         self.attn_impl = attn_impl
         self.sequential_attn, self.sequential_attn_chunk = sequential_attn, sequential_attn_chunk
-        _check_attn_settings(attn_impl, sequential_attn)
+        _check_attn_settings(attn_impl, sequential_attn, attn_drop)
         self.attn_drop_p = attn_drop
 
         if attn_mode == "cosine":
@@ -209,7 +334,8 @@ class WindowAttention(nn.Module):
             # a (heads, N, N) intermediate kept for backward
             table = 16 * torch.sigmoid(self.cpb_mlp(coords).view(-1, self.num_heads))
         N = self.window_size ** 2
-        return table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+        # index_select: its backward is an index_add, where indexing's is a slow accumulating index_put
+        return table.index_select(0, self.relative_position_index.view(-1)).view(N, N, -1).permute(2, 0, 1).contiguous()
 
     def position_bias_table(self) -> torch.Tensor | None:
         """(heads, N, N) position bias of this window. In eval mode it is computed once per
@@ -232,7 +358,7 @@ class WindowAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).view(B_, N, 3, self.num_heads, C // self.num_heads)
+        qkv = linear(x, self.qkv.weight, bias).view(B_, N, 3, self.num_heads, C // self.num_heads)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B_, heads, N, d
 
     def _temperature(self, dtype: torch.dtype) -> torch.Tensor | float:
@@ -248,9 +374,21 @@ class WindowAttention(nn.Module):
         q, k, v = self._qkv(x)
         if self.attn_impl == "reference":
             out = self._reference_attention(q, k, v, mask, nW)
+        elif self.attn_impl == "flex":
+            out = self._flex_attention(q, k, v, mask, nW)
         else:
             out = self._fast_attention(q, k, v, mask, nW)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
+        return self.proj_drop(linear(out.transpose(1, 2).reshape(B_, N, C), self.proj.weight, self.proj.bias))
+
+    def _scaled_qk(self, q, k, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k of the fast paths: normalized (cosine attention) with the temperature folded into q, in `dtype`
+        (under autocast the norms are float32)."""
+        if self.attn_mode == "cosine":
+            q = _ScaledNormalize.apply(q, self._temperature(torch.float32))
+            k = _ScaledNormalize.apply(k, None)
+        else:
+            q = q * self._temperature(q.dtype)
+        return q.to(dtype), k.to(dtype)
 
     def _reference_attention(self, q, k, v, mask: torch.Tensor | None, nW: int) -> torch.Tensor:
         """The formula in the official code's order: (cos(q, k) * scale + bias + shift mask).softmax() v.
@@ -275,9 +413,7 @@ class WindowAttention(nn.Module):
         shifted blocks the mask differs per window, so the windows of an image become heads of one call,
         (B, nW*heads, N, d) against a (nW*heads, N, N) term that broadcasts over the batch."""
         B_, heads, N, d = q.shape
-        if self.attn_mode == "cosine":
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        q, k = (q * self._temperature(q.dtype)).to(v.dtype), k.to(v.dtype)  # autocast: normalize gives float32
+        q, k = self._scaled_qk(q, k, v.dtype)
         bias = self.position_bias_table()  # heads, N, N
         bias = None if bias is None else bias.to(v.dtype)
         if mask is not None:
@@ -288,6 +424,24 @@ class WindowAttention(nn.Module):
         else:
             out = self._attend(q, k, v, bias, mask)
         return out.reshape(B_, heads, N, d)  # CUDA SDPA may return it non-contiguous
+
+    def _flex_attention(self, q, k, v, mask: torch.Tensor | None, nW: int) -> torch.Tensor:
+        """FlexAttention (`attn_impl='flex'`): the windows of an image are heads of one call, (B, nW*heads, N, d),
+        and a score_mod adds position bias + shift mask from one (nW*heads, N, N) table inside the kernel, so no
+        (N, N) logits reach memory. One table row per (window, head), also in plain blocks, spreads the
+        backward's atomic adds over nW times more addresses. Every query sees its whole window, so there is no
+        block to skip and no block mask. q, k, v (B*nW, heads, N, d) -> same shape."""
+        B_, heads, N, d = q.shape
+        q, k = self._scaled_qk(q, k, v.dtype)
+        bias = self.position_bias_table()  # heads, N, N
+        table = None
+        if bias is not None or mask is not None:
+            table = torch.zeros((), device=q.device) if bias is None else bias.float()
+            if mask is not None:
+                table = table + mask.float().unsqueeze(1)  # nW, heads, N, N
+            table = table.expand(nW, heads, N, N).reshape(nW * heads, N, N)
+        q, k, v = (t.reshape(B_ // nW, nW * heads, N, d) for t in (q, k, v))
+        return flex_attention_with_table(q, k, v, table).reshape(B_, heads, N, d)
 
     def _attend(self, q, k, v, bias: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         """softmax(q k^T + bias + mask) v. Plain windows: q, k, v (B*nW, heads, N, d), bias (heads, N, N), mask
@@ -306,8 +460,11 @@ class WindowAttention(nn.Module):
         cpu_bias_grad = q.device.type == "cpu" and additive is not None and additive.requires_grad
         if not cpu_bias_grad:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout, scale=1.0)
-        attn = torch.matmul(q, k.transpose(-2, -1)) + additive
-        return F.dropout(attn.softmax(dim=-1), dropout, self.training) @ v
+        # 3-D bmm on views (4-D matmul copies the transposed k), the bias added in place of a new buffer
+        B, H, N, d = q.shape
+        attn = torch.bmm(q.reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2)).view(B, H, N, N)
+        attn = F.dropout(attn.add_(additive).softmax(dim=-1), dropout, self.training)
+        return torch.bmm(attn.view(B * H, N, N), v.reshape(B * H, N, d)).view(B, H, N, d)
 
     def _attend_sequential(self, q, k, v, bias: torch.Tensor | None, mask: torch.Tensor | None,
                            nW: int) -> torch.Tensor:
@@ -388,30 +545,34 @@ class SwinTransformerV2Block(nn.Module):
         return cached_shifted_window_mask(height, width, self.window_size, self.shift_size, device)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C): pad to whole windows, roll, attend within windows, roll back, crop."""
+        """(B, H, W, C) -> (B, H, W, C): pad to whole windows, roll, attend within windows, roll back, crop. Roll
+        and window partition (and their inverses) are one token gather each (`shifted_window_order`)."""
         B, H, W, C = x.shape
-        s, ws = self.shift_size, self.window_size
+        ws, s = self.window_size, self.shift_size
         pad_h, pad_w = -H % ws, -W % ws
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
+        num_windows = (Hp // ws) * (Wp // ws)
         if s:
-            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        windows = self.attn(window_partition(x, ws), mask=self._shift_mask(Hp, Wp, x.device),
-                            num_windows=(Hp // ws) * (Wp // ws))
-        x = window_reverse(windows, ws, Hp, Wp)
-        if s:
-            x = torch.roll(x, shifts=(s, s), dims=(1, 2))
+            order = shifted_window_order(Hp, Wp, ws, s, x.device)  # a few tiny ops
+            inverse = order.argsort()
+            windows = _GatherTokens.apply(x.reshape(B, Hp * Wp, C), order, inverse)
+            windows = self.attn(windows.view(B * num_windows, ws * ws, C), mask=self._shift_mask(Hp, Wp, x.device),
+                                num_windows=num_windows)
+            x = _GatherTokens.apply(windows.view(B, Hp * Wp, C), inverse, order).view(B, Hp, Wp, C)
+        else:
+            x = window_reverse(self.attn(window_partition(x, ws), mask=None, num_windows=num_windows), ws, Hp, Wp)
         return x[:, :H, :W].contiguous() if pad_h or pad_w else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         if self.norm_mode == "res_post_norm":
-            x = x + self.drop_path(self.norm1(self._window_attention(x)))
-            x = x + self.drop_path(self.norm2(self.mlp(x)))
+            x = self.drop_path.add_to(x, self.norm1(self._window_attention(x)))
+            x = self.drop_path.add_to(x, self.norm2(self.mlp(x)))
         else:
-            x = x + self.drop_path(self._window_attention(self.norm1(x)))
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = self.drop_path.add_to(x, self._window_attention(self.norm1(x)))
+            x = self.drop_path.add_to(x, self.mlp(self.norm2(x)))
         if self.norm3 is not None:
             x = self.norm3(x)
         return x
@@ -434,7 +595,7 @@ class PatchMerging(nn.Module):
             H, W = H + H % 2, W + W % 2
         # Channel order (0,0), (1,0), (0,1), (1,1) as in the official code, so its weights apply.
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
-        return self.norm(self.reduction(x))
+        return self.norm(linear(x, self.reduction.weight))
 
 
 class BasicLayer(nn.Module):
@@ -527,9 +688,10 @@ class SwinTransformerV2(nn.Module):
 
     Arguments as in the official `SwinTransformerV2`, plus: `norm_mode` (res_post_norm | pre_norm),
     `attn_mode` (cosine | dot), `position_bias` (log_cpb | linear_cpb | table | none), `extra_norm_every`
-    (a LayerNorm after every k-th block of a stage, H and G use 6), `attn_impl` ("fast", or
-    "reference": the official code's order of operations), `sequential_attn` / `sequential_attn_chunk`
-    (windows attended in chunks of this many, each recomputed in backward).
+    (a LayerNorm after every k-th block of a stage, H and G use 6), `attn_impl` ("fast"; "flex":
+    FlexAttention, for compiled CUDA runs; "reference": the official code's order of operations),
+    `sequential_attn` / `sequential_attn_chunk` (windows attended in chunks of this many, each recomputed in
+    backward).
 
     Images of any size are accepted (as timm's strict_img_size=False): `img_size` fixes the window of each stage
     (shrunk where the map at img_size is not larger), other sizes are padded to whole patches, windows and
@@ -636,15 +798,25 @@ class SwinTransformerV2(nn.Module):
     def set_sequential_attn(self, enable: bool = True, chunk: int | None = None) -> None:
         for module in self.modules():
             if isinstance(module, WindowAttention):
-                _check_attn_settings(module.attn_impl, enable)
+                _check_attn_settings(module.attn_impl, enable, module.attn_drop_p)
                 module.sequential_attn = enable
                 if chunk is not None:
                     module.sequential_attn_chunk = chunk
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile every block in place (`nn.Module.compile`): parameter names, activation checkpointing
+        (which wraps the block call), sequential attention (inside the graph) and FSDP's per-block units stay
+        as they are, and blocks of one stage and kind share compiled code. Patch embedding, merging and the
+        final norm stay eager. Calling it again changes nothing."""
+        for layer in self.layers:
+            for block in layer.blocks:
+                if getattr(block, "_compiled_call_impl", None) is None:
+                    block.compile(**compile_kwargs)
+
     def set_attn_impl(self, attn_impl: str) -> None:
         for module in self.modules():
             if isinstance(module, WindowAttention):
-                _check_attn_settings(attn_impl, module.sequential_attn)
+                _check_attn_settings(attn_impl, module.sequential_attn, module.attn_drop_p)
                 module.attn_impl = attn_impl
 
     # -- forward
@@ -742,6 +914,14 @@ VARIANTS: dict[str, dict] = {
     "huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), extra_norm_every=6),
     "giant": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), extra_norm_every=6),
 }
+
+
+SECTION_ONLY_KEYS = ("variant", "compile")  # keys of a recipe's model section that are not constructor arguments
+
+
+def encoder_args(section: Mapping) -> dict:
+    """SwinTransformerV2 arguments of a recipe's model section: lists as tuples, `SECTION_ONLY_KEYS` left out."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items() if k not in SECTION_ONLY_KEYS}
 
 
 def build_swinv2(name: str, **overrides) -> SwinTransformerV2:

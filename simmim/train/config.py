@@ -275,7 +275,7 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
     saved = run_dir / "config.yaml"
     if ckpt is not None and saved.is_file():
         before = OmegaConf.load(saved)
-        for key in _leaf_keys(cfg.model):
+        for key in set(_leaf_keys(cfg.model)) - {"compile"}:  # compiling does not change the weights
             old, new = OmegaConf.select(before.model, key), OmegaConf.select(cfg.model, key)
             if old != new:
                 raise ConfigError(f"cannot resume {ckpt}: it was trained with model.{key}={old}, this run asks for "

@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from simmim.train.checkpoint_io import AtomicCheckpointIO
 from simmim.train.loggers import build_callbacks, build_loggers
 from simmim.train.resume import ExactResume
+from simmim.train.speed import set_tf32
 from simmim.train.strategies import build_strategy
 
 
@@ -19,16 +20,20 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
     """A Trainer from `cfg.trainer` with the loggers and extra callbacks of the recipe (`build_loggers`,
     `build_callbacks`: TensorBoard and CSV under run_dir by default, both appended to by resumed and repeated
     runs) that keeps the checkpoints of `checkpoint_callbacks`, written atomically. `trainer.strategy` names are
-    resolved by `simmim.train.strategies.build_strategy`."""
+    resolved by `simmim.train.strategies.build_strategy`. `trainer.tf32` is ours, not a Trainer argument:
+    `simmim.train.speed.set_tf32`."""
     trainer_args = OmegaConf.to_container(cfg.trainer)
+    tf32 = trainer_args.pop("tf32", False)
     trainer_args["strategy"] = build_strategy(trainer_args.get("strategy", "auto"), trainer_args.get("precision"))
-    return pl.Trainer(
+    trainer = pl.Trainer(
         default_root_dir=run_dir,
         logger=build_loggers(cfg, run_dir),
         callbacks=[*checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints", monitor, mode),
                    ExactResume(cfg.seed), *callbacks, *build_callbacks(cfg)],
         plugins=[AtomicCheckpointIO()],
         **trainer_args)
+    set_tf32(tf32, trainer.strategy.root_device)
+    return trainer
 
 
 def checkpoint_callbacks(cfg: DictConfig, folder: Path, monitor: str, mode: str) -> list[pl.Callback]:
