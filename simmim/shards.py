@@ -31,7 +31,7 @@ import fsspec
 import numpy as np
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
+from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 __all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "balanced_groups", "ShardDataset",
@@ -149,8 +149,8 @@ class ShardDataset(IterableDataset):
         samples = (sample for shard in order for sample in _raw_samples(self.urls[shard], self._warn)
                    if _image_key(sample))
         if self.shuffle and self.shuffle_buffer > 1:
-            samples = _shuffle(samples, self.shuffle_buffer, self.shuffle_buffer,
-                               rng=random.Random(int(rng.integers(2 ** 63))))
+            samples = shuffle(self.shuffle_buffer, self.shuffle_buffer,
+                              rng=random.Random(int(rng.integers(2 ** 63))))(samples)
         return samples
 
     def __iter__(self):
