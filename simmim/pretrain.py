@@ -209,7 +209,13 @@ def _callbacks(cfg, run_dir: Path, data) -> list[pl.Callback]:
 
     pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
                                       cfg.logging.recon_images)
-    knn = knn_monitor(cfg, data.train_set.dataset.samples, data.val_set.dataset.samples, run_dir / "knn.png")
+    if data.shards is not None:  # the monitor embeds listed images; streamed shards have no list
+        if cfg.eval.knn_every_n_epochs:
+            rank_zero_warn("k-NN monitor off: it needs a folder, list or digits source (data.source=shards "
+                           "streams); evaluate checkpoints with scripts/evaluate.py, or set eval.knn_every_n_epochs=0")
+        knn = []
+    else:
+        knn = knn_monitor(cfg, data.train_set.dataset.samples, data.val_set.dataset.samples, run_dir / "knn.png")
     return [ThroughputMonitor(), LogSkipped(), pictures, *knn]
 
 

@@ -10,6 +10,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 import simmim.pretrain as pretrain
 from simmim.train.config import ConfigError, load_config
+from simmim.train.run_dir import AppendingCSVLogger
 from simmim.train.loggers import build_callbacks, build_loggers, log_image
 from test_pretrain_cli import fast_args
 
@@ -20,9 +21,9 @@ def cfg_with(*overrides):
 
 def test_default_loggers_and_names(tmp_path):
     loggers = build_loggers(cfg_with(), tmp_path)
-    assert [type(lg) for lg in loggers] == [TensorBoardLogger, CSVLogger]
+    assert [type(lg) for lg in loggers] == [TensorBoardLogger, AppendingCSVLogger]  # a resumed run appends
     assert Path(loggers[0].log_dir) == tmp_path / "tensorboard" and Path(loggers[1].log_dir) == tmp_path / "csv"
-    assert [type(lg) for lg in build_loggers(cfg_with("logging.loggers=[csv]"), tmp_path)] == [CSVLogger]
+    assert [type(lg) for lg in build_loggers(cfg_with("logging.loggers=[csv]"), tmp_path)] == [AppendingCSVLogger]
     assert build_loggers(cfg_with("logging.loggers=[]"), tmp_path) == []
 
 

@@ -44,8 +44,9 @@ def _pop_option(args: list[str], name: str, default: str) -> str:
 
 
 def _trainer_defaults() -> dict:
+    """Every pytorch_lightning.Trainer argument with its default."""
     return {name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+            if name != "self"}
 
 
 def _dotted(node: dict, prefix: str = ""):
@@ -68,7 +69,8 @@ class RecipeCLI(LightningCLI):
         self.stage = stages[name]
         self.recipe = load_config(name, _pop_option(args, "recipe", "default"))
         module_args, data_args = self.stage.init_args(self.recipe)
-        defaults = {"seed_everything": self.recipe.seed, "trainer": plain(self.recipe.trainer),
+        trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in _trainer_defaults()}
+        defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
                     "model": module_args, "data": data_args, "run": self._run_section(self.recipe)}
         if args and args[0] in SUBCOMMANDS:  # the recipe is the first config of the subcommand
             args[1:1] = ["--config", json.dumps(defaults)]
@@ -78,10 +80,11 @@ class RecipeCLI(LightningCLI):
                              auto_configure_optimizers=False)
 
     def _run_section(self, recipe: DictConfig) -> dict:
-        """The recipe without the keys that feed the classes, the Trainer and the seed."""
+        """The recipe without the keys that feed the classes, the Trainer and the seed (trainer keys that are not
+        Trainer arguments, such as trainer.tf32, stay: --run.trainer.tf32)."""
         run = OmegaConf.to_container(recipe, resolve=True)
-        keys = [*self.stage.module_keys(recipe).values(), *self.stage.data_keys(recipe).values(), "trainer", "seed",
-                "recipe"]
+        keys = [*self.stage.module_keys(recipe).values(), *self.stage.data_keys(recipe).values(), "seed", "recipe",
+                *(f"trainer.{k}" for k in recipe.trainer if k in _trainer_defaults())]
         for key in keys:
             *parents, leaf = key.split(".")
             node = run
@@ -102,8 +105,9 @@ class RecipeCLI(LightningCLI):
         check_keys(run, self.recipe, "--run")
         cfg = OmegaConf.merge(self.recipe, run)
         defaults = _trainer_defaults()
-        cfg.trainer = {k: v for k, v in config.trainer.as_dict().items()
-                       if k in self.recipe.trainer or defaults.get(k, object()) != v}
+        ours = {k: v for k, v in cfg.trainer.items() if k not in defaults}  # e.g. tf32, from --run.trainer
+        cfg.trainer = {**{k: v for k, v in config.trainer.as_dict().items()
+                          if k in self.recipe.trainer or defaults.get(k, object()) != v}, **ours}
         cfg.seed = config.seed_everything
         self.cfg = self.stage.recipe_from_init_args(cfg, model_args, data_args)
         check_config(self.cfg, stage_schema(self.stage.name))

@@ -68,7 +68,7 @@ class Stage:
         for prefix, keys, args in (("model", self.module_keys(cfg), module_args),
                                    ("data", self.data_keys(cfg), data_args)):
             for arg, key in keys.items():
-                value = plain(args[arg])
+                value = _as_recipe_type(plain(args[arg]), OmegaConf.select(cfg, key))
                 writer = next((written[k] for k in _self_and_parents(key) if k in written), None)
                 if writer is None:
                     OmegaConf.update(cfg, key, value, merge=False)
@@ -77,6 +77,15 @@ class Stage:
                     raise ConfigError(f"--{prefix}.{arg}={value} disagrees with --{writer} (recipe key {key}="
                                       f"{plain(OmegaConf.select(cfg, key))}); set the same value in both")
         return cfg
+
+
+def _as_recipe_type(value, recipe_value):
+    """A whole float back to an int where the recipe holds an int (a constructor's `float` argument turns 1 into
+    1.0 on the CLI)."""
+    if (isinstance(recipe_value, int) and not isinstance(recipe_value, bool) and isinstance(value, float)
+            and value.is_integer()):
+        return int(value)
+    return value
 
 
 def _self_and_parents(key: str) -> list[str]:

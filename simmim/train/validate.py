@@ -57,6 +57,8 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "model.position_bias": (_one_of("log_cpb", "linear_cpb", "table", "none"), "log_cpb, linear_cpb, table or none"),
     "model.extra_norm_every": (_at_least(0), "an integer >= 0"),
     "model.sequential_attn_chunk": (_positive, "an integer > 0"),
+    "model.compile": (lambda v: v in (True, False, "auto"), "true, false or auto (true where training runs on CUDA)"),
+    "model.attn_impl": (_one_of("fast", "reference", "flex"), "fast, reference or flex"),
     "simmim.mask_patch_size": (_positive, "an integer > 0"),
     "simmim.mask_ratio": (_fraction, "a number in [0, 1)"),
     "simmim.mask_kind": (_one_of("random", "block"), "random or block"),
@@ -99,6 +101,7 @@ NULLABLE = {
     "resume": str, "pretrained": str, "model.variant": str, "model.pretrained_window_sizes": list,
     "simmim.norm_target_patch_size": int, "data.root": str, "data.list_file": str, "train.ema_decay": float,
 }
+MIXED = {"model.compile", "logging.loggers", "callbacks"}  # values of several types, checked where they are read
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
 
@@ -133,7 +136,7 @@ def _leaves(node, prefix: str = ""):
 
 
 def _check_type(key: str, value, default) -> None:
-    if key.startswith("trainer.") or value is None and (default is None or key in NULLABLE):
+    if key.startswith("trainer.") or key in MIXED or value is None and (default is None or key in NULLABLE):
         return
     if value is None:
         raise _fail(key, value, f"{TYPE_NAMES[type(default)]}, as the default {_show(default)}")
