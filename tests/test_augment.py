@@ -7,7 +7,7 @@ import torch
 
 from simmim.augment import RANDAUG_OPS, RandAugment, RandomErasing, apply_op
 from simmim.data import finetune_transform
-from simmim.train.config import available_recipes, load_config
+from simmim.train.config import load_config
 
 
 def picture(h=48, w=64, seed=0) -> np.ndarray:

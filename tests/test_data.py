@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from simmim import data
-from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset, MaskedImageDataset,
+from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset,
                          SimMIMDataModule, build_source, build_sources, decode_image, decode_needs, digits_split,
                          eval_transform, finetune_transform, labeled_datasets, labels_per_class_subset,
                          pretrain_transform, read_image)
@@ -453,7 +453,7 @@ def test_crop_and_flip_keys_reach_the_transforms():
 def test_datamodule_and_labeled_datasets_use_the_augmentation_keys():
     dm = SimMIMDataModule(batch_size=4, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0, **SMALL)
     dm.setup()
-    (image, label), (source, _) = dm.train_set.dataset[0], dm.train_set.dataset.samples[0]
+    (image, _), (source, _) = dm.train_set.dataset[0], dm.train_set.dataset.samples[0]
     source = np.repeat(source[..., None], 3, axis=2)
     assert torch.allclose(image, ((torch.from_numpy(source).permute(2, 0, 1) / 255 - MEAN) / STD).flip(2), atol=1e-5)
     train, _ = labeled_datasets("digits", img_size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0)

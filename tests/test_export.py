@@ -12,7 +12,7 @@ from simmim.models.checkpoint import (checkpoint_weights, detect_layout, encoder
                                       read_checkpoint)
 from simmim.models.swinv2 import SwinTransformerV2
 from simmim.pretrain import SimMIMPretrainModule
-from simmim.tools.export import encoder_for_export, export_hf, hf_config, main, timm_kwargs, to_timm
+from simmim.tools.export import encoder_for_export, hf_config, main, timm_kwargs, to_timm
 
 DATA = Path(__file__).parent / "data"
 ENCODER_CFG = {k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY.items() if k != "num_classes"}

@@ -1,10 +1,8 @@
 """Loggers and extra callbacks from the recipe (simmim/train/loggers.py), pictures to every image logger."""
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 

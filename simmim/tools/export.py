@@ -25,7 +25,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from simmim.models.checkpoint import (SIMMIM_LAYOUTS, checkpoint_weights, detect_layout, load_pretrained,
