@@ -43,10 +43,9 @@ def _pop_option(args: list[str], name: str, default: str) -> str:
     return default
 
 
-def _trainer_defaults() -> dict:
-    """Every pytorch_lightning.Trainer argument with its default."""
-    return {name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
-            if name != "self"}
+# every pytorch_lightning.Trainer argument with its default
+TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
+                    if name != "self"}
 
 
 def _dotted(node: dict, prefix: str = ""):
@@ -69,7 +68,7 @@ class RecipeCLI(LightningCLI):
         self.stage = stages[name]
         self.recipe = load_config(name, _pop_option(args, "recipe", "default"))
         module_args, data_args = self.stage.init_args(self.recipe)
-        trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in _trainer_defaults()}
+        trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
         defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
                     "model": module_args, "data": data_args, "run": self._run_section(self.recipe)}
         if args and args[0] in SUBCOMMANDS:  # the recipe is the first config of the subcommand
@@ -84,7 +83,7 @@ class RecipeCLI(LightningCLI):
         Trainer arguments, such as trainer.tf32, stay: --run.trainer.tf32)."""
         run = OmegaConf.to_container(recipe, resolve=True)
         keys = [*self.stage.module_keys(recipe).values(), *self.stage.data_keys(recipe).values(), "seed", "recipe",
-                *(f"trainer.{k}" for k in recipe.trainer if k in _trainer_defaults())]
+                *(f"trainer.{k}" for k in recipe.trainer if k in TRAINER_DEFAULTS)]
         for key in keys:
             *parents, leaf = key.split(".")
             node = run
@@ -104,10 +103,9 @@ class RecipeCLI(LightningCLI):
         run = OmegaConf.from_dotlist([f"{key}={value}" for key, value in _dotted(config.run)])  # YAML-typed values
         check_keys(run, self.recipe, "--run")
         cfg = OmegaConf.merge(self.recipe, run)
-        defaults = _trainer_defaults()
-        ours = {k: v for k, v in cfg.trainer.items() if k not in defaults}  # e.g. tf32, from --run.trainer
+        ours = {k: v for k, v in cfg.trainer.items() if k not in TRAINER_DEFAULTS}  # e.g. tf32, from --run.trainer
         cfg.trainer = {**{k: v for k, v in config.trainer.as_dict().items()
-                          if k in self.recipe.trainer or defaults.get(k, object()) != v}, **ours}
+                          if k in self.recipe.trainer or TRAINER_DEFAULTS.get(k, object()) != v}, **ours}
         cfg.seed = config.seed_everything
         self.cfg = self.stage.recipe_from_init_args(cfg, model_args, data_args)
         check_config(self.cfg, stage_schema(self.stage.name))

@@ -96,7 +96,7 @@ def _self_and_parents(key: str) -> list[str]:
 
 def plain(value):
     """omegaconf containers and tuples as plain lists and dicts."""
-    if isinstance(value, DictConfig) or OmegaConf.is_config(value):
+    if OmegaConf.is_config(value):
         return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, tuple):
         return list(value)
