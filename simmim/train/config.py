@@ -45,6 +45,15 @@ def _recipe_path(stage: str, name: str) -> Path:
     return path
 
 
+def leaves(node: Mapping, prefix: str = ""):
+    """(dotted key, value) for every leaf of a nested dict: model.img_size, ..."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def _leaf_keys(cfg: DictConfig) -> list[str]:
     """Every dotted key of a config, sections included: model, model.img_size, ..."""
     def walk(node: dict, prefix: str):

@@ -22,7 +22,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.cli import LightningCLI
 
-from simmim.train.config import ConfigError, check_config, check_keys, load_config, prepare_run, stage_schema
+from simmim.train.config import (ConfigError, check_config, check_keys, leaves, load_config, prepare_run,
+                                 stage_schema)
 from simmim.train.run_dir import start_run
 from simmim.train.stage import Stage, plain
 from simmim.train.trainer import make_trainer
@@ -46,15 +47,6 @@ def _pop_option(args: list[str], name: str, default: str) -> str:
 # every pytorch_lightning.Trainer argument with its default
 TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
                     if name != "self"}
-
-
-def _dotted(node: dict, prefix: str = ""):
-    """(dotted key, value) for every leaf of a nested dict."""
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            yield from _dotted(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", "null" if value is None else value
 
 
 class RecipeCLI(LightningCLI):
@@ -100,7 +92,8 @@ class RecipeCLI(LightningCLI):
         """The recipe as the parsed arguments leave it; the stage's derived values (Log-CPB windows) filled in."""
         config = self.config[self.subcommand]
         model_args, data_args = config.model.as_dict(), config.data.as_dict()
-        run = OmegaConf.from_dotlist([f"{key}={value}" for key, value in _dotted(config.run)])  # YAML-typed values
+        run = OmegaConf.from_dotlist([f"{key}={'null' if value is None else value}"  # YAML-typed values
+                                      for key, value in leaves(config.run)])
         check_keys(run, self.recipe, "--run")
         cfg = OmegaConf.merge(self.recipe, run)
         ours = {k: v for k, v in cfg.trainer.items() if k not in TRAINER_DEFAULTS}  # e.g. tf32, from --run.trainer

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from simmim.train.config import ConfigError
+from simmim.train.config import ConfigError, leaves
 
 
 def _positive(v) -> bool:
@@ -127,14 +127,6 @@ def _show(value) -> str:
     return str(value)
 
 
-def _leaves(node, prefix: str = ""):
-    for key, value in node.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def _check_type(key: str, value, default) -> None:
     if key.startswith("trainer.") or key in MIXED or value is None and (default is None or key in NULLABLE):
         return
@@ -224,9 +216,9 @@ def _check_relations(cfg: DictConfig) -> None:
 def validate_config(cfg: DictConfig, schema: DictConfig) -> None:
     """Raise ConfigError (one line: key, value, what is expected) for the first value that the schema, the
     rules or pytorch_lightning.Trainer reject. `cfg` is resolved; `schema` is the stage's default.yaml."""
-    defaults = dict(_leaves(OmegaConf.to_container(schema, resolve=False)))
+    defaults = dict(leaves(OmegaConf.to_container(schema, resolve=False)))
     values = OmegaConf.to_container(cfg, resolve=True)
-    for key, value in _leaves(values):
+    for key, value in leaves(values):
         default = defaults.get(key)
         if isinstance(default, str) and default.startswith("${"):  # a copy of another key, checked there
             continue
