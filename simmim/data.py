@@ -46,7 +46,8 @@ from simmim.augment import RandAugment, RandomErasing
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
-    "pretrain_transform", "finetune_transform", "eval_transform", "read_image", "decode_image", "decode_needs",
+    "pretrain_transform", "PretrainCrop", "normalize_images", "finetune_transform", "eval_transform",
+    "read_image", "decode_image", "decode_needs",
     "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source",
     "digits_split", "build_sources", "build_source", "labels_per_class_subset", "labeled_datasets",
     "ImageDataset", "MaskedImageDataset", "EpochSampler", "ResumableDataModule", "SimMIMDataModule",
@@ -84,18 +85,64 @@ def _check_crop_flip(crop_scale: Sequence[float], crop_ratio: Sequence[float], h
 
 
 def pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.67, 1.0),
-                       crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> A.Compose:
-    """SimMIM pretraining augmentation: uint8 (H, W, 3) RGB -> normalized float (3, img_size, img_size).
+                       crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> "PretrainCrop":
+    """SimMIM pretraining augmentation: uint8 (H, W, 3) RGB -> uint8 (3, img_size, img_size), normalized later on
+    the device.
 
     A random crop of `crop_scale` (fractions of the area) and `crop_ratio` (width / height) resized to img_size,
-    a horizontal flip with probability `hflip`.
+    a horizontal flip with probability `hflip` (`PretrainCrop`).
     """
     _check_crop_flip(crop_scale, crop_ratio, hflip)
-    return A.Compose([
-        A.RandomResizedCrop(size=(img_size, img_size), scale=tuple(crop_scale), ratio=tuple(crop_ratio)),
-        A.HorizontalFlip(p=hflip),
-        *_normalize_to_tensor(),
-    ])
+    return PretrainCrop(img_size, crop_scale, crop_ratio, hflip)
+
+
+class PretrainCrop:
+    """Random resized crop + horizontal flip in one pass over uint8 pixels: (H, W, C) -> uint8 tensor (C, S, S).
+
+    The crop's area is drawn uniformly from `scale` (fractions of the image) and its aspect ratio (width / height)
+    log-uniformly from `ratio`, up to 10 tries for one that fits, else the largest centered crop of an allowed
+    ratio (torchvision's rule); it is resized bilinearly to size x size and flipped with probability `hflip`.
+    Pixels stay uint8: `normalize_images` runs on the device (the pretraining module's on_after_batch_transfer),
+    which spares the workers the float work and the host-to-device copy three quarters of its bytes. Used like an
+    albumentations transform: ``crop(image=array)["image"]``, ``crop.set_random_seed(seed)``.
+    """
+
+    def __init__(self, size: int, scale: Sequence[float] = (0.67, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 hflip: float = 0.5):
+        self.size, self.scale, self.ratio, self.hflip = (size, size), tuple(scale), tuple(ratio), hflip
+        self.rng = np.random.default_rng()
+
+    def set_random_seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, crop height, crop width) of the next random crop of a height x width image."""
+        area, log_ratio = height * width, np.log(self.ratio)
+        for _ in range(10):
+            target = area * self.rng.uniform(*self.scale)
+            aspect = np.exp(self.rng.uniform(*log_ratio))
+            w, h = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return int(self.rng.integers(height - h + 1)), int(self.rng.integers(width - w + 1)), h, w
+        aspect = min(max(width / height, self.ratio[0]), self.ratio[1])
+        h, w = (height, min(width, round(height * aspect))) if width / height >= aspect else \
+            (min(height, round(width / aspect)), width)
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, *, image: np.ndarray) -> dict[str, torch.Tensor]:
+        top, left, h, w = self.box(*image.shape[:2])
+        out = cv2.resize(image[top:top + h, left:left + w], self.size, interpolation=cv2.INTER_LINEAR)
+        if self.rng.random() < self.hflip:
+            out = cv2.flip(out, 1)
+        out = out.reshape(*self.size, -1)  # cv2 drops a single channel's axis
+        return {"image": torch.from_numpy(out).permute(2, 0, 1)}
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) RGB -> float32 (B, 3, H, W), ImageNet-normalized like the float transforms' output."""
+    mean = images.new_tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std = images.new_tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
 
 
 def finetune_transform(img_size: int, crop_scale: Sequence[float] = (0.08, 1.0),
@@ -226,13 +273,13 @@ def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def decode_needs(transform: A.Compose) -> dict[str, int]:
+def decode_needs(transform: A.Compose | PretrainCrop) -> dict[str, int]:
     """{"min_short", "min_area"} of a decoded image (`decode_image`) for the transform's output to keep full
     detail: a random resized crop must still span img_size pixels across its smallest crop (area fraction
     scale[0], aspect ratio within `ratio`); a resize of the short side to S needs a short side >= S. Zeros
     (a full decode) for other transforms."""
-    first = transform.transforms[0]
-    if isinstance(first, A.RandomResizedCrop):
+    first = transform if isinstance(transform, PretrainCrop) else transform.transforms[0]
+    if isinstance(first, (PretrainCrop, A.RandomResizedCrop)):
         size = max(first.size)
         area = size ** 2 / (first.scale[0] * min(first.ratio[0], 1 / first.ratio[1]))
         return {"min_short": size, "min_area": int(np.ceil(area))}
@@ -469,7 +516,8 @@ class LogSkipped(pl.Callback):
 
 # ------------------------------------------------------------------------------------------------ datasets
 class ImageDataset(Dataset):
-    """samples + transform -> (image float (3, H, W), label int); an item is an index or (index, epoch).
+    """samples + transform -> (image (3, H, W), label int); an item is an index or (index, epoch). The image is
+    float, or uint8 from `PretrainCrop`.
 
     albumentations keeps its own random state, which forked DataLoader workers would all copy from the main
     process. With `seed` the transform is reseeded for every item from (seed, epoch, index): the crops and flips

@@ -2,18 +2,20 @@ import os
 import time
 import warnings
 
+import albumentations as A
 import cv2
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader
 
 from simmim import data
-from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset,
+from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset, PretrainCrop,
                          SimMIMDataModule, build_source, build_sources, decode_image, decode_needs, digits_split,
                          eval_transform, finetune_transform, labeled_datasets, labels_per_class_subset,
-                         pretrain_transform, read_image)
+                         normalize_images, pretrain_transform, read_image)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -38,13 +40,48 @@ def write_truncated_jpg(path):
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-@pytest.mark.parametrize("make", [pretrain_transform, finetune_transform, eval_transform])
+def pixels_of(out: torch.Tensor) -> torch.Tensor:
+    """A transform's output as [0, 1] pixels: uint8 (the pretraining crop) or normalized float."""
+    return out / 255 if out.dtype == torch.uint8 else out * STD + MEAN
+
+
+@pytest.mark.parametrize("make", [finetune_transform, eval_transform])
 def test_transforms_give_normalized_float_tensors(make):
     out = make(32)(image=color_image(shape=(50, 70, 3)))["image"]
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     pixels = out * STD + MEAN
     assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
     assert pixels.std() > 0.1  # not a constant image
+
+
+def test_pretrain_crop_gives_uint8_that_the_device_normalizes_like_the_float_transforms():
+    image = color_image(shape=(50, 70, 3))
+    out = pretrain_transform(32)(image=image)["image"]
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8 and out.float().std() > 20
+    whole = pretrain_transform(50, crop_scale=(1.0, 1.0), crop_ratio=(1.4, 1.4), hflip=0.0)  # 70 x 50 is 1.4
+    normalized = normalize_images(torch.stack([whole(image=image)["image"]]))[0]
+    assert normalized.dtype == torch.float32
+    resized = A.Compose([A.Resize(50, 50), A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
+    assert torch.allclose(normalized, resized(image=image)["image"], atol=1e-5)  # as albumentations would
+
+
+def test_pretrain_crop_draws_crops_within_its_scale_and_ratio():
+    crop = PretrainCrop(16, scale=(0.3, 0.6), ratio=(0.8, 1.25))  # every draw fits a 300 x 400 image
+    crop.set_random_seed(0)
+    boxes = [crop.box(300, 400) for _ in range(2000)]
+    for top, left, h, w in boxes:
+        assert 0 <= top <= 300 - h and 0 <= left <= 400 - w
+        assert 0.3 - 0.01 <= h * w / 120_000 <= 0.6 + 0.01 and 0.8 - 0.01 <= w / h <= 1.25 + 0.01
+    areas = np.array([h * w for _, _, h, w in boxes]) / 120_000
+    assert abs(areas.mean() - 0.45) < 0.01 and abs((areas < 0.375).mean() - 0.25) < 0.04  # uniform in area
+    log_ratios = np.log([w / h for _, _, h, w in boxes])
+    assert abs(np.median(log_ratios)) < 0.02 and abs((log_ratios < np.log(0.8) / 2).mean() - 0.25) < 0.04
+    # no fitting crop (a 1:10 strip, ratios 3/4-4/3): the largest centered crop of the nearest allowed ratio
+    strip = PretrainCrop(16, scale=(0.9, 1.0), ratio=(0.75, 4 / 3))
+    assert strip.box(10, 100) == (0, 43, 10, 13)
+    assert strip.box(100, 10) == (43, 0, 13, 10)
+    crop.set_random_seed(0)
+    assert [crop.box(300, 400) for _ in range(5)] == boxes[:5]  # the seed decides
 
 
 def test_eval_transform_keeps_colors_in_rgb_order():
@@ -350,7 +387,7 @@ def test_datamodule_batches_match_direct_masks(num_workers):
     items = list(loader.sampler)
     batches = [batch for batch, _ in zip(loader, range(3))]
     images, masks, labels = batches[0]
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8  # normalized on the device
     assert masks.shape == (8, 8, 8) and masks.dtype == torch.int64
     assert labels.shape == (8,) and labels.dtype == torch.int64 and 0 <= labels.min() <= labels.max() <= 9
     assert torch.equal(torch.cat([b[1] for b in batches]), expected_masks(dm.train_set, items[:24]))
@@ -379,7 +416,7 @@ class MaskRecorder(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.train_masks.setdefault(self.current_epoch, batch[1])
-        return self.weight * batch[0].mean()
+        return self.weight * batch[0].float().mean()
 
     def validation_step(self, batch, batch_idx):
         self.val_masks.setdefault(self.current_epoch, batch[1])
@@ -437,16 +474,16 @@ def test_crop_and_flip_keys_reach_the_transforms():
         plain = eval_transform(32)  # at 32 px the eval transform resizes to 37 and center-crops: not the input
         kept = make(32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)
         flipped = make(32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0)
-        expected = (torch.from_numpy(image).permute(2, 0, 1) / 255 - MEAN) / STD
+        expected = torch.from_numpy(image).permute(2, 0, 1) / 255
         for _ in range(3):
-            assert torch.allclose(kept(image=image)["image"], expected, atol=1e-5)
-            assert torch.allclose(flipped(image=image)["image"], expected.flip(2), atol=1e-5)
-        assert not torch.allclose(plain(image=image)["image"], expected, atol=1e-2)
+            assert torch.allclose(pixels_of(kept(image=image)["image"]), expected, atol=1e-5)
+            assert torch.allclose(pixels_of(flipped(image=image)["image"]), expected.flip(2), atol=1e-5)
+        assert not torch.allclose(pixels_of(plain(image=image)["image"]), expected, atol=1e-2)
         # a small crop range gives crops of about that area: the same 8x8 checkerboard cell covers more pixels
         board = np.kron((np.indices((8, 8)).sum(0) % 2) * 255, np.ones((16, 16))).astype(np.uint8)
         board = np.repeat(board[..., None], 3, axis=2)
         small = make(128, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), hflip=0.0)(image=board)["image"]
-        row = (small[0, 64] > 0).numpy()
+        row = (pixels_of(small)[0, 64] > 0.5).numpy()
         assert np.count_nonzero(row[1:] != row[:-1]) <= 5  # 4 cells of 32 px in a row (whole image: 8 of 16)
 
 
@@ -455,9 +492,9 @@ def test_datamodule_and_labeled_datasets_use_the_augmentation_keys():
     dm.setup()
     (image, _), (source, _) = dm.train_set.dataset[0], dm.train_set.dataset.samples[0]
     source = np.repeat(source[..., None], 3, axis=2)
-    assert torch.allclose(image, ((torch.from_numpy(source).permute(2, 0, 1) / 255 - MEAN) / STD).flip(2), atol=1e-5)
+    assert torch.equal(image, torch.from_numpy(source).permute(2, 0, 1).flip(2))
     train, _ = labeled_datasets("digits", img_size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0)
-    assert torch.allclose(train[0][0], image, atol=1e-5)
+    assert torch.allclose(pixels_of(train[0][0]), pixels_of(image), atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -226,6 +226,28 @@ def test_make_shards_keeps_labels_and_resumes(tmp_path, capsys):
         make_shards.main([f"root={tmp_path / 'src'}"])
 
 
+def test_make_shards_short_side_stores_smaller_copies(tmp_path):
+    smooth = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8), (0, 0), 4)
+    for cls, shape in (("big", (90, 120, 3)), ("small", (30, 40, 3))):
+        (tmp_path / "src" / "train" / cls).mkdir(parents=True)
+        (tmp_path / "src" / "val" / cls).mkdir(parents=True)
+        for split in ("train", "val"):
+            assert cv2.imwrite(str(tmp_path / "src" / split / cls / "a.png"), smooth[:shape[0], :shape[1]])
+    out = tmp_path / "out"
+    make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "short_side=60", "workers=1"])
+    seen = {label: image.numpy() for image, label, *_ in dataset(shard_urls(str(out / "train")), image_item,
+                                                                  shuffle=False)}
+    assert seen[0].shape == (60, 80, 3) and seen[1].shape == (30, 40, 3)  # big: resized; small: as it was
+    expected = cv2.resize(smooth[..., ::-1], (80, 60), interpolation=cv2.INTER_AREA)
+    assert np.abs(seen[0].astype(int) - expected).mean() < 2  # a JPEG of quality 95 of the area resize
+    assert np.array_equal(seen[1], smooth[:30, :40, ::-1])  # the PNG's own bytes
+    assert json.loads((out / "train" / "make_shards.json").read_text())["short_side"] == 60
+    with pytest.raises(Exception, match=r"packed with short_side=60 quality=95; rerun with those values"):
+        make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "short_side=100"])
+    with pytest.raises(Exception, match=r"short_side=-3 must be a positive number of pixels"):
+        make_shards.main([f"root={tmp_path / 'src'}", f"out={tmp_path / 'other'}", "short_side=-3"])
+
+
 class LabelRecorder(pl.LightningModule):
     def __init__(self):
         super().__init__()
@@ -234,7 +256,7 @@ class LabelRecorder(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.labels.append(batch[2].tolist())
-        return self.weight * batch[0].mean()
+        return self.weight * batch[0].float().mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

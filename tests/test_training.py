@@ -4,7 +4,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from simmim.data import SimMIMDataModule
+from simmim.data import SimMIMDataModule, normalize_images
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.checkpoint_io import atomic_save
 from simmim.train.optim import lr_at_step, param_groups
@@ -87,6 +87,21 @@ def test_precisions_train(tmp_path, precision):
     _trainer(tmp_path, max_steps=2, precision=precision, gradient_clip_val=5.0).fit(module, datamodule=_data())
     assert module.global_step == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("precision, dtype", [("32-true", torch.float32), ("bf16-true", torch.bfloat16)])
+def test_uint8_crops_reach_the_model_normalized_in_its_precision(tmp_path, precision, dtype):
+    """The pretraining crop yields uint8; the module normalizes on the device before the precision's cast."""
+    module = SimMIMPretrainModule(model=TINY_MODEL)
+    real_forward, seen = module.simmim.forward, []
+    module.simmim.forward = lambda x, mask: seen.append(x.detach().clone()) or real_forward(x, mask)
+    _trainer(tmp_path, max_steps=1, precision=precision).fit(module, datamodule=_data(batch_size=4))
+    data = _data(batch_size=4)  # the same first batch, outside a trainer
+    data.setup("fit")
+    raw = next(iter(data.train_dataloader()))[0]
+    assert raw.dtype == torch.uint8 and seen[0].dtype == dtype
+    assert torch.allclose(seen[0].float(), normalize_images(raw), atol=0.05)  # bf16: 8 bits of mantissa
+    assert -2.2 < seen[0].float().min() < 0 < seen[0].float().max() < 2.7  # ImageNet-normalized, not 0..255
 
 
 def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):

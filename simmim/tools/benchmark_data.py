@@ -5,12 +5,16 @@ folder and shards sources against a plain decode-everything-then-crop baseline, 
     python scripts/benchmark_data.py images=400 rounds=5 pretrain_size=192 finetune_size=224
 
 For each of `image_sizes` (default ImageNet-sized 500x375, and 1280x960 photos), generates `images` JPEGs
-(quality 90; a third of them upright) under `work`, packs them into shards (scripts/make_shards.py), then times,
-for the pretraining transform (with SimMIM masks) and the fine-tuning transform:
-  baseline  cv2.imdecode of the whole file (IMREAD_UNCHANGED, then BGR->RGB), the same albumentations transform
-  folder    the folder source's ImageDataset (simplejpeg, DCT-scaled when the crop allows, EXIF orientation)
-  shards    the shards source's ShardDataset (tar stream, shuffle buffer, same decoding), through its DataLoader
-            collation like training
+(quality 90; a third of them upright) under `work`, packs them into shards (scripts/make_shards.py) as they are
+and with short_side=`short_side`, then times, for the pretraining transform (with SimMIM masks) and the
+fine-tuning transform:
+  baseline  cv2.imdecode of the whole file (IMREAD_UNCHANGED, then BGR->RGB), then albumentations: random resized
+            crop, flip, Normalize, ToTensorV2 (pretraining; fine-tuning: our fine-tuning transform)
+  folder    the folder source's ImageDataset as training builds it (simplejpeg, DCT-scaled when the crop allows,
+            EXIF orientation, per-sample seeds; pretraining: `PretrainCrop`, uint8 out, normalized on the device)
+  shards    the shards source's ShardDataset (tar stream, shuffle buffer, same decoding and transforms)
+  shards_small  the same on the shards packed with short_side (images stored smaller: see make_shards)
+All through a DataLoader's collation like training.
 Every pipeline runs `rounds` times, interleaved (baseline, folder, shards, baseline, ...), so that a busy
 machine slows them alike; the table gives the median images/s and the median of the per-round ratios to the
 baseline. `gpu_images_per_s` (default: SwinV2-T SimMIM, compiled bf16 on one H200, the speed issue) divided by
@@ -28,15 +32,18 @@ import time
 from functools import partial
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
+import simplejpeg
 import torch
+from albumentations.pytorch import ToTensorV2
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import build_mask_generator
-from simmim.data import (FileList, ImageDataset, LabeledItem, MaskedImageDataset, MaskedItem, SkipCounter,
-                         decode_image, decode_needs, finetune_transform, pretrain_transform)
+from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, FileList, ImageDataset, LabeledItem, MaskedImageDataset,
+                         MaskedItem, SkipCounter, decode_image, decode_needs, finetune_transform, pretrain_transform)
 from simmim.shards import ShardDataset, shard_counts, shard_urls
 from simmim.tools.make_shards import make_shards
 from simmim.train.config import ConfigError, options_from_argv
@@ -49,10 +56,11 @@ SCHEMA = {
     "batch_size": 32,
     "gpu_images_per_s": 1573,   # SwinV2-T SimMIM training, compiled bf16, one H200 (speed issue)
     "image_sizes": [[500, 375], [1280, 960]],  # width x height of the generated sets: ImageNet-sized, photo-sized
+    "short_side": 256,          # the short side of the shards_small pipeline's images
     "work": "runs/benchmark_data",
     "out": "runs/benchmark_data/benchmark_data.json",
 }
-PIPELINES = ("baseline", "folder", "shards")
+PIPELINES = ("baseline", "folder", "shards", "shards_small")
 
 
 class DecodeAllDataset(Dataset):
@@ -64,8 +72,8 @@ class DecodeAllDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
+    def __getitem__(self, item: int | tuple[int, int]):
+        path, label = self.samples[item[0] if isinstance(item, tuple) else item]
         image = cv2.cvtColor(cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB)
         return self.transform(image=image)["image"], label
 
@@ -96,29 +104,35 @@ def timed(loader) -> float:
     return count / (time.process_time() - start)
 
 
-def pipelines(stage: str, samples: FileList, urls: list[str], cfg) -> dict:
+def plain_pretrain_transform(size: int) -> A.Compose:
+    """The baseline's pretraining transform: albumentations end to end, float out."""
+    return A.Compose([A.RandomResizedCrop(size=(size, size), scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
+                      A.HorizontalFlip(), A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
+
+
+def pipelines(stage: str, samples: FileList, shards: dict[str, list[str]], cfg) -> dict:
     """name -> DataLoader (main process, batch_size) for the stage's transform."""
     size = cfg.pretrain_size if stage == "pretrain" else cfg.finetune_size
     make = pretrain_transform if stage == "pretrain" else finetune_transform
     masks = build_mask_generator("random", input_size=size, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6)
     item = MaskedItem(make(size), masks) if stage == "pretrain" else LabeledItem(make(size))
-    shards = ShardDataset(urls, shard_counts(urls), item, partial(decode_image, **decode_needs(make(size))),
-                          SkipCounter(), shuffle_buffer=100)
+    streams = {name: ShardDataset(urls, shard_counts(urls), item, partial(decode_image, **decode_needs(make(size))),
+                                  SkipCounter(), shuffle_buffer=100) for name, urls in shards.items()}
     if stage == "pretrain":
-        baseline = MaskedImageDataset(DecodeAllDataset(samples, make(size)), masks)
-        folder = MaskedImageDataset(ImageDataset(samples, make(size)), masks)
+        baseline = MaskedImageDataset(DecodeAllDataset(samples, plain_pretrain_transform(size)), masks)
+        folder = MaskedImageDataset(ImageDataset(samples, make(size), seed=0), masks)
     else:
-        baseline, folder = DecodeAllDataset(samples, make(size)), ImageDataset(samples, make(size))
+        baseline, folder = DecodeAllDataset(samples, make(size)), ImageDataset(samples, make(size), seed=0)
     return {"baseline": DataLoader(baseline, batch_size=cfg.batch_size),
             "folder": DataLoader(folder, batch_size=cfg.batch_size),
-            "shards": DataLoader(shards, batch_size=cfg.batch_size)}
+            **{name: DataLoader(stream, batch_size=cfg.batch_size) for name, stream in streams.items()}}
 
 
 def main(argv: list[str]) -> None:
     cfg = options_from_argv(SCHEMA, argv, __doc__)
     if cfg is None:
         return
-    for key in ("images", "rounds", "batch_size", "pretrain_size", "finetune_size"):
+    for key in ("images", "rounds", "batch_size", "pretrain_size", "finetune_size", "short_side"):
         if not (isinstance(cfg[key], int) and cfg[key] > 0):
             raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
     torch.set_num_threads(1)
@@ -128,18 +142,25 @@ def main(argv: list[str]) -> None:
         work = Path(cfg.work) / f"{width}x{height}"
         samples = generate(work / "images", cfg.images, width, height)
         make_shards(samples, work / "shards", "bench", 16_000_000, 2)
-        results[f"{width}x{height}"] = measure(samples, shard_urls(str(work / "shards")), cfg)
+        make_shards(samples, work / f"shards_{cfg.short_side}", "bench", 16_000_000, 2, short_side=cfg.short_side)
+        shards = {"shards": shard_urls(str(work / "shards")),
+                  "shards_small": shard_urls(str(work / f"shards_{cfg.short_side}"))}
+        results[f"{width}x{height}"] = {**measure(samples, shards, cfg), "decode_ms": decode_ms(samples)}
 
     first = results[next(iter(results))]["pretrain"]
-    best = max(first[name]["images_per_s"] for name in ("folder", "shards"))
+    best = max(first[name]["images_per_s"] for name in ("folder", "shards"))  # the images as they are
     summary = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "load_average": os.getloadavg(), "config": OmegaConf.to_container(cfg), "results": results,
                "cores_per_gpu": cfg.gpu_images_per_s / best}
-    print(f"{'images':<10} {'stage':<9} {'pipeline':<9} {'images/s per worker':>20} {'vs baseline':>12}")
+    print(f"{'images':<10} {'stage':<9} {'pipeline':<13} {'images/s per worker':>20} {'vs baseline':>12}")
     for size, stages in results.items():
-        for stage, rows in stages.items():
-            for name, row in rows.items():
-                print(f"{size:<10} {stage:<9} {name:<9} {row['images_per_s']:>20.1f} {row['vs_baseline']:>11.2f}x")
+        for stage in ("pretrain", "finetune"):
+            for name, row in stages[stage].items():
+                print(f"{size:<10} {stage:<9} {name:<13} {row['images_per_s']:>20.1f} {row['vs_baseline']:>11.2f}x")
+    for size, stages in results.items():
+        ms = stages["decode_ms"]
+        print(f"{size}: a whole JPEG decodes in {ms['full']:.3f} ms, at 1/8 scale (entropy decoding, which no crop or "
+              f"scale avoids, and little else) in {ms['eighth']:.3f} ms ({ms['eighth'] / ms['full']:.0%})")
     print(f"cores to feed {cfg.gpu_images_per_s} images/s (pretraining at {cfg.pretrain_size} px on "
           f"{next(iter(results))} images, best source): {summary['cores_per_gpu']:.1f}; load average during the "
           f"run: {', '.join(f'{x:.1f}' for x in summary['load_average'])} on {os.cpu_count()} cores")
@@ -147,11 +168,26 @@ def main(argv: list[str]) -> None:
     Path(cfg.out).write_text(json.dumps(summary, indent=1) + "\n")
 
 
-def measure(samples: FileList, urls: list[str], cfg) -> dict:
+def decode_ms(samples: FileList, rounds: int = 3) -> dict[str, float]:
+    """CPU ms per image of simplejpeg decoding the whole JPEG and at 1/8 scale (best of rounds)."""
+    files = [np.fromfile(path, np.uint8) for path, _ in samples]
+    times = {}
+    for name, smallest in (("full", 0), ("eighth", 1)):  # min_height=1: the smallest scale libjpeg-turbo has
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.process_time()
+            for data in files:
+                simplejpeg.decode_jpeg(data, min_height=smallest, min_width=smallest)
+            best = min(best, time.process_time() - start)
+        times[name] = 1000 * best / len(files)
+    return times
+
+
+def measure(samples: FileList, shards: dict[str, list[str]], cfg) -> dict:
     """{stage: {pipeline: {"images_per_s" (median), "vs_baseline" (median per-round ratio), "rounds"}}}."""
     results = {}
     for stage in ("pretrain", "finetune"):
-        loaders = pipelines(stage, samples, urls, cfg)
+        loaders = pipelines(stage, samples, shards, cfg)
         for name in PIPELINES:  # warm-up: page cache, first-call costs
             timed(loaders[name])
         rates = {name: [] for name in PIPELINES}

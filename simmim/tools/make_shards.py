@@ -11,6 +11,13 @@ shardindex.json (samples per shard) that the shards source reads instead of coun
 .tmp file and renamed when complete: run the same command again after an interruption and the complete shards
 are kept. Files are not decoded (verify=true decodes each once and leaves out the unreadable ones); training
 skips and counts the ones that fail.
+short_side=N stores smaller copies instead: an image whose short side is longer than N is decoded (EXIF
+orientation applied), resized to a short side of N (area interpolation) and stored as a JPEG of `quality`;
+smaller images stay as they are. Decoding then costs a fraction as much CPU per image. Pick N from what the
+training transform uses: pretraining at 192 px with crops of >= 67 % of the area (ratio 3/4-4/3) never
+needs more than a 235 px short side of a 4:3 image for full detail (`simmim.data.decode_needs`), so 256
+loses nothing there; fine-tuning's small crops (8 % of the area) do see less detail. The split directories
+record the setting (make_shards.json): resuming with another one is refused.
 Then: python scripts/pretrain.py data.source=shards data.shards=OUT/train data.val_shards=OUT/val
 Arguments are key=value:
 """
@@ -38,7 +45,10 @@ SCHEMA = {
     "shard_mb": 1000,    # target shard size in MB (files are not split: shards end at the first file past it)
     "workers": 8,        # shards written in parallel
     "verify": False,     # decode every file once and leave out the unreadable ones
+    "short_side": None,  # store images resized to this short side (JPEG), when theirs is longer; null: as they are
+    "quality": 95,       # JPEG quality of the resized images
 }
+SETTINGS = "make_shards.json"  # the settings a split directory was packed with
 SIZE_SAMPLE = 1000  # files whose sizes estimate the mean file size
 
 
@@ -51,9 +61,19 @@ def plan(samples: FileList, shard_bytes: int) -> list[np.ndarray]:
     return [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
 
 
-def sample_of(path: str, label: int, key: str) -> dict:
-    """A WebDataset sample of an image file: its bytes under its suffix (others re-encoded as png), its label."""
+def sample_of(path: str, label: int, key: str, short_side: int | None = None, quality: int = 95) -> dict:
+    """A WebDataset sample of an image file: its bytes under its suffix (others re-encoded as png; with
+    short_side, a longer image resized to it and encoded as jpg), its label."""
     suffix = Path(path).suffix.lower().lstrip(".")
+    if short_side is not None:
+        image = read_image(path)
+        height, width = image.shape[:2]
+        if min(height, width) > short_side:
+            scale = short_side / min(height, width)
+            size = (max(short_side, round(width * scale)), max(short_side, round(height * scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1]
+            return {"__key__": key, "jpg": data.tobytes(), "cls": str(label).encode()}
     if suffix in IMAGE_SUFFIXES:
         data = Path(path).read_bytes()
     else:
@@ -61,26 +81,37 @@ def sample_of(path: str, label: int, key: str) -> dict:
     return {"__key__": key, suffix: data, "cls": str(label).encode()}
 
 
-def write_shard(samples: FileList, indices: np.ndarray, path: Path) -> None:
+def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: int | None = None,
+                quality: int = 95) -> None:
     """Write the samples at indices to path (through path.tmp, renamed when complete)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as stream:
         with TarWriter(stream, encoder=False, mtime=int(time.time())) as writer:  # whole seconds: no PAX headers
             for index in indices:
                 file, label = samples[int(index)]
-                writer.write(sample_of(file, label, f"{int(index):09d}"))
+                writer.write(sample_of(file, label, f"{int(index):09d}", short_side, quality))
     tmp.replace(path)
 
 
-def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, workers: int) -> list[Path]:
-    """Shards of samples in out/PREFIX-NNNNNN.tar (complete ones already there are kept) and out/shardindex.json."""
+def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, workers: int,
+                short_side: int | None = None, quality: int = 95) -> list[Path]:
+    """Shards of samples in out/PREFIX-NNNNNN.tar (complete ones already there are kept) and out/shardindex.json;
+    short_side / quality: see the module docstring."""
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"short_side": short_side, "quality": quality if short_side is not None else None}
+    recorded = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).exists() else None
+    if recorded is None and any(out.glob(f"{prefix}-*.tar")):
+        recorded = {"short_side": None, "quality": None}  # packed before the settings were recorded: as they are
+    if recorded is not None and recorded != settings:
+        raise ConfigError(f"{out} holds shards packed with short_side={recorded['short_side']} "
+                          f"quality={recorded['quality']}; rerun with those values to complete it, or give a new out=")
+    (out / SETTINGS).write_text(json.dumps(settings) + "\n")
     shards = plan(samples, shard_bytes)
     paths = [out / f"{prefix}-{i:06d}.tar" for i in range(len(shards))]
     todo = [i for i, path in enumerate(paths) if not path.exists()]
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(shards), initial=len(shards) - len(todo),
                                                     desc=f"{prefix} shards", unit="shard") as bar:
-        for _ in pool.map(lambda i: write_shard(samples, shards[i], paths[i]), todo):
+        for _ in pool.map(lambda i: write_shard(samples, shards[i], paths[i], short_side, quality), todo):
             bar.update()
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
              "shardlist": [{"url": path.name, "nsamples": len(shard)} for path, shard in zip(paths, shards)]}
@@ -100,9 +131,15 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"shard_mb={cfg.shard_mb} must be a positive number of MB")
     if not (isinstance(cfg.workers, int) and cfg.workers > 0):
         raise ConfigError(f"workers={cfg.workers} must be a positive integer")
+    if cfg.short_side is not None and not (isinstance(cfg.short_side, int) and cfg.short_side > 0):
+        raise ConfigError(f"short_side={cfg.short_side} must be a positive number of pixels, or null to store "
+                          f"images as they are")
+    if not (isinstance(cfg.quality, int) and 1 <= cfg.quality <= 100):
+        raise ConfigError(f"quality={cfg.quality} must be a JPEG quality from 1 to 100")
     splits = build_sources("folder" if cfg.root else "list", 0, cfg.root, cfg.list_file, verify=cfg.verify)
     out = Path(cfg.out)
     for name, samples in zip(("train", "val"), splits):
-        paths = make_shards(samples, out / name, name, int(cfg.shard_mb * 1e6), cfg.workers)
+        paths = make_shards(samples, out / name, name, int(cfg.shard_mb * 1e6), cfg.workers, cfg.short_side,
+                            cfg.quality)
         print(f"{name}: {len(samples)} images in {len(paths)} shards under {out / name}")
     print(f"train with: data.source=shards data.shards={out / 'train'} data.val_shards={out / 'val'}")
