@@ -102,7 +102,7 @@ class PretrainCrop:
     The crop's area is drawn uniformly from `scale` (fractions of the image) and its aspect ratio (width / height)
     log-uniformly from `ratio`, up to 10 tries for one that fits, else the largest centered crop of an allowed
     ratio (torchvision's rule); it is resized bilinearly to size x size and flipped with probability `hflip`.
-    Pixels stay uint8: `normalize_images` runs on the device (the pretraining module's on_after_batch_transfer),
+    Pixels stay uint8: `normalize_images` runs on the device (`SimMIMDataModule.on_after_batch_transfer`),
     which spares the workers the float work and the host-to-device copy three quarters of its bytes. Used like an
     albumentations transform: ``crop(image=array)["image"]``, ``crop.set_random_seed(seed)``.
     """
@@ -735,7 +735,8 @@ class ResumableDataModule(pl.LightningDataModule):
 
 class SimMIMDataModule(ResumableDataModule):
     """Masked (image, mask, label) batches for SimMIM: images (B, 3, S, S), masks (B, S/p, S/p) with p the
-    model patch size, labels (B,).
+    model patch size, labels (B,). Train images leave the loader uint8 and are normalized on the device
+    (`on_after_batch_transfer`); val images are normalized floats already.
 
     Train uses `pretrain_transform` (crop_scale, crop_ratio, hflip) and masks that change every epoch; val uses
     `eval_transform` and the fixed epoch-0 masks. Folder sources without train/ and val/ subfolders, and list
@@ -793,6 +794,16 @@ class SimMIMDataModule(ResumableDataModule):
                                       pin_memory=self._pin_memory())
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 images (`PretrainCrop` leaves them so) are normalized here, on the device, then cast as the
+        precision casts float inputs (Lightning does that before the transfer, when they were still uint8)."""
+        images, *rest = batch
+        if images.dtype == torch.uint8:
+            images = normalize_images(images)
+            if self.trainer is not None:
+                images = self.trainer.precision_plugin.convert_input(images)
+        return [images, *rest]
 
     def _pin_memory(self) -> bool:
         """pin_memory, or when None: whether the trainer (or, outside one, this machine) uses CUDA."""

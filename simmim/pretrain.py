@@ -62,18 +62,6 @@ class SimMIMPretrainModule(pl.LightningModule):
     def configure_callbacks(self):
         return [CompileTime()]  # reports the compile time when configure_model compiled
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """uint8 images (the pretraining crop leaves them so) are normalized here, on the device, then cast as the
-        precision casts float inputs (Lightning does that before the transfer, when they were still uint8)."""
-        images, *rest = batch
-        if images.dtype == torch.uint8:
-            from simmim.data import normalize_images  # here: simmim.data imports albumentations and sklearn
-
-            images = normalize_images(images)
-            if self._trainer is not None:
-                images = self.trainer.precision_plugin.convert_input(images)
-        return [images, *rest]
-
     def training_step(self, batch, batch_idx):
         x, mask, _ = batch
         loss = self.simmim(x, mask)

@@ -91,7 +91,7 @@ def test_precisions_train(tmp_path, precision):
 
 @pytest.mark.parametrize("precision, dtype", [("32-true", torch.float32), ("bf16-true", torch.bfloat16)])
 def test_uint8_crops_reach_the_model_normalized_in_its_precision(tmp_path, precision, dtype):
-    """The pretraining crop yields uint8; the module normalizes on the device before the precision's cast."""
+    """The pretraining crop yields uint8; the DataModule normalizes on the device, then the precision's cast."""
     module = SimMIMPretrainModule(model=TINY_MODEL)
     real_forward, seen = module.simmim.forward, []
     module.simmim.forward = lambda x, mask: seen.append(x.detach().clone()) or real_forward(x, mask)

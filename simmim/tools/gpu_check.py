@@ -2,6 +2,7 @@
 
     python scripts/gpu_check.py                                  # SwinV2-T, 192 px / window 12, bf16, all strategies
     python scripts/gpu_check.py model.variant=small batch_size=64 steps=30 out=gpu_check.json
+    python scripts/gpu_check.py compile=true strategies=single,fsdp     # compiled blocks under FSDP
     python scripts/gpu_check.py device=cpu precision=32-true strategies=single,ddp_zero1 model.variant=null \\
         model.img_size=64 model.window_size=4 model.embed_dim=16 model.depths=[1,1,1,1] model.num_heads=[1,1,1,1]
 
@@ -42,6 +43,7 @@ SCHEMA = {
     "mask_patch_size": 32,
     "seed": 0,
     "out": None,                 # JSON file for the table
+    "compile": False,            # the blocks under torch.compile, as model.compile=true trains (true | false | auto)
     "model": {**model_section(), "variant": "tiny"},   # SwinTransformerV2 arguments; null: BASE_MODEL or default
 }
 
@@ -105,7 +107,7 @@ def run_strategy(name: str, cfg, model: dict) -> dict:
     data = SyntheticData(cfg.batch_size, cfg.steps, model["img_size"], model.get("patch_size", 4),
                          cfg.mask_patch_size, cfg.seed)
     torch.manual_seed(cfg.seed)
-    module = SimMIMPretrainModule(model=model, warmup_epochs=0)
+    module = SimMIMPretrainModule(model={**model, "compile": cfg.compile}, warmup_epochs=0)
     timer = StepTimer(cfg.warmup)
     strategy = "auto" if name == "single" else build_strategy(name, cfg.precision)
     trainer = pl.Trainer(accelerator=device.type, devices=1, strategy=strategy, precision=cfg.precision,
