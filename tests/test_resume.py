@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import jpeg
+from simmim.tools import make_shards
+
 ROOT = Path(__file__).resolve().parents[1]
 # 4 batches of 8 per epoch, 10 steps: epochs end at steps 4 and 8; step checkpoints at 3, 6 and 9 (mid-epoch 0,
 # mid-epoch 1, mid-epoch 2). Drop path draws from the global generator; validation runs every epoch.
@@ -108,3 +111,39 @@ def test_killed_finetune_resumes_to_the_uninterrupted_weights(tmp_path):
     whole, resumed = final(tmp_path / "whole"), final(run)
     for name, value in whole.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """data.* arguments of WebDataset shards that make_shards packed from a folder: 4 training shards of about 18
+    images (2 classes) and 1 validation shard."""
+    root = tmp_path_factory.mktemp("shards")
+    for split, count in (("train", 72), ("val", 8)):
+        for i in range(count):
+            path = root / "src" / split / f"class{i % 2}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(jpeg(i + 1000 * (split == "val"), (40, 40, 3)))
+    size_mb = sum(p.stat().st_size for p in (root / "src" / "train").rglob("*.jpg")) / 4 / 1e6
+    make_shards.main([f"root={root / 'src'}", f"out={root}", f"shard_mb={size_mb:.6f}", "workers=2"])
+    assert len(list((root / "train").glob("*.tar"))) >= 4  # 2 workers: each reads 2 shards
+    return ["data.source=shards", f"data.shards={root / 'train'}", f"data.val_shards={root / 'val'}",
+            "data.shuffle_buffer=8"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers, kill_after_step", [(0, 3), (2, 6)])
+def test_killed_run_on_shards_resumes_to_the_uninterrupted_weights(tmp_path, shards, workers, kill_after_step):
+    """The streamed source: killed at a mid-epoch step checkpoint, resumed from the place in the shards it saved.
+    (The data order depends on the number of workers, so each has its own uninterrupted run.)"""
+    args = [*ARGS, *shards]
+    pretrain(tmp_path / "whole", workers, args=args)
+    run = tmp_path / "killed"
+    kill_after(pretrain(run, workers, wait=False, args=args), run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt")
+    assert not (run / "encoder.pth").exists()
+    state = torch.load(run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt", weights_only=False)
+    assert state["SimMIMDataModule"]["shards"]["batches"] == kill_after_step % 4  # mid-epoch
+    pretrain(run, workers, args=args)
+    weights, whole = encoder(run), encoder(tmp_path / "whole")
+    for name, value in whole.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
