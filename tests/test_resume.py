@@ -2,15 +2,22 @@
 import csv
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
+import types
+import warnings
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins import MixedPrecision
 
 from conftest import jpeg
+import simmim.train.trainer
+from simmim import pretrain as pretrain_stage
 from simmim.tools import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +154,45 @@ def test_killed_run_on_shards_resumes_to_the_uninterrupted_weights(tmp_path, sha
     weights, whole = encoder(run), encoder(tmp_path / "whole")
     for name, value in whole.items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def cpu_fp16_trainer(**kwargs) -> pl.Trainer:
+    """A Trainer for trainer.precision=16-mixed on the CPU (where Lightning would switch to bf16-mixed): fp16 autocast
+    and a CPU GradScaler that doubles its scale every 2 steps without overflow and halves it on overflow."""
+    assert kwargs.pop("precision") == "16-mixed"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=2)
+    plugins = [*kwargs.pop("plugins"), MixedPrecision("16-mixed", "cpu", scaler)]
+    return pl.Trainer(**kwargs, plugins=plugins)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_restores_the_grad_scaler(tmp_path, monkeypatch):
+    """fp16 mixed precision: the step checkpoints hold the grad scaler's state and a run resumed mid-epoch from one
+    has, at every later checkpoint, the scale and growth tracker of the run that was never interrupted. (A
+    checkpoint on disk is what kill -9 leaves: saves are atomic and the run is deterministic.)"""
+    monkeypatch.setattr(simmim.train.trainer, "pl", types.SimpleNamespace(Trainer=cpu_fp16_trainer))
+    args = [*ARGS, "checkpoint.keep_last=5", "trainer.precision=16-mixed", "trainer.accelerator=cpu",
+            "data.num_workers=0"]
+
+    def run(name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pretrain_stage.main([f"output_dir={tmp_path}", f"run_name={name}", *args])
+        checkpoints = {p.name: torch.load(p, weights_only=False) for p in (tmp_path / name / "checkpoints").glob("*")}
+        return {name: c["MixedPrecision"] for name, c in checkpoints.items()}, encoder(tmp_path / name)
+
+    whole, whole_weights = run("whole")
+    scale = {name: state["scale"] for name, state in whole.items()}
+    assert 2.0 ** 16 < scale["step-00000003.ckpt"] < scale["step-00000006.ckpt"]  # grown
+    assert whole["step-00000003.ckpt"]["_growth_tracker"] == 1
+    assert scale["last.ckpt"] < scale["step-00000009.ckpt"]  # step 10 overflowed: halved
+
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "whole" / "checkpoints" / "step-00000003.ckpt", tmp_path / "resumed" / "checkpoints")
+    resumed, resumed_weights = run("resumed")
+    assert sorted(resumed) == sorted(whole) == ["best.ckpt", "last.ckpt", *(f"step-{s:08d}.ckpt" for s in (3, 6, 9))]
+    for name, state in resumed.items():
+        assert state == whole[name], name
+    for name, value in whole_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=1e-6, msg=name)
