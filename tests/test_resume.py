@@ -1,5 +1,6 @@
 """kill -9 in the middle of an epoch, resume=auto: the run ends with the weights of a run that was never killed."""
 import csv
+import math
 import os
 import signal
 import shutil
@@ -22,12 +23,13 @@ from simmim.tools import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 batches of 8 per epoch, 10 steps: epochs end at steps 4 and 8; step checkpoints at 3, 6 and 9 (mid-epoch 0,
-# mid-epoch 1, mid-epoch 2). Drop path draws from the global generator; validation runs every epoch.
+# mid-epoch 1, mid-epoch 2). Drop path draws from the global generator; validation runs every epoch; the k-NN monitor
+# measures before training, after every epoch and after the last step (steps 0, 4, 8 and 10).
 ARGS = ["data.img_size=32", "data.batch_size=8", "model.embed_dim=16", "model.num_heads=[2,2,4,8]",
         "model.drop_path_rate=0.1", "trainer.max_steps=10", "trainer.max_epochs=-1", "trainer.limit_train_batches=4",
         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
         "logging.recon_every_n_steps=0", "checkpoint.every_n_steps=3", "checkpoint.keep_last=2",
-        "eval.knn_every_n_epochs=0"]  # the k-NN monitor logs once more after the last step
+        "eval.knn_every_n_epochs=1", "eval.knn_max_images=64"]
 
 
 # the fine-tune: from scratch, Mixup / CutMix and drop path from the global generators
@@ -63,42 +65,83 @@ def kill_after(process: subprocess.Popen, path: Path, timeout: float = 240) -> N
     assert process.wait() == -signal.SIGKILL
 
 
+def metrics(run_dir: Path) -> list[dict]:
+    return list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+
+
+def logged(rows: list[dict]) -> list[tuple]:
+    """(step, names of the metrics logged) of every row of metrics.csv, sorted: what was logged, once each."""
+    return sorted((int(row["step"]), tuple(k for k, v in row.items() if v and k != "step")) for row in rows)
+
+
+def knn_points(rows: list[dict]) -> list[float]:
+    """step, top-1, step, top-1, ... of the k-NN rows of metrics.csv."""
+    return [float(row[key]) for row in rows if row["knn/top1"] for key in ("step", "knn/top1")]
+
+
+def knn_history(run_dir: Path) -> list[dict]:
+    """The k-NN monitor's history (the points of knn.png) in the checkpoint written after the last step."""
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["KNNMonitor"]["history"]
+
+
+def numbers(history: list[dict]) -> list[float]:
+    return [math.nan if row[key] is None else row[key] for row in history
+            for key in ("epoch", "train_loss", "val_loss", "knn_top1")]
+
+
+def knn_line(result) -> str:
+    """The k-NN points the run printed at its end ("k-NN top-1 (val) by epoch: 0: 0.812, ...")."""
+    line = next(line for line in result.stdout.splitlines() if line.startswith("k-NN top-1 (val) by epoch"))
+    return line.split("; plot: ")[0]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run = tmp_path_factory.mktemp("whole") / "run"
-    pretrain(run, workers=0)
-    return encoder(run)
+    return run, pretrain(run, workers=0)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("workers, kill_after_step", [(0, 3), (2, 6)])
-def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, workers, kill_after_step, uninterrupted):
-    """The same weights with 0 and 2 workers (data randomness depends on (seed, epoch, index) only). With 2, the
-    newest checkpoint (step 6) is truncated: the run resumes from the one before (last.ckpt, end of epoch 0)."""
+@pytest.mark.parametrize("workers, kill_at, broken, resumed_step", [
+    (0, "step-00000003.ckpt", (), 3), (2, "step-00000006.ckpt", ("best", "last", "step-00000006"), 3),
+    (0, "last.ckpt", (), 4)])
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, workers, kill_at, broken, resumed_step,
+                                                         uninterrupted):
+    """The same weights with 0 and 2 workers (data randomness depends on (seed, epoch, index) only), the same k-NN
+    history and the same metrics.csv rows, each once. Killed at step 3 (mid-epoch 0); at step 6 (mid-epoch 1) with
+    the checkpoints after step 3 truncated (step 6; best and last at step 4), so the run resumes from step 3 and
+    repeats what it had logged from there (the k-NN point of epoch 1 included); at last.ckpt, just after the k-NN
+    point of epoch 1 was logged (Lightning repeats the end of that epoch when it resumes there)."""
     run = tmp_path / "killed"
-    kill_after(pretrain(run, workers, wait=False), run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt")
+    kill_after(pretrain(run, workers, wait=False), run / "checkpoints" / kill_at)
     checkpoints = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     assert not (run / "encoder.pth").exists() and (run / "run.lock").exists()
-    if workers:  # the newest checkpoint truncated (a crash of the disk, not of the save): the next one is used
-        newest = checkpoints[-1]
-        newest.write_bytes(newest.read_bytes()[:1000])
-    rows_before = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    broken = [run / "checkpoints" / f"{name}.ckpt" for name in broken]
+    for path in broken:  # truncated (a crash of the disk, not of the save): the next newest good one is used
+        path.write_bytes(path.read_bytes()[:1000])
+    rows_before = metrics(run)
     key = "encoder.layers.0.blocks.0.mlp.fc1.weight"
     first = torch.load(checkpoints[0], weights_only=False)["state_dict"][f"simmim.{key}"]
 
     resumed = pretrain(run, workers)
     assert "taking over the lock of pid" in resumed.stderr
-    if workers:
-        assert f"checkpoint {newest} cannot be resumed from" in resumed.stderr
+    for path in broken:
+        assert f"checkpoint {path} cannot be resumed from" in resumed.stderr
     weights = encoder(run)
-    for name, value in uninterrupted.items():
+    for name, value in encoder(uninterrupted[0]).items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
     assert (weights[key] - first).abs().max() > 1e-4  # the resumed part of the run did train
 
-    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
-    assert rows[:len(rows_before)] == [{**{k: "" for k in rows[0]}, **row} for row in rows_before]
-    assert max(int(row["step"]) for row in rows) == 9  # the last logged step (0-based) of 10
+    assert knn_line(resumed) == knn_line(uninterrupted[1])
+    history, whole_history = knn_history(run), knn_history(uninterrupted[0])
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3]  # the points of knn.png: losses and k-NN top-1
+    assert numbers(history) == pytest.approx(numbers(whole_history), rel=1e-5, nan_ok=True)
+    rows, whole_rows = metrics(run), metrics(uninterrupted[0])
+    assert logged(rows) == logged(whole_rows)  # every metric of every step once
+    assert knn_points(rows) == pytest.approx(knn_points(whole_rows), abs=1e-6)
+    kept = [{**{k: "" for k in rows[0]}, **row} for row in rows_before if int(row["step"]) < resumed_step]
+    assert rows[:len(kept)] == kept  # the rows before the checkpoint are those written before the kill
     assert len(list(run.glob("config.*.yaml"))) == 2 and not (run / "run.lock").exists()
     steps = sorted(p.name for p in (run / "checkpoints").glob("step-*.ckpt"))
     assert steps == ["step-00000006.ckpt", "step-00000009.ckpt"]  # keep_last=2
