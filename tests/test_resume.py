@@ -14,12 +14,16 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins import MixedPrecision
+from torch.utils.data import DataLoader
 
 from conftest import jpeg
 import simmim.train.trainer
 from simmim import pretrain as pretrain_stage
 from simmim.tools import make_shards
+from simmim.train.resume import ExactResume
+from simmim.train.run_dir import AppendingCSVLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 batches of 8 per epoch, 10 steps: epochs end at steps 4 and 8; step checkpoints at 3, 6 and 9 (mid-epoch 0,
@@ -177,7 +181,7 @@ def shards(tmp_path_factory):
     make_shards.main([f"root={root / 'src'}", f"out={root}", f"shard_mb={size_mb:.6f}", "workers=2"])
     assert len(list((root / "train").glob("*.tar"))) >= 4  # 2 workers: each reads 2 shards
     return ["data.source=shards", f"data.shards={root / 'train'}", f"data.val_shards={root / 'val'}",
-            "data.shuffle_buffer=8"]
+            "data.shuffle_buffer=8", "eval.knn_every_n_epochs=0"]  # the k-NN monitor embeds listed images only
 
 
 @pytest.mark.slow
@@ -197,6 +201,7 @@ def test_killed_run_on_shards_resumes_to_the_uninterrupted_weights(tmp_path, sha
     weights, whole = encoder(run), encoder(tmp_path / "whole")
     for name, value in whole.items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+    assert logged(metrics(run)) == logged(metrics(tmp_path / "whole"))
 
 
 def cpu_fp16_trainer(**kwargs) -> pl.Trainer:
@@ -239,3 +244,48 @@ def test_resume_restores_the_grad_scaler(tmp_path, monkeypatch):
         assert state == whole[name], name
     for name, value in whole_weights.items():
         torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+class Mean(pl.LightningModule):
+    """One weight fitted to the mean of the numbers 0..7, one per step; logs its loss every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        loss = (self.weight - batch.mean()) ** 2
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", (self.weight - batch.mean()) ** 2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_resume_drops_the_csv_rows_logged_after_its_checkpoint(tmp_path):
+    """A run resumed from the step-2 checkpoint of a run that went on to step 6 (as one killed there would have)
+    logs steps 2-5 again: their first rows are dropped, those before stay as they were; validate keeps them all."""
+    data = DataLoader(torch.arange(8.0).view(8, 1), batch_size=1)
+
+    def trainer():
+        return pl.Trainer(max_steps=6, logger=AppendingCSVLogger(tmp_path, name="csv", version=""),
+                          callbacks=[ExactResume(0), ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=2,
+                                                                     save_top_k=-1)],
+                          log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                          accelerator="cpu")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer().fit(Mean(), data)
+        first = metrics(tmp_path)
+        assert [int(row["step"]) for row in first] == list(range(6))
+        trainer().validate(Mean(), data, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+        assert metrics(tmp_path)[:6] == [{**row, "val": ""} for row in first] and len(metrics(tmp_path)) == 7
+        trainer().fit(Mean(), data, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    rows = metrics(tmp_path)
+    assert [(int(row["step"]), bool(row["loss"])) for row in rows] == [
+        (0, True), (1, True), (0, False), (2, True), (3, True), (4, True), (5, True)]  # validate's row: step 0
+    assert rows[:2] == [{**row, "val": ""} for row in first[:2]]  # step 1's row was written after the checkpoint

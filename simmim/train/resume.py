@@ -13,6 +13,7 @@ import random
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 
 from simmim.train.run_dir import AppendingCSVLogger
 
@@ -51,7 +52,7 @@ class ExactResume(pl.Callback):
             checkpoint["csv_rows"] = {logger.metrics_file: logger.saved_rows() for logger in _csv_loggers(trainer)}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and trainer.state.fn == TrainerFn.FITTING:  # validate / test replay no steps
             for logger in _csv_loggers(trainer):
                 rows = checkpoint.get("csv_rows", {}).get(logger.metrics_file)
                 if rows is not None:  # None: a checkpoint of another run directory
