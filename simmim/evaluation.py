@@ -81,9 +81,10 @@ class KNNMonitor(pl.Callback):
     Before the first epoch (a fresh run), every `every_n_epochs` epochs and after the last, `train_set` and
     `val_set` (labeled, un-augmented (image, label) datasets) are embedded in eval mode and `knn/top1` is logged at
     the current step. `history` keeps one row per epoch ({"epoch", "train_loss" (mean over the epoch's steps),
-    "val_loss", "knn_top1"}, None where not measured; epoch 0 is before training); it is saved in checkpoints,
-    and written as a plot to `plot_path` at the end of training. Every rank embeds the whole sets (sharded
-    weights are gathered); rank 0 logs and plots.
+    "val_loss", "knn_top1"}, None where not measured; epoch 0 is before training); it is saved in checkpoints
+    with the losses of the epoch so far (a run resumed mid-epoch averages over the whole epoch), and written as a
+    plot to `plot_path` at the end of training. Every rank embeds the whole sets (sharded weights are gathered);
+    rank 0 logs and plots.
     """
 
     def __init__(self, train_set: Dataset, val_set: Dataset, every_n_epochs: int = 1, k: int = 20,
@@ -96,7 +97,8 @@ class KNNMonitor(pl.Callback):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.plot_path = Path(plot_path) if plot_path is not None else None
         self.history: list[dict] = []
-        self._losses: list[float] = []
+        self._losses: list[float] = []  # the training losses of epoch _losses_epoch so far
+        self._losses_epoch: int | None = None
 
     def measure(self, pl_module: pl.LightningModule, strategy=None) -> float:
         """k-NN top-1 of the module's encoder now (its train / eval mode is restored)."""
@@ -123,7 +125,8 @@ class KNNMonitor(pl.Callback):
             self._record(trainer, pl_module, 0, True, train_loss=None, val_loss=None)
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._losses = []
+        if trainer.current_epoch != self._losses_epoch:  # else resumed mid-epoch: the losses before are kept
+            self._losses, self._losses_epoch = [], trainer.current_epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -132,6 +135,8 @@ class KNNMonitor(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch + 1
+        if self.history and self.history[-1]["epoch"] >= epoch:  # Lightning repeats the hook after a resume (with
+            return  # max_steps) from a checkpoint saved in it: the epoch is recorded already
         measure = epoch % self.every_n_epochs == 0 or epoch >= trainer.max_epochs
         val_loss = trainer.callback_metrics.get("val/loss")
         self._record(trainer, pl_module, epoch, measure,
@@ -143,10 +148,11 @@ class KNNMonitor(pl.Callback):
             plot_knn_history(self.history, self.plot_path)
 
     def state_dict(self) -> dict:
-        return {"history": self.history}
+        return {"history": self.history, "losses": self._losses, "losses_epoch": self._losses_epoch}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
+        self._losses, self._losses_epoch = list(state_dict.get("losses", [])), state_dict.get("losses_epoch")
 
 
 def knn_summary(history: Sequence[dict]) -> str:

@@ -1,3 +1,5 @@
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +27,12 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         else:
             p.copy_(0.2 * noise)
     return model
+
+
+def jpeg(seed: int, shape: tuple = (24, 32, 3)) -> bytes:
+    """The JPEG bytes of a random uint8 image of `shape` drawn by `seed`."""
+    image = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return cv2.imencode(".jpg", image)[1].tobytes()
 
 
 @pytest.fixture(autouse=True)

@@ -1,23 +1,40 @@
-"""kill -9 in the middle of an epoch, resume=auto: the run ends with the weights of a run that was never killed."""
+"""kill -9 in the middle of an epoch, resume=auto: the run ends with the weights, the grad-scaler state, the k-NN
+history and the metrics.csv rows of a run that was never killed (digits and shards sources, 0 and 2 workers)."""
 import csv
+import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
+import types
+import warnings
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins import MixedPrecision
+from torch.utils.data import DataLoader
+
+from conftest import jpeg
+import simmim.train.trainer
+from simmim import pretrain as pretrain_stage
+from simmim.tools import make_shards
+from simmim.train.resume import ExactResume
+from simmim.train.run_dir import AppendingCSVLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 batches of 8 per epoch, 10 steps: epochs end at steps 4 and 8; step checkpoints at 3, 6 and 9 (mid-epoch 0,
-# mid-epoch 1, mid-epoch 2). Drop path draws from the global generator; validation runs every epoch.
+# mid-epoch 1, mid-epoch 2). Drop path draws from the global generator; validation runs every epoch; the k-NN monitor
+# measures before training, after every epoch and after the last step (steps 0, 4, 8 and 10).
 ARGS = ["data.img_size=32", "data.batch_size=8", "model.embed_dim=16", "model.num_heads=[2,2,4,8]",
         "model.drop_path_rate=0.1", "trainer.max_steps=10", "trainer.max_epochs=-1", "trainer.limit_train_batches=4",
         "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
         "logging.recon_every_n_steps=0", "checkpoint.every_n_steps=3", "checkpoint.keep_last=2",
-        "eval.knn_every_n_epochs=0"]  # the k-NN monitor logs once more after the last step
+        "eval.knn_every_n_epochs=1", "eval.knn_max_images=64"]
 
 
 # the fine-tune: from scratch, Mixup / CutMix and drop path from the global generators
@@ -53,42 +70,83 @@ def kill_after(process: subprocess.Popen, path: Path, timeout: float = 240) -> N
     assert process.wait() == -signal.SIGKILL
 
 
+def metrics(run_dir: Path) -> list[dict]:
+    return list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+
+
+def logged(rows: list[dict]) -> list[tuple]:
+    """(step, names of the metrics logged) of every row of metrics.csv, sorted: what was logged, once each."""
+    return sorted((int(row["step"]), tuple(k for k, v in row.items() if v and k != "step")) for row in rows)
+
+
+def knn_points(rows: list[dict]) -> list[float]:
+    """step, top-1, step, top-1, ... of the k-NN rows of metrics.csv."""
+    return [float(row[key]) for row in rows if row["knn/top1"] for key in ("step", "knn/top1")]
+
+
+def knn_history(run_dir: Path) -> list[dict]:
+    """The k-NN monitor's history (the points of knn.png) in the checkpoint written after the last step."""
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["KNNMonitor"]["history"]
+
+
+def numbers(history: list[dict]) -> list[float]:
+    return [math.nan if row[key] is None else row[key] for row in history
+            for key in ("epoch", "train_loss", "val_loss", "knn_top1")]
+
+
+def knn_line(result) -> str:
+    """The k-NN points the run printed at its end ("k-NN top-1 (val) by epoch: 0: 0.812, ...")."""
+    line = next(line for line in result.stdout.splitlines() if line.startswith("k-NN top-1 (val) by epoch"))
+    return line.split("; plot: ")[0]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run = tmp_path_factory.mktemp("whole") / "run"
-    pretrain(run, workers=0)
-    return encoder(run)
+    return run, pretrain(run, workers=0)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("workers, kill_after_step", [(0, 3), (2, 6)])
-def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, workers, kill_after_step, uninterrupted):
-    """The same weights with 0 and 2 workers (data randomness depends on (seed, epoch, index) only). With 2, the
-    newest checkpoint (step 6) is truncated: the run resumes from the one before (last.ckpt, end of epoch 0)."""
+@pytest.mark.parametrize("workers, kill_at, broken, resumed_step", [
+    (0, "step-00000003.ckpt", (), 3), (2, "step-00000006.ckpt", ("best", "last", "step-00000006"), 3),
+    (0, "last.ckpt", (), 4)])
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, workers, kill_at, broken, resumed_step,
+                                                         uninterrupted):
+    """The same weights with 0 and 2 workers (data randomness depends on (seed, epoch, index) only), the same k-NN
+    history and the same metrics.csv rows, each once. Killed at step 3 (mid-epoch 0); at step 6 (mid-epoch 1) with
+    the checkpoints after step 3 truncated (step 6; best and last at step 4), so the run resumes from step 3 and
+    repeats what it had logged from there (the k-NN point of epoch 1 included); at last.ckpt, just after the k-NN
+    point of epoch 1 was logged (Lightning repeats the end of that epoch when it resumes there)."""
     run = tmp_path / "killed"
-    kill_after(pretrain(run, workers, wait=False), run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt")
+    kill_after(pretrain(run, workers, wait=False), run / "checkpoints" / kill_at)
     checkpoints = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     assert not (run / "encoder.pth").exists() and (run / "run.lock").exists()
-    if workers:  # the newest checkpoint truncated (a crash of the disk, not of the save): the next one is used
-        newest = checkpoints[-1]
-        newest.write_bytes(newest.read_bytes()[:1000])
-    rows_before = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    broken = [run / "checkpoints" / f"{name}.ckpt" for name in broken]
+    for path in broken:  # truncated (a crash of the disk, not of the save): the next newest good one is used
+        path.write_bytes(path.read_bytes()[:1000])
+    rows_before = metrics(run)
     key = "encoder.layers.0.blocks.0.mlp.fc1.weight"
     first = torch.load(checkpoints[0], weights_only=False)["state_dict"][f"simmim.{key}"]
 
     resumed = pretrain(run, workers)
     assert "taking over the lock of pid" in resumed.stderr
-    if workers:
-        assert f"checkpoint {newest} cannot be resumed from" in resumed.stderr
+    for path in broken:
+        assert f"checkpoint {path} cannot be resumed from" in resumed.stderr
     weights = encoder(run)
-    for name, value in uninterrupted.items():
+    for name, value in encoder(uninterrupted[0]).items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
     assert (weights[key] - first).abs().max() > 1e-4  # the resumed part of the run did train
 
-    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
-    assert rows[:len(rows_before)] == [{**{k: "" for k in rows[0]}, **row} for row in rows_before]
-    assert max(int(row["step"]) for row in rows) == 9  # the last logged step (0-based) of 10
+    assert knn_line(resumed) == knn_line(uninterrupted[1])
+    history, whole_history = knn_history(run), knn_history(uninterrupted[0])
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3]  # the points of knn.png: losses and k-NN top-1
+    assert numbers(history) == pytest.approx(numbers(whole_history), rel=1e-5, nan_ok=True)
+    rows, whole_rows = metrics(run), metrics(uninterrupted[0])
+    assert logged(rows) == logged(whole_rows)  # every metric of every step once
+    assert knn_points(rows) == pytest.approx(knn_points(whole_rows), abs=1e-6)
+    kept = [{**{k: "" for k in rows[0]}, **row} for row in rows_before if int(row["step"]) < resumed_step]
+    assert rows[:len(kept)] == kept  # the rows before the checkpoint are those written before the kill
     assert len(list(run.glob("config.*.yaml"))) == 2 and not (run / "run.lock").exists()
     steps = sorted(p.name for p in (run / "checkpoints").glob("step-*.ckpt"))
     assert steps == ["step-00000006.ckpt", "step-00000009.ckpt"]  # keep_last=2
@@ -108,3 +166,127 @@ def test_killed_finetune_resumes_to_the_uninterrupted_weights(tmp_path):
     whole, resumed = final(tmp_path / "whole"), final(run)
     for name, value in whole.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """data.* arguments of WebDataset shards that make_shards packed from a folder: 4 training shards of about 18
+    images (2 classes) and 1 validation shard."""
+    root = tmp_path_factory.mktemp("shards")
+    for split, count in (("train", 72), ("val", 8)):
+        for i in range(count):
+            path = root / "src" / split / f"class{i % 2}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(jpeg(i + 1000 * (split == "val"), (40, 40, 3)))
+    size_mb = sum(p.stat().st_size for p in (root / "src" / "train").rglob("*.jpg")) / 4 / 1e6
+    make_shards.main([f"root={root / 'src'}", f"out={root}", f"shard_mb={size_mb:.6f}", "workers=2"])
+    assert len(list((root / "train").glob("*.tar"))) >= 4  # 2 workers: each reads 2 shards
+    return ["data.source=shards", f"data.shards={root / 'train'}", f"data.val_shards={root / 'val'}",
+            "data.shuffle_buffer=8", "eval.knn_every_n_epochs=0"]  # the k-NN monitor embeds listed images only
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers, kill_after_step", [(0, 3), (2, 6)])
+def test_killed_run_on_shards_resumes_to_the_uninterrupted_weights(tmp_path, shards, workers, kill_after_step):
+    """The streamed source: killed at a mid-epoch step checkpoint, resumed from the place in the shards it saved.
+    (The data order depends on the number of workers, so each has its own uninterrupted run.)"""
+    args = [*ARGS, *shards]
+    pretrain(tmp_path / "whole", workers, args=args)
+    run = tmp_path / "killed"
+    kill_after(pretrain(run, workers, wait=False, args=args), run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt")
+    assert not (run / "encoder.pth").exists()
+    state = torch.load(run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt", weights_only=False)
+    assert state["SimMIMDataModule"]["shards"]["batches"] == kill_after_step % 4  # mid-epoch
+    pretrain(run, workers, args=args)
+    weights, whole = encoder(run), encoder(tmp_path / "whole")
+    for name, value in whole.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+    assert logged(metrics(run)) == logged(metrics(tmp_path / "whole"))
+
+
+def cpu_fp16_trainer(**kwargs) -> pl.Trainer:
+    """A Trainer for trainer.precision=16-mixed on the CPU (where Lightning would switch to bf16-mixed): fp16 autocast
+    and a CPU GradScaler that doubles its scale every 2 steps without overflow and halves it on overflow."""
+    assert kwargs.pop("precision") == "16-mixed"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=2)
+    plugins = [*kwargs.pop("plugins"), MixedPrecision("16-mixed", "cpu", scaler)]
+    return pl.Trainer(**kwargs, plugins=plugins)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_restores_the_grad_scaler(tmp_path, monkeypatch):
+    """fp16 mixed precision: the step checkpoints hold the grad scaler's state and a run resumed mid-epoch from one
+    has, at every later checkpoint, the scale and growth tracker of the run that was never interrupted. (A
+    checkpoint on disk is what kill -9 leaves: saves are atomic and the run is deterministic.)"""
+    monkeypatch.setattr(simmim.train.trainer, "pl", types.SimpleNamespace(Trainer=cpu_fp16_trainer))
+    args = [*ARGS, "checkpoint.keep_last=5", "trainer.precision=16-mixed", "trainer.accelerator=cpu",
+            "data.num_workers=0"]
+
+    def run(name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pretrain_stage.main([f"output_dir={tmp_path}", f"run_name={name}", *args])
+        checkpoints = {p.name: torch.load(p, weights_only=False) for p in (tmp_path / name / "checkpoints").glob("*")}
+        return {name: c["MixedPrecision"] for name, c in checkpoints.items()}, encoder(tmp_path / name)
+
+    whole, whole_weights = run("whole")
+    scale = {name: state["scale"] for name, state in whole.items()}
+    assert 2.0 ** 16 < scale["step-00000003.ckpt"] < scale["step-00000006.ckpt"]  # grown
+    assert whole["step-00000003.ckpt"]["_growth_tracker"] == 1
+    assert scale["last.ckpt"] < scale["step-00000009.ckpt"]  # step 10 overflowed: halved
+
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "whole" / "checkpoints" / "step-00000003.ckpt", tmp_path / "resumed" / "checkpoints")
+    resumed, resumed_weights = run("resumed")
+    assert sorted(resumed) == sorted(whole) == ["best.ckpt", "last.ckpt", *(f"step-{s:08d}.ckpt" for s in (3, 6, 9))]
+    for name, state in resumed.items():
+        assert state == whole[name], name
+    for name, value in whole_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+class Mean(pl.LightningModule):
+    """One weight fitted to the mean of the numbers 0..7, one per step; logs its loss every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        loss = (self.weight - batch.mean()) ** 2
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", (self.weight - batch.mean()) ** 2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_resume_drops_the_csv_rows_logged_after_its_checkpoint(tmp_path):
+    """A run resumed from the step-2 checkpoint of a run that went on to step 6 (as one killed there would have)
+    logs steps 2-5 again: their first rows are dropped, those before stay as they were; validate keeps them all."""
+    data = DataLoader(torch.arange(8.0).view(8, 1), batch_size=1)
+
+    def trainer():
+        return pl.Trainer(max_steps=6, logger=AppendingCSVLogger(tmp_path, name="csv", version=""),
+                          callbacks=[ExactResume(0), ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=2,
+                                                                     save_top_k=-1)],
+                          log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                          accelerator="cpu")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer().fit(Mean(), data)
+        first = metrics(tmp_path)
+        assert [int(row["step"]) for row in first] == list(range(6))
+        trainer().validate(Mean(), data, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+        assert metrics(tmp_path)[:6] == [{**row, "val": ""} for row in first] and len(metrics(tmp_path)) == 7
+        trainer().fit(Mean(), data, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    rows = metrics(tmp_path)
+    assert [(int(row["step"]), bool(row["loss"])) for row in rows] == [
+        (0, True), (1, True), (0, False), (2, True), (3, True), (4, True), (5, True)]  # validate's row: step 0
+    assert rows[:2] == [{**row, "val": ""} for row in first[:2]]  # step 1's row was written after the checkpoint

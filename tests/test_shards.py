@@ -12,15 +12,11 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from webdataset import TarWriter
 
+from conftest import jpeg
 from simmim.data import SimMIMDataModule, SkipCounter, decode_image
 from simmim.shards import ShardDataset, ShardLoader, balanced_groups, shard_counts, shard_urls
 from simmim.tools import make_shards
 
-
-
-def jpeg(seed, shape=(24, 32, 3)):
-    image = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-    return cv2.imencode(".jpg", image)[1].tobytes()
 
 
 def write_shard(path, samples):

@@ -3,7 +3,8 @@
 The data's randomness depends only on (seed, epoch, index) (`simmim.data`); the model's (drop path, dropout,
 Mixup) comes from the global generators, which `ExactResume` reseeds before every training batch from
 (seed, epoch, batch index, rank). A run resumed at any step therefore draws what the uninterrupted run drew, without
-saving generator states, whatever the loaders and validation drew in between.
+saving generator states, whatever the loaders and validation drew in between. `ExactResume` also keeps metrics.csv
+to one row per logged value: what a crashed run logged after its checkpoint is dropped when a run resumes from it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import random
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
+
+from simmim.train.run_dir import AppendingCSVLogger
 
 
 def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
@@ -23,7 +27,9 @@ def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
 class ExactResume(pl.Callback):
     """Seeds torch (CPU and CUDA), numpy and random from `batch_seed(seed, epoch, batch_idx, rank)` at the start
     of every training batch; logs a resumed run's metrics at the step of the uninterrupted run (Lightning 2.6 logs
-    one step ahead after a resume from a checkpoint saved at the end of an epoch)."""
+    one step ahead after a resume from a checkpoint saved at the end of an epoch). A checkpoint records how many
+    rows metrics.csv (`AppendingCSVLogger`) held when it was saved; a run resumed from it first drops the later rows
+    of the steps it logs again."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -40,3 +46,18 @@ class ExactResume(pl.Callback):
         torch.manual_seed(value)
         np.random.seed(value % 2 ** 32)
         random.seed(value)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.is_global_zero:
+            checkpoint["csv_rows"] = {logger.metrics_file: logger.saved_rows() for logger in _csv_loggers(trainer)}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.is_global_zero and trainer.state.fn == TrainerFn.FITTING:  # validate / test replay no steps
+            for logger in _csv_loggers(trainer):
+                rows = checkpoint.get("csv_rows", {}).get(logger.metrics_file)
+                if rows is not None:  # None: a checkpoint of another run directory
+                    logger.rewind(rows, checkpoint["global_step"])
+
+
+def _csv_loggers(trainer) -> list[AppendingCSVLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, AppendingCSVLogger)]

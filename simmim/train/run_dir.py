@@ -135,22 +135,59 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
     return lock
 
 
+def _write_csv(path: str, header: list[str], rows: list) -> None:
+    """Write a CSV file (header, then rows: lists or dicts) to a temporary file and rename it into place."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([row.get(key, "") for key in header] if isinstance(row, dict) else row for row in rows)
+    os.replace(tmp, path)
+
+
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer without the deletion of an existing metrics.csv: new rows are appended (the header
-    grows when new metrics appear)."""
+    grows when new metrics appear; the file is then rewritten, atomically). `rows`: the rows in the file."""
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
+        self.rows = 0
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = next(csv.reader(f), [])
+                reader = csv.reader(f)
+                self.metrics_keys = next(reader, [])
+                self.rows = sum(1 for _ in reader)
 
     def _check_log_dir_exists(self) -> None:
         pass
 
+    def save(self) -> None:
+        written = len(self.metrics)
+        super().save()
+        self.rows += written
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        _write_csv(self.metrics_file_path, fieldnames, rows)
+
+    def rewind(self, rows: int, step: int) -> None:
+        """Drop the rows after the first `rows` that log a step >= `step` (after a resume, the run logs them
+        again); later rows of earlier steps stay (Lightning logs a step's metrics after that step's checkpoint)."""
+        if rows >= self.rows:
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            kept = [row for i, row in enumerate(reader) if i < rows or int(row[header.index("step")]) < step]
+        _write_csv(self.metrics_file_path, header, kept)
+        self.rows = len(kept)
+
 
 class AppendingCSVLogger(CSVLogger):
-    """A CSVLogger whose `metrics.csv` keeps the rows of earlier (killed, finished or resumed) runs."""
+    """A CSVLogger whose `metrics.csv` keeps the rows of earlier (killed, finished or resumed) runs. `saved_rows`
+    and `rewind` let a resumed run drop the rows that a crashed run logged after its checkpoint (see
+    `simmim.train.resume.ExactResume`). Rank 0 only."""
 
     @property
     @rank_zero_experiment
@@ -159,3 +196,17 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    @property
+    def metrics_file(self) -> str:
+        """The absolute path of metrics.csv."""
+        return os.path.realpath(self.experiment.metrics_file_path)
+
+    def saved_rows(self) -> int:
+        """The rows of metrics.csv once the buffered ones are written."""
+        self.experiment.save()
+        return self.experiment.rows
+
+    def rewind(self, rows: int, step: int) -> None:
+        """`_AppendingWriter.rewind`."""
+        self.experiment.rewind(rows, step)
