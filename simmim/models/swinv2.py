@@ -259,6 +259,35 @@ class _ScaledNormalize(torch.autograd.Function):
         return grad_x, grad_scale
 
 
+class _BiasedAttention(torch.autograd.Function):
+    """softmax(q k^T + bias) v on CPU with a hand-written backward: q, k, v (B, H, N, d), bias (H, N, N)
+    broadcast over B. The bias is added in place of the logits and the backward is six plain 3-D passes
+    (two products per input), where autograd of an in-place add into a product's output copies the (N, N)
+    logits back and forth; the bias gradient is the logits' gradient summed over B."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, H, N, d = q.shape
+        q3, k3, v3 = (t.reshape(B * H, N, d) for t in (q, k, v))
+        logits = torch.bmm(q3, k3.transpose(1, 2))
+        logits.view(B, H, N, N).add_(bias)
+        attn = logits.softmax(dim=-1)
+        ctx.save_for_backward(q3, k3, v3, attn)
+        return torch.bmm(attn, v3).view(B, H, N, d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q3, k3, v3, attn = ctx.saved_tensors
+        B, H, N, d = grad.shape
+        grad3 = grad.reshape(B * H, N, d)
+        grad_v = torch.bmm(attn.transpose(1, 2), grad3)
+        grad_logits = torch._softmax_backward_data(torch.bmm(grad3, v3.transpose(1, 2)), attn, -1, attn.dtype)
+        grad_q = torch.bmm(grad_logits, k3)
+        grad_k = torch.bmm(grad_logits.transpose(1, 2), q3)
+        grad_bias = grad_logits.view(B, H, N, N).sum(0) if ctx.needs_input_grad[3] else None
+        return grad_q.view(B, H, N, d), grad_k.view(B, H, N, d), grad_v.view(B, H, N, d), grad_bias
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with scaled cosine attention and continuous position bias.
 
@@ -460,10 +489,12 @@ class WindowAttention(nn.Module):
         cpu_bias_grad = q.device.type == "cpu" and additive is not None and additive.requires_grad
         if not cpu_bias_grad:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout, scale=1.0)
-        # 3-D bmm on views (4-D matmul copies the transposed k), the bias added in place of a new buffer
         B, H, N, d = q.shape
+        if dropout == 0.0:
+            return _BiasedAttention.apply(q, k, v, additive.view(H, N, N))
+        # 3-D bmm on views (4-D matmul copies the transposed k)
         attn = torch.bmm(q.reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2)).view(B, H, N, N)
-        attn = F.dropout(attn.add_(additive).softmax(dim=-1), dropout, self.training)
+        attn = F.dropout((attn + additive).softmax(dim=-1), dropout, self.training)
         return torch.bmm(attn.view(B * H, N, N), v.reshape(B * H, N, d)).view(B, H, N, d)
 
     def _attend_sequential(self, q, k, v, bias: torch.Tensor | None, mask: torch.Tensor | None,
