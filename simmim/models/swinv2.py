@@ -156,8 +156,8 @@ class _OneDNNLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.mkldnn._linear_pointwise(g2, weight.t().contiguous(), None, "none", [], "")
-            grad_x = grad_x.view(x.shape)
+            # the transposed weight as a strided view: oneDNN reads it in place, no transposed copy
+            grad_x = torch.ops.mkldnn._linear_pointwise(g2, weight.t(), None, "none", [], "").view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -259,6 +259,28 @@ class _ScaledNormalize(torch.autograd.Function):
         return grad_x, grad_scale
 
 
+class _SplitHeads(torch.autograd.Function):
+    """qkv (B, N, 3 * heads * d) -> q, k, v, each (B, heads, N, d) and contiguous, from one copy; the backward
+    writes the three gradients into one (B, N, 3, heads, d) buffer, where autograd of permute + unbind would
+    stack them and copy once more."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C3 = qkv.shape
+        return qkv.view(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        B, heads, N, d = next(g for g in grads if g is not None).shape
+        out = grads[0].new_empty(B, N, 3, heads, d)
+        for i, g in enumerate(grads):
+            if g is None:
+                out[:, :, i].zero_()
+            else:
+                out[:, :, i].copy_(g.transpose(1, 2))
+        return out.view(B, N, 3 * heads * d), None
+
+
 class _BiasedAttention(torch.autograd.Function):
     """softmax(q k^T + bias) v on CPU with a hand-written backward: q, k, v (B, H, N, d), bias (H, N, N)
     broadcast over B. The bias is added in place of the logits and the backward is six plain 3-D passes
@@ -358,7 +380,8 @@ class WindowAttention(nn.Module):
             table = self.relative_position_bias_table
         else:
             # the coords buffer stays float32 where only parameters are cast (DeepSpeed bf16)
-            coords = self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype)
+            # 2-D, so the in-place ReLU writes into a plain tensor, not into a view autograd copies back and forth
+            coords = self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype).view(-1, 2)
             # 16*sigmoid on the (2W-1)^2 offsets before the gather: the same values as after it, without
             # a (heads, N, N) intermediate kept for backward
             table = 16 * torch.sigmoid(self.cpb_mlp(coords).view(-1, self.num_heads))
@@ -387,7 +410,10 @@ class WindowAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = linear(x, self.qkv.weight, bias).view(B_, N, 3, self.num_heads, C // self.num_heads)
+        qkv = linear(x, self.qkv.weight, bias)
+        if x.device.type == "cpu":  # contiguous heads make the normalize and the batched products copy-free
+            return _SplitHeads.apply(qkv, self.num_heads)
+        qkv = qkv.view(B_, N, 3, self.num_heads, C // self.num_heads)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B_, heads, N, d
 
     def _temperature(self, dtype: torch.dtype) -> torch.Tensor | float:
@@ -681,7 +707,14 @@ class PatchEmbed(nn.Module):
         self.norm = norm_layer(embed_dim) if norm_layer is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x).permute(0, 2, 3, 1)
+        """x (B, C_in, H, W), H and W multiples of the patch size."""
+        if x.device.type == "cpu":  # patches gathered once, then one channels-last product (no NCHW output)
+            B, C, H, W = x.shape
+            p = self.proj.stride[0]
+            patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, -1)
+            x = linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+        else:
+            x = self.proj(x).permute(0, 2, 3, 1)
         return x if self.norm is None else self.norm(x)
 
 
