@@ -281,33 +281,69 @@ class _SplitHeads(torch.autograd.Function):
         return out.view(B, N, 3 * heads * d), None
 
 
+ATTN_CHUNK_BYTES = 1 << 20  # (N, N) matrices per chunk of `_BiasedAttention`: about this many bytes
+
+
+def _attention_chunks(batch: int, heads: int, n: int, itemsize: int) -> int:
+    """Matrices per chunk of the flattened (batch * heads) attention: a multiple of `heads` or a divisor of it,
+    so each chunk's bias is one slice of the (heads, N, N) table, and about ATTN_CHUNK_BYTES of logits."""
+    target = max(1, ATTN_CHUNK_BYTES // (n * n * itemsize))
+    if target >= heads:
+        return heads * min(batch, target // heads)
+    return max(c for c in range(1, target + 1) if heads % c == 0)
+
+
 class _BiasedAttention(torch.autograd.Function):
     """softmax(q k^T + bias) v on CPU with a hand-written backward: q, k, v (B, H, N, d), bias (H, N, N)
-    broadcast over B. The bias is added in place of the logits and the backward is six plain 3-D passes
-    (two products per input), where autograd of an in-place add into a product's output copies the (N, N)
-    logits back and forth; the bias gradient is the logits' gradient summed over B."""
+    broadcast over B.
+
+    The (N, N) matrices are the largest tensors of a window attention and each pass over them goes to memory,
+    so both directions run over chunks of about ATTN_CHUNK_BYTES that stay in cache: forward computes a
+    chunk's logits into the saved probabilities, adds the bias and takes the softmax in place and multiplies by
+    v; backward reads the chunk's probabilities once and keeps its logit gradient in one reused buffer for the
+    three products and the bias gradient (the logit gradient summed over B). Autograd of the same ops passes
+    over the full matrices about fifteen times."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         B, H, N, d = q.shape
         q3, k3, v3 = (t.reshape(B * H, N, d) for t in (q, k, v))
-        logits = torch.bmm(q3, k3.transpose(1, 2))
-        logits.view(B, H, N, N).add_(bias)
-        attn = logits.softmax(dim=-1)
+        attn = q3.new_empty(B * H, N, N)
+        out = q3.new_empty(B * H, N, d)
+        step = _attention_chunks(B, H, N, q.element_size())
+        for start in range(0, B * H, step):
+            end = min(start + step, B * H)
+            logits = torch.bmm(q3[start:end], k3[start:end].transpose(1, 2), out=attn[start:end])
+            h = start % H
+            logits.view(-1, min(step, H), N, N).add_(bias[h:h + min(step, H)])
+            torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # row by row: in place is exact
+            torch.bmm(logits, v3[start:end], out=out[start:end])
         ctx.save_for_backward(q3, k3, v3, attn)
-        return torch.bmm(attn, v3).view(B, H, N, d)
+        ctx.heads, ctx.step, ctx.bias_grad = H, step, ctx.needs_input_grad[3]
+        return out.view(B, H, N, d)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         q3, k3, v3, attn = ctx.saved_tensors
-        B, H, N, d = grad.shape
-        grad3 = grad.reshape(B * H, N, d)
-        grad_v = torch.bmm(attn.transpose(1, 2), grad3)
-        grad_logits = torch._softmax_backward_data(torch.bmm(grad3, v3.transpose(1, 2)), attn, -1, attn.dtype)
-        grad_q = torch.bmm(grad_logits, k3)
-        grad_k = torch.bmm(grad_logits.transpose(1, 2), q3)
-        grad_bias = grad_logits.view(B, H, N, N).sum(0) if ctx.needs_input_grad[3] else None
-        return grad_q.view(B, H, N, d), grad_k.view(B, H, N, d), grad_v.view(B, H, N, d), grad_bias
+        H, step = ctx.heads, ctx.step
+        BH, N, d = q3.shape
+        grad3 = grad.reshape(BH, N, d)
+        grad_q, grad_k, grad_v = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+        grad_bias = q3.new_zeros(H, N, N) if ctx.bias_grad else None
+        buffer = q3.new_empty(step, N, N)
+        for start in range(0, BH, step):
+            end = min(start + step, BH)
+            p, g = attn[start:end], grad3[start:end]
+            torch.bmm(p.transpose(1, 2), g, out=grad_v[start:end])
+            grad_logits = torch.bmm(g, v3[start:end].transpose(1, 2), out=buffer[:end - start])
+            torch.ops.aten._softmax_backward_data.out(grad_logits, p, -1, p.dtype, grad_input=grad_logits)
+            torch.bmm(grad_logits, k3[start:end], out=grad_q[start:end])
+            torch.bmm(grad_logits.transpose(1, 2), q3[start:end], out=grad_k[start:end])
+            if grad_bias is not None:
+                h, hc = start % H, min(step, H)
+                grad_bias[h:h + hc] += grad_logits.view(-1, hc, N, N).sum(0)
+        shape = (BH // H, H, N, d)
+        return grad_q.view(shape), grad_k.view(shape), grad_v.view(shape), grad_bias
 
 
 class WindowAttention(nn.Module):
