@@ -314,8 +314,10 @@ class _BiasedAttention(torch.autograd.Function):
         for start in range(0, B * H, step):
             end = min(start + step, B * H)
             logits = torch.bmm(q3[start:end], k3[start:end].transpose(1, 2), out=attn[start:end])
-            h = start % H
-            logits.view(-1, min(step, H), N, N).add_(bias[h:h + min(step, H)])
+            if step < H:
+                logits.add_(bias[start % H:start % H + step])
+            else:
+                logits.view(-1, H, N, N).add_(bias)
             torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # row by row: in place is exact
             torch.bmm(logits, v3[start:end], out=out[start:end])
         ctx.save_for_backward(q3, k3, v3, attn)
@@ -339,9 +341,10 @@ class _BiasedAttention(torch.autograd.Function):
             torch.ops.aten._softmax_backward_data.out(grad_logits, p, -1, p.dtype, grad_input=grad_logits)
             torch.bmm(grad_logits, k3[start:end], out=grad_q[start:end])
             torch.bmm(grad_logits.transpose(1, 2), q3[start:end], out=grad_k[start:end])
-            if grad_bias is not None:
-                h, hc = start % H, min(step, H)
-                grad_bias[h:h + hc] += grad_logits.view(-1, hc, N, N).sum(0)
+            if grad_bias is not None and step < H:  # a chunk of one image's heads
+                grad_bias[start % H:start % H + step] += grad_logits
+            elif grad_bias is not None:
+                grad_bias += grad_logits.view(-1, H, N, N).sum(0)
         shape = (BH // H, H, N, d)
         return grad_q.view(shape), grad_k.view(shape), grad_v.view(shape), grad_bias
 
