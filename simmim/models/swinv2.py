@@ -314,7 +314,7 @@ class _BiasedAttention(torch.autograd.Function):
         for start in range(0, B * H, step):
             end = min(start + step, B * H)
             logits = torch.bmm(q3[start:end], k3[start:end].transpose(1, 2), out=attn[start:end])
-            if step < H:
+            if step <= H:
                 logits.add_(bias[start % H:start % H + step])
             else:
                 logits.view(-1, H, N, N).add_(bias)
@@ -341,7 +341,7 @@ class _BiasedAttention(torch.autograd.Function):
             torch.ops.aten._softmax_backward_data.out(grad_logits, p, -1, p.dtype, grad_input=grad_logits)
             torch.bmm(grad_logits, k3[start:end], out=grad_q[start:end])
             torch.bmm(grad_logits.transpose(1, 2), q3[start:end], out=grad_k[start:end])
-            if grad_bias is not None and step < H:  # a chunk of one image's heads
+            if grad_bias is not None and step <= H:  # a chunk of one image's heads
                 grad_bias[start % H:start % H + step] += grad_logits
             elif grad_bias is not None:
                 grad_bias += grad_logits.view(-1, H, N, N).sum(0)
