@@ -450,7 +450,8 @@ class WindowAttention(nn.Module):
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = linear(x, self.qkv.weight, bias)
-        if x.device.type == "cpu":  # contiguous heads make the normalize and the batched products copy-free
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():  # contiguous heads: the normalize and
+            # the batched products then run without copies (compiled code fuses the permute instead)
             return _SplitHeads.apply(qkv, self.num_heads)
         qkv = qkv.view(B_, N, 3, self.num_heads, C // self.num_heads)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B_, heads, N, d
@@ -543,7 +544,8 @@ class WindowAttention(nn.Module):
 
         PyTorch's fused kernels (CUDA; CPU without gradients) do this without materializing the (N, N)
         matrices. On CPU a bias that needs a gradient sends SDPA to its unfused fallback, which is slower
-        than the explicit product below (scripts/benchmark.py), so that case takes the explicit product."""
+        than `_BiasedAttention` (scripts/benchmark.py), so that case takes it; with attention dropout, or
+        compiled, the explicit product below."""
         additive = bias
         if mask is not None:
             w, N = mask.shape[0], mask.shape[-1]
@@ -555,7 +557,7 @@ class WindowAttention(nn.Module):
         if not cpu_bias_grad:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout, scale=1.0)
         B, H, N, d = q.shape
-        if dropout == 0.0:
+        if dropout == 0.0 and not torch.compiler.is_compiling():
             return _BiasedAttention.apply(q, k, v, additive.view(H, N, N))
         # 3-D bmm on views (4-D matmul copies the transposed k)
         attn = torch.bmm(q.reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2)).view(B, H, N, N)
