@@ -382,7 +382,8 @@ def test_cpu_biased_attention_chunks_match_autograd(monkeypatch, heads, chunk_ma
     theirs = (q @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
     torch.testing.assert_close(ours, theirs)
     grad = torch.randn_like(ours)
-    for a, b in zip(torch.autograd.grad(ours, (q, k, v, bias), grad), torch.autograd.grad(theirs, (q, k, v, bias), grad)):
+    inputs = (q, k, v, bias)
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert swinv2._attention_chunks(5, heads, N, 4) != 5 * heads  # more than one chunk
 
