@@ -51,6 +51,17 @@ def test_benchmark_refuses_what_cannot_be_compared(tmp_path):
     if not torch.cuda.is_available():
         run = _benchmark(*TINY, "configs=[fast,compiled_flex_bf16]", out)
         assert run.returncode != 0 and "['compiled_flex_bf16'] need CUDA" in run.stderr
+    run = _benchmark(*TINY, "configs=[fast]", "timer=gpu", out)
+    assert run.returncode != 0 and "timer='gpu'" in run.stderr
+
+
+def test_benchmark_times_cpu_seconds(tmp_path):
+    out = tmp_path / "bench.json"
+    run = _benchmark(*TINY, "configs=[fast]", "timer=cpu", "threads=1", "device=cpu", f"out={out}")
+    assert run.returncode == 0, run.stderr
+    assert "1 threads, CPU seconds of this process" in run.stdout
+    row = json.loads(out.read_text())["results"][0]
+    assert row["images_per_s"] > 0 and len(row["step_ms_all"]) == 1
 
 
 @pytest.mark.skipif(not available_peers(), reason="neither timm nor transformers is installed (optional)")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simmim.models.swinv2 import SwinTransformerV2, encoder_args
+from simmim.models.swinv2 import SwinTransformerV2, encoder_args, linear
 
 
 class SwinTransformerV2ForSimMIM(SwinTransformerV2):
@@ -61,6 +61,18 @@ def norm_targets(x: torch.Tensor, window: int = 47) -> torch.Tensor:
     return (x - mean) / std
 
 
+class PointwiseConv(nn.Conv2d):
+    """1x1 convolution (an nn.Conv2d: same parameters and state-dict keys) computed as a linear map over the
+    channels of the channels-last map the encoders return: (B, C_in, H, W) -> (B, C_out, H, W), channels-last
+    strides. On CPU this avoids the slow direct convolution PyTorch picks for a channels-last 1x1 input."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
+
 class SimMIM(nn.Module):
     """Encoder + decoder (1x1 conv to stride^2 * in_chans channels, then PixelShuffle(stride)) + loss.
 
@@ -75,7 +87,7 @@ class SimMIM(nn.Module):
         self.encoder_stride, self.in_chans, self.patch_size = encoder_stride, in_chans, patch_size
         self.norm_target_patch_size = norm_target_patch_size
         self.decoder = nn.Sequential(
-            nn.Conv2d(encoder.num_features, encoder_stride ** 2 * in_chans, kernel_size=1),
+            PointwiseConv(encoder.num_features, encoder_stride ** 2 * in_chans),
             nn.PixelShuffle(encoder_stride),
         )
 

@@ -156,8 +156,8 @@ class _OneDNNLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.mkldnn._linear_pointwise(g2, weight.t().contiguous(), None, "none", [], "")
-            grad_x = grad_x.view(x.shape)
+            # the transposed weight as a strided view: oneDNN reads it in place, no transposed copy
+            grad_x = torch.ops.mkldnn._linear_pointwise(g2, weight.t(), None, "none", [], "").view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -259,6 +259,93 @@ class _ScaledNormalize(torch.autograd.Function):
         return grad_x, grad_scale
 
 
+class _SplitHeads(torch.autograd.Function):
+    """qkv (B, N, 3 * heads * d) -> q, k, v, each (B, heads, N, d) and contiguous, from one copy; the backward
+    writes the three gradients into one (B, N, 3, heads, d) buffer, where autograd of permute + unbind would
+    stack them and copy once more."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C3 = qkv.shape
+        return qkv.view(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # a missing gradient arrives as zeros (materialized)
+        B, heads, N, d = grads[0].shape
+        out = grads[0].new_empty(B, N, 3, heads, d)
+        for i, g in enumerate(grads):
+            out[:, :, i].copy_(g.transpose(1, 2))
+        return out.view(B, N, 3 * heads * d), None
+
+
+ATTN_CHUNK_BYTES = 1 << 20  # (N, N) matrices per chunk of `_BiasedAttention`: about this many bytes
+
+
+def _attention_chunks(batch: int, heads: int, n: int, itemsize: int) -> int:
+    """Matrices per chunk of the flattened (batch * heads) attention: a multiple of `heads` or a divisor of it,
+    so each chunk's bias is one slice of the (heads, N, N) table, and about ATTN_CHUNK_BYTES of logits."""
+    target = max(1, ATTN_CHUNK_BYTES // (n * n * itemsize))
+    if target >= heads:
+        return heads * min(batch, target // heads)
+    return max(c for c in range(1, target + 1) if heads % c == 0)
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """softmax(q k^T + bias) v on CPU with a hand-written backward: q, k, v (B, H, N, d), bias (H, N, N)
+    broadcast over B.
+
+    The (N, N) matrices are the largest tensors of a window attention and each pass over them goes to memory,
+    so both directions run over chunks of about ATTN_CHUNK_BYTES that stay in cache: forward computes a
+    chunk's logits into the saved probabilities, adds the bias and takes the softmax in place and multiplies by
+    v; backward reads the chunk's probabilities once and keeps its logit gradient in one reused buffer for the
+    three products and the bias gradient (the logit gradient summed over B). Autograd of the same ops passes
+    over the full matrices about fifteen times."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, H, N, d = q.shape
+        q3, k3, v3 = (t.reshape(B * H, N, d) for t in (q, k, v))
+        attn = q3.new_empty(B * H, N, N)
+        out = q3.new_empty(B * H, N, d)
+        step = _attention_chunks(B, H, N, q.element_size())
+        for start in range(0, B * H, step):
+            end = min(start + step, B * H)
+            logits = torch.bmm(q3[start:end], k3[start:end].transpose(1, 2), out=attn[start:end])
+            if step <= H:
+                logits.add_(bias[start % H:start % H + step])
+            else:
+                logits.view(-1, H, N, N).add_(bias)
+            torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # row by row: in place is exact
+            torch.bmm(logits, v3[start:end], out=out[start:end])
+        ctx.save_for_backward(q3, k3, v3, attn)
+        ctx.heads, ctx.step, ctx.bias_grad = H, step, ctx.needs_input_grad[3]
+        return out.view(B, H, N, d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q3, k3, v3, attn = ctx.saved_tensors
+        H, step = ctx.heads, ctx.step
+        BH, N, d = q3.shape
+        grad3 = grad.reshape(BH, N, d)
+        grad_q, grad_k, grad_v = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+        grad_bias = q3.new_zeros(H, N, N) if ctx.bias_grad else None
+        buffer = q3.new_empty(step, N, N)
+        for start in range(0, BH, step):
+            end = min(start + step, BH)
+            p, g = attn[start:end], grad3[start:end]
+            torch.bmm(p.transpose(1, 2), g, out=grad_v[start:end])
+            grad_logits = torch.bmm(g, v3[start:end].transpose(1, 2), out=buffer[:end - start])
+            torch.ops.aten._softmax_backward_data.out(grad_logits, p, -1, p.dtype, grad_input=grad_logits)
+            torch.bmm(grad_logits, k3[start:end], out=grad_q[start:end])
+            torch.bmm(grad_logits.transpose(1, 2), q3[start:end], out=grad_k[start:end])
+            if grad_bias is not None and step <= H:  # a chunk of one image's heads
+                grad_bias[start % H:start % H + step] += grad_logits
+            elif grad_bias is not None:
+                grad_bias += grad_logits.view(-1, H, N, N).sum(0)
+        shape = (BH // H, H, N, d)
+        return grad_q.view(shape), grad_k.view(shape), grad_v.view(shape), grad_bias
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with scaled cosine attention and continuous position bias.
 
@@ -329,7 +416,8 @@ class WindowAttention(nn.Module):
             table = self.relative_position_bias_table
         else:
             # the coords buffer stays float32 where only parameters are cast (DeepSpeed bf16)
-            coords = self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype)
+            # 2-D, so the in-place ReLU writes into a plain tensor, not into a view autograd copies back and forth
+            coords = self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype).view(-1, 2)
             # 16*sigmoid on the (2W-1)^2 offsets before the gather: the same values as after it, without
             # a (heads, N, N) intermediate kept for backward
             table = 16 * torch.sigmoid(self.cpb_mlp(coords).view(-1, self.num_heads))
@@ -358,7 +446,11 @@ class WindowAttention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = linear(x, self.qkv.weight, bias).view(B_, N, 3, self.num_heads, C // self.num_heads)
+        qkv = linear(x, self.qkv.weight, bias)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():  # contiguous heads: the normalize and
+            # the batched products then run without copies (compiled code fuses the permute instead)
+            return _SplitHeads.apply(qkv, self.num_heads)
+        qkv = qkv.view(B_, N, 3, self.num_heads, C // self.num_heads)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B_, heads, N, d
 
     def _temperature(self, dtype: torch.dtype) -> torch.Tensor | float:
@@ -449,7 +541,8 @@ class WindowAttention(nn.Module):
 
         PyTorch's fused kernels (CUDA; CPU without gradients) do this without materializing the (N, N)
         matrices. On CPU a bias that needs a gradient sends SDPA to its unfused fallback, which is slower
-        than the explicit product below (scripts/benchmark.py), so that case takes the explicit product."""
+        than `_BiasedAttention` (scripts/benchmark.py), so that case takes it; with attention dropout, or
+        compiled, the explicit product below."""
         additive = bias
         if mask is not None:
             w, N = mask.shape[0], mask.shape[-1]
@@ -460,10 +553,12 @@ class WindowAttention(nn.Module):
         cpu_bias_grad = q.device.type == "cpu" and additive is not None and additive.requires_grad
         if not cpu_bias_grad:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout, scale=1.0)
-        # 3-D bmm on views (4-D matmul copies the transposed k), the bias added in place of a new buffer
         B, H, N, d = q.shape
+        if dropout == 0.0 and not torch.compiler.is_compiling():
+            return _BiasedAttention.apply(q, k, v, additive.view(H, N, N))
+        # 3-D bmm on views (4-D matmul copies the transposed k)
         attn = torch.bmm(q.reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2)).view(B, H, N, N)
-        attn = F.dropout(attn.add_(additive).softmax(dim=-1), dropout, self.training)
+        attn = F.dropout((attn + additive).softmax(dim=-1), dropout, self.training)
         return torch.bmm(attn.view(B * H, N, N), v.reshape(B * H, N, d)).view(B, H, N, d)
 
     def _attend_sequential(self, q, k, v, bias: torch.Tensor | None, mask: torch.Tensor | None,
@@ -650,7 +745,14 @@ class PatchEmbed(nn.Module):
         self.norm = norm_layer(embed_dim) if norm_layer is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x).permute(0, 2, 3, 1)
+        """x (B, C_in, H, W), H and W multiples of the patch size."""
+        if x.device.type == "cpu":  # patches gathered once, then one channels-last product (no NCHW output)
+            B, C, H, W = x.shape
+            p = self.proj.stride[0]
+            patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, -1)
+            x = linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+        else:
+            x = self.proj(x).permute(0, 2, 3, 1)
         return x if self.norm is None else self.norm(x)
 
 

@@ -21,12 +21,15 @@ The configurations (`configs=[...]`, default all that run on the device):
   compiled_bf16   compiled under bf16 autocast
   flex_bf16       attn_impl=flex (FlexAttention, its kernel compiled) under bf16 autocast; CUDA only
   compiled_flex_bf16  compiled blocks with attn_impl=flex under bf16 autocast; CUDA only
-`norm_target=null` trains against raw pixels instead of 47-px normalized ones; `tf32=true` runs float32
-matmuls on TF32 tensor cores (CUDA, as trainer.tf32 does in training). `peers=true` (needs
-norm_target=null) adds, for each of fast, fast_bf16, compiled, compiled_bf16 chosen, the same step on timm's and
-transformers' SwinV2 where they are installed (simmim/tools/peers.py; compiled: torch.compile of the whole peer
-model), named timm, timm_bf16, timm_compiled, ... The configurations run interleaved: after each one's warmup,
-every timed round runs one step of each, so load that comes and goes hits all alike; step time is the median.
+`timer=cpu` (CPU only) times each step in CPU seconds of this process (`time.process_time`) instead of wall
+clock: with `threads=1`, the measure that stays steady on a machine shared with other jobs (images/s are then
+images per CPU second); the load average is printed and saved. `norm_target=null` trains against raw pixels
+instead of 47-px normalized ones; `tf32=true` runs float32 matmuls on TF32 tensor cores (CUDA, as trainer.tf32
+does in training). `peers=true` (needs norm_target=null) adds, for each of fast, fast_bf16, compiled,
+compiled_bf16 chosen, the same step on timm's and transformers' SwinV2 where they are installed
+(simmim/tools/peers.py; compiled: torch.compile of the whole peer model), named timm, timm_bf16, timm_compiled,
+... The configurations run interleaved: after each one's warmup, every timed round runs one step of each, so
+load that comes and goes hits all alike; step time is the median.
 Peak memory is what a step allocates above what is held before it (parameters, optimizer states). FLOPs are
 counted once per image (forward + backward, matmuls and convolutions, torch.utils.flop_counter) on the
 reference path; MFU divides achieved FLOP/s by the peak: a measured matmul peak on CPU, the datasheet dense
@@ -72,8 +75,8 @@ CONFIGS = {
 CUDA_ONLY = ("flex_bf16", "compiled_flex_bf16")  # FlexAttention has no backward on CPU
 PEER_SUFFIXES = {"fast": "", "fast_bf16": "_bf16", "compiled": "_compiled", "compiled_bf16": "_compiled_bf16"}
 DEFAULTS = dict(model="tiny", embed_dim=None, depths=None, num_heads=None, img_size=192, window_size=12, batch_size=8,
-                sequential_attn_chunk=16, norm_target=47, peers=False, tf32=False, steps=5, warmup=2, configs=None,
-                device="auto", threads=0, seed=0, out="runs/benchmark/benchmark.json")
+                sequential_attn_chunk=16, norm_target=47, peers=False, tf32=False, timer="wall", steps=5, warmup=2,
+                configs=None, device="auto", threads=0, seed=0, out="runs/benchmark/benchmark.json")
 # Dense peaks (FLOP/s) from the datasheets: fp32 without tensor cores, tf32 and bf16 with them.
 GPU_PEAKS = {"H100": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12},
              "H200": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12},
@@ -185,6 +188,7 @@ def device_peak(device: torch.device, bf16: bool) -> tuple[float, str]:
 
 def run_configs(configs: dict[str, dict], opts, device: torch.device, flops: float) -> list[dict]:
     """Build and warm up every configuration, then time `opts.steps` rounds of one step each, interleaved."""
+    clock = time.process_time if opts.timer == "cpu" else time.perf_counter
     runs = {}
     for name, settings in configs.items():
         simmim, optimizer = build(opts, settings, device)
@@ -199,10 +203,10 @@ def run_configs(configs: dict[str, dict], opts, device: torch.device, flops: flo
     for _ in range(opts.steps):
         for run in runs.values():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             run["step"]()
             synchronize(device)
-            run["times"].append(time.perf_counter() - start)
+            run["times"].append(clock() - start)
     results = []
     for name, run in runs.items():
         settings = configs[name]
@@ -269,6 +273,9 @@ def main(argv: list[str]) -> None:
     if any(c not in runnable for c in names):
         raise ValueError(f"configs {[c for c in names if c not in runnable]} need CUDA (FlexAttention has no "
                          f"backward on CPU); drop them or pass device=cuda")
+    if opts.timer not in ("wall", "cpu") or (opts.timer == "cpu" and device.type != "cpu"):
+        raise ValueError(f"timer={opts.timer!r} is not one of ['wall', 'cpu'] or needs device=cpu ({device}); "
+                         f"use timer=wall, or timer=cpu with device=cpu")
     peers = available_peers() if opts.peers else []
     if opts.peers and opts.norm_target is not None:
         raise ValueError(f"peers=true compares raw-pixel targets (transformers has no normalized ones), got "
@@ -282,9 +289,14 @@ def main(argv: list[str]) -> None:
     configs = {name: CONFIGS[name] for name in names} | peer_configs(names, peers)
     flops = flops_per_image(opts)
     targets = "raw-pixel" if opts.norm_target is None else f"{opts.norm_target}-px normalized"
+    clock = "CPU seconds of this process" if opts.timer == "cpu" else "wall clock"
+    load = [os.getloadavg()[0]]
     print(f"SwinV2-{opts.model} SimMIM, {opts.img_size} px, window {opts.window_size}, batch {opts.batch_size}, "
-          f"{targets} targets, {device}; {flops / 1e9:.1f} GFLOP per image (forward + backward)", flush=True)
+          f"{targets} targets, {device}, {torch.get_num_threads()} threads, {clock}; {flops / 1e9:.1f} GFLOP per "
+          f"image (forward + backward); load average {load[0]:.1f}", flush=True)
     results = run_configs(configs, opts, device, flops)
+    load.append(os.getloadavg()[0])
+    print(f"load average {load[1]:.1f} at the end")
     print_table(results)
     ratios = versus_peers(results, peers)
     for name, ratio in ratios.items():
@@ -292,8 +304,8 @@ def main(argv: list[str]) -> None:
 
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"settings": OmegaConf.to_container(opts), "machine": machine(device), "gflops_per_image": flops / 1e9,
-              "results": results, "versus_peers": ratios,
+    report = {"settings": OmegaConf.to_container(opts), "machine": machine(device), "load_average": load,
+              "gflops_per_image": flops / 1e9, "results": results, "versus_peers": ratios,
               "peer_versions": {p: importlib.metadata.version(p) for p in peers}}
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
