@@ -65,20 +65,23 @@ def sample_of(path: str, label: int, key: str, short_side: int | None = None, qu
     """A WebDataset sample of an image file: its bytes under its suffix (others re-encoded as png; with
     short_side, a longer image resized to it and encoded as jpg), its label."""
     suffix = Path(path).suffix.lower().lstrip(".")
-    if short_side is not None:
-        image = read_image(path)
+    image = read_image(path) if short_side is not None or suffix not in IMAGE_SUFFIXES else None  # decoded once
+    if image is not None and min(image.shape[:2]) > (short_side or float("inf")):
         height, width = image.shape[:2]
-        if min(height, width) > short_side:
-            scale = short_side / min(height, width)
-            size = (max(short_side, round(width * scale)), max(short_side, round(height * scale)))
-            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1]
-            return {"__key__": key, "jpg": data.tobytes(), "cls": str(label).encode()}
-    if suffix in IMAGE_SUFFIXES:
+        scale = short_side / min(height, width)
+        size = (max(short_side, round(width * scale)), max(short_side, round(height * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        suffix, data = "jpg", _encode(".jpg", image, (cv2.IMWRITE_JPEG_QUALITY, quality))
+    elif suffix in IMAGE_SUFFIXES:
         data = Path(path).read_bytes()
     else:
-        suffix, data = "png", cv2.imencode(".png", cv2.cvtColor(read_image(path), cv2.COLOR_RGB2BGR))[1].tobytes()
+        suffix, data = "png", _encode(".png", image)
     return {"__key__": key, suffix: data, "cls": str(label).encode()}
+
+
+def _encode(extension: str, image: np.ndarray, params: tuple[int, ...] = ()) -> bytes:
+    """RGB uint8 (H, W, 3) -> the bytes of an `extension` file."""
+    return cv2.imencode(extension, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), list(params))[1].tobytes()
 
 
 def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: int | None = None,
