@@ -54,6 +54,15 @@ def _outputs_and_grads(model, x):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _assert_same_outputs_and_grads(reference, model, x, out_tol: float, grad_tol: float) -> None:
+    """model's outputs and parameter gradients equal reference's, within tolerances relative to the largest."""
+    out_a, grads_a = _outputs_and_grads(reference, x)
+    out_b, grads_b = _outputs_and_grads(model, x)
+    assert (out_b - out_a).abs().max() <= out_tol * out_a.abs().max()
+    for name, grad in grads_a.items():
+        assert (grads_b[name] - grad).abs().max() <= grad_tol * grad.abs().max(), name
+
+
 @pytest.mark.parametrize("switch", ["use_checkpoint", "sequential_attn", "both"])
 def test_memory_savers_match_plain_path(switch):
     plain = randomize_(tiny_swinv2(img_size=64, window_size=4)).train()
@@ -103,12 +112,7 @@ def test_fast_path_gradients_match_reference_path(attn_mode):
     fast = randomize_(tiny_swinv2(attn_mode=attn_mode)).train()
     reference = copy.deepcopy(fast)
     reference.set_attn_impl("reference")
-    x = _x()
-    out_a, grads_a = _outputs_and_grads(reference, x)
-    out_b, grads_b = _outputs_and_grads(fast, x)
-    assert (out_b - out_a).abs().max() <= 1e-5 * out_a.abs().max()
-    for name, grad in grads_a.items():
-        assert (grads_b[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+    _assert_same_outputs_and_grads(reference, fast, _x(), out_tol=1e-5, grad_tol=1e-4)
 
 
 def test_drop_path_in_the_residual_add_draws_the_same_samples():
@@ -337,12 +341,7 @@ def test_flex_attention_gradients_match_reference_on_cuda():
     flex = copy.deepcopy(reference)
     flex.set_attn_impl("flex")
     reference.set_attn_impl("reference")
-    x = _x().cuda()
-    out_a, grads_a = _outputs_and_grads(reference, x)
-    out_b, grads_b = _outputs_and_grads(flex, x)
-    assert (out_b - out_a).abs().max() <= 1e-4 * out_a.abs().max()
-    for name, grad in grads_a.items():
-        assert (grads_b[name] - grad).abs().max() <= 1e-3 * grad.abs().max(), name
+    _assert_same_outputs_and_grads(reference, flex, _x().cuda(), out_tol=1e-4, grad_tol=1e-3)
 
 
 def test_flex_attention_settings_fail_early():

@@ -179,7 +179,8 @@ class _AppendingWriter(ExperimentWriter):
         with open(self.metrics_file_path, newline="") as f:
             reader = csv.reader(f)
             header = next(reader)
-            kept = [row for i, row in enumerate(reader) if i < rows or int(row[header.index("step")]) < step]
+            column = header.index("step")
+            kept = [row for i, row in enumerate(reader) if i < rows or int(row[column]) < step]
         _write_csv(self.metrics_file_path, header, kept)
         self.rows = len(kept)
 
