@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
+from simmim.augment import random_erasing
 from simmim.data import (EpochSampler, LabeledItem, ResumableDataModule, SkipCounter, eval_transform,
                          finetune_transform, labeled_datasets, shard_source, uses_cuda)
 from simmim.tools.plot import confusion_matrix_figure, figure_to_rgb, save_figure
@@ -213,7 +215,8 @@ class SwinV2Classifier(pl.LightningModule):
 # ------------------------------------------------------------------------------------------------ data
 class ClassificationDataModule(ResumableDataModule):
     """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms;
-    RandAugment and random erasing as `simmim.data.finetune_transform` takes them; labels_per_class images per
+    RandAugment as `simmim.data.finetune_transform` takes it, random erasing on the device: `device_augment`;
+    train images leave the loader uint8 and are normalized on the device; labels_per_class images per
     class drawn by seed, or all), or streamed from WebDataset shards (source="shards": `simmim.shards.ShardSource`,
     its position in the epoch saved in checkpoints). Train augmentations depend on (seed, epoch, index) and the
     order resumes mid-epoch (`ResumableDataModule`)."""
@@ -236,7 +239,7 @@ class ClassificationDataModule(ResumableDataModule):
         hp = self.hparams
         augment = dict(crop_scale=hp.crop_scale, crop_ratio=hp.crop_ratio, hflip=hp.hflip,
                        randaug_ops=hp.randaug_ops, randaug_magnitude=hp.randaug_magnitude,
-                       randaug_magnitude_std=hp.randaug_magnitude_std, random_erasing=hp.random_erasing)
+                       randaug_magnitude_std=hp.randaug_magnitude_std)
         if hp.source == "shards":
             if hp.labels_per_class is not None:
                 raise ValueError(f"data.labels_per_class={hp.labels_per_class} needs a folder, list or digits "
@@ -252,6 +255,16 @@ class ClassificationDataModule(ResumableDataModule):
                                                         hp.labels_per_class, hp.seed, **augment)
         self.train_set.skipped = self.val_set.skipped = self.skipped
         self.train_set.seed = hp.seed
+
+    def device_augment(self, images: torch.Tensor) -> torch.Tensor:
+        """Random erasing (`random_erasing` > 0) of a normalized train batch on the device, seeded by (seed, the
+        batches this fit has fetched before it, rank): the same in a run resumed from a step checkpoint."""
+        hp = self.hparams
+        if not hp.random_erasing:
+            return images
+        before = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        seed = np.random.SeedSequence([hp.seed, before, self.trainer.global_rank]).generate_state(1)[0]
+        return random_erasing(images, hp.random_erasing, int(seed))
 
     def _loader(self, dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
         hp = self.hparams

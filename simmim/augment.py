@@ -1,19 +1,17 @@
-"""The fine-tune augmentations of the official Swin / SimMIM recipe beyond crops and flips, as albumentations
-transforms: RandAugment ("rand-m9-mstd0.5-inc1": 2 ops, magnitude 9 drawn with std 0.5, the increasing op set)
-and random erasing (probability 0.25, one box filled with per-pixel normal noise, on the normalized image).
-
-Both draw from albumentations' random state, so `Compose.set_random_seed` (per DataLoader worker, see
-simmim.data.ImageDataset) makes them reproducible.
+"""The fine-tune augmentations of the official Swin / SimMIM recipe beyond crops and flips: RandAugment
+("rand-m9-mstd0.5-inc1": 2 ops, magnitude 9 drawn with std 0.5, the increasing op set) on a worker's uint8
+pixels, drawn from the sample's numpy Generator, and random erasing (probability 0.25, one box filled with
+per-pixel normal noise) on a normalized batch on the device, drawn from a seed per batch.
 """
 from __future__ import annotations
 
 import math
 
-import albumentations as A
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-__all__ = ["RANDAUG_OPS", "MAX_MAGNITUDE", "RandAugment", "RandomErasing", "apply_op"]
+__all__ = ["RANDAUG_OPS", "MAX_MAGNITUDE", "RandAugment", "random_erasing", "apply_op"]
 
 MAX_MAGNITUDE = 10.0
 FILL = (124, 116, 104)  # ImageNet mean in uint8: what geometric ops move into the picture
@@ -71,59 +69,56 @@ RANDAUG_OPS = {
 def apply_op(name: str, image: np.ndarray, magnitude: float, rng: np.random.Generator) -> np.ndarray:
     """One RandAugment op on a uint8 (H, W, 3) RGB image at `magnitude` in [0, 10]."""
     level = min(max(magnitude, 0.0), MAX_MAGNITUDE) / MAX_MAGNITUDE
-    return np.asarray(RANDAUG_OPS[name](Image.fromarray(image), level, rng))
+    return np.array(RANDAUG_OPS[name](Image.fromarray(image), level, rng))  # a writable copy
 
 
-class RandAugment(A.ImageOnlyTransform):
+class RandAugment:
     """RandAugment on uint8 (H, W, 3) RGB: `num_ops` ops drawn with replacement from `RANDAUG_OPS`, each
     applied with probability `op_prob` at a magnitude drawn from N(magnitude, magnitude_std), clipped to
-    [0, 10] (timm's "rand-m9-mstd0.5-inc1" with the defaults)."""
+    [0, 10] (timm's "rand-m9-mstd0.5-inc1" with the defaults). ``randaug(image, rng)``."""
 
-    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, op_prob: float = 0.5,
-                 p: float = 1.0):
-        super().__init__(p=p)
+    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, op_prob: float = 0.5):
         if num_ops < 0 or not 0 <= magnitude <= MAX_MAGNITUDE or magnitude_std < 0:
             raise ValueError(f"RandAugment needs num_ops >= 0, magnitude in [0, {MAX_MAGNITUDE:g}] and "
                              f"magnitude_std >= 0; got {num_ops}, {magnitude}, {magnitude_std}")
         self.num_ops, self.magnitude, self.magnitude_std, self.op_prob = num_ops, magnitude, magnitude_std, op_prob
 
-    def apply(self, img: np.ndarray, **params) -> np.ndarray:
-        rng = self.random_generator
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         names = list(RANDAUG_OPS)
         for name in rng.choice(names, size=self.num_ops, replace=True):
             if rng.random() >= self.op_prob:
                 continue
             magnitude = rng.normal(self.magnitude, self.magnitude_std) if self.magnitude_std else self.magnitude
-            img = apply_op(str(name), img, magnitude, rng)
-        return np.ascontiguousarray(img)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("num_ops", "magnitude", "magnitude_std", "op_prob")
+            image = apply_op(str(name), image, magnitude, rng)
+        return image
 
 
-class RandomErasing(A.ImageOnlyTransform):
-    """With probability `p`, one box of 2 % to 1/3 of a normalized float (H, W, C) image, aspect ratio
-    log-uniform in [0.3, 1/0.3], is replaced by per-pixel N(0, 1) noise (timm's mode "pixel", count 1). Up to
-    10 draws for a box that fits; none fits: the image is unchanged."""
-
-    def __init__(self, p: float = 0.25, area: tuple[float, float] = (0.02, 1 / 3), min_aspect: float = 0.3):
-        super().__init__(p=p)
-        self.area, self.min_aspect = tuple(area), min_aspect
-
-    def apply(self, img: np.ndarray, **params) -> np.ndarray:
-        rng = self.random_generator
-        height, width = img.shape[:2]
-        log_aspect = (math.log(self.min_aspect), -math.log(self.min_aspect))
-        for _ in range(10):
-            target = rng.uniform(*self.area) * height * width
-            aspect = math.exp(rng.uniform(*log_aspect))
-            h, w = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-            if 0 < h < height and 0 < w < width:
-                top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-                img = img.copy()
-                img[top:top + h, left:left + w] = rng.standard_normal((h, w, img.shape[2])).astype(img.dtype)
-                return img
-        return img
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("area", "min_aspect")
+def random_erasing(images: torch.Tensor, p: float, seed: int, area: tuple[float, float] = (0.02, 1 / 3),
+                   min_aspect: float = 0.3) -> torch.Tensor:
+    """(B, C, H, W) normalized float -> the same with, in each image with probability `p`, one box of `area`
+    (fractions of the image), aspect ratio log-uniform in [min_aspect, 1 / min_aspect], replaced by per-pixel
+    N(0, 1) noise (timm's mode "pixel", count 1). Up to 10 draws for a box that fits; none fits: unchanged.
+    The draws come from torch generators seeded with `seed` (the boxes on the CPU, the noise on the images'
+    device), so a batch and a seed give one result."""
+    batch, _, height, width = images.shape
+    draws = torch.Generator().manual_seed(seed)
+    erase = torch.rand(batch, generator=draws) < p
+    log_aspect = math.log(min_aspect)
+    target = torch.empty(batch, 10).uniform_(*area, generator=draws) * height * width
+    aspect = torch.exp(torch.empty(batch, 10).uniform_(log_aspect, -log_aspect, generator=draws))
+    h, w = torch.round(torch.sqrt(target * aspect)).long(), torch.round(torch.sqrt(target / aspect)).long()
+    fits = (h > 0) & (h < height) & (w > 0) & (w < width)
+    first = fits.long().argmax(1, keepdim=True)  # the first draw that fits (0 where none does)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    erase &= fits.any(1)
+    top = (torch.rand(batch, generator=draws) * (height - h + 1)).long()
+    left = (torch.rand(batch, generator=draws) * (width - w + 1)).long()
+    if not erase.any():
+        return images
+    device = images.device
+    top, left, bottom, right = (v.to(device)[:, None, None] for v in (top, left, top + h, left + w))
+    rows, cols = torch.arange(height, device=device)[:, None], torch.arange(width, device=device)
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right) & erase.to(device)[:, None, None]
+    noise = torch.randn(images.shape, generator=torch.Generator(device).manual_seed(seed), device=device,
+                        dtype=images.dtype)
+    return torch.where(inside[:, None], noise, images)

@@ -42,11 +42,11 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from masking import build_mask_generator
-from simmim.augment import RandAugment, RandomErasing
+from simmim.augment import RandAugment
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
-    "pretrain_transform", "PretrainCrop", "normalize_images", "finetune_transform", "eval_transform",
+    "pretrain_transform", "TrainAugment", "normalize_images", "finetune_transform", "eval_transform",
     "read_image", "decode_image", "decode_needs",
     "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source",
     "digits_split", "build_sources", "build_source", "labels_per_class_subset", "labeled_datasets",
@@ -68,10 +68,6 @@ Sample = tuple[str | np.ndarray, int]
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-def _normalize_to_tensor() -> list:
-    return [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0), ToTensorV2()]
-
-
 def _check_crop_flip(crop_scale: Sequence[float], crop_ratio: Sequence[float], hflip: float) -> None:
     """ValueError naming the data.* key when a crop range or the flip probability is out of bounds."""
     if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -85,31 +81,49 @@ def _check_crop_flip(crop_scale: Sequence[float], crop_ratio: Sequence[float], h
 
 
 def pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.67, 1.0),
-                       crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> "PretrainCrop":
-    """SimMIM pretraining augmentation: uint8 (H, W, 3) RGB -> uint8 (3, img_size, img_size), normalized later on
-    the device.
+                       crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> "TrainAugment":
+    """SimMIM pretraining augmentation: uint8 (H, W, 3) RGB -> uint8 (img_size, img_size, 3), normalized later
+    on the device (`normalize_images`).
 
-    A random crop of `crop_scale` (fractions of the area) and `crop_ratio` (width / height) resized to img_size,
-    a horizontal flip with probability `hflip` (`PretrainCrop`).
+    A random crop of `crop_scale` (fractions of the area) and `crop_ratio` (width / height) resized bilinearly
+    to img_size, a horizontal flip with probability `hflip` (`TrainAugment`).
     """
     _check_crop_flip(crop_scale, crop_ratio, hflip)
-    return PretrainCrop(img_size, crop_scale, crop_ratio, hflip)
+    return TrainAugment(img_size, crop_scale, crop_ratio, hflip)
 
 
-class PretrainCrop:
-    """Random resized crop + horizontal flip in one pass over uint8 pixels: (H, W, C) -> uint8 tensor (C, S, S).
+def finetune_transform(img_size: int, crop_scale: Sequence[float] = (0.08, 1.0),
+                       crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5, randaug_ops: int = 0,
+                       randaug_magnitude: float = 9.0, randaug_magnitude_std: float = 0.5) -> "TrainAugment":
+    """Classification fine-tune augmentation: uint8 (H, W, 3) RGB -> uint8 (img_size, img_size, 3), normalized
+    (and randomly erased: `simmim.augment.random_erasing`) later on the device.
+
+    Random resized crop (bicubic, like the official recipe) and flip as in `pretrain_transform` (the defaults are
+    the ImageNet recipe's), then RandAugment when `randaug_ops` > 0 (the official recipe: 2 ops, magnitude 9,
+    std 0.5).
+    """
+    _check_crop_flip(crop_scale, crop_ratio, hflip)
+    randaug = RandAugment(randaug_ops, randaug_magnitude, randaug_magnitude_std) if randaug_ops else None
+    return TrainAugment(img_size, crop_scale, crop_ratio, hflip, cv2.INTER_CUBIC, randaug)
+
+
+class TrainAugment:
+    """Random resized crop + horizontal flip (+ RandAugment) on uint8 pixels: (H, W, C) -> uint8 tensor (S, S, C).
 
     The crop's area is drawn uniformly from `scale` (fractions of the image) and its aspect ratio (width / height)
     log-uniformly from `ratio`, up to 10 tries for one that fits, else the largest centered crop of an allowed
-    ratio (torchvision's rule); it is resized bilinearly to size x size and flipped with probability `hflip`.
-    Pixels stay uint8: `normalize_images` runs on the device (`SimMIMDataModule.on_after_batch_transfer`),
-    which spares the workers the float work and the host-to-device copy three quarters of its bytes. Used like an
-    albumentations transform: ``crop(image=array)["image"]``, ``crop.set_random_seed(seed)``.
+    ratio (torchvision's rule); it is resized to size x size with `interpolation` (one OpenCV resize of the
+    crop's pixels) and flipped with probability `hflip`; `randaug` (simmim.augment.RandAugment) follows. Pixels
+    stay uint8 and channels last: the batch is permuted and normalized on the device (`normalize_images`, called
+    by the DataModules' `on_after_batch_transfer`), which spares the workers the float work and the collation
+    a strided copy, and the host-to-device copy three quarters of its bytes. Used like an albumentations
+    transform: ``augment(image=array)["image"]``, ``augment.set_random_seed(seed)``.
     """
 
     def __init__(self, size: int, scale: Sequence[float] = (0.67, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.5):
+                 hflip: float = 0.5, interpolation: int = cv2.INTER_LINEAR, randaug: RandAugment | None = None):
         self.size, self.scale, self.ratio, self.hflip = (size, size), tuple(scale), tuple(ratio), hflip
+        self.interpolation, self.randaug = interpolation, randaug
         self.rng = np.random.default_rng()
 
     def set_random_seed(self, seed: int) -> None:
@@ -131,40 +145,22 @@ class PretrainCrop:
 
     def __call__(self, *, image: np.ndarray) -> dict[str, torch.Tensor]:
         top, left, h, w = self.box(*image.shape[:2])
-        out = cv2.resize(image[top:top + h, left:left + w], self.size, interpolation=cv2.INTER_LINEAR)
+        out = cv2.resize(image[top:top + h, left:left + w], self.size, interpolation=self.interpolation)
         if self.rng.random() < self.hflip:
             out = cv2.flip(out, 1)
         out = out.reshape(*self.size, -1)  # cv2 drops a single channel's axis
-        return {"image": torch.from_numpy(out).permute(2, 0, 1)}
+        if self.randaug is not None:
+            out = self.randaug(out, self.rng)
+        return {"image": torch.from_numpy(out)}
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) RGB -> float32 (B, 3, H, W), ImageNet-normalized like the float transforms' output."""
+    """uint8 (B, H, W, 3) RGB, as `TrainAugment` leaves them -> float32 (B, 3, H, W), ImageNet-normalized like
+    the float transforms' output."""
+    images = images.permute(0, 3, 1, 2).contiguous()
     mean = images.new_tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255
     std = images.new_tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
-
-
-def finetune_transform(img_size: int, crop_scale: Sequence[float] = (0.08, 1.0),
-                       crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5, randaug_ops: int = 0,
-                       randaug_magnitude: float = 9.0, randaug_magnitude_std: float = 0.5,
-                       random_erasing: float = 0.0) -> A.Compose:
-    """Classification fine-tune augmentation (bicubic, like the official recipe): random resized crop, flip (as in
-    `pretrain_transform`; the defaults are the ImageNet recipe's), RandAugment when `randaug_ops` > 0,
-    normalization, random erasing with probability `random_erasing` (simmim.augment; the official recipe: 2 ops,
-    magnitude 9, std 0.5, erasing 0.25) -> float (3, S, S)."""
-    _check_crop_flip(crop_scale, crop_ratio, hflip)
-    randaug = [RandAugment(randaug_ops, randaug_magnitude, randaug_magnitude_std)] if randaug_ops else []
-    erasing = [RandomErasing(p=random_erasing)] if random_erasing else []
-    return A.Compose([
-        A.RandomResizedCrop(size=(img_size, img_size), scale=tuple(crop_scale), ratio=tuple(crop_ratio),
-                            interpolation=cv2.INTER_CUBIC),
-        A.HorizontalFlip(p=hflip),
-        *randaug,
-        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
-        *erasing,
-        ToTensorV2(),
-    ])
 
 
 def eval_transform(img_size: int) -> A.Compose:
@@ -172,7 +168,8 @@ def eval_transform(img_size: int) -> A.Compose:
     return A.Compose([
         A.SmallestMaxSize(max_size=round(img_size / 0.875), interpolation=cv2.INTER_CUBIC),
         A.CenterCrop(height=img_size, width=img_size),
-        *_normalize_to_tensor(),
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
+        ToTensorV2(),
     ])
 
 
@@ -273,16 +270,16 @@ def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def decode_needs(transform: A.Compose | PretrainCrop) -> dict[str, int]:
+def decode_needs(transform: A.Compose | TrainAugment) -> dict[str, int]:
     """{"min_short", "min_area"} of a decoded image (`decode_image`) for the transform's output to keep full
     detail: a random resized crop must still span img_size pixels across its smallest crop (area fraction
     scale[0], aspect ratio within `ratio`); a resize of the short side to S needs a short side >= S. Zeros
     (a full decode) for other transforms."""
-    first = transform if isinstance(transform, PretrainCrop) else transform.transforms[0]
-    if isinstance(first, (PretrainCrop, A.RandomResizedCrop)):
-        size = max(first.size)
-        area = size ** 2 / (first.scale[0] * min(first.ratio[0], 1 / first.ratio[1]))
+    if isinstance(transform, TrainAugment):
+        size = max(transform.size)
+        area = size ** 2 / (transform.scale[0] * min(transform.ratio[0], 1 / transform.ratio[1]))
         return {"min_short": size, "min_area": int(np.ceil(area))}
+    first = transform.transforms[0]
     if isinstance(first, A.SmallestMaxSize):
         return {"min_short": first.max_size if isinstance(first.max_size, int) else max(first.max_size),
                 "min_area": 0}
@@ -516,8 +513,8 @@ class LogSkipped(pl.Callback):
 
 # ------------------------------------------------------------------------------------------------ datasets
 class ImageDataset(Dataset):
-    """samples + transform -> (image (3, H, W), label int); an item is an index or (index, epoch). The image is
-    float, or uint8 from `PretrainCrop`.
+    """samples + transform -> (image, label int); an item is an index or (index, epoch). The image is float
+    (3, H, W) from an albumentations transform (eval), or uint8 (H, W, 3) from `TrainAugment`.
 
     albumentations keeps its own random state, which forked DataLoader workers would all copy from the main
     process. With `seed` the transform is reseeded for every item from (seed, epoch, index): the crops and flips
@@ -647,7 +644,7 @@ def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.
                      labels_per_class: int | None = None, seed: int = 0,
                      **augment) -> tuple[ImageDataset, ImageDataset]:
     """(train, val) ImageDatasets for a classification fine-tune: `finetune_transform` / eval transform, same
-    splits; `augment`: the crop, flip, RandAugment and random-erasing arguments of `finetune_transform`.
+    splits; `augment`: the crop, flip and RandAugment arguments of `finetune_transform`.
     `labels_per_class`: train on that many images per class (`labels_per_class_subset` with `seed`); val stays
     whole."""
     train, val = build_sources(source, img_size, root, list_file, verify)
@@ -658,7 +655,7 @@ def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.
 
 # ------------------------------------------------------------------------------------------------ datamodule
 class MaskedItem:
-    """(image, label, rng) -> (transformed image (3, S, S), mask (h, w) int64, label): the transform is seeded
+    """(image, label, rng) -> (transformed image, mask (h, w) int64, label): the transform is seeded
     from rng, then the mask drawn from it (the per-sample randomness of the shards source)."""
 
     def __init__(self, transform: A.Compose, mask_generator: Callable[[np.random.Generator], np.ndarray]):
@@ -670,7 +667,7 @@ class MaskedItem:
 
 
 class LabeledItem:
-    """(image, label, rng) -> (transformed image (3, S, S), label), the transform seeded from rng (the
+    """(image, label, rng) -> (transformed image, label), the transform seeded from rng (the
     per-sample randomness of the shards source for a classifier)."""
 
     def __init__(self, transform: A.Compose):
@@ -724,6 +721,21 @@ class ResumableDataModule(pl.LightningDataModule):
                 self.shards.load_state_dict(self._shards_state)
         elif state:
             self._resume_at = (state["epoch"], state["batches"])
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Train images leave the loader uint8 (B, H, W, 3) (`TrainAugment`); here, on the device, they are
+        normalized to (B, 3, H, W) (`normalize_images`), augmented further (`device_augment`), then cast as the
+        precision casts float inputs (Lightning does that before the transfer, when they were still uint8)."""
+        images, *rest = batch
+        if images.dtype == torch.uint8:
+            images = self.device_augment(normalize_images(images))
+            if self.trainer is not None:
+                images = self.trainer.precision_plugin.convert_input(images)
+        return [images, *rest]
+
+    def device_augment(self, images: torch.Tensor) -> torch.Tensor:
+        """A normalized train batch (B, 3, H, W) -> the same, augmented on the device (here: unchanged)."""
+        return images
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch
@@ -794,16 +806,6 @@ class SimMIMDataModule(ResumableDataModule):
                                       pin_memory=self._pin_memory())
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """uint8 images (`PretrainCrop` leaves them so) are normalized here, on the device, then cast as the
-        precision casts float inputs (Lightning does that before the transfer, when they were still uint8)."""
-        images, *rest = batch
-        if images.dtype == torch.uint8:
-            images = normalize_images(images)
-            if self.trainer is not None:
-                images = self.trainer.precision_plugin.convert_input(images)
-        return [images, *rest]
 
     def _pin_memory(self) -> bool:
         """pin_memory, or when None: whether the trainer (or, outside one, this machine) uses CUDA."""

@@ -12,7 +12,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader
 
 from simmim import data
-from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset, PretrainCrop,
+from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset, TrainAugment,
                          SimMIMDataModule, build_source, build_sources, decode_image, decode_needs, digits_split,
                          eval_transform, finetune_transform, labeled_datasets, labels_per_class_subset,
                          normalize_images, pretrain_transform, read_image)
@@ -41,32 +41,34 @@ def write_truncated_jpg(path):
 
 # ------------------------------------------------------------------------------------------------ transforms
 def pixels_of(out: torch.Tensor) -> torch.Tensor:
-    """A transform's output as [0, 1] pixels: uint8 (the pretraining crop) or normalized float."""
-    return out / 255 if out.dtype == torch.uint8 else out * STD + MEAN
+    """A transform's output as [0, 1] pixels (3, H, W): uint8 (H, W, 3) (`TrainAugment`) or normalized float."""
+    return out.permute(2, 0, 1) / 255 if out.dtype == torch.uint8 else out * STD + MEAN
 
 
-@pytest.mark.parametrize("make", [finetune_transform, eval_transform])
-def test_transforms_give_normalized_float_tensors(make):
-    out = make(32)(image=color_image(shape=(50, 70, 3)))["image"]
+def test_eval_transform_gives_normalized_float_tensors():
+    out = eval_transform(32)(image=color_image(shape=(50, 70, 3)))["image"]
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     pixels = out * STD + MEAN
     assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
     assert pixels.std() > 0.1  # not a constant image
 
 
-def test_pretrain_crop_gives_uint8_that_the_device_normalizes_like_the_float_transforms():
+@pytest.mark.parametrize("make, interpolation", [(pretrain_transform, cv2.INTER_LINEAR),
+                                                  (finetune_transform, cv2.INTER_CUBIC)])
+def test_train_augments_give_uint8_that_the_device_normalizes_like_the_float_transforms(make, interpolation):
     image = color_image(shape=(50, 70, 3))
-    out = pretrain_transform(32)(image=image)["image"]
-    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8 and out.float().std() > 20
-    whole = pretrain_transform(50, crop_scale=(1.0, 1.0), crop_ratio=(1.4, 1.4), hflip=0.0)  # 70 x 50 is 1.4
+    out = make(32)(image=image)["image"]
+    assert out.shape == (32, 32, 3) and out.dtype == torch.uint8 and out.float().std() > 20  # channels last
+    whole = make(50, crop_scale=(1.0, 1.0), crop_ratio=(1.4, 1.4), hflip=0.0)  # 70 x 50 is 1.4
     normalized = normalize_images(torch.stack([whole(image=image)["image"]]))[0]
-    assert normalized.dtype == torch.float32
-    resized = A.Compose([A.Resize(50, 50), A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
+    assert normalized.dtype == torch.float32 and normalized.shape == (3, 50, 50)
+    resized = A.Compose([A.Resize(50, 50, interpolation=interpolation),
+                         A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
     assert torch.allclose(normalized, resized(image=image)["image"], atol=1e-5)  # as albumentations would
 
 
-def test_pretrain_crop_draws_crops_within_its_scale_and_ratio():
-    crop = PretrainCrop(16, scale=(0.3, 0.6), ratio=(0.8, 1.25))  # every draw fits a 300 x 400 image
+def test_train_augment_draws_crops_within_its_scale_and_ratio():
+    crop = TrainAugment(16, scale=(0.3, 0.6), ratio=(0.8, 1.25))  # every draw fits a 300 x 400 image
     crop.set_random_seed(0)
     boxes = [crop.box(300, 400) for _ in range(2000)]
     for top, left, h, w in boxes:
@@ -77,7 +79,7 @@ def test_pretrain_crop_draws_crops_within_its_scale_and_ratio():
     log_ratios = np.log([w / h for _, _, h, w in boxes])
     assert abs(np.median(log_ratios)) < 0.02 and abs((log_ratios < np.log(0.8) / 2).mean() - 0.25) < 0.04
     # no fitting crop (a 1:10 strip, ratios 3/4-4/3): the largest centered crop of the nearest allowed ratio
-    strip = PretrainCrop(16, scale=(0.9, 1.0), ratio=(0.75, 4 / 3))
+    strip = TrainAugment(16, scale=(0.9, 1.0), ratio=(0.75, 4 / 3))
     assert strip.box(10, 100) == (0, 43, 10, 13)
     assert strip.box(100, 10) == (43, 0, 13, 10)
     crop.set_random_seed(0)
@@ -186,9 +188,9 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
 
 def test_digits_datasets_reach_img_size():
     train, val = labeled_datasets("digits", img_size=24)
-    for dataset in (train, val):
+    for dataset, shape in ((train, (24, 24, 3)), (val, (3, 24, 24))):  # train: uint8 channels last
         image, label = dataset[5]
-        assert image.shape == (3, 24, 24) and isinstance(label, int) and 0 <= label <= 9
+        assert image.shape == shape and isinstance(label, int) and 0 <= label <= 9
 
 
 # ------------------------------------------------------------------------------------------------ folder / list
@@ -221,7 +223,7 @@ def test_folder_source_with_verify_skips_corrupt_files_with_one_warning(tmp_path
     assert [list(split) for split in again] == [list(train), list(val)]  # fixed hold-out
 
     dataset = ImageDataset([*train, *val], pretrain_transform(32))
-    assert all(dataset[i][0].shape == (3, 32, 32) for i in range(len(dataset)))
+    assert all(dataset[i][0].shape == (32, 32, 3) for i in range(len(dataset)))
 
 
 def test_folder_source_lists_without_decoding_and_replaces_bad_files_when_read(tmp_path, monkeypatch):
@@ -342,7 +344,7 @@ def masked_digits(seed=0):
 def test_masks_depend_only_on_seed_epoch_index():
     dataset = masked_digits().train_set
     image, mask, label = dataset[(3, 1)]
-    assert image.shape == (3, 32, 32) and mask.shape == (8, 8) and mask.dtype == torch.int64
+    assert image.shape == (32, 32, 3) and mask.shape == (8, 8) and mask.dtype == torch.int64
     assert set(mask.unique().tolist()) == {0, 1} and isinstance(label, int)
     assert torch.equal(dataset[(3, 1)][1], mask)
     assert torch.equal(dataset[3][1], dataset[(3, 0)][1])
@@ -387,7 +389,7 @@ def test_datamodule_batches_match_direct_masks(num_workers):
     items = list(loader.sampler)
     batches = [batch for batch, _ in zip(loader, range(3))]
     images, masks, labels = batches[0]
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8  # normalized on the device
+    assert images.shape == (8, 32, 32, 3) and images.dtype == torch.uint8  # normalized on the device
     assert masks.shape == (8, 8, 8) and masks.dtype == torch.int64
     assert labels.shape == (8,) and labels.dtype == torch.int64 and 0 <= labels.min() <= labels.max() <= 9
     assert torch.equal(torch.cat([b[1] for b in batches]), expected_masks(dm.train_set, items[:24]))
@@ -459,7 +461,7 @@ def test_folder_start_does_not_grow_with_the_number_of_files(tmp_path, monkeypat
         dm.setup("fit")
         assert decoded == []  # nothing decoded at setup
         images, _, _ = next(iter(dm.train_dataloader()))
-        assert images.shape == (12, 3, 32, 32) and len(decoded) == 12
+        assert images.shape == (12, 32, 32, 3) and len(decoded) == 12
         return time.process_time() - start
 
     seconds = {15: [], 1500: []}
@@ -492,7 +494,7 @@ def test_datamodule_and_labeled_datasets_use_the_augmentation_keys():
     dm.setup()
     (image, _), (source, _) = dm.train_set.dataset[0], dm.train_set.dataset.samples[0]
     source = np.repeat(source[..., None], 3, axis=2)
-    assert torch.equal(image, torch.from_numpy(source).permute(2, 0, 1).flip(2))
+    assert torch.equal(image, torch.from_numpy(source).flip(1))
     train, _ = labeled_datasets("digits", img_size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0)
     assert torch.allclose(pixels_of(train[0][0]), pixels_of(image), atol=1e-5)
 

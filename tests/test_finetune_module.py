@@ -159,3 +159,27 @@ def test_linear_probe_trains_only_the_head(tmp_path):
     assert not module.model.layers.training and module.model.head.training
     assert all(len(g["params"]) > 0 for g in module.optimizers().param_groups)
     assert module.mixup_fn is None
+
+
+@pytest.mark.timeout(120)
+def test_train_batches_reach_the_model_normalized_and_erased_on_the_device(tmp_path):
+    """The fine-tune augment yields uint8; the DataModule normalizes on the device and erases one box of noise
+    per image (random_erasing=1), drawn anew for every batch; the rest of each image is the normalized crop."""
+    from simmim.data import normalize_images
+
+    module = SwinV2Classifier(model=TINY_MODEL, warmup_epochs=0, mixup=0.0, cutmix=0.0)
+    real_forward, seen = module.model.forward, []
+    module.model.forward = lambda x: seen.append(x.detach().clone()) or real_forward(x)
+    erased_data = lambda: ClassificationDataModule(source="digits", img_size=32, batch_size=16, random_erasing=1.0)
+    _trainer(tmp_path, limit_train_batches=2, limit_val_batches=0).fit(module, datamodule=erased_data())
+    data = erased_data()  # the same batches, outside a trainer
+    data.setup("fit")
+    raws = [batch[0] for batch, _ in zip(data.train_dataloader(), range(2))]
+    for raw, images in zip(raws, seen):
+        assert raw.dtype == torch.uint8 and images.dtype == torch.float32 and images.shape == (16, 3, 32, 32)
+        changed = (images != normalize_images(raw)).any(dim=1)  # (B, H, W)
+        fractions = changed.flatten(1).float().mean(1)
+        assert (fractions > 0.01).all() and (fractions < 0.4).all()  # one box of 2 % to 1/3 each (rounded to pixels)
+        assert torch.allclose(images[:, :, ~changed.any(0)], normalize_images(raw)[:, :, ~changed.any(0)])
+    first, second = ((images != normalize_images(raw)).any(1) for raw, images in zip(raws, seen))
+    assert not torch.equal(first, second)

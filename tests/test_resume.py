@@ -37,8 +37,10 @@ ARGS = ["data.img_size=32", "data.batch_size=8", "model.embed_dim=16", "model.nu
         "eval.knn_every_n_epochs=1", "eval.knn_max_images=64"]
 
 
-# the fine-tune: from scratch, Mixup / CutMix and drop path from the global generators
+# the fine-tune: from scratch, Mixup / CutMix and drop path from the global generators, RandAugment in the
+# workers, random erasing on the device
 FINETUNE = ["pretrained=null", "data.img_size=32", "model.window_size=4", "data.batch_size=8", "model.embed_dim=16",
+            "data.randaug_ops=2", "data.random_erasing=0.5",
             "model.num_heads=[2,2,4,8]", "trainer.max_steps=10", "trainer.max_epochs=-1",
             "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
             "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=3", "checkpoint.keep_last=2"]

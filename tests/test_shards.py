@@ -172,7 +172,7 @@ def test_datamodule_shards_source_and_state(tmp_path):
         dm.setup("fit")
         loader = dm.train_dataloader()
         images, masks, labels = next(iter(loader))
-        assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 8, 8) and labels.shape == (4,)
+        assert images.shape == (4, 32, 32, 3) and masks.shape == (4, 8, 8) and labels.shape == (4,)
         assert dm.state_dict() == {"shards": {"epoch": 0, "batches": 1, "positions": {0: 4}, "rounds": {0: 1}}}
         val = list(dm.val_dataloader())
         assert [len(b[0]) for b in val] == [3] and [len(b[0]) for b in dm.val_dataloader()] == [3]
@@ -324,7 +324,7 @@ def test_finetune_datamodule_streams_labeled_shards(tmp_path):
         dm.setup("fit")
         batches = list(dm.train_dataloader())
         images, labels = batches[0]
-        assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+        assert images.shape == (4, 16, 16, 3) and images.dtype == torch.uint8 and labels.dtype == torch.int64
         assert len(batches) == 3 and len({int(x) for _, y in batches for x in y}) == 12 <= total
         assert dm.state_dict()["shards"]["batches"] == 3
         assert [len(y) for _, y in dm.val_dataloader()] == [3]

@@ -9,9 +9,9 @@ For each of `image_sizes` (default ImageNet-sized 500x375, and 1280x960 photos),
 and with short_side=`short_side`, then times, for the pretraining transform (with SimMIM masks) and the
 fine-tuning transform:
   baseline  cv2.imdecode of the whole file (IMREAD_UNCHANGED, then BGR->RGB), then albumentations: random resized
-            crop, flip, Normalize, ToTensorV2 (pretraining; fine-tuning: our fine-tuning transform)
+            crop (bilinear for pretraining, bicubic for fine-tuning), flip, Normalize, ToTensorV2: float out
   folder    the folder source's ImageDataset as training builds it (simplejpeg, DCT-scaled when the crop allows,
-            EXIF orientation, per-sample seeds; pretraining: `PretrainCrop`, uint8 out, normalized on the device)
+            EXIF orientation, per-sample seeds, `TrainAugment`: uint8 channels-last out, normalized on the device)
   shards    the shards source's ShardDataset (tar stream, shuffle buffer, same decoding and transforms)
   shards_small  the same on the shards packed with short_side (images stored smaller: see make_shards)
 All through a DataLoader's collation like training.
@@ -104,9 +104,12 @@ def timed(loader) -> float:
     return count / (time.process_time() - start)
 
 
-def plain_pretrain_transform(size: int) -> A.Compose:
-    """The baseline's pretraining transform: albumentations end to end, float out."""
-    return A.Compose([A.RandomResizedCrop(size=(size, size), scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
+def plain_transform(stage: str, size: int) -> A.Compose:
+    """The baseline's transform: albumentations end to end, float (3, size, size) out; pretraining: bilinear crops
+    of 0.67 to all of the image, fine-tuning: bicubic crops of 0.08 to all."""
+    scale, interpolation = ((0.67, 1.0), cv2.INTER_LINEAR) if stage == "pretrain" else ((0.08, 1.0), cv2.INTER_CUBIC)
+    return A.Compose([A.RandomResizedCrop(size=(size, size), scale=scale, ratio=(3 / 4, 4 / 3),
+                                          interpolation=interpolation),
                       A.HorizontalFlip(), A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
 
 
@@ -118,11 +121,9 @@ def pipelines(stage: str, samples: FileList, shards: dict[str, list[str]], cfg) 
     item = MaskedItem(make(size), masks) if stage == "pretrain" else LabeledItem(make(size))
     streams = {name: ShardDataset(urls, shard_counts(urls), item, partial(decode_image, **decode_needs(make(size))),
                                   SkipCounter(), shuffle_buffer=100) for name, urls in shards.items()}
+    baseline, folder = DecodeAllDataset(samples, plain_transform(stage, size)), ImageDataset(samples, make(size), seed=0)
     if stage == "pretrain":
-        baseline = MaskedImageDataset(DecodeAllDataset(samples, plain_pretrain_transform(size)), masks)
-        folder = MaskedImageDataset(ImageDataset(samples, make(size), seed=0), masks)
-    else:
-        baseline, folder = DecodeAllDataset(samples, make(size)), ImageDataset(samples, make(size), seed=0)
+        baseline, folder = MaskedImageDataset(baseline, masks), MaskedImageDataset(folder, masks)
     return {"baseline": DataLoader(baseline, batch_size=cfg.batch_size),
             "folder": DataLoader(folder, batch_size=cfg.batch_size),
             **{name: DataLoader(stream, batch_size=cfg.batch_size) for name, stream in streams.items()}}

@@ -66,6 +66,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "data.img_size": (_positive, "an integer > 0"),
     "data.batch_size": (_positive, "an integer > 0 (images per device)"),
     "data.num_workers": (_at_least(0), "an integer >= 0"),
+    "data.random_erasing": (_probability, "a number in [0, 1] (0: off)"),
     "optim.base_lr": (_positive, "a number > 0"),
     "optim.warmup_lr": (_at_least(0), "a number >= 0"),
     "optim.min_lr": (_at_least(0), "a number >= 0"),
