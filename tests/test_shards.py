@@ -235,10 +235,10 @@ def test_make_shards_short_side_stores_smaller_copies(tmp_path):
                                                                   shuffle=False)}
     assert seen[0].shape == (60, 80, 3) and seen[1].shape == (30, 40, 3)  # big: resized; small: as it was
     expected = cv2.resize(smooth[..., ::-1], (80, 60), interpolation=cv2.INTER_AREA)
-    assert np.abs(seen[0].astype(int) - expected).mean() < 2  # a JPEG of quality 95 of the area resize
+    assert np.abs(seen[0].astype(int) - expected).mean() < 2  # a JPEG of quality 90 of the area resize
     assert np.array_equal(seen[1], smooth[:30, :40, ::-1])  # the PNG's own bytes
     assert json.loads((out / "train" / "make_shards.json").read_text())["short_side"] == 60
-    with pytest.raises(Exception, match=r"packed with short_side=60 quality=95; rerun with those values"):
+    with pytest.raises(Exception, match=r"packed with short_side=60 quality=90; rerun with those values"):
         make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "short_side=100"])
     with pytest.raises(Exception, match=r"short_side=-3 must be a positive number of pixels"):
         make_shards.main([f"root={tmp_path / 'src'}", f"out={tmp_path / 'other'}", "short_side=-3"])

@@ -13,7 +13,7 @@ fine-tuning transform:
   folder    the folder source's ImageDataset as training builds it (simplejpeg, DCT-scaled when the crop allows,
             EXIF orientation, per-sample seeds, `TrainAugment`: uint8 channels-last out, normalized on the device)
   shards    the shards source's ShardDataset (tar stream, shuffle buffer, same decoding and transforms)
-  shards_small  the same on the shards packed with short_side (images stored smaller: see make_shards)
+  shards_small  the same on the shards packed with short_side and quality (images stored smaller: see make_shards)
 All through a DataLoader's collation like training.
 Every pipeline runs `rounds` times, interleaved (baseline, folder, shards, baseline, ...), so that a busy
 machine slows them alike; the table gives the median images/s and the median of the per-round ratios to the
@@ -45,7 +45,7 @@ from masking import build_mask_generator
 from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, FileList, ImageDataset, LabeledItem, MaskedImageDataset,
                          MaskedItem, SkipCounter, decode_image, decode_needs, finetune_transform, pretrain_transform)
 from simmim.shards import ShardDataset, shard_counts, shard_urls
-from simmim.tools.make_shards import make_shards
+from simmim.tools.make_shards import QUALITY, make_shards
 from simmim.train.config import ConfigError, options_from_argv
 
 SCHEMA = {
@@ -56,7 +56,8 @@ SCHEMA = {
     "batch_size": 32,
     "gpu_images_per_s": 1573,   # SwinV2-T SimMIM training, compiled bf16, one H200 (speed issue)
     "image_sizes": [[500, 375], [1280, 960]],  # width x height of the generated sets: ImageNet-sized, photo-sized
-    "short_side": 256,          # the short side of the shards_small pipeline's images
+    "short_side": 256,          # the short side of the shards_small pipeline's images ...
+    "quality": QUALITY,         # ... and their JPEG quality (make_shards' default)
     "work": "runs/benchmark_data",
     "out": "runs/benchmark_data/benchmark_data.json",
 }
@@ -133,7 +134,7 @@ def main(argv: list[str]) -> None:
     cfg = options_from_argv(SCHEMA, argv, __doc__)
     if cfg is None:
         return
-    for key in ("images", "rounds", "batch_size", "pretrain_size", "finetune_size", "short_side"):
+    for key in ("images", "rounds", "batch_size", "pretrain_size", "finetune_size", "short_side", "quality"):
         if not (isinstance(cfg[key], int) and cfg[key] > 0):
             raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
     torch.set_num_threads(1)
@@ -143,9 +144,9 @@ def main(argv: list[str]) -> None:
         work = Path(cfg.work) / f"{width}x{height}"
         samples = generate(work / "images", cfg.images, width, height)
         make_shards(samples, work / "shards", "bench", 16_000_000, 2)
-        make_shards(samples, work / f"shards_{cfg.short_side}", "bench", 16_000_000, 2, short_side=cfg.short_side)
-        shards = {"shards": shard_urls(str(work / "shards")),
-                  "shards_small": shard_urls(str(work / f"shards_{cfg.short_side}"))}
+        small = work / f"shards_{cfg.short_side}_q{cfg.quality}"
+        make_shards(samples, small, "bench", 16_000_000, 2, short_side=cfg.short_side, quality=cfg.quality)
+        shards = {"shards": shard_urls(str(work / "shards")), "shards_small": shard_urls(str(small))}
         results[f"{width}x{height}"] = {**measure(samples, shards, cfg), "decode_ms": decode_ms(samples)}
 
     first = results[next(iter(results))]["pretrain"]

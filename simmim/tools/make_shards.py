@@ -12,8 +12,9 @@ shardindex.json (samples per shard) that the shards source reads instead of coun
 are kept. Files are not decoded (verify=true decodes each once and leaves out the unreadable ones); training
 skips and counts the ones that fail.
 short_side=N stores smaller copies instead: an image whose short side is longer than N is decoded (EXIF
-orientation applied), resized to a short side of N (area interpolation) and stored as a JPEG of `quality`;
-smaller images stay as they are. Decoding then costs a fraction as much CPU per image. Pick N from what the
+orientation applied), resized to a short side of N (area interpolation) and stored as a JPEG of `quality`
+(90, as FFCV packs ImageNet; 95 keeps a little more and decodes about 15 % slower); smaller images stay as
+they are. Decoding then costs a fraction as much CPU per image. Pick N from what the
 training transform uses: pretraining at 192 px with crops of >= 67 % of the area (ratio 3/4-4/3) never
 needs more than a 235 px short side of a 4:3 image for full detail (`simmim.data.decode_needs`), so 256
 loses nothing there; fine-tuning's small crops (8 % of the area) do see less detail. The split directories
@@ -38,6 +39,7 @@ from simmim.data import FileList, build_sources, read_image
 from simmim.shards import IMAGE_SUFFIXES, SHARD_INDEX
 from simmim.train.config import ConfigError, options_from_argv
 
+QUALITY = 90  # the default JPEG quality of resized copies
 SCHEMA = {
     "root": None,        # an image folder (class subfolders, or train/ and val/) ...
     "list_file": None,   # ... or a text file of image paths with optional labels
@@ -46,7 +48,7 @@ SCHEMA = {
     "workers": 8,        # shards written in parallel
     "verify": False,     # decode every file once and leave out the unreadable ones
     "short_side": None,  # store images resized to this short side (JPEG), when theirs is longer; null: as they are
-    "quality": 95,       # JPEG quality of the resized images
+    "quality": QUALITY,  # JPEG quality of the resized images
 }
 SETTINGS = "make_shards.json"  # the settings a split directory was packed with
 SIZE_SAMPLE = 1000  # files whose sizes estimate the mean file size
@@ -61,7 +63,7 @@ def plan(samples: FileList, shard_bytes: int) -> list[np.ndarray]:
     return [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
 
 
-def sample_of(path: str, label: int, key: str, short_side: int | None = None, quality: int = 95) -> dict:
+def sample_of(path: str, label: int, key: str, short_side: int | None, quality: int) -> dict:
     """A WebDataset sample of an image file: its bytes under its suffix (others re-encoded as png; with
     short_side, a longer image resized to it and encoded as jpg), its label."""
     suffix = Path(path).suffix.lower().lstrip(".")
@@ -84,8 +86,7 @@ def _encode(extension: str, image: np.ndarray, params: tuple[int, ...] = ()) -> 
     return cv2.imencode(extension, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), list(params))[1].tobytes()
 
 
-def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: int | None = None,
-                quality: int = 95) -> None:
+def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: int | None, quality: int) -> None:
     """Write the samples at indices to path (through path.tmp, renamed when complete)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as stream:
@@ -97,7 +98,7 @@ def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: 
 
 
 def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, workers: int,
-                short_side: int | None = None, quality: int = 95) -> list[Path]:
+                short_side: int | None = None, quality: int = QUALITY) -> list[Path]:
     """Shards of samples in out/PREFIX-NNNNNN.tar (complete ones already there are kept) and out/shardindex.json;
     short_side / quality: see the module docstring."""
     out.mkdir(parents=True, exist_ok=True)
