@@ -522,7 +522,8 @@ class ImageDataset(Dataset):
     reseeded inside each worker from the worker's torch seed (new each epoch and worker).
     """
 
-    def __init__(self, samples: FileList | Sequence[Sample], transform: A.Compose, seed: int | None = None):
+    def __init__(self, samples: FileList | Sequence[Sample], transform: TrainAugment | A.Compose,
+                 seed: int | None = None):
         self.samples = samples if isinstance(samples, FileList) else list(samples)
         self.transform = transform
         self.seed = seed
@@ -658,7 +659,8 @@ class MaskedItem:
     """(image, label, rng) -> (transformed image, mask (h, w) int64, label): the transform is seeded
     from rng, then the mask drawn from it (the per-sample randomness of the shards source)."""
 
-    def __init__(self, transform: A.Compose, mask_generator: Callable[[np.random.Generator], np.ndarray]):
+    def __init__(self, transform: TrainAugment | A.Compose,
+                 mask_generator: Callable[[np.random.Generator], np.ndarray]):
         self.transform, self.mask_generator = transform, mask_generator
 
     def __call__(self, image: np.ndarray, label: int, rng: np.random.Generator):
@@ -670,7 +672,7 @@ class LabeledItem:
     """(image, label, rng) -> (transformed image, label), the transform seeded from rng (the
     per-sample randomness of the shards source for a classifier)."""
 
-    def __init__(self, transform: A.Compose):
+    def __init__(self, transform: TrainAugment | A.Compose):
         self.transform = transform
 
     def __call__(self, image: np.ndarray, label: int, rng: np.random.Generator):
