@@ -3,6 +3,7 @@ import http.server
 import json
 import threading
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -242,6 +243,27 @@ def test_make_shards_short_side_stores_smaller_copies(tmp_path):
         make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "short_side=100"])
     with pytest.raises(Exception, match=r"short_side=-3 must be a positive number of pixels"):
         make_shards.main([f"root={tmp_path / 'src'}", f"out={tmp_path / 'other'}", "short_side=-3"])
+
+
+@pytest.mark.timeout(60)
+def test_make_shards_leaves_out_files_that_do_not_decode_and_lists_them(tmp_path, capsys):
+    """With short_side every file is decoded: a corrupt JPEG or BMP is left out, counted in the index, listed in
+    make_shards.json and named on the console; packing goes on, and a second run keeps the record."""
+    for split in ("train", "val"):
+        (tmp_path / "src" / split / "cat").mkdir(parents=True)
+        for i in range(4):
+            assert cv2.imwrite(str(tmp_path / "src" / split / "cat" / f"{i}.jpg"), np.full((20, 30, 3), 40 * i, np.uint8))
+    (tmp_path / "src" / "train" / "cat" / "torn.jpg").write_bytes(jpeg(1)[:60])
+    (tmp_path / "src" / "train" / "cat" / "empty.bmp").write_bytes(b"")
+    out = tmp_path / "out"
+    for _ in range(2):  # the second run finds the shards complete
+        make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "short_side=10", "workers=1", "shard_mb=0.001"])
+    printed = capsys.readouterr().out
+    assert "train: left out 2 of 6 files, which do not decode" in printed and str(out / "train") in printed
+    record = json.loads((out / "train" / "make_shards.json").read_text())
+    assert sorted(Path(f).name for files in record["left_out"].values() for f in files) == ["empty.bmp", "torn.jpg"]
+    urls = shard_urls(str(out / "train"))
+    assert sum(shard_counts(urls)) == 4 == len(list(dataset(urls, shuffle=False)))
 
 
 class LabelRecorder(pl.LightningModule):

@@ -18,7 +18,8 @@ they are. Decoding then costs a fraction as much CPU per image. Pick N from what
 training transform uses: pretraining at 192 px with crops of >= 67 % of the area (ratio 3/4-4/3) never
 needs more than a 235 px short side of a 4:3 image for full detail (`simmim.data.decode_needs`), so 256
 loses nothing there; fine-tuning's small crops (8 % of the area) do see less detail. The split directories
-record the setting (make_shards.json): resuming with another one is refused.
+record the setting (make_shards.json): resuming with another one is refused. A file that has to be decoded
+(short_side, or a format stored as png) and does not decode is left out, counted and listed there.
 Then: python scripts/pretrain.py data.source=shards data.shards=OUT/train data.val_shards=OUT/val
 Arguments are key=value:
 """
@@ -86,40 +87,57 @@ def _encode(extension: str, image: np.ndarray, params: tuple[int, ...] = ()) -> 
     return cv2.imencode(extension, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), list(params))[1].tobytes()
 
 
-def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: int | None, quality: int) -> None:
-    """Write the samples at indices to path (through path.tmp, renamed when complete)."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: int | None, quality: int) -> list[str]:
+    """Write the samples at indices to path (through path.tmp, renamed when complete); returns the files left
+    out because they had to be decoded (short_side, or a format stored as png) and did not decode."""
+    tmp, left_out = path.with_name(path.name + ".tmp"), []
     with open(tmp, "wb") as stream:
         with TarWriter(stream, encoder=False, mtime=int(time.time())) as writer:  # whole seconds: no PAX headers
             for index in indices:
                 file, label = samples[int(index)]
-                writer.write(sample_of(file, label, f"{int(index):09d}", short_side, quality))
+                try:
+                    writer.write(sample_of(file, label, f"{int(index):09d}", short_side, quality))
+                except (OSError, ValueError):
+                    left_out.append(str(file))
     tmp.replace(path)
+    return left_out
 
 
 def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, workers: int,
                 short_side: int | None = None, quality: int = QUALITY) -> list[Path]:
     """Shards of samples in out/PREFIX-NNNNNN.tar (complete ones already there are kept) and out/shardindex.json;
-    short_side / quality: see the module docstring."""
+    short_side / quality: see the module docstring. out/make_shards.json records the settings and, per shard,
+    the files left out because they did not decode."""
     out.mkdir(parents=True, exist_ok=True)
     settings = {"short_side": short_side, "quality": quality if short_side is not None else None}
-    recorded = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).exists() else None
-    if recorded is None and any(out.glob(f"{prefix}-*.tar")):
-        recorded = {"short_side": None, "quality": None}  # packed before the settings were recorded: as they are
-    if recorded is not None and recorded != settings:
-        raise ConfigError(f"{out} holds shards packed with short_side={recorded['short_side']} "
-                          f"quality={recorded['quality']}; rerun with those values to complete it, or give a new out=")
-    (out / SETTINGS).write_text(json.dumps(settings) + "\n")
+    record = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).exists() else None
+    if record is None and any(out.glob(f"{prefix}-*.tar")):
+        record = {"short_side": None, "quality": None}  # packed before the settings were recorded: as they are
+    record = {**settings, "left_out": {}, **(record or {})}
+    if (record["short_side"], record["quality"]) != (settings["short_side"], settings["quality"]):
+        raise ConfigError(f"{out} holds shards packed with short_side={record['short_side']} "
+                          f"quality={record['quality']}; rerun with those values to complete it, or give a new out=")
+    (out / SETTINGS).write_text(json.dumps(record, indent=1) + "\n")
     shards = plan(samples, shard_bytes)
     paths = [out / f"{prefix}-{i:06d}.tar" for i in range(len(shards))]
     todo = [i for i, path in enumerate(paths) if not path.exists()]
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(shards), initial=len(shards) - len(todo),
                                                     desc=f"{prefix} shards", unit="shard") as bar:
-        for _ in pool.map(lambda i: write_shard(samples, shards[i], paths[i], short_side, quality), todo):
+        for i, left_out in zip(todo, pool.map(lambda i: write_shard(samples, shards[i], paths[i], short_side,
+                                                                     quality), todo)):
+            if left_out:
+                record["left_out"][paths[i].name] = left_out
+                (out / SETTINGS).write_text(json.dumps(record, indent=1) + "\n")
             bar.update()
+    left_out = record["left_out"]
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
-             "shardlist": [{"url": path.name, "nsamples": len(shard)} for path, shard in zip(paths, shards)]}
+             "shardlist": [{"url": path.name, "nsamples": len(shard) - len(left_out.get(path.name, []))}
+                           for path, shard in zip(paths, shards)]}
     (out / SHARD_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    if left_out:
+        files = [file for names in left_out.values() for file in names]
+        print(f"{prefix}: left out {len(files)} of {len(samples)} files, which do not decode (first: {files[0]}; "
+              f"all are listed in {out / SETTINGS})")
     return paths
 
 
@@ -145,5 +163,5 @@ def main(argv: list[str]) -> None:
     for name, samples in zip(("train", "val"), splits):
         paths = make_shards(samples, out / name, name, int(cfg.shard_mb * 1e6), cfg.workers, cfg.short_side,
                             cfg.quality)
-        print(f"{name}: {len(samples)} images in {len(paths)} shards under {out / name}")
+        print(f"{name}: {len(paths)} shards of {len(samples)} files under {out / name}")
     print(f"train with: data.source=shards data.shards={out / 'train'} data.val_shards={out / 'val'}")
