@@ -717,6 +717,8 @@ class ResumableDataModule(pl.LightningDataModule):
         return {"epoch": epoch, "batches": done}
 
     def load_state_dict(self, state: dict) -> None:
+        if state:  # Lightning's check for resumable loaders sees the DataLoaders only, not this restored position
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         if "shards" in state:
             self._shards_state = state["shards"]
             if self.shards is not None:

@@ -142,6 +142,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, workers, kill
 
     resumed = pretrain(run, workers)
     assert "taking over the lock of pid" in resumed.stderr
+    assert "not resumable" not in resumed.stderr  # the DataModule restores its place: no warning that it does not
     for path in broken:
         assert f"checkpoint {path} cannot be resumed from" in resumed.stderr
     weights = encoder(run)
@@ -209,7 +210,7 @@ def test_killed_run_on_shards_resumes_to_the_uninterrupted_weights(tmp_path, sha
     assert not (run / "encoder.pth").exists()
     state = torch.load(run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt", weights_only=False)
     assert state["SimMIMDataModule"]["shards"]["batches"] == kill_after_step % 4  # mid-epoch
-    pretrain(run, workers, args=args)
+    assert "not resumable" not in pretrain(run, workers, args=args).stderr  # the shard position is restored
     weights, whole = encoder(run), encoder(tmp_path / "whole")
     for name, value in whole.items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
