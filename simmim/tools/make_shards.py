@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import cv2
@@ -88,10 +88,10 @@ def _encode(extension: str, image: np.ndarray, params: tuple[int, ...] = ()) -> 
 
 
 def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: int | None, quality: int) -> list[str]:
-    """Write the samples at indices to path (through path.tmp, renamed when complete); returns the files left
-    out because they had to be decoded (short_side, or a format stored as png) and did not decode."""
-    tmp, left_out = path.with_name(path.name + ".tmp"), []
-    with open(tmp, "wb") as stream:
+    """Write the samples at indices to path's .tmp file (`make_shards` renames it); returns the files left out
+    because they had to be decoded (short_side, or a format stored as png) and did not decode."""
+    left_out = []
+    with open(_tmp(path), "wb") as stream:
         with TarWriter(stream, encoder=False, mtime=int(time.time())) as writer:  # whole seconds: no PAX headers
             for index in indices:
                 file, label = samples[int(index)]
@@ -99,7 +99,6 @@ def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: 
                     writer.write(sample_of(file, label, f"{int(index):09d}", short_side, quality))
                 except (OSError, ValueError):
                     left_out.append(str(file))
-    tmp.replace(path)
     return left_out
 
 
@@ -107,7 +106,8 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
                 short_side: int | None = None, quality: int = QUALITY) -> list[Path]:
     """Shards of samples in out/PREFIX-NNNNNN.tar (complete ones already there are kept) and out/shardindex.json;
     short_side / quality: see the module docstring. out/make_shards.json records the settings and, per shard,
-    the files left out because they did not decode."""
+    the files left out because they did not decode (recorded before the shard is renamed into place, so a
+    kill never leaves a complete shard whose count is wrong)."""
     out.mkdir(parents=True, exist_ok=True)
     settings = {"short_side": short_side, "quality": quality if short_side is not None else None}
     record = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).exists() else None
@@ -117,28 +117,42 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
     if (record["short_side"], record["quality"]) != (settings["short_side"], settings["quality"]):
         raise ConfigError(f"{out} holds shards packed with short_side={record['short_side']} "
                           f"quality={record['quality']}; rerun with those values to complete it, or give a new out=")
-    (out / SETTINGS).write_text(json.dumps(record, indent=1) + "\n")
+    _write_json(out / SETTINGS, record)
     shards = plan(samples, shard_bytes)
     paths = [out / f"{prefix}-{i:06d}.tar" for i in range(len(shards))]
     todo = [i for i, path in enumerate(paths) if not path.exists()]
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(shards), initial=len(shards) - len(todo),
                                                     desc=f"{prefix} shards", unit="shard") as bar:
-        for i, left_out in zip(todo, pool.map(lambda i: write_shard(samples, shards[i], paths[i], short_side,
-                                                                     quality), todo)):
+        jobs = {pool.submit(write_shard, samples, shards[i], paths[i], short_side, quality): i for i in todo}
+        for job in as_completed(jobs):
+            path, left_out = paths[jobs[job]], job.result()
+            stale = record["left_out"].pop(path.name, None)  # a shard redone after a kill before its rename
             if left_out:
-                record["left_out"][paths[i].name] = left_out
-                (out / SETTINGS).write_text(json.dumps(record, indent=1) + "\n")
+                record["left_out"][path.name] = left_out
+            if left_out or stale:
+                _write_json(out / SETTINGS, record)
+            _tmp(path).replace(path)
             bar.update()
     left_out = record["left_out"]
-    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
-             "shardlist": [{"url": path.name, "nsamples": len(shard) - len(left_out.get(path.name, []))}
-                           for path, shard in zip(paths, shards)]}
-    (out / SHARD_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    _write_json(out / SHARD_INDEX, {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
+        "shardlist": [{"url": path.name, "nsamples": len(shard) - len(left_out.get(path.name, []))}
+                      for path, shard in zip(paths, shards)]})
     if left_out:
         files = [file for names in left_out.values() for file in names]
         print(f"{prefix}: left out {len(files)} of {len(samples)} files, which do not decode (first: {files[0]}; "
               f"all are listed in {out / SETTINGS})")
     return paths
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """value as JSON in path, through a .tmp file renamed into place."""
+    _tmp(path).write_text(json.dumps(value, indent=1) + "\n")
+    _tmp(path).replace(path)
 
 
 def main(argv: list[str]) -> None:
