@@ -516,8 +516,8 @@ class ImageDataset(Dataset):
     """samples + transform -> (image, label int); an item is an index or (index, epoch). The image is float
     (3, H, W) from an albumentations transform (eval), or uint8 (H, W, 3) from `TrainAugment`.
 
-    albumentations keeps its own random state, which forked DataLoader workers would all copy from the main
-    process. With `seed` the transform is reseeded for every item from (seed, epoch, index): the crops and flips
+    A transform keeps its own random state (`TrainAugment` a numpy Generator, albumentations its own), which
+    forked DataLoader workers would all copy from the main process. With `seed` the transform is reseeded for every item from (seed, epoch, index): the crops and flips
     of a sample depend on nothing else (not the worker count, not a resumed run). Without it, the transform is
     reseeded inside each worker from the worker's torch seed (new each epoch and worker).
     """
