@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
@@ -182,7 +182,7 @@ class ReconstructionPictures(pl.Callback):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{trainer.global_step:07d}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+        Image.fromarray(grid).save(path)
         self.last_path = path
         for logger in trainer.loggers:
             log_image(logger, "reconstruction", grid, trainer.global_step)

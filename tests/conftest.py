@@ -1,4 +1,3 @@
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -31,6 +30,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def jpeg(seed: int, shape: tuple = (24, 32, 3)) -> bytes:
     """The JPEG bytes of a random uint8 image of `shape` drawn by `seed`."""
+    import cv2  # here: the model tests run where only torch is (scripts/gpu_benchmarks.sh)
+
     image = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
     return cv2.imencode(".jpg", image)[1].tobytes()
 
