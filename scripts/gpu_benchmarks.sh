@@ -2,9 +2,9 @@
 # Every GPU number the README's speed section asks for, in one run on one CUDA GPU (about 10 minutes on an H100):
 #   bash scripts/gpu_benchmarks.sh OUT_DIR
 # Needs torch with CUDA, pytorch-lightning, torchmetrics, matplotlib, omegaconf and pytest (the model's steps need
-# nothing of the data stack) and, for the peers' rows, timm and transformers. Where the project is not installed,
-# it runs from this checkout; where omegaconf or pytest is missing and a folder .whl/ of their wheels is here
-# (carry it to an offline machine), they are installed from it into /tmp/gpu_site.
+# nothing of the data stack) and, for the peers' rows, timm and transformers. It runs this checkout's code
+# (installed or not); where omegaconf or pytest is missing and a folder .whl/ of their wheels is here (carry it to
+# an offline machine), they are installed from it into /tmp/gpu_site.
 # Writes OUT_DIR/*.json (the benchmark tables) and OUT_DIR/*.log (everything printed).
 #   tiny_bf16    SwinV2-T SimMIM step, 192 px / window 12, batch 128, bf16: ours eager and compiled (SDPA and
 #                FlexAttention) against timm and transformers, eager and compiled, with MFU
@@ -20,7 +20,7 @@ if ! python -c "import omegaconf, pytest" 2> /dev/null && [ -d .whl ]; then
     python -m pip install -q --no-index --no-deps --target /tmp/gpu_site .whl/*.whl
     export PYTHONPATH=/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python -c "import simmim" 2> /dev/null || export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout's code, installed or not
 failed=0
 step() {  # step NAME COMMAND...: run it, keep its output, go on to the next one when it fails
     local name=$1
