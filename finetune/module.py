@@ -263,6 +263,7 @@ class ClassificationDataModule(ResumableDataModule):
         if not hp.random_erasing:
             return images
         before = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        # not ExactResume's batch_seed: that one seeds the global generators, whose draws must not repeat here
         seed = np.random.SeedSequence([hp.seed, before, self.trainer.global_rank]).generate_state(1)[0]
         return random_erasing(images, hp.random_erasing, int(seed))
 

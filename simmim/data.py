@@ -517,9 +517,10 @@ class ImageDataset(Dataset):
     (3, H, W) from an albumentations transform (eval), or uint8 (H, W, 3) from `TrainAugment`.
 
     A transform keeps its own random state (`TrainAugment` a numpy Generator, albumentations its own), which
-    forked DataLoader workers would all copy from the main process. With `seed` the transform is reseeded for every item from (seed, epoch, index): the crops and flips
-    of a sample depend on nothing else (not the worker count, not a resumed run). Without it, the transform is
-    reseeded inside each worker from the worker's torch seed (new each epoch and worker).
+    forked DataLoader workers would all copy from the main process. With `seed` the transform is reseeded for
+    every item from (seed, epoch, index): the crops and flips of a sample depend on nothing else (not the worker
+    count, not a resumed run). Without it, the transform is reseeded inside each worker from the worker's torch
+    seed (new each epoch and worker).
     """
 
     def __init__(self, samples: FileList | Sequence[Sample], transform: TrainAugment | A.Compose,
