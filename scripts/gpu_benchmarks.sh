@@ -37,10 +37,9 @@ step tiny_bf16 python scripts/benchmark.py model=tiny $common peers=true \
     configs=[fast_bf16,compiled_bf16,compiled_flex_bf16] out="$out/tiny_bf16.json"
 step base_bf16 python scripts/benchmark.py model=base $common peers=true \
     configs=[compiled_bf16,compiled_flex_bf16] out="$out/base_bf16.json"
-step tiny_fp32 python scripts/benchmark.py model=tiny img_size=192 window_size=12 batch_size=64 steps=10 warmup=2 \
-    configs=[fast] tf32=false out="$out/tiny_fp32.json"
-step tiny_tf32 python scripts/benchmark.py model=tiny img_size=192 window_size=12 batch_size=64 steps=10 warmup=2 \
-    configs=[fast] tf32=true out="$out/tiny_tf32.json"
+fp32="model=tiny img_size=192 window_size=12 batch_size=64 steps=10 warmup=2 configs=[fast]"
+step tiny_fp32 python scripts/benchmark.py $fp32 tf32=false out="$out/tiny_fp32.json"
+step tiny_tf32 python scripts/benchmark.py $fp32 tf32=true out="$out/tiny_tf32.json"
 step flex_tests python -m pytest -q tests/test_swinv2.py -k flex
 step fsdp_compile python scripts/gpu_check.py compile=true strategies=single,fsdp steps=20 warmup=5 \
     out="$out/fsdp_compile.json"

@@ -117,12 +117,13 @@ def plain_transform(stage: str, size: int) -> A.Compose:
 def pipelines(stage: str, samples: FileList, shards: dict[str, list[str]], cfg) -> dict:
     """name -> DataLoader (main process, batch_size) for the stage's transform."""
     size = cfg.pretrain_size if stage == "pretrain" else cfg.finetune_size
-    make = pretrain_transform if stage == "pretrain" else finetune_transform
+    transform = (pretrain_transform if stage == "pretrain" else finetune_transform)(size)  # reseeded per sample
     masks = build_mask_generator("random", input_size=size, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6)
-    item = MaskedItem(make(size), masks) if stage == "pretrain" else LabeledItem(make(size))
-    streams = {name: ShardDataset(urls, shard_counts(urls), item, partial(decode_image, **decode_needs(make(size))),
-                                  SkipCounter(), shuffle_buffer=100) for name, urls in shards.items()}
-    baseline, folder = DecodeAllDataset(samples, plain_transform(stage, size)), ImageDataset(samples, make(size), seed=0)
+    item = MaskedItem(transform, masks) if stage == "pretrain" else LabeledItem(transform)
+    decode = partial(decode_image, **decode_needs(transform))
+    streams = {name: ShardDataset(urls, shard_counts(urls), item, decode, SkipCounter(), shuffle_buffer=100)
+               for name, urls in shards.items()}
+    baseline, folder = DecodeAllDataset(samples, plain_transform(stage, size)), ImageDataset(samples, transform, seed=0)
     if stage == "pretrain":
         baseline, folder = MaskedImageDataset(baseline, masks), MaskedImageDataset(folder, masks)
     return {"baseline": DataLoader(baseline, batch_size=cfg.batch_size),
