@@ -16,8 +16,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
 from simmim.augment import random_erasing
-from simmim.data import (EpochSampler, LabeledItem, ResumableDataModule, SkipCounter, eval_transform,
-                         finetune_transform, labeled_datasets, shard_source, uses_cuda)
+from simmim.data import (LabeledItem, ResumableDataModule, SkipCounter, eval_transform, finetune_transform,
+                         labeled_datasets)
 from simmim.tools.plot import confusion_matrix_figure, figure_to_rgb, save_figure
 from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
@@ -227,7 +227,7 @@ class ClassificationDataModule(ResumableDataModule):
                  seed: int = 0, crop_scale: Sequence[float] = (0.08, 1.0),
                  crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                  labels_per_class: int | None = None, randaug_ops: int = 0, randaug_magnitude: float = 9.0,
-                 randaug_magnitude_std: float = 0.5, random_erasing: float = 0.0):
+                 randaug_magnitude_std: float = 0.5, random_erasing: float = 0.0, pin_memory: bool | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.train_set = self.val_set = None
@@ -245,11 +245,7 @@ class ClassificationDataModule(ResumableDataModule):
                 raise ValueError(f"data.labels_per_class={hp.labels_per_class} needs a folder, list or digits "
                                  f"source (shards are streamed); set data.labels_per_class=null")
             transforms = finetune_transform(hp.img_size, **augment), eval_transform(hp.img_size)
-            self.shards = shard_source(hp, [LabeledItem(t) for t in transforms], transforms, self.skipped)
-            self.shards.split(self.trainer, hp.num_workers)
-            if self._shards_state:
-                self.shards.load_state_dict(self._shards_state)
-            self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
+            self.stream_shards([LabeledItem(t) for t in transforms], transforms)
             return
         self.train_set, self.val_set = labeled_datasets(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify,
                                                         hp.labels_per_class, hp.seed, **augment)
@@ -267,23 +263,5 @@ class ClassificationDataModule(ResumableDataModule):
         seed = np.random.SeedSequence([hp.seed, before, self.trainer.global_rank]).generate_state(1)[0]
         return random_erasing(images, hp.random_erasing, int(seed))
 
-    def _loader(self, dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
-                          drop_last=drop_last, persistent_workers=hp.num_workers > 0, pin_memory=uses_cuda(self.trainer))
-
-    def _shard_loader(self, train: bool) -> DataLoader:
-        hp = self.hparams
-        return self.shards.loader(train, self.trainer, hp.batch_size, hp.num_workers, pin_memory=uses_cuda(self.trainer))
-
     def train_dataloader(self) -> DataLoader:
-        if self.shards is not None:
-            return self._shard_loader(train=True)
-        drop_last = len(self.train_set) >= self.hparams.batch_size
-        return self._loader(self.train_set, self.train_sampler(len(self.train_set), drop_last), drop_last)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.shards is not None:
-            return self._shard_loader(train=False)
-        sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
-        return self._loader(self.val_set, sampler, drop_last=False)
+        return self._train_loader(drop_last=self.shards is not None or len(self.train_set) >= self.hparams.batch_size)

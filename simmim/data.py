@@ -684,8 +684,10 @@ class LabeledItem:
 class ResumableDataModule(pl.LightningDataModule):
     """A DataModule whose training order continues exactly where a checkpoint left it, mid-epoch included.
 
-    Subclasses build their train sampler with `train_sampler` and need `hparams.seed` and `hparams.batch_size`.
-    The position (epoch, batches trained on) is saved in Lightning's checkpoints by `state_dict`.
+    Subclasses set `train_set`, `val_set` and `skipped` in `setup` (or call `stream_shards`), give
+    `train_dataloader` through `_train_loader`, and have hparams seed, batch_size, num_workers, pin_memory (None:
+    pin on CUDA) and the shards source's keys. The position (epoch, batches trained on) is saved in Lightning's
+    checkpoints by `state_dict`.
     """
 
     def __init__(self):
@@ -742,6 +744,38 @@ class ResumableDataModule(pl.LightningDataModule):
         """A normalized train batch (B, 3, H, W) -> the same, augmented on the device (here: unchanged)."""
         return images
 
+    def stream_shards(self, items: list, transforms: tuple) -> None:
+        """Set up the shards source (`shard_source`) with the stage's (train, val) items and transforms, at the
+        position a checkpoint restored."""
+        self.shards = shard_source(self.hparams, items, transforms, self.skipped)
+        self.shards.split(self.trainer, self.hparams.num_workers)
+        if self._shards_state:
+            self.shards.load_state_dict(self._shards_state)
+        self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
+
+    def _train_loader(self, drop_last: bool) -> DataLoader:
+        hp = self.hparams
+        if self.shards is not None:
+            return self.shards.loader(True, self.trainer, hp.batch_size, hp.num_workers, drop_last, self._pin_memory())
+        return self._loader(self.train_set, self.train_sampler(len(self.train_set), drop_last), drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        if self.shards is not None:
+            return self.shards.loader(False, self.trainer, hp.batch_size, hp.num_workers,
+                                      pin_memory=self._pin_memory())
+        sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
+        return self._loader(self.val_set, sampler, drop_last=False)
+
+    def _pin_memory(self) -> bool:
+        """hparams.pin_memory, or when None: whether the trainer (or, outside one, this machine) uses CUDA."""
+        return uses_cuda(self.trainer) if self.hparams.pin_memory is None else self.hparams.pin_memory
+
+    def _loader(self, dataset: Dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
+                          pin_memory=self._pin_memory(), drop_last=drop_last, persistent_workers=hp.num_workers > 0)
+
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch
 
@@ -783,11 +817,7 @@ class SimMIMDataModule(ResumableDataModule):
                                      model_patch_size=hp.model_patch_size, mask_ratio=hp.mask_ratio, seed=hp.seed)
         transforms = pretrain_transform(hp.img_size, hp.crop_scale, hp.crop_ratio, hp.hflip), eval_transform(hp.img_size)
         if hp.source == "shards":
-            self.shards = shard_source(hp, [MaskedItem(t, masks) for t in transforms], transforms, self.skipped)
-            self.shards.split(self.trainer, hp.num_workers)
-            if self._shards_state:
-                self.shards.load_state_dict(self._shards_state)
-            self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
+            self.stream_shards([MaskedItem(t, masks) for t in transforms], transforms)
             return
         train, val = build_sources(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify)
         if hp.drop_last and len(train) < hp.batch_size:
@@ -798,31 +828,7 @@ class SimMIMDataModule(ResumableDataModule):
         self.train_set.dataset.skipped = self.val_set.dataset.skipped = self.skipped
 
     def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        if self.shards is not None:
-            return self.shards.loader(True, self.trainer, hp.batch_size, hp.num_workers, hp.drop_last,
-                                      self._pin_memory())
-        return self._loader(self.train_set, self.train_sampler(len(self.train_set), hp.drop_last),
-                            drop_last=hp.drop_last)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.shards is not None:
-            return self.shards.loader(False, self.trainer, self.hparams.batch_size, self.hparams.num_workers,
-                                      pin_memory=self._pin_memory())
-        sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
-        return self._loader(self.val_set, sampler, drop_last=False)
-
-    def _pin_memory(self) -> bool:
-        """pin_memory, or when None: whether the trainer (or, outside one, this machine) uses CUDA."""
-        if self.hparams.pin_memory is not None:
-            return self.hparams.pin_memory
-        return uses_cuda(self.trainer)
-
-    def _loader(self, dataset: Dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
-            pin_memory=self._pin_memory(), drop_last=drop_last, persistent_workers=self.hparams.num_workers > 0)
-
+        return self._train_loader(self.hparams.drop_last)
 
 
 def uses_cuda(trainer) -> bool:
