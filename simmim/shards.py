@@ -15,14 +15,16 @@ the batches an uninterrupted run would have given. Every rank gives the same num
 smallest rank's), so distributed training never waits on a rank that ran out.
 
 A sample whose image does not decode is counted (`simmim.data.SkipCounter`) and replaced by the worker's next
-good one, so batch counts do not change. Masks and augmentations are drawn from (seed, epoch, shard name, key):
-neither the worker count nor a resume changes them.
+good one, so batch counts do not change. A shard whose read fails is read again (`_raw_samples`); if a
+worker's shards still give fewer samples than counted, its missing batches repeat the batch before. Masks and
+augmentations are drawn from (seed, epoch, shard name, key): neither the worker count nor a resume changes them.
 """
 from __future__ import annotations
 
 import io
 import json
 import random
+import time
 import warnings
 import zlib
 from typing import Callable, Iterator
@@ -39,6 +41,7 @@ __all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "balan
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 READ_BUFFER = 1 << 20
+READ_RETRIES, RETRY_WAIT = 5, 1.0  # a shard whose read fails is read again up to 5 times, 1, 2, ... 16 s later
 SHARD_INDEX = "shardindex.json"  # {"shardlist": [{"url": NAME, "nsamples": N}, ...]} (the wids index format)
 
 
@@ -69,10 +72,29 @@ def _open(url: str):
 
 
 def _raw_samples(url: str, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
-    """The samples of one shard: dicts of suffix -> bytes plus __key__ and __url__."""
-    with _open(url) as stream:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=on_error),
-                                 handler=on_error)
+    """The samples of one shard: dicts of suffix -> bytes plus __key__ and __url__.
+
+    A read that fails (a dropped connection, a storage hiccup) is retried READ_RETRIES times, RETRY_WAIT x 1, 2,
+    4, ... seconds apart, from the start of the shard, passing over the samples already given; then
+    ``on_error(error)`` is called and the rest of the shard is left out.
+    """
+    given = 0
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            with _open(url) as stream:
+                files = tar_file_expander([{"url": url, "stream": stream}], handler=_reraise)
+                for index, sample in enumerate(group_by_keys(files, handler=_reraise)):
+                    if index >= given:
+                        given += 1
+                        yield sample
+            return
+        except Exception as error:  # storage clients raise their own types, not only OSError
+            if attempt == READ_RETRIES:
+                on_error(error)
+                return
+            warnings.warn(f"reading {url} failed after {given} samples ({error!r}); retry {attempt + 1} of "
+                          f"{READ_RETRIES} in {RETRY_WAIT * 2 ** attempt:g} s")
+            time.sleep(RETRY_WAIT * 2 ** attempt)
 
 
 def _index_next_to(url: str) -> dict[str, int]:
@@ -259,15 +281,21 @@ class ShardLoader:
             return
         batches = iter(DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                   drop_last=self.drop_last, pin_memory=self.pin_memory, persistent_workers=False))
-        waiting = {}
+        waiting, last = {}, None
         for worker in self._schedule():
-            while not waiting.get(worker):
-                batch = next(batches, None)
-                if batch is None:  # fewer samples than counted (a truncated shard): the epoch ends here
-                    return
+            while not waiting.get(worker) and (batch := next(batches, None)) is not None:
                 *batch, workers, positions = batch
                 waiting.setdefault(int(workers[0]), []).append((batch, int(positions.max())))
-            batch, self.positions[worker] = waiting[worker].pop(0)
+            if waiting.get(worker):
+                batch, self.positions[worker] = waiting[worker].pop(0)
+                last = batch
+            elif last is not None:  # the worker's shards held fewer samples than counted
+                warnings.warn(f"rank {self.dataset.rank}: the shards of worker {worker} ended before the samples "
+                              f"their index counts (a shard cut short, or unreadable); its missing batches repeat "
+                              f"the batch before, so that every rank gives {self.num_batches} batches")
+                batch = last
+            else:
+                return
             self.rounds[worker] = self.rounds.get(worker, 0) + 1
             self.batches += 1
             self._history = [*self._history[-(self.KEEP - 1):], self.state()]

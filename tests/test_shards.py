@@ -1,6 +1,7 @@
 import functools
 import http.server
 import json
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from webdataset import TarWriter
 
 from conftest import jpeg
 from simmim.data import SimMIMDataModule, SkipCounter, decode_image
+from simmim import shards
 from simmim.shards import ShardDataset, ShardLoader, balanced_groups, shard_counts, shard_urls
 from simmim.tools import make_shards
 
@@ -149,6 +151,19 @@ def test_resume_mid_epoch_gives_the_rest_of_the_epoch(tmp_path, num_workers):
     assert len(set(labels)) == len(labels)
 
 
+def test_a_worker_short_of_its_counted_samples_repeats_batches_to_keep_the_count(tmp_path):
+    numbered_shards(tmp_path, [6, 6, 6, 6])
+    urls = shard_urls(str(tmp_path))
+    counts = [6, 10, 6, 6]  # the index overstates part-001: worker 0 (part-001, part-003 by balance) is short
+    data = ShardDataset(urls, counts, label_item, decode_image, SkipCounter(), shuffle=False)
+    loader = ShardLoader(data, batch_size=2, num_workers=2)
+    assert loader.worker_batches[0] == [8, 6] and len(loader) == 14
+    with pytest.warns(UserWarning, match="rank 0: the shards of worker 0 ended before the samples their index"):
+        batches = [[int(label) for label in batch[0]] for batch in loader]
+    assert len(batches) == 14 and sorted(sum(batches[:12], [])) == list(range(24))  # every sample once, then
+    assert batches[12] == batches[13] == batches[11]  # worker 0's missing 2 of 8 batches: the batch before, again
+
+
 def test_corrupt_samples_are_skipped_counted_and_replaced(tmp_path):
     good = [(f"k{i}", {"jpg": jpeg(i), "cls": str(i).encode()}) for i in range(6)]
     write_shard(tmp_path / "a.tar", good[:3] + [("bad", {"jpg": jpeg(9)[:100], "cls": b"99"})] + good[3:])
@@ -161,6 +176,59 @@ def test_corrupt_samples_are_skipped_counted_and_replaced(tmp_path):
         labels = [item[0] for item in data]
     assert data.skipped.total == 1
     assert labels == [0, 1, 2, 3, 3, 4, 5, 0]  # the bad one replaced by the next good one; png without .cls -> 0
+
+
+class _DroppingHandler(_QuietHandler):
+    """Serves files, but the first GET of each name in `drop` sends half of the file and closes the connection."""
+
+    drop: set = set()
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        if name not in self.drop:
+            return super().do_GET()
+        self.drop.discard(name)
+        data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:len(data) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+def test_a_shard_whose_read_fails_is_read_again_from_where_it_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "RETRY_WAIT", 0.01)
+    for i in range(2):  # 12 samples of ~230 KB a shard: the connection drops after the first 1 MiB read
+        write_shard(tmp_path / "shards" / f"part-{i:03d}.tar",
+                    [(f"s{n:05d}", {"jpg": jpeg(n, (384, 512, 3)), "cls": str(n).encode()})
+                     for n in range(12 * i, 12 * i + 12)])
+    monkeypatch.setattr(_DroppingHandler, "drop", {"part-000.tar", "part-001.tar"})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_DroppingHandler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        urls = [f"http://127.0.0.1:{server.server_address[1]}/shards/part-{i:03d}.tar" for i in range(2)]
+        data = ShardDataset(urls, [12, 12], label_item, decode_image, SkipCounter(), shuffle=False)
+        with pytest.warns(UserWarning) as warned:
+            labels = [item[0] for item in data]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert labels == list(range(24)) and data.skipped.total == 0  # each sample once, in order
+    retried = rf"reading http://.*part-00(\d).tar failed after [1-9]\d* samples .*retry 1 of {shards.READ_RETRIES}"
+    assert [re.match(retried, str(w.message)).group(1) for w in warned] == ["0", "1"]  # mid-shard, once each
+
+    cut = tmp_path / "cut" / "part-000.tar"  # a shard cut short on disk: read again, then the rest is left out
+    cut.parent.mkdir()
+    whole = (tmp_path / "shards" / "part-000.tar").read_bytes()
+    cut.write_bytes(whole[:len(whole) // 2])
+    data = ShardDataset([str(cut), urls[1].replace(urls[1].rsplit("/shards", 1)[0], str(tmp_path))], [12, 12],
+                        label_item, decode_image, SkipCounter(), shuffle=False)
+    with pytest.warns(UserWarning, match=f"retry {shards.READ_RETRIES} of {shards.READ_RETRIES}"):
+        labels = [item[0] for item in data]
+    given = len(labels) - 12  # the samples before the cut, then all of the next shard
+    assert data.skipped.total == 1 and 0 < given < 12 and labels == [*range(given), *range(12, 24)]
 
 
 def test_datamodule_shards_source_and_state(tmp_path):
