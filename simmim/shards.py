@@ -27,6 +27,7 @@ import random
 import time
 import warnings
 import zlib
+from functools import partial
 from typing import Callable, Iterator
 
 import fsspec
@@ -116,12 +117,18 @@ def shard_counts(urls: list[str]) -> list[int]:
         warnings.warn(f"counting the samples of {len(missing)} shards by reading them (no {SHARD_INDEX} lists "
                       f"them; scripts/make_shards.py writes one)", stacklevel=2)
         for url in missing:
-            known[url.rsplit("/", 1)[-1]] = sum(1 for sample in _raw_samples(url, _reraise) if _image_key(sample))
+            known[url.rsplit("/", 1)[-1]] = sum(1 for sample in _raw_samples(url, partial(_unreadable, url))
+                                                if _image_key(sample))
     return [known[url.rsplit("/", 1)[-1]] for url in urls]
 
 
 def _reraise(error: Exception) -> bool:
     raise error
+
+
+def _unreadable(url: str, error: Exception) -> bool:
+    raise ValueError(f"cannot read shard {url} ({error}); it is cut short or not a tar: make it again "
+                     f"(scripts/make_shards.py) or leave it out of data.shards") from error
 
 
 def _image_key(sample: dict) -> str | None:

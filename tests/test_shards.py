@@ -229,6 +229,10 @@ def test_a_shard_whose_read_fails_is_read_again_from_where_it_stopped(tmp_path, 
         labels = [item[0] for item in data]
     given = len(labels) - 12  # the samples before the cut, then all of the next shard
     assert data.skipped.total == 1 and 0 < given < 12 and labels == [*range(given), *range(12, 24)]
+    with pytest.raises(ValueError, match=r"cannot read shard .*cut/part-000.tar .*make it again"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shard_counts([str(cut)])  # no shardindex.json: counting reads it
 
 
 def test_datamodule_shards_source_and_state(tmp_path):
