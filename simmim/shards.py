@@ -93,7 +93,8 @@ def _raw_samples(url: str, on_error: Callable[[Exception], bool]) -> Iterator[di
             if attempt == READ_RETRIES:
                 on_error(error)
                 return
-            warnings.warn(f"reading {url} failed after {given} samples ({error!r}); retry {attempt + 1} of "
+            reason = f"{type(error).__name__}: {error.args[0] if error.args else ''}"  # webdataset appends more args
+            warnings.warn(f"reading {url} failed after {given} samples ({reason}); retry {attempt + 1} of "
                           f"{READ_RETRIES} in {RETRY_WAIT * 2 ** attempt:g} s")
             time.sleep(RETRY_WAIT * 2 ** attempt)
 
