@@ -76,8 +76,8 @@ def _raw_samples(url: str, on_error: Callable[[Exception], bool]) -> Iterator[di
     """The samples of one shard: dicts of suffix -> bytes plus __key__ and __url__.
 
     A read that fails (a dropped connection, a storage hiccup) is retried READ_RETRIES times, RETRY_WAIT x 1, 2,
-    4, ... seconds apart, from the start of the shard, passing over the samples already given; then
-    ``on_error(error)`` is called and the rest of the shard is left out.
+    4, ... seconds apart, from the start of the shard, passing over the samples already given; then (at once for
+    a shard that does not exist) ``on_error(error)`` is called and the rest of the shard is left out.
     """
     given = 0
     for attempt in range(READ_RETRIES + 1):
@@ -90,7 +90,7 @@ def _raw_samples(url: str, on_error: Callable[[Exception], bool]) -> Iterator[di
                         yield sample
             return
         except Exception as error:  # storage clients raise their own types, not only OSError
-            if attempt == READ_RETRIES:
+            if attempt == READ_RETRIES or isinstance(error, FileNotFoundError):  # not there: no retry helps
                 on_error(error)
                 return
             reason = f"{type(error).__name__}: {error.args[0] if error.args else ''}"  # webdataset appends more args
@@ -128,6 +128,8 @@ def _reraise(error: Exception) -> bool:
 
 
 def _unreadable(url: str, error: Exception) -> bool:
+    if isinstance(error, FileNotFoundError):  # over http(s), where a brace pattern is not checked at start
+        raise FileNotFoundError(f"shard {url} does not exist") from error
     raise ValueError(f"cannot read shard {url} ({error}); it is cut short or not a tar: make it again "
                      f"(scripts/make_shards.py) or leave it out of data.shards") from error
 
