@@ -42,21 +42,62 @@ READ_BUFFER = 1 << 20
 SHARD_INDEX = "shardindex.json"  # {"shardlist": [{"url": NAME, "nsamples": N}, ...]} (the wids index format)
 
 
-def shard_urls(spec: str) -> list[str]:
-    """The shard URLs of ``data.shards``: a directory (local or fsspec URL; its ``*.tar``, sorted), a brace
-    pattern or one shard."""
-    if "{" in spec:
-        return list(braceexpand(spec))
-    fs, path = fsspec.core.url_to_fs(spec)
-    if not spec.startswith(("http://", "https://")) and fs.isdir(path):
-        urls = sorted(fs.unstrip_protocol(p) if "://" in spec else p for p in fs.glob(path.rstrip("/") + "/*.tar"))
-        if not urls:
-            raise FileNotFoundError(f"no .tar shards in data.shards={spec}; make them with scripts/make_shards.py")
-        return urls
-    if not fs.exists(path):
-        raise FileNotFoundError(f"data.shards={spec} does not exist; give a directory of .tar shards, a brace "
-                                f"pattern (train-{{000000..000099}}.tar) or a URL")
-    return [spec]
+def shard_urls(spec: str, key: str = "data.shards") -> list[str]:
+    """The shard URLs of ``key=spec``: a directory (local or fsspec URL; its ``*.tar``, sorted), a brace pattern
+    (whose shards must all exist; not checked over http(s), which cannot list) or one shard."""
+    fs, path = _filesystem(spec, key)
+    http = spec.startswith(("http://", "https://"))
+    try:
+        if "{" in spec:
+            urls = list(braceexpand(spec))
+            missing = [] if http else _not_listed(fs, urls)
+            if missing:
+                raise FileNotFoundError(f"{key}={spec}: {len(missing)} of its {len(urls)} shards do not exist "
+                                        f"(first: {missing[0]}); fix the pattern's range")
+            return urls
+        if not http and fs.isdir(path):
+            urls = sorted(fs.unstrip_protocol(p) if "://" in spec else p for p in fs.glob(path.rstrip("/") + "/*.tar"))
+            if not urls:
+                raise FileNotFoundError(f"no .tar shards in {key}={spec}; make them with scripts/make_shards.py")
+            return urls
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{key}={spec} does not exist; give a directory of .tar shards, a brace "
+                                    f"pattern (train-{{000000..000099}}.tar) or a URL")
+        return [spec]
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # the store's own errors (credentials, permissions, network), of any library
+        raise ValueError(f"{key}={spec} cannot be read ({type(error).__name__}: {error}); credentials and the "
+                         f"endpoint come from the usual environment of its fsspec library (s3fs: AWS_* variables, "
+                         f"~/.aws)") from error
+
+
+def _filesystem(spec: str, key: str):
+    """fsspec's (filesystem, path) of spec; a protocol whose library is not installed names the package."""
+    try:
+        return fsspec.core.url_to_fs(spec)
+    except ImportError as error:
+        cause = error.__cause__
+        if isinstance(cause, ModuleNotFoundError) and cause.name:
+            package = cause.name.split(".")[0]
+            raise ValueError(f"{key}={spec} needs {package}, which is not installed: pip install {package}") \
+                from error
+        raise ValueError(f"{key}={spec}: {error} ({cause})") from error
+    except ValueError as error:  # an unknown protocol
+        raise ValueError(f"{key}={spec}: {error}") from error
+
+
+def _not_listed(fs, urls: list[str]) -> list[str]:
+    """The urls whose folder listing (one per folder) does not hold them."""
+    listings, missing = {}, []
+    for url in urls:
+        folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
+        if folder not in listings:
+            listings[folder] = ({p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+                                if fs.isdir(folder) else set())
+        if name not in listings[folder]:
+            missing.append(url)
+    return missing
 
 
 def _open(url: str):
@@ -94,7 +135,10 @@ def shard_counts(urls: list[str]) -> list[int]:
         warnings.warn(f"counting the samples of {len(missing)} shards by reading them (no {SHARD_INDEX} lists "
                       f"them; scripts/make_shards.py writes one)", stacklevel=2)
         for url in missing:
-            known[url.rsplit("/", 1)[-1]] = sum(1 for sample in _raw_samples(url, _reraise) if _image_key(sample))
+            try:
+                known[url.rsplit("/", 1)[-1]] = sum(1 for sample in _raw_samples(url, _reraise) if _image_key(sample))
+            except FileNotFoundError as error:  # over http(s), where a brace pattern is not checked at start
+                raise FileNotFoundError(f"shard {url} does not exist") from error
     return [known[url.rsplit("/", 1)[-1]] for url in urls]
 
 
@@ -292,7 +336,7 @@ class ShardSource:
         if not val_shards and len(train) < 2:
             raise ValueError(f"data.shards={shards} is 1 shard; need at least 2 to hold the last one out for "
                              f"validation, or set data.val_shards")
-        train, val = (train, shard_urls(val_shards)) if val_shards else (train[:-1], train[-1:])
+        train, val = (train, shard_urls(val_shards, "data.val_shards")) if val_shards else (train[:-1], train[-1:])
         self.shards = shards
         self.train_set = ShardDataset(train, shard_counts(train), items[0], decodes[0], skipped, seed=seed,
                                       shuffle=True, shuffle_buffer=shuffle_buffer)
