@@ -322,7 +322,9 @@ class ShardLoader:
 
 class ShardSource:
     """The shards source of a LightningDataModule: train and val `ShardDataset`s (val: `val_shards`, else the
-    last training shard held out), their `ShardLoader`s for the trainer's rank, and the training position.
+    last training shard held out), their `ShardLoader`s for the trainer's rank, and the training position. Each
+    rank validates on val shards of its own (so there must be one per rank; its val loader has fewer workers
+    than num_workers where there are not enough shards for them).
 
     items and decodes are (train, val) pairs of ShardDataset's make_item and decode.
     """
@@ -337,7 +339,7 @@ class ShardSource:
             raise ValueError(f"data.shards={shards} is 1 shard; need at least 2 to hold the last one out for "
                              f"validation, or set data.val_shards")
         train, val = (train, shard_urls(val_shards, "data.val_shards")) if val_shards else (train[:-1], train[-1:])
-        self.shards = shards
+        self.shards, self.val_shards = shards, val_shards
         self.train_set = ShardDataset(train, shard_counts(train), items[0], decodes[0], skipped, seed=seed,
                                       shuffle=True, shuffle_buffer=shuffle_buffer)
         self.val_set = ShardDataset(val, shard_counts(val), items[1], decodes[1], skipped, seed=seed, shuffle=False)
@@ -345,7 +347,7 @@ class ShardSource:
 
     def split(self, trainer, num_workers: int) -> None:
         """Give the datasets the trainer's rank (none: one process); every reader (ranks x workers) needs a
-        training shard."""
+        training shard, every rank a validation shard."""
         for dataset in (self.train_set, self.val_set):
             dataset.rank, dataset.world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         readers = self.train_set.world_size * max(num_workers, 1)
@@ -353,12 +355,19 @@ class ShardSource:
             raise ValueError(f"data.shards={self.shards} has {len(self.train_set.urls)} training shards for "
                              f"{readers} readers (ranks x data.num_workers); make smaller shards "
                              f"(make_shards.py shard_mb=) or lower data.num_workers")
+        ranks, shards = self.val_set.world_size, len(self.val_set.urls)
+        if shards < ranks:
+            named = (f"data.val_shards={self.val_shards} has" if self.val_shards else
+                     f"data.shards={self.shards}: the held-out last shard is")
+            raise ValueError(f"{named} {shards} validation shard(s) for {ranks} ranks, which each validate on shards "
+                             f"of their own; give data.val_shards at least {ranks} shards (make_shards.py shard_mb=)")
 
     def loader(self, train: bool, trainer, batch_size: int, num_workers: int, drop_last: bool = True,
                pin_memory: bool = False) -> ShardLoader:
         self.split(trainer, num_workers)
-        if not train:  # every rank reads all of its validation samples
-            loader = ShardLoader(self.val_set, batch_size, num_workers, drop_last=False, pin_memory=pin_memory,
+        if not train:  # every rank reads all of its validation samples, from at least one shard
+            workers = min(num_workers, len(self.val_set.urls) // self.val_set.world_size)
+            loader = ShardLoader(self.val_set, batch_size, workers, drop_last=False, pin_memory=pin_memory,
                                  fixed_epoch=0)
             loader.num_batches = loader.per_rank[self.val_set.rank]
             return loader
