@@ -16,7 +16,8 @@ smallest rank's), so distributed training never waits on a rank that ran out.
 
 A sample whose image does not decode is counted (`simmim.data.SkipCounter`) and replaced by the worker's next
 good one, so batch counts do not change. A shard whose read fails is read again (`_raw_samples`); if a
-worker's shards still give fewer samples than counted, its missing batches repeat the batch before. Masks and
+worker's shards still give fewer samples than counted, its missing batches repeat the batch before, up to one
+shard's worth (more stops the run: the storage is failing). Masks and
 augmentations are drawn from (seed, epoch, shard name, key): neither the worker count nor a resume changes them.
 """
 from __future__ import annotations
@@ -46,21 +47,62 @@ READ_RETRIES, RETRY_WAIT = 5, 1.0  # a shard whose read fails is read again up t
 SHARD_INDEX = "shardindex.json"  # {"shardlist": [{"url": NAME, "nsamples": N}, ...]} (the wids index format)
 
 
-def shard_urls(spec: str) -> list[str]:
-    """The shard URLs of ``data.shards``: a directory (local or fsspec URL; its ``*.tar``, sorted), a brace
-    pattern or one shard."""
-    if "{" in spec:
-        return list(braceexpand(spec))
-    fs, path = fsspec.core.url_to_fs(spec)
-    if not spec.startswith(("http://", "https://")) and fs.isdir(path):
-        urls = sorted(fs.unstrip_protocol(p) if "://" in spec else p for p in fs.glob(path.rstrip("/") + "/*.tar"))
-        if not urls:
-            raise FileNotFoundError(f"no .tar shards in data.shards={spec}; make them with scripts/make_shards.py")
-        return urls
-    if not fs.exists(path):
-        raise FileNotFoundError(f"data.shards={spec} does not exist; give a directory of .tar shards, a brace "
-                                f"pattern (train-{{000000..000099}}.tar) or a URL")
-    return [spec]
+def shard_urls(spec: str, key: str = "data.shards") -> list[str]:
+    """The shard URLs of ``key=spec``: a directory (local or fsspec URL; its ``*.tar``, sorted), a brace pattern
+    (whose shards must all exist; not checked over http(s), which cannot list) or one shard."""
+    fs, path = _filesystem(spec, key)
+    http = spec.startswith(("http://", "https://"))
+    try:
+        if "{" in spec:
+            urls = list(braceexpand(spec))
+            missing = [] if http else _not_listed(fs, urls)
+            if missing:
+                raise FileNotFoundError(f"{key}={spec}: {len(missing)} of its {len(urls)} shards do not exist "
+                                        f"(first: {missing[0]}); fix the pattern's range")
+            return urls
+        if not http and fs.isdir(path):
+            urls = sorted(fs.unstrip_protocol(p) if "://" in spec else p for p in fs.glob(path.rstrip("/") + "/*.tar"))
+            if not urls:
+                raise FileNotFoundError(f"no .tar shards in {key}={spec}; make them with scripts/make_shards.py")
+            return urls
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{key}={spec} does not exist; give a directory of .tar shards, a brace "
+                                    f"pattern (train-{{000000..000099}}.tar) or a URL")
+        return [spec]
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # the store's own errors (credentials, permissions, network), of any library
+        raise ValueError(f"{key}={spec} cannot be read ({type(error).__name__}: {error}); credentials and the "
+                         f"endpoint come from the usual environment of its fsspec library (s3fs: AWS_* variables, "
+                         f"~/.aws)") from error
+
+
+def _filesystem(spec: str, key: str):
+    """fsspec's (filesystem, path) of spec; a protocol whose library is not installed names the package."""
+    try:
+        return fsspec.core.url_to_fs(spec)
+    except ImportError as error:
+        cause = error.__cause__
+        if isinstance(cause, ModuleNotFoundError) and cause.name:
+            package = cause.name.split(".")[0]
+            raise ValueError(f"{key}={spec} needs {package}, which is not installed: pip install {package}") \
+                from error
+        raise ValueError(f"{key}={spec}: {error} ({cause})") from error
+    except ValueError as error:  # an unknown protocol
+        raise ValueError(f"{key}={spec}: {error}") from error
+
+
+def _not_listed(fs, urls: list[str]) -> list[str]:
+    """The urls whose folder listing (one per folder) does not hold them."""
+    listings, missing = {}, []
+    for url in urls:
+        folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
+        if folder not in listings:
+            listings[folder] = ({p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+                                if fs.isdir(folder) else set())
+        if name not in listings[folder]:
+            missing.append(url)
+    return missing
 
 
 def _open(url: str):
@@ -291,7 +333,8 @@ class ShardLoader:
             return
         batches = iter(DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                   drop_last=self.drop_last, pin_memory=self.pin_memory, persistent_workers=False))
-        waiting, last = {}, None
+        waiting, last, repeats = {}, None, 0
+        allowed = -(-max(self.dataset.counts) // self.batch_size)  # the batches of one shard: a lost shard, no more
         for worker in self._schedule():
             while not waiting.get(worker) and (batch := next(batches, None)) is not None:
                 *batch, workers, positions = batch
@@ -299,11 +342,15 @@ class ShardLoader:
             if waiting.get(worker):
                 batch, self.positions[worker] = waiting[worker].pop(0)
                 last = batch
-            elif last is not None:  # the worker's shards held fewer samples than counted
+            elif last is not None and repeats < allowed:  # the worker's shards held fewer samples than counted
                 warnings.warn(f"rank {self.dataset.rank}: the shards of worker {worker} ended before the samples "
                               f"their index counts (a shard cut short, or unreadable); its missing batches repeat "
                               f"the batch before, so that every rank gives {self.num_batches} batches")
-                batch = last
+                batch, repeats = last, repeats + 1
+            elif last is not None:
+                raise ValueError(f"rank {self.dataset.rank}: its shards gave more than {allowed} batches (one "
+                                 f"shard's) fewer than their index counts: is the storage failing? (see the warnings "
+                                 f"above); resume the run when the shards read again")
             else:
                 return
             self.rounds[worker] = self.rounds.get(worker, 0) + 1
@@ -316,7 +363,9 @@ class ShardLoader:
 
 class ShardSource:
     """The shards source of a LightningDataModule: train and val `ShardDataset`s (val: `val_shards`, else the
-    last training shard held out), their `ShardLoader`s for the trainer's rank, and the training position.
+    last training shard held out), their `ShardLoader`s for the trainer's rank, and the training position. Each
+    rank validates on val shards of its own (so there must be one per rank; its val loader has fewer workers
+    than num_workers where there are not enough shards for them).
 
     items and decodes are (train, val) pairs of ShardDataset's make_item and decode.
     """
@@ -330,8 +379,8 @@ class ShardSource:
         if not val_shards and len(train) < 2:
             raise ValueError(f"data.shards={shards} is 1 shard; need at least 2 to hold the last one out for "
                              f"validation, or set data.val_shards")
-        train, val = (train, shard_urls(val_shards)) if val_shards else (train[:-1], train[-1:])
-        self.shards = shards
+        train, val = (train, shard_urls(val_shards, "data.val_shards")) if val_shards else (train[:-1], train[-1:])
+        self.shards, self.val_shards = shards, val_shards
         self.train_set = ShardDataset(train, shard_counts(train), items[0], decodes[0], skipped, seed=seed,
                                       shuffle=True, shuffle_buffer=shuffle_buffer)
         self.val_set = ShardDataset(val, shard_counts(val), items[1], decodes[1], skipped, seed=seed, shuffle=False)
@@ -339,7 +388,7 @@ class ShardSource:
 
     def split(self, trainer, num_workers: int) -> None:
         """Give the datasets the trainer's rank (none: one process); every reader (ranks x workers) needs a
-        training shard."""
+        training shard, every rank a validation shard."""
         for dataset in (self.train_set, self.val_set):
             dataset.rank, dataset.world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         readers = self.train_set.world_size * max(num_workers, 1)
@@ -347,12 +396,19 @@ class ShardSource:
             raise ValueError(f"data.shards={self.shards} has {len(self.train_set.urls)} training shards for "
                              f"{readers} readers (ranks x data.num_workers); make smaller shards "
                              f"(make_shards.py shard_mb=) or lower data.num_workers")
+        ranks, shards = self.val_set.world_size, len(self.val_set.urls)
+        if shards < ranks:
+            named = (f"data.val_shards={self.val_shards} has" if self.val_shards else
+                     f"data.shards={self.shards}: the held-out last shard is")
+            raise ValueError(f"{named} {shards} validation shard(s) for {ranks} ranks, which each validate on shards "
+                             f"of their own; give data.val_shards at least {ranks} shards (make_shards.py shard_mb=)")
 
     def loader(self, train: bool, trainer, batch_size: int, num_workers: int, drop_last: bool = True,
                pin_memory: bool = False) -> ShardLoader:
         self.split(trainer, num_workers)
-        if not train:  # every rank reads all of its validation samples
-            loader = ShardLoader(self.val_set, batch_size, num_workers, drop_last=False, pin_memory=pin_memory,
+        if not train:  # every rank reads all of its validation samples, from at least one shard
+            workers = min(num_workers, len(self.val_set.urls) // self.val_set.world_size)
+            loader = ShardLoader(self.val_set, batch_size, workers, drop_last=False, pin_memory=pin_memory,
                                  fixed_epoch=0)
             loader.num_batches = loader.per_rank[self.val_set.rank]
             return loader

@@ -1,12 +1,17 @@
 import functools
 import http.server
+import importlib
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
 
 import cv2
+import fsspec
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -20,6 +25,9 @@ from simmim import shards
 from simmim.shards import ShardDataset, ShardLoader, balanced_groups, shard_counts, shard_urls
 from simmim.tools import make_shards
 
+
+
+REGISTERED = importlib.import_module("fsspec.registry")._registry  # protocol -> imported filesystem class
 
 
 def write_shard(path, samples):
@@ -82,6 +90,78 @@ def test_shard_urls_directory_brace_pattern_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
         shard_urls(str(tmp_path / "empty"))
+    for spec in (str(tmp_path / "d" / "part-{000..009}.tar"), f"file://{tmp_path}/d/part-{{001..009}}.tar"):
+        with pytest.raises(FileNotFoundError, match=r"data.val_shards=.*: 7 of its .* shards do not exist \(first: "
+                                                    r".*part-003.tar\); fix the pattern's range"):
+            shard_urls(spec, "data.val_shards")  # found at start, from one listing of the folder
+    with pytest.raises(FileNotFoundError, match="2 of its 2 shards do not exist"):
+        shard_urls(str(tmp_path / "missing" / "part-{000..001}.tar"))
+    with pytest.raises(ValueError, match="data.shards=nosuch://bucket/train: Protocol not known: nosuch"):
+        shard_urls("nosuch://bucket/train")
+
+
+@pytest.mark.parametrize("spec", ["s3://bucket/train", "s3://bucket/train-{000..009}.tar"])
+def test_a_url_whose_fsspec_library_is_missing_names_the_package(monkeypatch, spec):
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` fails, installed or not
+    monkeypatch.delitem(REGISTERED, "s3", raising=False)  # fsspec imports it again
+    with pytest.raises(ValueError) as error:
+        shard_urls(spec)
+    assert str(error.value) == f"data.shards={spec} needs s3fs, which is not installed: pip install s3fs"
+
+
+@pytest.mark.timeout(120)
+def test_the_scripts_say_it_in_one_line(tmp_path):
+    """scripts/pretrain.py where s3fs is missing (a module of that name that fails to import shadows any installed
+    one): no traceback, one error line."""
+    (tmp_path / "s3fs.py").write_text("raise ModuleNotFoundError(\"No module named 's3fs'\", name='s3fs')\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+    result = subprocess.run([sys.executable, str(script), f"output_dir={tmp_path}", "data.source=shards",
+                             "data.shards=s3://bucket/train"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+                            cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    expected = "error: data.shards=s3://bucket/train needs s3fs, which is not installed: pip install s3fs"
+    assert result.stderr.splitlines()[-1] == expected
+    assert list(tmp_path.iterdir()) == [tmp_path / "s3fs.py"]  # no run directory left behind
+
+
+class NoCredentials(Exception):
+    """Not an OSError, as botocore's NoCredentialsError."""
+
+
+class RefusingFileSystem(fsspec.AbstractFileSystem):
+    """A store that answers every request with `error`, as s3fs does without credentials or permission (its isdir
+    and exists raise too, where fsspec's defaults would answer False)."""
+
+    protocol = "refusing"
+    error = PermissionError("Access Denied")
+
+    def _refuse(self, path, *args, **kwargs):
+        raise self.error
+
+    ls = info = isdir = exists = _refuse
+
+
+@pytest.mark.parametrize("error", [PermissionError("Access Denied"), NoCredentials("Unable to locate credentials")])
+@pytest.mark.parametrize("spec", ["refusing://bucket/train", "refusing://bucket/train-{000..009}.tar"])
+def test_a_store_that_refuses_is_one_line_naming_the_key(monkeypatch, spec, error):
+    monkeypatch.setitem(REGISTERED, "refusing", RefusingFileSystem)
+    monkeypatch.setattr(RefusingFileSystem, "error", error)
+    with pytest.raises(ValueError) as raised:
+        shard_urls(spec, "data.val_shards")
+    name = type(error).__name__
+    assert str(raised.value) == (f"data.val_shards={spec} cannot be read ({name}: {error}); credentials and the "
+                                 f"endpoint come from the usual environment of its fsspec library (s3fs: AWS_* "
+                                 f"variables, ~/.aws)")
+
+
+def test_a_missing_http_shard_is_named_when_counted(tmp_path, http_root):
+    numbered_shards(tmp_path / "shards", [2, 2])
+    urls = shard_urls(f"{http_root}/shards/part-{{000..002}}.tar")  # http cannot list: not checked here
+    with pytest.raises(FileNotFoundError, match=f"^shard {http_root}/shards/part-002.tar does not exist$"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shard_counts(urls)
 
 
 def test_balanced_groups():
@@ -162,6 +242,11 @@ def test_a_worker_short_of_its_counted_samples_repeats_batches_to_keep_the_count
         batches = [[int(label) for label in batch[0]] for batch in loader]
     assert len(batches) == 14 and sorted(sum(batches[:12], [])) == list(range(24))  # every sample once, then
     assert batches[12] == batches[13] == batches[11]  # worker 0's missing 2 of 8 batches: the batch before, again
+    data.counts = [30] * 4  # each worker 24 batches short, more than one shard's 15: the storage is failing
+    with pytest.raises(ValueError, match="rank 0: its shards gave more than 15 batches .* fewer than their index"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(ShardLoader(data, batch_size=2, num_workers=2))
 
 
 def test_corrupt_samples_are_skipped_counted_and_replaced(tmp_path):
@@ -256,11 +341,46 @@ def test_datamodule_shards_source_and_state(tmp_path):
     assert len(rest) == len(loader) - 1 == 3
     with pytest.raises(FileNotFoundError, match="data.shards="):
         SimMIMDataModule(source="shards").setup("fit")
+    with pytest.raises(FileNotFoundError, match="data.val_shards=.*missing does not exist"):
+        SimMIMDataModule(source="shards", shards=str(tmp_path / "train"),
+                         val_shards=str(tmp_path / "missing")).setup("fit")
     with pytest.raises(ValueError, match="1 shard; need at least 2"):
         SimMIMDataModule(source="shards", shards=str(tmp_path / "val")).setup("fit")
     with pytest.raises(ValueError, match="2 training shards for 3 readers"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         SimMIMDataModule(source="shards", shards=str(tmp_path / "train"), num_workers=3).setup("fit")
+
+
+def test_every_rank_validates_on_shards_of_its_own(tmp_path):
+    """2 ranks x 2 workers, 3 val shards: each rank gets a shard (its val loader 1 worker); every val sample once.
+    Fewer val shards than ranks is one line at start (Lightning stops a rank whose val loader is empty)."""
+    from types import SimpleNamespace
+
+    from simmim.shards import ShardSource
+
+    numbered_shards(tmp_path / "train", [5, 5, 5, 5])
+    total = numbered_shards(tmp_path / "val", [2, 3, 4])
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rank in range(2):
+            source = ShardSource(str(tmp_path / "train"), str(tmp_path / "val"), (label_item, label_item),
+                                 (decode_image, decode_image), SkipCounter())
+            loader = source.loader(False, SimpleNamespace(global_rank=rank, world_size=2), batch_size=2,
+                                   num_workers=2)
+            batches = list(loader)
+            assert loader.num_workers == 1 and 0 < len(batches) == len(loader)
+            seen += [int(label) for (labels,) in batches for label in labels]
+        assert sorted(seen) == list(range(total))
+        source = ShardSource(str(tmp_path / "train"), str(tmp_path / "val" / "part-000.tar"),
+                             (label_item, label_item), (decode_image, decode_image), SkipCounter())
+        with pytest.raises(ValueError, match=r"data.val_shards=.*part-000.tar has 1 validation shard\(s\) for 2 ranks"):
+            source.loader(False, SimpleNamespace(global_rank=1, world_size=2), batch_size=2, num_workers=0)
+        source = ShardSource(str(tmp_path / "train"), None, (label_item, label_item), (decode_image, decode_image),
+                             SkipCounter())
+        with pytest.raises(ValueError, match="the held-out last shard is 1 validation shard.* give data.val_shards "
+                                             "at least 2 shards"):
+            source.loader(False, SimpleNamespace(global_rank=0, world_size=2), batch_size=2, num_workers=0)
 
 
 def test_make_shards_keeps_labels_and_resumes(tmp_path, capsys):
