@@ -114,15 +114,16 @@ def _open(url: str):
     return io.BufferedReader(stream, buffer_size=READ_BUFFER)
 
 
-def _raw_samples(url: str, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+def _raw_samples(url: str, on_error: Callable[[Exception], bool], retries: int = READ_RETRIES) -> Iterator[dict]:
     """The samples of one shard: dicts of suffix -> bytes plus __key__ and __url__.
 
-    A read that fails (a dropped connection, a storage hiccup) is retried READ_RETRIES times, RETRY_WAIT x 1, 2,
-    4, ... seconds apart, from the start of the shard, passing over the samples already given; then (at once for
-    a shard that does not exist) ``on_error(error)`` is called and the rest of the shard is left out.
+    A read that fails (a dropped connection, a storage hiccup; fsspec's http says "not found" for a server that
+    does not answer) is retried `retries` times, RETRY_WAIT x 1, 2, 4, ... seconds apart, from the start of the
+    shard, passing over the samples already given; then ``on_error(error)`` is called and the rest of the shard
+    is left out.
     """
     given = 0
-    for attempt in range(READ_RETRIES + 1):
+    for attempt in range(retries + 1):
         try:
             with _open(url) as stream:
                 files = tar_file_expander([{"url": url, "stream": stream}], handler=_reraise)
@@ -132,12 +133,12 @@ def _raw_samples(url: str, on_error: Callable[[Exception], bool]) -> Iterator[di
                         yield sample
             return
         except Exception as error:  # storage clients raise their own types, not only OSError
-            if attempt == READ_RETRIES or isinstance(error, FileNotFoundError):  # not there: no retry helps
+            if attempt == retries:
                 on_error(error)
                 return
             reason = f"{type(error).__name__}: {error.args[0] if error.args else ''}"  # webdataset appends more args
             warnings.warn(f"reading {url} failed after {given} samples ({reason}); retry {attempt + 1} of "
-                          f"{READ_RETRIES} in {RETRY_WAIT * 2 ** attempt:g} s")
+                          f"{retries} in {RETRY_WAIT * 2 ** attempt:g} s")
             time.sleep(RETRY_WAIT * 2 ** attempt)
 
 
@@ -160,8 +161,8 @@ def shard_counts(urls: list[str]) -> list[int]:
         warnings.warn(f"counting the samples of {len(missing)} shards by reading them (no {SHARD_INDEX} lists "
                       f"them; scripts/make_shards.py writes one)", stacklevel=2)
         for url in missing:
-            known[url.rsplit("/", 1)[-1]] = sum(1 for sample in _raw_samples(url, partial(_unreadable, url))
-                                                if _image_key(sample))
+            known[url.rsplit("/", 1)[-1]] = sum(1 for sample in _raw_samples(url, partial(_unreadable, url), 0)
+                                                if _image_key(sample))  # at start: fail at once
     return [known[url.rsplit("/", 1)[-1]] for url in urls]
 
 
@@ -347,12 +348,11 @@ class ShardLoader:
                               f"their index counts (a shard cut short, or unreadable); its missing batches repeat "
                               f"the batch before, so that every rank gives {self.num_batches} batches")
                 batch, repeats = last, repeats + 1
-            elif last is not None:
-                raise ValueError(f"rank {self.dataset.rank}: its shards gave more than {allowed} batches (one "
-                                 f"shard's) fewer than their index counts: is the storage failing? (see the warnings "
-                                 f"above); resume the run when the shards read again")
             else:
-                return
+                raise ValueError(f"rank {self.dataset.rank}: its shards gave {self.batches - repeats} of the "
+                                 f"epoch's {self.num_batches} batches, more than one shard's ({allowed}) short: is "
+                                 f"the storage failing? (see the warnings above); resume the run when the shards "
+                                 f"read again")
             self.rounds[worker] = self.rounds.get(worker, 0) + 1
             self.batches += 1
             self._history = [*self._history[-(self.KEEP - 1):], self.state()]

@@ -231,7 +231,8 @@ def test_resume_mid_epoch_gives_the_rest_of_the_epoch(tmp_path, num_workers):
     assert len(set(labels)) == len(labels)
 
 
-def test_a_worker_short_of_its_counted_samples_repeats_batches_to_keep_the_count(tmp_path):
+def test_a_worker_short_of_its_counted_samples_repeats_batches_to_keep_the_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "RETRY_WAIT", 0.001)
     numbered_shards(tmp_path, [6, 6, 6, 6])
     urls = shard_urls(str(tmp_path))
     counts = [6, 10, 6, 6]  # the index overstates part-001: worker 0 (part-001, part-003 by balance) is short
@@ -243,10 +244,16 @@ def test_a_worker_short_of_its_counted_samples_repeats_batches_to_keep_the_count
     assert len(batches) == 14 and sorted(sum(batches[:12], [])) == list(range(24))  # every sample once, then
     assert batches[12] == batches[13] == batches[11]  # worker 0's missing 2 of 8 batches: the batch before, again
     data.counts = [30] * 4  # each worker 24 batches short, more than one shard's 15: the storage is failing
-    with pytest.raises(ValueError, match="rank 0: its shards gave more than 15 batches .* fewer than their index"), \
-            warnings.catch_warnings():
+    with pytest.raises(ValueError, match=r"rank 0: its shards gave 12 of the epoch's 60 batches, more than one "
+                                         r"shard's \(15\) short: is the storage failing"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         list(ShardLoader(data, batch_size=2, num_workers=2))
+    gone = ShardDataset([str(tmp_path / "gone-0.tar"), str(tmp_path / "gone-1.tar")], [6, 6], label_item,
+                        decode_image, SkipCounter(), shuffle=False)  # no batch at all: no epoch of nothing either
+    with pytest.raises(ValueError, match="rank 0: its shards gave 0 of the epoch's 6 batches"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(ShardLoader(gone, batch_size=2, num_workers=0))
 
 
 def test_corrupt_samples_are_skipped_counted_and_replaced(tmp_path):
