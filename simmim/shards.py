@@ -17,8 +17,8 @@ smallest rank's), so distributed training never waits on a rank that ran out.
 A sample whose image does not decode is counted (`simmim.data.SkipCounter`) and replaced by the worker's next
 good one, so batch counts do not change. A shard whose read fails is read again (`_raw_samples`); if a
 worker's shards still give fewer samples than counted, its missing batches repeat the batch before, up to one
-shard's worth (more stops the run: the storage is failing). Masks and
-augmentations are drawn from (seed, epoch, shard name, key): neither the worker count nor a resume changes them.
+shard's worth; a rank short of more stops the run (the storage is failing). Masks and augmentations are drawn
+from (seed, epoch, shard name, key): neither the worker count nor a resume changes them.
 """
 from __future__ import annotations
 
