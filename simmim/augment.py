@@ -111,10 +111,10 @@ def random_erasing(images: torch.Tensor, p: float, seed: int, area: tuple[float,
     first = fits.long().argmax(1, keepdim=True)  # the first draw that fits (0 where none does)
     h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
     erase &= fits.any(1)
-    top = (torch.rand(batch, generator=draws) * (height - h + 1)).long()
-    left = (torch.rand(batch, generator=draws) * (width - w + 1)).long()
     if not erase.any():
         return images
+    top = (torch.rand(batch, generator=draws) * (height - h + 1)).long()
+    left = (torch.rand(batch, generator=draws) * (width - w + 1)).long()
     device = images.device
     top, left, bottom, right = (v.to(device)[:, None, None] for v in (top, left, top + h, left + w))
     rows, cols = torch.arange(height, device=device)[:, None], torch.arange(width, device=device)
