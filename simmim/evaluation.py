@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.train.strategies import root_params_gathered
+from simmim.workers import sigterm_shield
 
 __all__ = ["pooled_features", "knn_scores", "knn_top1", "linear_probe_top1", "KNNMonitor", "knn_monitor", "knn_summary",
            "plot_knn_history"]
@@ -105,7 +106,8 @@ class KNNMonitor(pl.Callback):
         encoder = pl_module.simmim.encoder
         was_training = encoder.training
         encoder.eval()
-        loaders = [DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        loaders = [DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                              worker_init_fn=sigterm_shield())
                    for dataset in (self.train_set, self.val_set)]
         with root_params_gathered(strategy) if strategy is not None else nullcontext():
             (train, train_labels), (val, val_labels) = (pooled_features(encoder, loader, pl_module.device)

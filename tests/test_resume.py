@@ -1,5 +1,7 @@
 """kill -9 in the middle of an epoch, resume=auto: the run ends with the weights, the grad-scaler state, the k-NN
-history and the metrics.csv rows of a run that was never killed (digits and shards sources, 0 and 2 workers)."""
+history and the metrics.csv rows of a run that was never killed (digits and shards sources, 0 and 2 workers).
+SIGTERM (a scheduler's time limit or preemption): the run saves the step it ends on and continues from it."""
+import contextlib
 import csv
 import math
 import os
@@ -47,11 +49,15 @@ FINETUNE = ["pretrained=null", "data.img_size=32", "model.window_size=4", "data.
 
 
 def pretrain(run_dir: Path, workers: int, wait: bool = True, script: str = "pretrain", args: list = ARGS):
+    """Run the script to its end (the result), or start it in a session of its own (the Popen; its stderr goes to
+    <run_dir>.stderr beside the run directory)."""
     command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), f"output_dir={run_dir.parent}",
                f"run_name={run_dir.name}", f"data.num_workers={workers}", *args]
     env = {**os.environ, "PYTHONWARNINGS": "always"}
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{run_dir}.stderr", "w") as stderr:
+            return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, start_new_session=True)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -61,13 +67,17 @@ def encoder(run_dir: Path) -> dict:
     return torch.load(run_dir / "encoder.pth", weights_only=False)["model"]
 
 
-def kill_after(process: subprocess.Popen, path: Path, timeout: float = 240) -> None:
-    """SIGKILL the process as soon as `path` exists."""
+def wait_for(process: subprocess.Popen, path: Path, timeout: float = 240) -> None:
     start = time.monotonic()
     while not path.exists():
-        assert process.poll() is None, "the run ended before it could be killed"
+        assert process.poll() is None, "the run ended before it could be stopped"
         assert time.monotonic() - start < timeout, f"{path} did not appear"
         time.sleep(0.02)
+
+
+def kill_after(process: subprocess.Popen, path: Path, timeout: float = 240) -> None:
+    """SIGKILL the process as soon as `path` exists."""
+    wait_for(process, path, timeout)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
 
@@ -162,6 +172,131 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, workers, kill
     assert len(list(run.glob("config.*.yaml"))) == 2 and not (run / "run.lock").exists()
     steps = sorted(p.name for p in (run / "checkpoints").glob("step-*.ckpt"))
     assert steps == ["step-00000006.ckpt", "step-00000009.ckpt"]  # keep_last=2
+
+
+def group_ended(session: int, timeout: float = 30) -> bool:
+    """Whether every process of the session (a run and its DataLoader workers) is gone within timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            os.killpg(session, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_to_the_whole_job_saves_its_step_and_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted):
+    """SIGTERM to every process of the run mid-epoch, the DataLoader workers included, as SLURM sends it at a time
+    limit or a preemption: the run ends after the step under way with status 143 and one line (before, a worker's
+    death raised in the middle of a backward and nothing was saved), saves that step as sigterm-<step>.ckpt and
+    leaves no process behind; the same command continues it to the weights, k-NN points and metrics.csv rows of
+    the run that was never stopped."""
+    run = tmp_path / "stopped"
+    process = pretrain(run, 2, wait=False)
+    wait_for(process, run / "checkpoints" / "step-00000006.ckpt")
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    stderr = Path(f"{run}.stderr").read_text()
+    saved = list((run / "checkpoints").glob("sigterm-*.ckpt"))
+    assert len(saved) == 1, stderr[-3000:]
+    step = torch.load(saved[0], weights_only=False)["global_step"]
+    assert step in (6, 7)  # the step under way when the signal came (or the next): mid-epoch 1 (steps 5 to 8)
+    assert f"stopped by SIGTERM after step {step}: saved {saved[0]}" in stderr
+    assert "Traceback" not in stderr and "killed by signal" not in stderr
+    assert group_ended(process.pid) and not (run / "run.lock").exists()
+
+    resumed = pretrain(run, 2)
+    weights = encoder(run)
+    for name, value in encoder(uninterrupted[0]).items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+    assert knn_line(resumed) == knn_line(uninterrupted[1])
+    rows, whole_rows = metrics(run), metrics(uninterrupted[0])
+    assert logged(rows) == logged(whole_rows)  # every row once, none lost
+    assert knn_points(rows) == pytest.approx(knn_points(whole_rows), abs=1e-6)
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the processes whose parent is pid (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_to_one_of_two_ranks_stops_both_after_the_same_step(tmp_path):
+    """Two DDP ranks on CPU (gloo; Lightning starts rank 1 as a child process of rank 0) and SIGTERM to rank 1
+    alone, as when one node of a multi-node job is stopped: the ranks agree before the next step, save the last
+    one together and both end with status 143 (rank 1 stopping alone made rank 0 fail: tried); the resumed run
+    ends with the weights and metrics of the 2-rank run never stopped."""
+    args = [*ARGS, "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
+    pretrain(tmp_path / "whole", 0, args=args)
+    run = tmp_path / "stopped"
+    process = pretrain(run, 0, wait=False, args=args)
+    try:
+        wait_for(process, run / "checkpoints" / "step-00000003.ckpt")
+        (rank_1,) = children(process.pid)  # data.num_workers=0: rank 1 is rank 0's only child
+        os.kill(rank_1, signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
+        assert group_ended(process.pid)  # rank 1 ended too
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    saved = list((run / "checkpoints").glob("sigterm-*.ckpt"))
+    assert len(saved) == 1 and "Traceback" not in Path(f"{run}.stderr").read_text()
+    pretrain(run, 0, args=args)
+    weights = encoder(run)
+    for name, value in encoder(tmp_path / "whole").items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+    assert logged(metrics(run)) == logged(metrics(tmp_path / "whole"))
+
+
+class SigtermAt(pl.Callback):
+    """Sends this process SIGTERM once, at the first validation batch after `step` (not the sanity check)."""
+
+    def __init__(self, step: int):
+        self.step, self.sent = step, False
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_during_validation_stops_at_the_end_of_the_epoch(tmp_path, monkeypatch):
+    """SIGTERM in the first of 2 validation batches at the end of epoch 0 (Lightning alone would stop there,
+    mid-validation, and the resumed run would never log that validation): the epoch ends (validation, last.ckpt,
+    k-NN point), its last step is saved as sigterm-00000004.ckpt before the next batch, the exit status is 143,
+    and the resumed run ends with the weights and every metrics.csv row of the run that was never stopped."""
+    args = [f"output_dir={tmp_path}", *ARGS, "trainer.limit_val_batches=2", "data.num_workers=0"]
+    build_callbacks = simmim.train.trainer.build_callbacks
+
+    def run(name, sigterm_step=None):
+        monkeypatch.setattr(simmim.train.trainer, "build_callbacks",
+                            lambda cfg: [*build_callbacks(cfg), *([SigtermAt(sigterm_step)] if sigterm_step else [])])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pretrain_stage.main([f"run_name={name}", *args])
+
+    run("whole")
+    with pytest.raises(SystemExit) as stopped:
+        run("stopped", sigterm_step=4)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == [
+        "best.ckpt", "last.ckpt", "sigterm-00000004.ckpt", "step-00000003.ckpt"]
+    run("stopped")
+    weights = encoder(tmp_path / "stopped")
+    for name, value in encoder(tmp_path / "whole").items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+    assert logged(metrics(tmp_path / "stopped")) == logged(metrics(tmp_path / "whole"))
 
 
 @pytest.mark.slow
