@@ -1,6 +1,7 @@
 """What every script in scripts/ shares: running its command with one-line errors, the `device=` key."""
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from pathlib import Path
@@ -23,11 +24,16 @@ def run(module: str) -> None:
 
 
 def run_cli(main: Callable[[list[str]], None]) -> None:
-    """Run a script's main(argv); configuration and input errors end it with one line on stderr."""
+    """Run a script's main(argv); configuration and input errors, and a full disk, end it with one line on
+    stderr."""
     try:
         main(sys.argv[1:])
     except (ConfigError, ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.exit(f"error: {error.strerror}" + (f": {error.filename}" if error.filename else ""))
 
 
 def resolve_device(name: str) -> torch.device:

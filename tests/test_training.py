@@ -1,9 +1,11 @@
 """Optimizer groups, lr schedule, non-finite guard, precision and atomic saving of the pretraining module."""
+import errno
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
+from simmim.cli import run_cli
 from simmim.data import SimMIMDataModule, normalize_images
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.checkpoint_io import atomic_save
@@ -116,3 +118,40 @@ def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary file left behind
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    """torch.save on a full disk raises a RuntimeError about zip positions while handling the ENOSPC OSError (seen
+    on a full tmpfs); atomic_save turns it into one OSError naming the file and the fix, the scripts into one line."""
+    path = tmp_path / "ckpt.pth"
+    atomic_save({"step": 1}, path)
+
+    def save_on_a_full_disk(obj, f):
+        f.write(b"x" * 1000)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6209152 vs 6209040")
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with pytest.raises(OSError) as error:
+        atomic_save({"step": 2}, path)
+    assert error.value.errno == errno.ENOSPC
+    assert str(path) in error.value.strerror and "output_dir=" in error.value.strerror
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+    def main(argv):
+        raise error.value
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(main)
+    assert stopped.value.code == f"error: no space left on device for {path}: the disk filled after 0 MiB of it; " \
+                                 f"free space or pass output_dir= on another disk, then run the same command again " \
+                                 f"(the checkpoints already saved are kept)"
+
+    def denied(argv):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(PermissionError):  # other OS errors are not turned into a line: their traceback tells more
+        run_cli(denied)

@@ -1,6 +1,7 @@
 """Checkpoint files that a crash cannot leave half-written."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import warnings
@@ -11,7 +12,9 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file.
+    A full disk or quota is one OSError (ENOSPC / EDQUOT) naming the file and the fix (torch reports it as a
+    RuntimeError about zip positions)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -21,9 +24,24 @@ def atomic_save(obj, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
         Path(tmp).unlink(missing_ok=True)
+        if full := _disk_full(error):
+            raise OSError(full.errno, f"{os.strerror(full.errno).lower()} for {path}: the disk filled after "
+                                      f"{written / 2**20:.0f} MiB of it; free space or pass output_dir= on another "
+                                      f"disk, then run the same command again (the checkpoints already saved are "
+                                      f"kept)") from error
         raise
+
+
+def _disk_full(error: BaseException | None) -> OSError | None:
+    """The ENOSPC or EDQUOT OSError in error's chain (torch.save raises its own error while handling it), if any."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
