@@ -1,6 +1,7 @@
 """Run directories: one writer (lock), nothing changed by a failing command, history kept, broken files handled."""
 import csv
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -123,3 +124,21 @@ def test_broken_checkpoints_are_named_and_skipped(tmp_path):
     cfg.resume = str(tmp_path / "checkpoints" / "last.ckpt")
     with pytest.raises(ConfigError, match=r"resume=.*last.ckpt cannot be resumed from \(RuntimeError"):
         prepare_run(cfg)
+
+
+@pytest.mark.parametrize("text, reason", [("model: [unclosed\n  x: {", "while parsing a flow sequence"),
+                                          ("", "it has no model section"), ("- a list\n", "it has no model section")])
+def test_an_unreadable_saved_config_is_one_line_and_left_as_it_is(tmp_path, text, reason):
+    """A resume compares the model with the run directory's config.yaml: a broken one (hand-edited, emptied) is
+    named with the fix, before anything is written (it used to be a YAML or omegaconf traceback)."""
+    cfg = load_config("pretrain", overrides=[f"output_dir={tmp_path.parent}", f"run_name={tmp_path.name}"])
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {"w": torch.ones(3)}, "loops": {}}, tmp_path / "checkpoints" / "last.ckpt")
+    (tmp_path / "config.yaml").write_text(text)
+    saved = re.escape(str(tmp_path / "config.yaml"))
+    with pytest.raises(ConfigError, match=rf"cannot read {saved} \({reason}\).*put back a copy of it "
+                                          rf"\(config.<time>.yaml beside it"):
+        prepare_run(cfg)
+    assert (tmp_path / "config.yaml").read_text() == text
+    (tmp_path / "config.yaml").unlink()  # the fix the line names: the resume goes on without that check
+    assert prepare_run(cfg) == (tmp_path, str(tmp_path / "checkpoints" / "last.ckpt"))

@@ -249,6 +249,20 @@ def save_config(cfg: DictConfig, path: Path) -> None:
     tmp.replace(path)
 
 
+def _saved_config(path: Path) -> DictConfig:
+    """A run directory's config.yaml (what its latest start resolved), with its model section."""
+    try:
+        saved = OmegaConf.load(path)
+        if not isinstance(saved, DictConfig) or not isinstance(saved.get("model"), DictConfig):
+            raise ValueError("it has no model section")
+    except Exception as error:  # YAML syntax, an empty file, not a mapping
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"cannot read {path} ({reason}), the config of the run's latest start that a resume "
+                          f"checks its model against: put back a copy of it (config.<time>.yaml beside it, one per "
+                          f"start) or delete it to skip that check") from None
+    return saved
+
+
 def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
     """The run directory and the checkpoint to resume from (None: a fresh run); writes nothing.
 
@@ -283,7 +297,7 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
         ckpt = None
     saved = run_dir / "config.yaml"
     if ckpt is not None and saved.is_file():
-        before = OmegaConf.load(saved)
+        before = _saved_config(saved)
         for key in set(_leaf_keys(cfg.model)) - {"compile"}:  # compiling does not change the weights
             old, new = OmegaConf.select(before.model, key), OmegaConf.select(cfg.model, key)
             if old != new:
