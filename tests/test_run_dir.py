@@ -121,6 +121,11 @@ def test_broken_checkpoints_are_named_and_skipped(tmp_path):
         path.rename(tmp_path / "checkpoints" / path.name)
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match="no checkpoint in .* can be resumed from"):
         prepare_run(cfg)
+    cfg.resume = str(tmp_path)  # the run directory, not a checkpoint in it (was an IsADirectoryError traceback)
+    with pytest.raises(ConfigError, match=r"cannot be resumed from \(a folder, not a checkpoint file or a DeepSpeed"):
+        prepare_run(cfg)
+    (tmp_path / "checkpoints" / "step-00000002.ckpt" / "checkpoint").mkdir(parents=True)  # what DeepSpeed saves
+    assert checkpoint_problem(tmp_path / "checkpoints" / "step-00000002.ckpt") is None
     cfg.resume = str(tmp_path / "checkpoints" / "last.ckpt")
     with pytest.raises(ConfigError, match=r"resume=.*last.ckpt cannot be resumed from \(RuntimeError"):
         prepare_run(cfg)

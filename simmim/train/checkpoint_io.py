@@ -53,10 +53,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why a Lightning checkpoint cannot be resumed from (truncated, corrupt, not a training checkpoint), or
-    None when it can. Reads the pickled structure; the tensors stay on disk (mmap). DeepSpeed folders pass."""
+    None when it can. Reads the pickled structure; the tensors stay on disk (mmap). DeepSpeed folders pass when they
+    hold its `checkpoint/` folder."""
     path = Path(path)
-    if path.is_dir():
-        return None if any(path.iterdir()) else "an empty folder"
+    if path.is_dir():  # DeepSpeed saves a folder: <path>/checkpoint/ (its tag) and <path>/latest
+        return None if (path / "checkpoint").is_dir() else ("a folder, not a checkpoint file or a DeepSpeed "
+                                                             "checkpoint folder")
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # truncated zip, bad pickle, ...: any failure means it cannot be resumed
