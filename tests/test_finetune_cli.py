@@ -40,6 +40,19 @@ def test_pretrain_then_finetune_at_a_larger_window(tmp_path, capsys):
 def test_missing_pretrained_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist; run scripts/pretrain.py first"):
         finetune_script.main([f"output_dir={tmp_path}", f"pretrained={tmp_path}/none.pth"])
+    with pytest.raises(ConfigError, match="is a folder; pass a checkpoint file in it .*encoder.pth"):
+        finetune_script.main([f"output_dir={tmp_path}", f"pretrained={tmp_path}"])  # was: "does not exist"
+
+
+def test_unreadable_pretrained_file_is_a_clear_error(tmp_path):
+    """A truncated checkpoint and a file of junk (were OSError and KeyError tracebacks from torch.load)."""
+    torch.save({"model": {f"w{i}": torch.ones(1000) for i in range(5)}}, tmp_path / "whole.pth")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:5000])
+    (tmp_path / "junk.pth").write_text("junk\n")
+    for name in ("truncated.pth", "junk.pth"):
+        with pytest.raises(ValueError, match=rf"cannot read .*{name} as a PyTorch checkpoint \(\w+: .*\); pass a "
+                                             rf"file written by torch.save, whole"):
+            finetune_script.main([f"output_dir={tmp_path}", f"pretrained={tmp_path / name}"])
 
 
 def test_every_finetune_recipe_resolves_and_builds_on_meta():

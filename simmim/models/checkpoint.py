@@ -73,8 +73,8 @@ def read_checkpoint(source: str | Path | Mapping) -> dict:
     if isinstance(source, Mapping):
         return dict(source)
     if not Path(source).is_file():
-        raise FileNotFoundError(f"checkpoint {source} does not exist; pass the path of a .ckpt, .pth or "
-                                f".safetensors file")
+        what = "is a folder" if Path(source).is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {source} {what}; pass the path of a .ckpt, .pth or .safetensors file")
     if Path(source).suffix == ".safetensors":
         return read_safetensors(source)
     try:
@@ -82,9 +82,10 @@ def read_checkpoint(source: str | Path | Mapping) -> dict:
             ckpt = torch.load(source, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             ckpt = torch.load(source, map_location="cpu", weights_only=False)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        raise ValueError(f"cannot read {source} as a PyTorch checkpoint ({error}); pass a file written by "
-                         f"torch.save") from error
+    except Exception as error:  # truncated zip (OSError, RuntimeError), bad pickle (KeyError, EOFError, ...)
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(f"cannot read {source} as a PyTorch checkpoint ({type(error).__name__}: {reason}); pass a "
+                         f"file written by torch.save, whole") from None
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{source} holds a {type(ckpt).__name__}, not a checkpoint dict; pass a state dict or a "
                          f"training checkpoint")
