@@ -253,14 +253,15 @@ def _saved_config(path: Path) -> DictConfig:
     """A run directory's config.yaml (what its latest start resolved), with its model section."""
     try:
         saved = OmegaConf.load(path)
-        if not isinstance(saved, DictConfig) or not isinstance(saved.get("model"), DictConfig):
-            raise ValueError("it has no model section")
-    except Exception as error:  # YAML syntax, an empty file, not a mapping
+    except Exception as error:  # YAML syntax and the like
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"cannot read {path} ({reason}), the config of the run's latest start that a resume "
-                          f"checks its model against: put back a copy of it (config.<time>.yaml beside it, one per "
-                          f"start) or delete it to skip that check") from None
-    return saved
+    else:
+        if isinstance(saved, DictConfig) and isinstance(saved.get("model"), DictConfig):
+            return saved
+        reason = "it has no model section"  # an empty file, a list, a mapping without it
+    raise ConfigError(f"cannot read {path} ({reason}), the config of the run's latest start that a resume checks "
+                      f"its model against: put back a copy of it (config.<time>.yaml beside it, one per start) or "
+                      f"delete it to skip that check")
 
 
 def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
