@@ -186,6 +186,52 @@ def group_ended(session: int, timeout: float = 30) -> bool:
     return False
 
 
+# As the recipes bound a run: by epochs (12 steps; epochs end at 4, 8 and 12), and by epochs and steps (10). The lr
+# schedule's length then comes from the train loader's (`trainer.estimated_stepping_batches`).
+EPOCHS = {"epochs": [*ARGS, "trainer.max_steps=-1", "trainer.max_epochs=3"],
+          "epochs and steps": [*ARGS, "trainer.max_steps=10", "trainer.max_epochs=3"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_by(tmp_path_factory):
+    """The uninterrupted run of each bound of EPOCHS (run directory, result), made when first asked for."""
+    runs = {}
+
+    def run(bound):
+        if bound not in runs:
+            runs[bound] = tmp_path_factory.mktemp("whole") / "run"
+            runs[bound] = runs[bound], pretrain(runs[bound], workers=0, args=EPOCHS[bound])
+        return runs[bound]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("bound, workers, kill_at, resumed_step, last_step", [
+    ("epochs", 2, "step-00000006.ckpt", 6, 12), ("epochs", 0, "last.ckpt", 4, 12),
+    ("epochs and steps", 0, "last.ckpt", 4, 10)])
+def test_killed_epoch_bounded_run_resumes_to_the_uninterrupted_weights(tmp_path, bound, workers, kill_at,
+                                                                       resumed_step, last_step, uninterrupted_by):
+    """A run bounded by epochs, killed mid-epoch 1 or at the end of epoch 0, ends on the uninterrupted run's
+    weights, k-NN points and metrics rows. (The lr schedule used to ask for the run's length in
+    configure_optimizers: Lightning then set up the train loader and started it, in epoch 0's order, before the
+    checkpoint was restored, and kept that iterator for the resumed epoch. With max_steps set too, Lightning ends
+    the epoch of an end-of-epoch checkpoint again when it resumes there and counted it twice: the run stopped at
+    step 8.)"""
+    whole, whole_result = uninterrupted_by(bound)
+    run = tmp_path / "killed"
+    kill_after(pretrain(run, workers, wait=False, args=EPOCHS[bound]), run / "checkpoints" / kill_at)
+    resumed = pretrain(run, workers, args=EPOCHS[bound])
+    assert f"Restored all states from the checkpoint at {run / 'checkpoints' / kill_at}" in resumed.stderr
+    weights = encoder(run)
+    for name, value in encoder(whole).items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+    assert knn_line(resumed) == knn_line(whole_result)
+    rows = metrics(run)
+    assert_logged_once(rows, metrics(whole), resumed_step)
+    assert max(int(row["step"]) for row in rows) == last_step
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigterm_to_the_whole_job_saves_its_step_and_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted):

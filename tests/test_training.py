@@ -1,5 +1,6 @@
 """Optimizer groups, lr schedule, non-finite guard, precision and atomic saving of the pretraining module."""
 import errno
+import types
 
 import pytest
 import pytorch_lightning as pl
@@ -9,7 +10,7 @@ from simmim.cli import run_cli
 from simmim.data import SimMIMDataModule, normalize_images
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.checkpoint_io import atomic_save
-from simmim.train.optim import lr_at_step, param_groups
+from simmim.train.optim import adamw_per_step_schedule, lr_at_step, param_groups
 
 TINY_MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
 
@@ -41,6 +42,44 @@ def test_lr_schedule_warmup_cosine_and_multistep():
     assert lr_at_step(110, **kw) == pytest.approx(1e-5)
     step = dict(kw, schedule="multistep", milestone_steps=[50, 90], gamma=0.1)
     assert [lr_at_step(s, **step) for s in (49, 50, 89, 90)] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5])
+
+
+class LengthOnDemand(types.SimpleNamespace):
+    """The trainer attributes `adamw_per_step_schedule` reads; counts the reads of the run's length, which
+    Lightning computes by setting up the train loader."""
+    reads = 0
+
+    @property
+    def estimated_stepping_batches(self):
+        self.reads += 1
+        return 40
+
+
+@pytest.mark.parametrize("warmup_epochs, schedule, milestones", [
+    (0, "cosine", []), (0.01, "cosine", []), (1.5, "cosine", []), (0, "multistep", [0, 0.01, 2.5])])
+def test_the_schedule_reads_the_run_length_only_after_step_0(warmup_epochs, schedule, milestones):
+    """configure_optimizers runs before a resumed run restores its place in the data, so the schedule must not
+    ask for the run's length (which sets up the train loader) before its first step; its lrs are `lr_at_step`'s
+    for 40 steps of 4 epochs, a positive number of epochs rounding to at least one step."""
+    trainer = LengthOnDemand(datamodule=types.SimpleNamespace(hparams=types.SimpleNamespace(batch_size=512)),
+                             world_size=1, accumulate_grad_batches=1, gradient_clip_val=None, precision="32-true",
+                             strategy=None, max_epochs=4)
+    weight = torch.nn.Parameter(torch.zeros(2))
+    config = adamw_per_step_schedule(trainer, [{"params": [weight]}], base_lr=1e-3, warmup_lr=1e-6, min_lr=1e-5,
+                                     betas=(0.9, 0.999), eps=1e-8, warmup_epochs=warmup_epochs, schedule=schedule,
+                                     milestones=milestones)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert trainer.reads == 0
+    steps = dict(warmup_steps=max(round(warmup_epochs * 10), 1) if warmup_epochs else 0, total_steps=40,
+                 milestone_steps=[max(round(m * 10), 1) if m else 0 for m in milestones])
+    lrs = []
+    for _ in range(41):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([lr_at_step(step, peak_lr=1e-3, warmup_lr=1e-6, min_lr=1e-5, schedule=schedule,
+                                            **steps) for step in range(41)], rel=1e-6)
+    assert trainer.reads == 1
 
 
 def _trainer(tmp_path, **kwargs):

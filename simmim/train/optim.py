@@ -63,6 +63,15 @@ def make_adamw(groups: list[dict], lr: float, betas=(0.9, 0.999), eps: float = 1
     return torch.optim.AdamW(groups, **defaults)
 
 
+def epoch_steps(total_steps: int, steps_per_epoch: float, warmup_epochs: float, milestones: Iterable[float]) -> dict:
+    """The step counts of `lr_at_step` from epochs; a positive number of epochs is at least one step."""
+    def steps(epochs: float) -> int:
+        return max(round(epochs * steps_per_epoch), 1) if epochs > 0 else 0
+
+    return dict(warmup_steps=steps(warmup_epochs), total_steps=total_steps,
+                milestone_steps=[steps(m) for m in milestones])
+
+
 def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warmup_lr: float, min_lr: float,
                             betas, eps: float, warmup_epochs: float, schedule: str = "cosine",
                             milestones: Iterable[float] = (), gamma: float = 0.1) -> dict:
@@ -75,12 +84,24 @@ def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warm
     fused = not (trainer.gradient_clip_val and "mixed" in str(trainer.precision))
     optimizer = make_adamw(groups, lr=peak_lr, betas=betas, eps=eps, fused=fused,
                            shard_states=getattr(trainer.strategy, "shards_optimizer_states", False))
-    total_steps = int(trainer.estimated_stepping_batches)
-    steps_per_epoch = total_steps / max(trainer.max_epochs or 1, 1)
-    steps = dict(peak_lr=peak_lr, warmup_lr=scaled_lr(warmup_lr, total_batch), min_lr=scaled_lr(min_lr, total_batch),
-                 warmup_steps=round(warmup_epochs * steps_per_epoch), total_steps=total_steps, schedule=schedule,
-                 milestone_steps=[round(m * steps_per_epoch) for m in milestones], gamma=gamma)
-    lambdas = [lambda step, s=g.get("lr_scale", 1.0): s * lr_at_step(step, **steps) / peak_lr for g in groups]
+    lrs = dict(peak_lr=peak_lr, warmup_lr=scaled_lr(warmup_lr, total_batch), min_lr=scaled_lr(min_lr, total_batch),
+               schedule=schedule, gamma=gamma)
+    counts = {}
+
+    def step_counts(step: int) -> dict:
+        """Warmup, total and milestone steps. Step 0 needs to know only which of them are 0, which the epochs
+        say; later steps read `trainer.estimated_stepping_batches` (once). Reading it here, in
+        configure_optimizers, would start the train loader before a resumed run has restored its place in the
+        data, and Lightning keeps that first iterator for the resumed epoch."""
+        if step == 0 and not counts:
+            return epoch_steps(1, 1, warmup_epochs, milestones)
+        if not counts:
+            total = int(trainer.estimated_stepping_batches)
+            counts.update(epoch_steps(total, total / max(trainer.max_epochs or 1, 1), warmup_epochs, milestones))
+        return counts
+
+    lambdas = [lambda step, s=g.get("lr_scale", 1.0): s * lr_at_step(step, **lrs, **step_counts(step)) / peak_lr
+               for g in groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -29,7 +29,7 @@ class ExactResume(pl.Callback):
     of every training batch; logs a resumed run's metrics at the step of the uninterrupted run (Lightning 2.6 logs
     one step ahead after a resume from a checkpoint saved at the end of an epoch). A checkpoint records how many
     rows metrics.csv (`AppendingCSVLogger`) held when it was saved; a run resumed from it first drops the later rows
-    of the steps it logs again."""
+    of the steps it logs again. At each epoch's start it mends Lightning's epoch count (see on_train_epoch_start)."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -37,6 +37,14 @@ class ExactResume(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._align_step = trainer.ckpt_path is not None and pl_module.automatic_optimization
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # Resumed from a checkpoint saved at the end of an epoch with trainer.max_steps set, Lightning 2.6 ends that
+        # epoch a second time and counts it twice, so its count of epochs (which max_epochs stops) runs one ahead
+        # and the run would stop an epoch early. An epoch starts with every epoch before it processed and completed.
+        progress = trainer.fit_loop.epoch_progress
+        for count in (progress.current, progress.total):
+            count.processed = min(count.processed, count.completed)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._align_step:  # one optimizer step per step: the logged step is the global step
