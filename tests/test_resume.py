@@ -208,12 +208,11 @@ def uninterrupted_by(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("bound, workers, kill_at, resumed_step, last_step", [
-    ("epochs", 2, "step-00000006.ckpt", 6, 12), ("epochs", 0, "last.ckpt", 4, 12),
-    ("epochs and steps", 0, "last.ckpt", 4, 10)])
+    ("epochs", 2, "step-00000006.ckpt", 6, 12), ("epochs and steps", 0, "last.ckpt", 4, 10)])
 def test_killed_epoch_bounded_run_resumes_to_the_uninterrupted_weights(tmp_path, bound, workers, kill_at,
                                                                        resumed_step, last_step, uninterrupted_by):
-    """A run bounded by epochs, killed mid-epoch 1 or at the end of epoch 0, ends on the uninterrupted run's
-    weights, k-NN points and metrics rows. (The lr schedule used to ask for the run's length in
+    """A run bounded by epochs killed mid-epoch 1, and one bounded by epochs and steps killed at the end of epoch
+    0, end on the uninterrupted run's weights, k-NN points and metrics rows. (The lr schedule used to ask for the run's length in
     configure_optimizers: Lightning then set up the train loader and started it, in epoch 0's order, before the
     checkpoint was restored, and kept that iterator for the resumed epoch. With max_steps set too, Lightning ends
     the epoch of an end-of-epoch checkpoint again when it resumes there and counted it twice: the run stopped at
