@@ -199,8 +199,8 @@ def uninterrupted_by(tmp_path_factory):
 
     def run(bound):
         if bound not in runs:
-            runs[bound] = tmp_path_factory.mktemp("whole") / "run"
-            runs[bound] = runs[bound], pretrain(runs[bound], workers=0, args=EPOCHS[bound])
+            run_dir = tmp_path_factory.mktemp("whole") / "run"
+            runs[bound] = run_dir, pretrain(run_dir, workers=0, args=EPOCHS[bound])
         return runs[bound]
     return run
 
