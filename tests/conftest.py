@@ -1,3 +1,9 @@
+import contextlib
+import importlib
+import io
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +40,27 @@ def jpeg(seed: int, shape: tuple = (24, 32, 3)) -> bytes:
 
     image = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
     return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def run_script(module: str, *argv: str) -> subprocess.CompletedProcess:
+    """`python scripts/<name>.py *argv` in this process: `module`'s main(argv) under simmim.cli.run_cli, as the
+    script runs it -> its exit status, stdout and stderr (an exit message goes to stderr with status 1, as Python
+    does). For the tests of one-line errors, without a new interpreter's seconds of imports; the scripts
+    themselves run in test_install, test_resume and the end-to-end tests."""
+    from simmim.cli import run_cli
+
+    out, err, argv_before, status = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = [module, *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_cli(importlib.import_module(module).main)
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):
+            print(exit_.code, file=err)
+        status = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    finally:
+        sys.argv = argv_before
+    return subprocess.CompletedProcess([module, *argv], status, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_script
 from simmim.tools.peers import available_peers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,19 +40,19 @@ def test_benchmark_writes_every_configuration(tmp_path):
 
 
 def test_benchmark_rejects_unknown_configuration(tmp_path):
-    run = _benchmark(*TINY, "configs=[fastest]", f"out={tmp_path / 'x.json'}")
+    run = run_script("simmim.tools.benchmark", *TINY, "configs=[fastest]", f"out={tmp_path / 'x.json'}")
     assert run.returncode != 0
     assert "unknown config 'fastest'" in run.stderr and "reference" in run.stderr
 
 
 def test_benchmark_refuses_what_cannot_be_compared(tmp_path):
     out = f"out={tmp_path / 'x.json'}"
-    run = _benchmark(*TINY, "configs=[fast]", "peers=true", out)
+    run = run_script("simmim.tools.benchmark", *TINY, "configs=[fast]", "peers=true", out)
     assert run.returncode != 0 and "norm_target=null" in run.stderr  # peers train against raw pixels
     if not torch.cuda.is_available():
-        run = _benchmark(*TINY, "configs=[fast,compiled_flex_bf16]", out)
+        run = run_script("simmim.tools.benchmark", *TINY, "configs=[fast,compiled_flex_bf16]", out)
         assert run.returncode != 0 and "['compiled_flex_bf16'] need CUDA" in run.stderr
-    run = _benchmark(*TINY, "configs=[fast]", "timer=gpu", out)
+    run = run_script("simmim.tools.benchmark", *TINY, "configs=[fast]", "timer=gpu", out)
     assert run.returncode != 0 and "timer='gpu'" in run.stderr
 
 

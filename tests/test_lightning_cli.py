@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import run_script
 from simmim.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,20 +47,21 @@ def test_both_stages_through_the_cli(tmp_path):
     assert saved.model.window_size == 8 and (tmp_path / "ft" / "default" / "confusion_matrix.png").is_file()
 
 
-def test_print_config_and_recipe_choice(tmp_path):
-    out = cli("fit", "--stage", "pretrain", "--recipe", "base", "--print_config", cwd=tmp_path)
-    config = OmegaConf.create(out)
+def test_print_config_and_recipe_choice():
+    result = run_script("finetune.lightning_cli", "fit", "--stage", "pretrain", "--recipe", "base", "--print_config")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = OmegaConf.create(result.stdout)
     assert config.model.model.embed_dim == 128 and config.model.model.window_size == 12
     assert config.data.img_size == 192 and config.run.output_dir == "runs/pretrain"
     assert config.trainer.precision == load_config("pretrain", "base").trainer.precision
 
 
-def test_bad_stage_recipe_and_run_key_are_one_line(tmp_path):
+def test_bad_stage_recipe_and_run_key_are_one_line():
     for args, message in ((["--stage", "nope"], "unknown --stage 'nope'"),
                           (["--recipe", "nope"], "unknown pretrain recipe 'nope'"),
                           (["--run.outpt_dir=x"], "unknown key 'outpt_dir' in --run; did you mean output_dir?"),
                           (["--model.model.patch_size=2"], "--data.model_patch_size=4 disagrees with --model.model"),
                           (["--data.img_size=32"], "model.img_size=64 differs from data.img_size=32")):
-        result = subprocess.run([*CLI, "fit", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        result = run_script("finetune.lightning_cli", "fit", *args)
         assert result.returncode != 0
         assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-1000:]

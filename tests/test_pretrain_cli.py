@@ -7,11 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from simmim.train.config import ConfigError, available_recipes, load_config
+import simmim.pretrain as pretrain
+from conftest import run_script
 from simmim.models.swinv2 import VARIANTS
+from simmim.train.config import ConfigError, available_recipes, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-import simmim.pretrain as pretrain
 
 
 def fast_args(tmp_path, *extra):
@@ -95,16 +96,16 @@ def test_every_recipe_resolves_and_builds_on_meta():
 
 
 def test_command_line_errors_are_one_line(tmp_path):
-    script = str(ROOT / "scripts" / "pretrain.py")
+    script = str(ROOT / "scripts" / "pretrain.py")  # the whole stderr of a real process: one line
     result = subprocess.run([sys.executable, script, "recipe=nope"], capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: unknown pretrain recipe 'nope'")
 
-    result = subprocess.run([sys.executable, script, "recipe=base", "print_config=true"], capture_output=True, text=True)
+    result = run_script("simmim.pretrain", "recipe=base", "print_config=true")
     assert result.returncode == 0 and "variant: base" in result.stdout and "embed_dim: 128" in result.stdout
 
-    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    result = run_script("simmim.pretrain", "--help")
     assert "giant" in result.stdout and "model.window_size=4" in result.stdout
 
 

@@ -1,21 +1,16 @@
 """scripts/signal_propagation.py: block-output amplitudes, res-post-norm against pre-norm (SwinV2 paper, Figure 2)."""
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from simmim.train.config import ConfigError
-from simmim.pretrain import SimMIMPretrainModule
-from simmim.tools.plot import COLORS
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "signal_propagation.py"
 import simmim.tools.signal_propagation as signal_propagation
-from simmim.cli import run_cli
+from conftest import run_script
+from simmim.pretrain import SimMIMPretrainModule
+from simmim.train.config import ConfigError
+from simmim.tools.plot import COLORS
 
 # deep and narrow: 2 + 12 blocks at width 16-32, 32 px digits
 DEEP = ["model.embed_dim=16", "model.depths=[2,12]", "model.num_heads=[2,4]", "model.img_size=32",
@@ -87,13 +82,12 @@ def test_checkpoints_are_measured_as_loaded(tmp_path):
         signal_propagation.main([*DEEP, "norm_modes=[post]", "steps=0", f"out_dir={tmp_path}"])
 
 
-def test_help_and_one_line_errors(capsys, monkeypatch):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
+def test_help_and_one_line_errors():
+    result = run_script("simmim.tools.signal_propagation", "--help")
     assert result.returncode == 0 and "Figure 2" in result.stdout and "model.depths" in result.stdout
-    monkeypatch.setattr(sys, "argv", ["signal_propagation.py", "norm_mode=pre_norm"])
-    with pytest.raises(SystemExit) as exit:
-        run_cli(signal_propagation.main)
-    assert exit.value.code.startswith("error: unknown key 'norm_mode' in the command line; did you mean norm_modes")
+    result = run_script("simmim.tools.signal_propagation", "norm_mode=pre_norm")
+    assert result.returncode == 1 and result.stderr.startswith(
+        "error: unknown key 'norm_mode' in the command line; did you mean norm_modes")
 
 
 def bgr(color: str) -> tuple[int, int, int]:
