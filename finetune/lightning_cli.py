@@ -11,9 +11,9 @@ package on top, because it offers both stages.
 import finetune.train
 import simmim.pretrain
 from simmim.train.lightning_cli import RecipeCLI
-from simmim.train.trainer import sigterm_exit_status
+from simmim.train.trainer import signal_exit_status
 
 
 def main(argv: list[str]) -> None:
-    with sigterm_exit_status():
+    with signal_exit_status():
         RecipeCLI({"pretrain": simmim.pretrain.stage(), "finetune": finetune.train.stage()}, argv)

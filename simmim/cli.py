@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -20,11 +21,11 @@ def run(module: str) -> None:
     """
     script_dir = Path(sys.argv[0]).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != script_dir]
-    run_cli(importlib.import_module(module).main)
+    run_cli(lambda argv: importlib.import_module(module).main(argv))  # Ctrl-C while importing: one line too
 
 
 def run_cli(main: Callable[[list[str]], None]) -> None:
-    """Run a script's main(argv); configuration and input errors, and a full disk, end it with one line on
+    """Run a script's main(argv); configuration and input errors, a full disk and Ctrl-C end it with one line on
     stderr."""
     try:
         main(sys.argv[1:])
@@ -34,6 +35,9 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         sys.exit(f"error: {error.strerror}" + (f": {error.filename}" if error.filename else ""))
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves its step: SignalCheckpoint)
+        print("stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def resolve_device(name: str) -> torch.device:

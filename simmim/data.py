@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 from masking import build_mask_generator
 from simmim.augment import RandAugment
-from simmim.workers import sigterm_shield
+from simmim.workers import stop_signal_shield
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
@@ -776,7 +776,7 @@ class ResumableDataModule(pl.LightningDataModule):
         hp = self.hparams
         return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
                           pin_memory=self._pin_memory(), drop_last=drop_last, persistent_workers=hp.num_workers > 0,
-                          worker_init_fn=sigterm_shield())
+                          worker_init_fn=stop_signal_shield())
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.train.strategies import root_params_gathered
-from simmim.workers import sigterm_shield
+from simmim.workers import stop_signal_shield
 
 __all__ = ["pooled_features", "knn_scores", "knn_top1", "linear_probe_top1", "KNNMonitor", "knn_monitor", "knn_summary",
            "plot_knn_history"]
@@ -107,7 +107,7 @@ class KNNMonitor(pl.Callback):
         was_training = encoder.training
         encoder.eval()
         loaders = [DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                              worker_init_fn=sigterm_shield())
+                              worker_init_fn=stop_signal_shield())
                    for dataset in (self.train_set, self.val_set)]
         with root_params_gathered(strategy) if strategy is not None else nullcontext():
             (train, train_labels), (val, val_labels) = (pooled_features(encoder, loader, pl_module.device)

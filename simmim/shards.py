@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from simmim.workers import sigterm_shield
+from simmim.workers import stop_signal_shield
 
 __all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "balanced_groups", "ShardDataset",
            "ShardLoader"]
@@ -336,7 +336,7 @@ class ShardLoader:
             return
         batches = iter(DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                   drop_last=self.drop_last, pin_memory=self.pin_memory, persistent_workers=False,
-                                  worker_init_fn=sigterm_shield()))
+                                  worker_init_fn=stop_signal_shield()))
         waiting, last, repeats = {}, None, 0
         allowed = -(-max(self.dataset.counts) // self.batch_size)  # the batches of one shard: a lost shard, no more
         for worker in self._schedule():

@@ -212,11 +212,11 @@ def uninterrupted_by(tmp_path_factory):
 def test_killed_epoch_bounded_run_resumes_to_the_uninterrupted_weights(tmp_path, bound, workers, kill_at,
                                                                        resumed_step, last_step, uninterrupted_by):
     """A run bounded by epochs killed mid-epoch 1, and one bounded by epochs and steps killed at the end of epoch
-    0, end on the uninterrupted run's weights, k-NN points and metrics rows. (The lr schedule used to ask for the run's length in
-    configure_optimizers: Lightning then set up the train loader and started it, in epoch 0's order, before the
-    checkpoint was restored, and kept that iterator for the resumed epoch. With max_steps set too, Lightning ends
-    the epoch of an end-of-epoch checkpoint again when it resumes there and counted it twice: the run stopped at
-    step 8.)"""
+    0, end on the uninterrupted run's weights, k-NN points and metrics rows. (The lr schedule used to ask for the
+    run's length in configure_optimizers: Lightning then set up the train loader and started it, in epoch 0's
+    order, before the checkpoint was restored, and kept that iterator for the resumed epoch. With max_steps set
+    too, Lightning ends the epoch of an end-of-epoch checkpoint again when it resumes there and counted it twice:
+    the run stopped at step 8.)"""
     whole, whole_result = uninterrupted_by(bound)
     run = tmp_path / "killed"
     kill_after(pretrain(run, workers, wait=False, args=EPOCHS[bound]), run / "checkpoints" / kill_at)
@@ -342,6 +342,60 @@ def test_sigterm_during_validation_stops_at_the_end_of_the_epoch(tmp_path, monke
     for name, value in encoder(tmp_path / "whole").items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
     assert logged(metrics(tmp_path / "stopped")) == logged(metrics(tmp_path / "whole"))
+
+
+class CtrlCAt(pl.Callback):
+    """Sends this process SIGINT `times` times (as Ctrl-C pressed that often) once optimizer step `step` is done."""
+
+    def __init__(self, step: int, times: int):
+        self.step, self.times, self.sent = step, times, False
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # handled before the next: Python runs one handler call for signals that pile up
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_saves_its_step_and_a_second_one_stops_at_once(tmp_path, monkeypatch, capfd):
+    """Ctrl-C after step 6 (mid-epoch 1): the step is saved as sigint-00000006.ckpt, the exit status is 130, SIGINT
+    is handled as before once training ends, and the resumed run ends with the weights and metrics.csv rows of the
+    run never stopped. Ctrl-C twice: Lightning's shutdown at once (status 1), nothing saved; the same command
+    continues from the latest step checkpoint and ends the same."""
+    args = [f"output_dir={tmp_path}", *ARGS, "data.num_workers=0"]
+    build_callbacks = simmim.train.trainer.build_callbacks
+
+    def run(name, times=0):
+        monkeypatch.setattr(simmim.train.trainer, "build_callbacks",
+                            lambda cfg: [*build_callbacks(cfg), *([CtrlCAt(6, times)] if times else [])])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pretrain_stage.main([f"run_name={name}", *args])
+
+    run("whole")
+    # (Lightning runs checkpoint callbacks last: the second Ctrl-C stops before step-00000006.ckpt is written.)
+    for times, status, saved in ((1, 128 + signal.SIGINT, ["sigint-00000006.ckpt", "step-00000006.ckpt"]), (2, 1, [])):
+        name = f"ctrl-c-{times}"
+        try:
+            with pytest.raises(SystemExit) as stopped:
+                run(name, times)
+            handler = signal.getsignal(signal.SIGINT)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning's shutdown may leave it ignored
+        assert stopped.value.code == status
+        assert handler is signal.default_int_handler or times == 2 and handler is signal.SIG_IGN  # not ours
+        assert sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir()) == sorted(
+            ["best.ckpt", "last.ckpt", "step-00000003.ckpt", *saved])
+        err = capfd.readouterr().err
+        assert ("stopped by Ctrl-C (SIGINT) after step 6: saved" in err) == (times == 1)
+        assert "Ctrl-C: stopping after this step and saving it; Ctrl-C again stops at once" in err
+        run(name)
+        weights = encoder(tmp_path / name)
+        for key, value in encoder(tmp_path / "whole").items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6, msg=key)
+        assert logged(metrics(tmp_path / name)) == logged(metrics(tmp_path / "whole"))
 
 
 @pytest.mark.slow

@@ -194,3 +194,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, c
 
     with pytest.raises(PermissionError):  # other OS errors are not turned into a line: their traceback tells more
         run_cli(denied)
+
+
+def test_ctrl_c_outside_training_is_one_line(capsys):
+    """Ctrl-C while a script loads data or exports (training saves its step instead: test_resume): status 130 and
+    one line, not a KeyboardInterrupt traceback."""
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(interrupted)
+    assert stopped.value.code == 130 and capsys.readouterr().err == "stopped by Ctrl-C\n"

@@ -1,4 +1,5 @@
-"""DataLoader workers with `sigterm_shield`: a SIGTERM from another process is ignored, the owner's ends them."""
+"""DataLoader workers with `stop_signal_shield`: a SIGTERM from another process is ignored, the owner's ends them;
+SIGINT (Ctrl-C in a terminal reaches every process of the group) is ignored."""
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 SCRIPT = """
 import os, signal, subprocess
 from torch.utils.data import DataLoader, Dataset
-from simmim.workers import sigterm_shield
+from simmim.workers import stop_signal_shield
 
 class WorkerPids(Dataset):
     def __len__(self):
@@ -17,12 +18,14 @@ class WorkerPids(Dataset):
     def __getitem__(self, index):
         return os.getpid()
 
-batches = iter(DataLoader(WorkerPids(), batch_size=None, num_workers=1, worker_init_fn=sigterm_shield(),
+batches = iter(DataLoader(WorkerPids(), batch_size=None, num_workers=1, worker_init_fn=stop_signal_shield(),
                           multiprocessing_context="fork"))
 pid = next(batches)
 assert pid != os.getpid()
 subprocess.run(["kill", "-TERM", str(pid)], check=True)  # from another process: SLURM, kill -TERM -PGID
 assert [next(batches) for _ in range(50)] == [pid] * 50, "the worker stopped serving"
+subprocess.run(["kill", "-INT", str(pid)], check=True)  # Ctrl-C in the terminal
+assert [next(batches) for _ in range(50)] == [pid] * 50, "the worker stopped serving after SIGINT"
 os.kill(pid, signal.SIGTERM)  # the owner's, as the DataLoader's shutdown of a stuck worker sends it
 worker = batches._workers[0]
 worker.join(timeout=30)
@@ -31,7 +34,7 @@ print("exit code", worker.exitcode)
 
 
 @pytest.mark.timeout(120)
-def test_a_worker_ignores_sigterm_from_others_and_ends_on_its_owners():
+def test_a_worker_ignores_sigint_and_sigterm_from_others_and_ends_on_its_owners():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=100)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "exit code 0"

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from simmim.train.config import ConfigError, config_from_argv, prepare_run
 from simmim.train.run_dir import start_run
-from simmim.train.trainer import make_trainer, sigterm_exit_status
+from simmim.train.trainer import make_trainer, signal_exit_status
 
 KeyMap = Callable[[DictConfig], dict[str, str]]  # constructor argument -> dotted recipe key
 
@@ -131,7 +131,7 @@ def fit(stage: Stage, cfg: DictConfig, prepared: Any = None) -> None:
     stage.setup(module, cfg, run_dir, ckpt_path is not None, prepared)
     start_run(cfg, run_dir)  # the lock, the config and its dated copy
     trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir, data))
-    with sigterm_exit_status():
+    with signal_exit_status():
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     lines = stage.finish(trainer, module, cfg, run_dir)
     if trainer.is_global_zero:

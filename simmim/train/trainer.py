@@ -1,6 +1,7 @@
 """The Trainer of a run directory, shared by both stages."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -10,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -43,9 +45,10 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
 
 def checkpoint_callbacks(cfg: DictConfig, folder: Path, monitor: str, mode: str) -> list[pl.Callback]:
     """best.ckpt (by `monitor`), last.ckpt (every epoch), step-<step>.ckpt every `cfg.every_n_steps` steps,
-    time-<step>.ckpt every `cfg.every_minutes` minutes and sigterm-<step>.ckpt when SIGTERM stops the run (the
-    newest `cfg.keep_last` of each). (Lightning's own `save_last=True` copies only the checkpoints it saves, so with
-    a monitor last.ckpt would be the best.) A resumed run overwrites a checkpoint of the same step."""
+    time-<step>.ckpt every `cfg.every_minutes` minutes, sigterm-<step>.ckpt or sigint-<step>.ckpt when SIGTERM or
+    Ctrl-C stops the run (the newest `cfg.keep_last` of each). (Lightning's own `save_last=True` copies only the
+    checkpoints it saves, so with a monitor last.ckpt would be the best.) A resumed run overwrites a checkpoint of
+    the same step."""
     common = dict(dirpath=folder, auto_insert_metric_name=False, enable_version_counter=False)
     callbacks = [ModelCheckpoint(filename="best", monitor=monitor, mode=mode, **common),
                  ModelCheckpoint(filename="last", **common)]
@@ -54,7 +57,7 @@ def checkpoint_callbacks(cfg: DictConfig, folder: Path, monitor: str, mode: str)
     if cfg.every_minutes:
         callbacks.append(PeriodicCheckpoint(folder, "time", cfg.keep_last,
                                             train_time_interval=timedelta(minutes=cfg.every_minutes)))
-    return [SigtermCheckpoint(folder, cfg.keep_last), *callbacks]
+    return [SignalCheckpoint(folder, cfg.keep_last), *callbacks]
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
@@ -72,55 +75,94 @@ class PeriodicCheckpoint(ModelCheckpoint):
             keep_newest(Path(self.dirpath), self.prefix, self.keep_last)
 
 
-class SigtermCheckpoint(pl.Callback):
+class SignalCheckpoint(pl.Callback):
     """On SIGTERM (a scheduler's time limit or preemption: SLURM, Kubernetes, spot instances; `scancel`,
-    `docker stop`, torchrun passing it on) training ends after the optimizer step under way, on every rank after the
-    same one: before the next batch, once that step and its metrics are done, it is saved as `sigterm-<step>.ckpt`
-    (the newest `keep_last` kept), which `resume=auto` continues from exactly, mid-epoch included. The scripts then
-    exit with status 143 (`sigterm_exit_status`). It goes first among the callbacks, so that it saves before any
-    other starts the next batch.
+    `docker stop`, torchrun passing it on) or a first Ctrl-C (SIGINT), training ends after the optimizer step under
+    way, on every rank after the same one: before the next batch, once that step and its metrics are done, it is
+    saved as `sigterm-<step>.ckpt` or `sigint-<step>.ckpt` (the newest `keep_last` of each kept), which
+    `resume=auto` continues from exactly, mid-epoch included. The scripts then exit with status 128 + the signal
+    (143, 130; `signal_exit_status`). A second Ctrl-C stops at once without saving (Lightning's KeyboardInterrupt
+    shutdown). It goes first among the callbacks, so that it saves before any other starts the next batch.
 
-    Lightning's own handling stops each rank where it notices the signal, mid-validation included, so a rank that
-    notices it a step before another waits for it forever: from the sanity check (or the start of training) to
-    the teardown, when Lightning puts back the handlers it found, this callback's handler takes SIGTERM instead, and
-    after every optimizer step the ranks agree whether any of them got it (one all-reduce of a flag per step under
-    DDP, FSDP or DeepSpeed), so a signal to any one rank stops them all."""
+    Lightning's own handling stops each rank where it notices SIGTERM, mid-validation included, so a rank that
+    notices it a step before another waits for it forever, and a Ctrl-C saves nothing: from the sanity check (or
+    the start of training) to the teardown this callback's handler takes both signals instead, and after every
+    optimizer step the ranks agree whether any of them got one (one all-reduce per step under DDP, FSDP or
+    DeepSpeed: the largest signal number, so SIGTERM wins a tie), so a signal to any one rank stops them all."""
+
+    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
     def __init__(self, folder: Path, keep_last: int):
         self.folder, self.keep_last = Path(folder), keep_last
-        self.received, self._step = False, 0
+        self.received, self._ctrl_c, self._step, self._found, self._rank_zero = 0, False, 0, {}, True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.received = False
+        self.received, self._ctrl_c, self._rank_zero = 0, False, trainer.is_global_zero
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take_sigterm()
+        self._take_signals()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take_sigterm()
+        self._take_signals()
         self._step = trainer.global_step
 
-    def _take_sigterm(self) -> None:
-        """From here on SIGTERM sets `received` (Lightning registers its handler after the `setup` hooks)."""
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            signal.signal(signal.SIGTERM, self._note)
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._put_back()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._put_back()
+
+    def _take_signals(self) -> None:
+        """From here on SIGTERM and SIGINT call `_note` (Lightning registers its SIGTERM handler after the `setup`
+        hooks)."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            return
+        for signum in self.SIGNALS:
+            if signum not in self._found:
+                self._found[signum] = signal.signal(signum, self._note)
+
+    def _put_back(self) -> None:
+        """The handlers found, where ours is still in place: Lightning puts back the SIGTERM handler it found at its
+        teardown, which comes after the on_exception hooks and before the teardown hooks."""
+        for signum, handler in self._found.items():
+            if signal.getsignal(signum) == self._note:
+                signal.signal(signum, handler)
+        self._found = {}
 
     def _note(self, signum: int, frame) -> None:
-        self.received = True
+        """The handler: `received` is the largest signal number received; a second Ctrl-C interrupts."""
+        if signum == signal.SIGINT:
+            if self._ctrl_c:
+                raise KeyboardInterrupt
+            self._ctrl_c = True
+            if self._rank_zero:  # os.write: a print may be under way on this thread
+                os.write(2, b"\nCtrl-C: stopping after this step and saving it; Ctrl-C again stops at once, unsaved\n")
+        self.received = max(self.received, signum)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         if trainer.global_step == self._step:  # the first batch, or gradients still accumulating: no new step
             return
         self._step = trainer.global_step
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        strategy = trainer.strategy
+        signum = int(strategy.reduce(torch.tensor(self.received, device=strategy.root_device), reduce_op="max"))
+        if not signum:
             return
-        path = self.folder / f"sigterm-{trainer.global_step:08d}.ckpt"
+        name = "sigterm" if signum == signal.SIGTERM else "sigint"
+        path = self.folder / f"{name}-{trainer.global_step:08d}.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # every rank: sharded strategies gather the state
         if trainer.is_global_zero:
-            keep_newest(self.folder, "sigterm", self.keep_last)
-            print(f"stopped by SIGTERM after step {trainer.global_step}: saved {path}; the same command continues "
-                  f"the run", file=sys.stderr, flush=True)
-        raise SIGTERMException
+            keep_newest(self.folder, name, self.keep_last)
+            print(f"stopped by {self.SIGNALS[signum]} after step {trainer.global_step}: saved {path}; the same "
+                  f"command continues the run", file=sys.stderr, flush=True)
+        raise StoppedBySignal(signum)
+
+
+class StoppedBySignal(SIGTERMException):
+    """Raised by `SignalCheckpoint` once it has saved: Lightning tears down as for its own SIGTERMException."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
 
 
 def keep_newest(folder: Path, prefix: str, keep_last: int) -> None:
@@ -130,10 +172,11 @@ def keep_newest(folder: Path, prefix: str, keep_last: int) -> None:
 
 
 @contextmanager
-def sigterm_exit_status():
-    """Training that SIGTERM stopped ends the process with status 143 (128 + SIGTERM), as a process killed by it
-    would, instead of Lightning's 0: a job script or a retry loop sees that the run has not finished."""
+def signal_exit_status():
+    """Training that a signal stopped ends the process with status 128 + the signal (SIGTERM 143, SIGINT 130), as
+    a process killed by it would, instead of Lightning's 0: a job script or a retry loop sees that the run has not
+    finished."""
     try:
         yield
-    except SIGTERMException:
-        sys.exit(128 + signal.SIGTERM)
+    except SIGTERMException as stop:  # ours, or Lightning's own (a SIGTERM before SignalCheckpoint took it)
+        sys.exit(128 + getattr(stop, "signum", signal.SIGTERM))
