@@ -118,7 +118,7 @@ def test_timm_and_hf_refuse_settings_they_do_not_have():
 # ---------------------------------------------------------------------------------------- transformers
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_hf_export_loads_in_transformers_and_matches(tmp_path, num_classes):
-    transformers = pytest.importorskip("transformers")  # the `test` extra installs it
+    import transformers  # the `test` extra installs it
     model, path = classifier_file(tmp_path, num_classes=num_classes, window_size=8,
                                   pretrained_window_sizes=[4, 4, 4, 2])
     main([f"checkpoint={path}", "format=hf", f"out={tmp_path / 'hf'}"])
@@ -139,7 +139,7 @@ def test_hf_export_loads_in_transformers_and_matches(tmp_path, num_classes):
 
 def test_hf_export_of_a_pretraining_checkpoint(tmp_path):
     """Our SimMIM Lightning checkpoint: the encoder goes out (no head), the decoder stays behind."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     module = randomize_(SimMIMPretrainModule(model=ENCODER_CFG), seed=7)
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     torch.save(ckpt, tmp_path / "last.ckpt")
@@ -186,7 +186,7 @@ def test_export_arguments_are_checked(tmp_path):
 def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):
     """The official implementation's weights and outputs (tests/data/swinv2_official_w8_pt4.pt, window 8 over
     pretrained windows 4): exported with model.* keys, transformers reproduces the official logits."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     official = torch.load(DATA / "swinv2_official_w8_pt4.pt", weights_only=True)
     main([f"checkpoint={DATA / 'swinv2_official_w8_pt4.pt'}", "format=hf", f"out={tmp_path / 'hf'}",
           "model.embed_dim=16", "model.depths=[2,2,2,2]", "model.num_heads=[2,2,4,8]", "model.img_size=64",

@@ -32,7 +32,7 @@ def test_other_size_equals_the_model_built_for_it():
 def test_any_size_matches_transformers(size):
     """transformers' Swinv2Model pads images to patches, maps to windows (before the roll) and odd maps before
     merging, as we do: same weights, same output at sizes that need every kind of padding."""
-    transformers = pytest.importorskip("transformers")  # the `test` extra installs it
+    import transformers  # the `test` extra installs it
     model = randomize_(tiny_swinv2(num_classes=0), seed=2).eval()  # 64 px, window 4: shifted stages 0 and 1
     config = {k: v for k, v in hf_config({**dict(img_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2],
                                                  num_heads=[2, 2, 4, 8], window_size=4)}).items()

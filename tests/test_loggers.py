@@ -80,10 +80,8 @@ def test_log_image_skips_loggers_without_images(tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_logs_pictures_to_wandb_and_mlflow(tmp_path, monkeypatch):
-    """A short run with all four loggers (wandb offline, mlflow file store under the run directory) and an extra
-    callback: the reconstruction pictures reach W&B and MLflow as well as TensorBoard."""
-    pytest.importorskip("wandb")  # extras [wandb] and [mlflow]
-    pytest.importorskip("mlflow")
+    """A short run with all four loggers (wandb offline, mlflow file store under the run directory; both are test
+    extras) and an extra callback: the reconstruction pictures reach W&B and MLflow as well as TensorBoard."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
