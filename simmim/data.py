@@ -688,7 +688,8 @@ class ResumableDataModule(pl.LightningDataModule):
     Subclasses set `train_set`, `val_set` and `skipped` in `setup` (or call `stream_shards`), give
     `train_dataloader` through `_train_loader`, and have hparams seed, batch_size, num_workers, pin_memory (None:
     pin on CUDA) and the shards source's keys. The position (epoch, batches trained on) is saved in Lightning's
-    checkpoints by `state_dict`.
+    checkpoints by `state_dict`; in the middle of an epoch with the layout it holds for (`_layout`), which a
+    resumed run must keep to continue that epoch (`_check_layout`).
     """
 
     def __init__(self):
@@ -696,6 +697,7 @@ class ResumableDataModule(pl.LightningDataModule):
         self._train_sampler: EpochSampler | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
         self.shards, self._shards_state = None, None  # the shards source (simmim.shards.ShardSource), its state
+        self._saved_layout: dict | None = None  # the `_layout` of a checkpoint saved mid-epoch
 
     def train_sampler(self, num_samples: int, drop_last: bool) -> EpochSampler:
         """This rank's shuffled (index, epoch) order, epochs from the trainer, resumed after the batches done."""
@@ -711,16 +713,52 @@ class ResumableDataModule(pl.LightningDataModule):
         """Where training stands in the data: the epoch and how many of its batches were trained on (saved in
         Lightning's checkpoints; a resumed run continues with the next batch of the same order); for the shards
         source, its own place in the stream."""
+        mid_epoch = self.trainer is not None and self._batches_done() < self.trainer.num_training_batches
+        layout = {"layout": self._layout()} if mid_epoch and self._batches_done() else {}
         if self.shards is not None:
-            return {"shards": self.shards.state_dict(self.trainer)}
+            return {"shards": self.shards.state_dict(self.trainer), **layout}
         if self._train_sampler is None or self.trainer is None:
             return {}
-        done, epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed, self.trainer.current_epoch
-        if done >= self.trainer.num_training_batches:  # saved at the end of the epoch: the next one is due
-            return {"epoch": epoch + 1, "batches": 0}
-        return {"epoch": epoch, "batches": done}
+        if not mid_epoch:  # saved at the end of the epoch: the next one is due
+            return {"epoch": self.trainer.current_epoch + 1, "batches": 0}
+        return {"epoch": self.trainer.current_epoch, "batches": self._batches_done(), **layout}
+
+    def _batches_done(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def _layout(self) -> dict:
+        """What this rank's place in an epoch's data is relative to: the ranks, data.batch_size (per rank) and
+        data.num_workers."""
+        hp = self.hparams
+        return {"ranks": self.trainer.world_size, "batch_size": hp.batch_size, "num_workers": hp.num_workers}
+
+    def _check_layout(self) -> None:
+        """A run resumed in the middle of an epoch continues that epoch's order with the same images per batch
+        over all ranks (ranks x data.batch_size; the ranks' shares of a batch interleave in one order: see
+        `EpochSampler`), on shards with the same ranks, workers and batch size (each reader has its own place in
+        its shards); anything else would repeat or skip samples of the epoch, so it is refused with the fixes."""
+        saved = self._saved_layout
+        if not saved or self.trainer is None:
+            return
+        now, ckpt = self._layout(), Path(str(self.trainer.ckpt_path))
+        fix = f"or resume from the end of an epoch (resume={ckpt.parent / 'last.ckpt'}, saved at each epoch's end)"
+        if self.shards is None and saved["ranks"] * saved["batch_size"] != now["ranks"] * now["batch_size"]:
+            raise ValueError(
+                f"{ckpt} was saved in the middle of an epoch by {saved['ranks']} rank(s) x data.batch_size="
+                f"{saved['batch_size']}, this run has {now['ranks']} x {now['batch_size']}: the epoch continues "
+                f"only with {saved['ranks'] * saved['batch_size']} images per batch over all ranks; set "
+                f"trainer.devices (x trainer.num_nodes) and data.batch_size to give that "
+                f"(trainer.accumulate_grad_batches keeps the images per step), {fix}")
+        readers = [(layout["ranks"], max(layout["num_workers"], 1), layout["batch_size"]) for layout in (saved, now)]
+        if self.shards is not None and readers[0] != readers[1]:
+            raise ValueError(
+                f"{ckpt} was saved in the middle of an epoch on shards by {saved['ranks']} rank(s) x "
+                f"data.num_workers={saved['num_workers']} x data.batch_size={saved['batch_size']}, this run has "
+                f"{now['ranks']} x {now['num_workers']} x {now['batch_size']}: each rank's workers hold their own "
+                f"place in their shards, so the epoch continues only with the same three; set them as saved, {fix}")
 
     def load_state_dict(self, state: dict) -> None:
+        self._saved_layout = state.get("layout")
         if state:  # Lightning's check for resumable loaders sees the DataLoaders only, not this restored position
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         if "shards" in state:
@@ -755,6 +793,7 @@ class ResumableDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
 
     def _train_loader(self, drop_last: bool) -> DataLoader:
+        self._check_layout()
         hp = self.hparams
         if self.shards is not None:
             return self.shards.loader(True, self.trainer, hp.batch_size, hp.num_workers, drop_last, self._pin_memory())

@@ -398,6 +398,27 @@ def test_ctrl_c_saves_its_step_and_a_second_one_stops_at_once(tmp_path, monkeypa
         assert logged(metrics(tmp_path / name)) == logged(metrics(tmp_path / "whole"))
 
 
+@pytest.mark.timeout(300)
+def test_a_mid_epoch_resume_with_other_images_per_batch_is_refused(tmp_path):
+    """A checkpoint from the middle of an epoch continues that epoch's order only with the same images per batch
+    over all ranks (a 2-rank run of 2 x 8 resumed on 1 device of 16 ends on its weights: checked by hand); another
+    data.batch_size is refused with the fixes, while a resume from the end of an epoch takes any."""
+    args = [f"output_dir={tmp_path}", "run_name=run", *ARGS, "data.num_workers=0", "trainer.max_steps=-1",
+            "trainer.max_epochs=2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain_stage.main(args)  # 8 steps; step-00000006.ckpt: 2 of epoch 1's 4 batches done
+        ckpts = tmp_path / "run" / "checkpoints"
+        with pytest.raises(ValueError, match=rf"{ckpts / 'step-00000006.ckpt'} was saved in the middle of an epoch by 1 "
+                                             rf"rank\(s\) x data.batch_size=8, this run has 1 x 4: the epoch continues "
+                                             rf"only with 8 images per batch over all ranks; .* or resume from the end "
+                                             rf"of an epoch \(resume={ckpts / 'last.ckpt'}"):
+            pretrain_stage.main([*args, f"resume={ckpts / 'step-00000006.ckpt'}", "data.batch_size=4",
+                                 "trainer.max_epochs=3"])
+        pretrain_stage.main([*args, f"resume={ckpts / 'last.ckpt'}", "data.batch_size=4", "trainer.max_epochs=3"])
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 8 + 4  # epoch 2: 4 batches of 4
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_finetune_resumes_to_the_uninterrupted_weights(tmp_path):

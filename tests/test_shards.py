@@ -513,6 +513,25 @@ def test_lightning_resumes_mid_epoch_from_a_step_checkpoint(tmp_path, num_worker
     assert head == whole[:3] and rest == whole[3:]
 
 
+def test_a_mid_epoch_resume_with_other_readers_is_refused(tmp_path):
+    """Each worker of each rank has its own place in its shards: a run resumed mid-epoch with another
+    data.num_workers or data.batch_size would repeat or skip samples, so it stops with the values and the fixes."""
+    numbered_shards(tmp_path / "train", [6, 7, 5, 8])
+    numbered_shards(tmp_path / "val", [2])
+
+    def datamodule(num_workers=0, batch_size=2):
+        return SimMIMDataModule(source="shards", shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"),
+                                img_size=16, batch_size=batch_size, mask_patch_size=8, model_patch_size=4,
+                                num_workers=num_workers, shuffle_buffer=4, seed=5)
+    fit(tmp_path / "cut", datamodule(), max_steps=3)
+    ckpt = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    for changed, now in (({"num_workers": 2}, "1 x 2 x 2"), ({"batch_size": 1}, "1 x 0 x 1")):
+        with pytest.raises(ValueError, match=rf"{ckpt} was saved in the middle of an epoch on shards by 1 rank\(s\) x "
+                                             rf"data.num_workers=0 x data.batch_size=2, this run has {now}: .*set "
+                                             rf"them as saved, or resume from the end of an epoch"):
+            fit(tmp_path / "cut", datamodule(**changed), ckpt_path=str(ckpt))
+
+
 def test_pretrain_script_on_shards_made_from_a_folder(tmp_path, capsys):
     from simmim import pretrain
 
