@@ -713,18 +713,16 @@ class ResumableDataModule(pl.LightningDataModule):
         """Where training stands in the data: the epoch and how many of its batches were trained on (saved in
         Lightning's checkpoints; a resumed run continues with the next batch of the same order); for the shards
         source, its own place in the stream."""
-        mid_epoch = self.trainer is not None and self._batches_done() < self.trainer.num_training_batches
-        layout = {"layout": self._layout()} if mid_epoch and self._batches_done() else {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+        end_of_epoch = self.trainer is not None and done >= self.trainer.num_training_batches
+        layout = {"layout": self._layout()} if done and not end_of_epoch else {}
         if self.shards is not None:
             return {"shards": self.shards.state_dict(self.trainer), **layout}
         if self._train_sampler is None or self.trainer is None:
             return {}
-        if not mid_epoch:  # saved at the end of the epoch: the next one is due
+        if end_of_epoch:  # the next one is due
             return {"epoch": self.trainer.current_epoch + 1, "batches": 0}
-        return {"epoch": self.trainer.current_epoch, "batches": self._batches_done(), **layout}
-
-    def _batches_done(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches": done, **layout}
 
     def _layout(self) -> dict:
         """What this rank's place in an epoch's data is relative to: the ranks, data.batch_size (per rank) and
@@ -747,8 +745,7 @@ class ResumableDataModule(pl.LightningDataModule):
                 f"{ckpt} was saved in the middle of an epoch by {saved['ranks']} rank(s) x data.batch_size="
                 f"{saved['batch_size']}, this run has {now['ranks']} x {now['batch_size']}: the epoch continues "
                 f"only with {saved['ranks'] * saved['batch_size']} images per batch over all ranks; set "
-                f"trainer.devices (x trainer.num_nodes) and data.batch_size to give that "
-                f"(trainer.accumulate_grad_batches keeps the images per step), {fix}")
+                f"trainer.devices (x trainer.num_nodes) and data.batch_size to give that, {fix}")
         readers = [(layout["ranks"], max(layout["num_workers"], 1), layout["batch_size"]) for layout in (saved, now)]
         if self.shards is not None and readers[0] != readers[1]:
             raise ValueError(
