@@ -717,12 +717,22 @@ class ResumableDataModule(pl.LightningDataModule):
         end_of_epoch = self.trainer is not None and done >= self.trainer.num_training_batches
         layout = {"layout": self._layout()} if done and not end_of_epoch else {}
         if self.shards is not None:
-            return {"shards": self.shards.state_dict(self.trainer), **layout}
+            return {"shards": {"ranks": self._every_rank(self.shards.state_dict(self.trainer))}, **layout}
         if self._train_sampler is None or self.trainer is None:
             return {}
         if end_of_epoch:  # the next one is due
             return {"epoch": self.trainer.current_epoch + 1, "batches": 0}
         return {"epoch": self.trainer.current_epoch, "batches": done, **layout}
+
+    def _every_rank(self, state: dict) -> list[dict]:
+        """Every rank's `state`, in rank order (a collective: every rank saves). Lightning writes rank 0's
+        datamodule state only, and the ranks' places in their shards differ once a worker of one rank has used up
+        its shards before the others (that rank then takes its batches from its other workers)."""
+        if self.trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [state]
+        states = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(states, state)
+        return states
 
     def _layout(self) -> dict:
         """What this rank's place in an epoch's data is relative to: the ranks, data.batch_size (per rank) and
@@ -759,7 +769,10 @@ class ResumableDataModule(pl.LightningDataModule):
         if state:  # Lightning's check for resumable loaders sees the DataLoaders only, not this restored position
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         if "shards" in state:
-            self._shards_state = state["shards"]
+            ranks = state["shards"].get("ranks", [state["shards"]])  # older checkpoints hold rank 0's only
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            # more ranks than saved: only from an epoch's end (`_check_layout`), where every rank's place is the same
+            self._shards_state = ranks[rank] if rank < len(ranks) else ranks[0]
             if self.shards is not None:
                 self.shards.load_state_dict(self._shards_state)
         elif state:

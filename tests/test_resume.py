@@ -409,10 +409,10 @@ def test_a_mid_epoch_resume_with_other_images_per_batch_is_refused(tmp_path):
         warnings.simplefilter("ignore")
         pretrain_stage.main(args)  # 8 steps; step-00000006.ckpt: 2 of epoch 1's 4 batches done
         ckpts = tmp_path / "run" / "checkpoints"
-        with pytest.raises(ValueError, match=rf"{ckpts / 'step-00000006.ckpt'} was saved in the middle of an epoch by 1 "
-                                             rf"rank\(s\) x data.batch_size=8, this run has 1 x 4: the epoch continues "
-                                             rf"only with 8 images per batch over all ranks; .* or resume from the end "
-                                             rf"of an epoch \(resume={ckpts / 'last.ckpt'}"):
+        with pytest.raises(ValueError, match=rf"{ckpts / 'step-00000006.ckpt'} was saved in the middle of an epoch "
+                                             rf"by 1 rank\(s\) x data.batch_size=8, this run has 1 x 4: the epoch "
+                                             rf"continues only with 8 images per batch over all ranks; .* or resume "
+                                             rf"from the end of an epoch \(resume={ckpts / 'last.ckpt'}"):
             pretrain_stage.main([*args, f"resume={ckpts / 'step-00000006.ckpt'}", "data.batch_size=4",
                                  "trainer.max_epochs=3"])
         pretrain_stage.main([*args, f"resume={ckpts / 'last.ckpt'}", "data.batch_size=4", "trainer.max_epochs=3"])
@@ -464,7 +464,7 @@ def test_killed_run_on_shards_resumes_to_the_uninterrupted_weights(tmp_path, sha
     kill_after(pretrain(run, workers, wait=False, args=args), run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt")
     assert not (run / "encoder.pth").exists()
     state = torch.load(run / "checkpoints" / f"step-{kill_after_step:08d}.ckpt", weights_only=False)
-    assert state["SimMIMDataModule"]["shards"]["batches"] == kill_after_step % 4  # mid-epoch
+    assert state["SimMIMDataModule"]["shards"]["ranks"][0]["batches"] == kill_after_step % 4  # mid-epoch
     assert "not resumable" not in pretrain(run, workers, args=args).stderr  # the shard position is restored
     weights, whole = encoder(run), encoder(tmp_path / "whole")
     for name, value in whole.items():

@@ -3,11 +3,13 @@ import functools
 import http.server
 import importlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -343,7 +345,8 @@ def test_datamodule_shards_source_and_state(tmp_path):
         loader = dm.train_dataloader()
         images, masks, labels = next(iter(loader))
         assert images.shape == (4, 32, 32, 3) and masks.shape == (4, 8, 8) and labels.shape == (4,)
-        assert dm.state_dict() == {"shards": {"epoch": 0, "batches": 1, "positions": {0: 4}, "rounds": {0: 1}}}
+        one_rank = {"epoch": 0, "batches": 1, "positions": {0: 4}, "rounds": {0: 1}}
+        assert dm.state_dict() == {"shards": {"ranks": [one_rank]}}
         val = list(dm.val_dataloader())
         assert [len(b[0]) for b in val] == [3] and [len(b[0]) for b in dm.val_dataloader()] == [3]
         dm2 = SimMIMDataModule(**dm.hparams)
@@ -513,6 +516,57 @@ def test_lightning_resumes_mid_epoch_from_a_step_checkpoint(tmp_path, num_worker
     assert head == whole[:3] and rest == whole[3:]
 
 
+def rank_batches(rank: int, root: str) -> None:
+    """One of 2 gloo ranks, as Lightning drives the datamodule: the labels of the uninterrupted epoch; of one
+    stopped after 6 batches, saved as Lightning saves (every rank calls state_dict, rank 0's dict is written) and
+    resumed from that file by a new datamodule (every rank loads the same dict). -> <root>/rank<r>.json"""
+    torch.set_num_threads(1)  # no OpenMP pool in this process: its DataLoaders may fork their workers
+    multiprocessing.set_start_method("fork", force=True)  # spawn (inherited) re-imports the tests in every worker
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root}/group", rank=rank, world_size=2)
+    done = types.SimpleNamespace(processed=0)
+    trainer = types.SimpleNamespace(world_size=2, global_rank=rank, num_training_batches=8, current_epoch=0,
+                                    ckpt_path=f"{root}/ckpt",
+                                    fit_loop=types.SimpleNamespace(epoch_loop=types.SimpleNamespace(
+                                        batch_progress=types.SimpleNamespace(current=done))))
+
+    def batches(state=None):
+        datamodule = SimMIMDataModule(source="shards", shards=f"{root}/train", val_shards=f"{root}/val", img_size=16,
+                                      batch_size=2, mask_patch_size=8, model_patch_size=4, num_workers=2,
+                                      shuffle_buffer=4, seed=5, pin_memory=False)
+        datamodule.trainer = trainer
+        if state is not None:
+            datamodule.load_state_dict(state)
+        datamodule.setup("fit")
+        return datamodule, (batch[2].tolist() for batch in datamodule.train_dataloader())
+
+    whole = list(batches()[1])
+    datamodule, head = batches()
+    head = [next(head) for _ in range(6)]
+    done.processed = 6
+    state = datamodule.state_dict()
+    if rank == 0:
+        torch.save(state, f"{root}/state.pt")
+    torch.distributed.barrier()
+    rest = list(batches(torch.load(f"{root}/state.pt"))[1])
+    Path(f"{root}/rank{rank}.json").write_text(json.dumps({"whole": whole, "resumed": head + rest}))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_resume_each_from_its_own_place(tmp_path):
+    """2 ranks x 2 workers on shards of 20, 4, 12 and 12 samples, batches of 2: rank 1's workers hold 12 and 4
+    samples, so from batch 4 on its batches come from one worker while rank 0's still alternate, and the ranks'
+    places in their shards differ. Stopped after batch 6 and resumed, each rank gives the batches of the epoch
+    never stopped (every rank used to restore rank 0's place, the only one Lightning writes: rank 1 then
+    repeated a batch and skipped one). The ranks are spawned: safe with OpenMP threads."""
+    numbered_shards(tmp_path / "train", [20, 4, 12, 12])
+    numbered_shards(tmp_path / "val", [2, 2])
+    torch.multiprocessing.spawn(rank_batches, args=(str(tmp_path),), nprocs=2)
+    for rank in (0, 1):
+        labels = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(labels["whole"]) == 8 and labels["resumed"] == labels["whole"], f"rank {rank}"
+
+
 def test_a_mid_epoch_resume_with_other_readers_is_refused(tmp_path):
     """Each worker of each rank has its own place in its shards: a run resumed mid-epoch with another
     data.num_workers or data.batch_size would repeat or skip samples, so it stops with the values and the fixes."""
@@ -571,5 +625,5 @@ def test_finetune_datamodule_streams_labeled_shards(tmp_path):
         images, labels = batches[0]
         assert images.shape == (4, 16, 16, 3) and images.dtype == torch.uint8 and labels.dtype == torch.int64
         assert len(batches) == 3 and len({int(x) for _, y in batches for x in y}) == 12 <= total
-        assert dm.state_dict()["shards"]["batches"] == 3
+        assert dm.state_dict()["shards"]["ranks"][0]["batches"] == 3
         assert [len(y) for _, y in dm.val_dataloader()] == [3]
