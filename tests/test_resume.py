@@ -302,6 +302,17 @@ def test_sigterm_to_one_of_two_ranks_stops_both_after_the_same_step(tmp_path):
     assert logged(metrics(run)) == logged(metrics(tmp_path / "whole"))
 
 
+RECIPE_CALLBACKS = simmim.train.trainer.build_callbacks
+
+
+def pretrain_in_process(monkeypatch, args: list[str], *callbacks: pl.Callback) -> None:
+    """scripts/pretrain.py's main(args) in this process, warnings silenced, with `callbacks` after the recipe's."""
+    monkeypatch.setattr(simmim.train.trainer, "build_callbacks", lambda cfg: [*RECIPE_CALLBACKS(cfg), *callbacks])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain_stage.main(args)
+
+
 class SigtermAt(pl.Callback):
     """Sends this process SIGTERM once, at the first validation batch after `step` (not the sanity check)."""
 
@@ -322,14 +333,10 @@ def test_sigterm_during_validation_stops_at_the_end_of_the_epoch(tmp_path, monke
     k-NN point), its last step is saved as sigterm-00000004.ckpt before the next batch, the exit status is 143,
     and the resumed run ends with the weights and every metrics.csv row of the run that was never stopped."""
     args = [f"output_dir={tmp_path}", *ARGS, "trainer.limit_val_batches=2", "data.num_workers=0"]
-    build_callbacks = simmim.train.trainer.build_callbacks
 
     def run(name, sigterm_step=None):
-        monkeypatch.setattr(simmim.train.trainer, "build_callbacks",
-                            lambda cfg: [*build_callbacks(cfg), *([SigtermAt(sigterm_step)] if sigterm_step else [])])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pretrain_stage.main([f"run_name={name}", *args])
+        pretrain_in_process(monkeypatch, [f"run_name={name}", *args],
+                            *([SigtermAt(sigterm_step)] if sigterm_step else []))
 
     run("whole")
     with pytest.raises(SystemExit) as stopped:
@@ -365,14 +372,9 @@ def test_ctrl_c_saves_its_step_and_a_second_one_stops_at_once(tmp_path, monkeypa
     run never stopped. Ctrl-C twice: Lightning's shutdown at once (status 1), nothing saved; the same command
     continues from the latest step checkpoint and ends the same."""
     args = [f"output_dir={tmp_path}", *ARGS, "data.num_workers=0"]
-    build_callbacks = simmim.train.trainer.build_callbacks
 
     def run(name, times=0):
-        monkeypatch.setattr(simmim.train.trainer, "build_callbacks",
-                            lambda cfg: [*build_callbacks(cfg), *([CtrlCAt(6, times)] if times else [])])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pretrain_stage.main([f"run_name={name}", *args])
+        pretrain_in_process(monkeypatch, [f"run_name={name}", *args], *([CtrlCAt(6, times)] if times else []))
 
     run("whole")
     # (Lightning runs checkpoint callbacks last: the second Ctrl-C stops before step-00000006.ckpt is written.)
