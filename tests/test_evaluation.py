@@ -1,6 +1,5 @@
 """k-NN and linear probe (simmim.evaluation), the k-NN monitor callback and scripts/evaluate.py."""
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -8,8 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import randomize_
-from simmim.cli import run_cli
+from conftest import randomize_, run_script
 from simmim.data import build_sources, eval_transform
 from simmim.evaluation import KNNMonitor, knn_scores, knn_top1, linear_probe_top1, plot_knn_history
 from simmim.pretrain import SimMIMPretrainModule
@@ -161,7 +159,7 @@ def test_evaluate_digits_table_matches_an_independent_knn(exported, capsys):
     assert 0.5 < probe <= 1.0  # chance is 0.1
 
 
-def test_evaluate_errors_are_one_line(tmp_path, exported, monkeypatch):
+def test_evaluate_errors_are_one_line(tmp_path, exported):
     _, path = exported
     import cv2
     for i in range(4):  # images at the folder's top level: all label 0
@@ -171,7 +169,5 @@ def test_evaluate_errors_are_one_line(tmp_path, exported, monkeypatch):
               "random_baseline=false"): "error: the folder source gives every training image the same label",
              (f"checkpoint={path}", "kk=3"): "error: unknown key 'kk'"}
     for argv, message in cases.items():
-        monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
-        with pytest.raises(SystemExit) as exit:
-            run_cli(evaluate.main)
-        assert exit.value.code.startswith(message), exit.value.code
+        result = run_script("simmim.tools.evaluate", *argv)
+        assert result.returncode == 1 and result.stderr.startswith(message), result.stderr

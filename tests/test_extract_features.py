@@ -1,6 +1,5 @@
 """scripts/extract_features.py on tiny checkpoints of our layouts, and the README's backbone example."""
 import json
-import sys
 
 import cv2
 import numpy as np
@@ -9,14 +8,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from conftest import randomize_
+from conftest import randomize_, run_script
 from simmim.train.config import ConfigError
 from simmim.data import digits_split, eval_transform, read_image
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.models.swinv2 import SwinTransformerV2
 
 import simmim.tools.extract_features as extract_features
-from simmim.cli import run_cli
 
 MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
              drop_path_rate=0.0)
@@ -126,13 +124,11 @@ def test_fine_tuned_checkpoint_and_model_overrides(tmp_path, pretrained):
         extract_features.main([f"checkpoint={ckpt}", f"data.root={tmp_path / 'nowhere'}", *FAST])
 
 
-def test_help_and_one_line_errors(capsys, monkeypatch):
+def test_help_and_one_line_errors(capsys):
     extract_features.main(["--help"])
     assert "forward_intermediates" in capsys.readouterr().out
-    monkeypatch.setattr(sys, "argv", ["extract_features.py", "data.source=digits"])
-    with pytest.raises(SystemExit) as exit:
-        run_cli(extract_features.main)
-    assert exit.value.code.startswith("error: checkpoint= is required")
+    result = run_script("simmim.tools.extract_features", "data.source=digits")
+    assert result.returncode == 1 and result.stderr.startswith("error: checkpoint= is required")
 
 
 def test_backbone_example():

@@ -1,5 +1,4 @@
 """scripts/reconstruct.py: SimMIM reconstruction grids from our Lightning / exported and the official layouts."""
-import sys
 from pathlib import Path
 
 import cv2
@@ -7,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_
+from conftest import randomize_, run_script
 from simmim.data import IMAGENET_MEAN, eval_transform, read_image
 from simmim.pretrain import SimMIMPretrainModule, unnormalize
 
 import simmim.tools.reconstruct as reconstruct
-from simmim.cli import run_cli
 
 MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
              drop_path_rate=0.0)
@@ -99,7 +97,7 @@ def test_seed_picks_the_masks(tmp_path, images, module):
     assert np.all(grids["a"] == MASK_GRAY, axis=-1).mean() == pytest.approx(5 / 16)  # ceil(0.3 * 16) patches
 
 
-def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module, monkeypatch):
+def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module):
     classifier = tmp_path / "ft.ckpt"
     torch.save({"state_dict": {f"model.{k.removeprefix('simmim.encoder.')}": v
                                for k, v in module.state_dict().items() if k.startswith("simmim.encoder.")}}, classifier)
@@ -112,11 +110,10 @@ def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module, mon
         reconstruct.main([f"checkpoint={ckpt}", f"images={images}", "model.embed_dim=32"])
 
     reconstruct.main(["--help"])
-    monkeypatch.setattr(sys, "argv", ["reconstruct.py", f"checkpoint={tmp_path / 'none.pth'}", f"images={images}"])
-    with pytest.raises(SystemExit) as exit:
-        run_cli(reconstruct.main)
-    assert exit.value.code == (f"error: checkpoint {tmp_path / 'none.pth'} does not exist; pass the path of a .ckpt, "
-                               f".pth or .safetensors file")
+    missing = tmp_path / "none.pth"
+    result = run_script("simmim.tools.reconstruct", f"checkpoint={missing}", f"images={images}")
+    assert result.returncode == 1 and result.stderr == (f"error: checkpoint {missing} does not exist; pass the path "
+                                                        f"of a .ckpt, .pth or .safetensors file\n")
 
 
 def test_undecodable_files_are_skipped_with_a_count(tmp_path, images, module):
