@@ -49,8 +49,9 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
     "pretrain_transform", "TrainAugment", "normalize_images", "finetune_transform", "eval_transform",
     "read_image", "decode_image", "decode_needs",
-    "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source",
-    "digits_split", "build_sources", "build_source", "labels_per_class_subset", "labeled_datasets",
+    "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source", "shard_decode",
+    "digits_split", "build_sources", "build_source", "fixed_subset", "labeled_eval_sets",
+    "labels_per_class_subset", "labeled_datasets",
     "ImageDataset", "MaskedImageDataset", "EpochSampler", "ResumableDataModule", "SimMIMDataModule",
 ]
 
@@ -632,6 +633,31 @@ class EpochSampler(DistributedSampler):
         return iter([(index, self.epoch) for index in indices])
 
 
+def fixed_subset(samples: FileList | Sequence[Sample], limit: int | None) -> FileList | list[Sample]:
+    """A fixed (seed 0) random subset of `limit` of the samples, in their order; all of them when limit is None
+    or not smaller."""
+    if limit is None or len(samples) <= limit:
+        return samples
+    keep = np.sort(np.random.default_rng(0).permutation(len(samples))[:limit])
+    return samples.subset(keep) if isinstance(samples, FileList) else [samples[i] for i in keep]
+
+
+def labeled_eval_sets(source: str, img_size: int, limit: int | None, root: str | os.PathLike | None = None,
+                      list_file: str | os.PathLike | None = None, shards: str | None = None,
+                      val_shards: str | None = None) -> tuple[Dataset, Dataset]:
+    """A source's (train, val) splits as labeled (image float (3, S, S), label) sets through the eval transform,
+    `limit` images of each (None: all): a fixed random subset of a listed source (`fixed_subset`), the first shards
+    holding as many of the shards source (`simmim.shards.ShardImages`; val: val_shards, else the last shard)."""
+    transform = eval_transform(img_size)
+    if source == "shards":
+        from simmim.shards import ShardImages, shard_counts, split_shards
+
+        return tuple(ShardImages(urls, shard_counts(urls), limit, LabeledItem(transform), shard_decode(transform),
+                                 SkipCounter()) for urls in split_shards(shards, val_shards))
+    return tuple(ImageDataset(fixed_subset(samples, limit), transform)
+                 for samples in build_sources(source, img_size, root, list_file))
+
+
 def labels_per_class_subset(samples: Sequence[Sample], per_class: int, seed: int = 0) -> list[Sample]:
     """`per_class` samples of each label (all of a label that has fewer), drawn by `seed`, in their given order."""
     if per_class < 1:
@@ -881,6 +907,16 @@ class SimMIMDataModule(ResumableDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._train_loader(self.hparams.drop_last)
 
+    def knn_sets(self, limit: int | None) -> tuple[Dataset, Dataset]:
+        """The k-NN monitor's labeled train and val sets, (image float (3, S, S), label) through the eval transform:
+        a fixed random subset of `limit` images per split of a listed source (`fixed_subset`), the first shards of
+        each split holding `limit` samples of the shards source (`simmim.shards.ShardImages`); None: every image."""
+        transform = eval_transform(self.hparams.img_size)
+        if self.shards is not None:
+            return self.shards.eval_sets(limit, LabeledItem(transform), shard_decode(transform))
+        return tuple(ImageDataset(fixed_subset(split.dataset.samples, limit), transform)
+                     for split in (self.train_set, self.val_set))
+
 
 def uses_cuda(trainer) -> bool:
     """Whether the trainer (or, outside one, this machine) runs on CUDA: then DataLoaders pin memory."""
@@ -892,6 +928,10 @@ def shard_source(hp, items: list, transforms: tuple, skipped: SkipCounter):
     and transforms are (train, val) pairs; JPEGs are decoded at the scale each transform needs."""
     from simmim.shards import ShardSource
 
-    decodes = [partial(decode_image, name="sample", **decode_needs(t)) for t in transforms]
-    return ShardSource(hp.shards, hp.val_shards, items, decodes, skipped, seed=hp.seed,
-                       shuffle_buffer=hp.shuffle_buffer)
+    return ShardSource(hp.shards, hp.val_shards, items, [shard_decode(t) for t in transforms], skipped,
+                       seed=hp.seed, shuffle_buffer=hp.shuffle_buffer)
+
+
+def shard_decode(transform: TrainAugment | A.Compose) -> Callable[[bytes], np.ndarray]:
+    """A shard sample's image bytes -> uint8 (H, W, 3), decoded at the scale the transform needs (`decode_needs`)."""
+    return partial(decode_image, name="sample", **decode_needs(transform))

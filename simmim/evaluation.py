@@ -8,6 +8,7 @@ wins. The linear probe is an L2-regularized logistic regression (scikit-learn) o
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -98,25 +100,38 @@ class KNNMonitor(pl.Callback):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.plot_path = Path(plot_path) if plot_path is not None else None
         self.history: list[dict] = []
+        self.off = False  # set when the training images turn out to have a single label
         self._losses: list[float] = []  # the training losses of epoch _losses_epoch so far
         self._losses_epoch: int | None = None
 
-    def measure(self, pl_module: pl.LightningModule, strategy=None) -> float:
-        """k-NN top-1 of the module's encoder now (its train / eval mode is restored)."""
+    def measure(self, pl_module: pl.LightningModule, strategy=None) -> float | None:
+        """k-NN top-1 of the module's encoder now (its train / eval mode is restored); None when the training
+        images all have one label (unlabeled data): then the monitor warns and measures no more (`off`)."""
         encoder = pl_module.simmim.encoder
         was_training = encoder.training
         encoder.eval()
-        loaders = [DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                              worker_init_fn=stop_signal_shield())
-                   for dataset in (self.train_set, self.val_set)]
+        features = partial(self._features, encoder, pl_module.device)
         with root_params_gathered(strategy) if strategy is not None else nullcontext():
-            (train, train_labels), (val, val_labels) = (pooled_features(encoder, loader, pl_module.device)
-                                                        for loader in loaders)
+            train, train_labels = features(self.train_set)
+            if len(train_labels.unique()) < 2:
+                self.off = True
+            else:
+                val, val_labels = features(self.val_set)
         encoder.train(was_training)
+        if self.off:
+            rank_zero_warn("k-NN monitor off: the training images have a single label (give the folder class "
+                           "subfolders, the list file labels or the shards .cls files), or set "
+                           "eval.knn_every_n_epochs=0")
+            return None
         return knn_top1(train, train_labels, val, val_labels, self.k, self.temperature)
 
+    def _features(self, encoder: nn.Module, device: torch.device, dataset: Dataset):
+        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                            worker_init_fn=stop_signal_shield())
+        return pooled_features(encoder, loader, device)
+
     def _record(self, trainer, pl_module, epoch: int, measure: bool, **losses) -> None:
-        top1 = self.measure(pl_module, trainer.strategy) if measure else None
+        top1 = self.measure(pl_module, trainer.strategy) if measure and not self.off else None
         self.history.append({"epoch": epoch, **losses, "knn_top1": top1})
         if top1 is not None:
             for logger in trainer.loggers:
@@ -191,25 +206,10 @@ def plot_knn_history(history: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-def knn_monitor(cfg, train_samples: Sequence, val_samples: Sequence, plot_path: str | Path) -> list[KNNMonitor]:
-    """The pretraining run's k-NN monitor from the recipe (`eval.*`, `data.*`) and the source's (image, label)
-    samples, passed through the eval transform; [] when eval.knn_every_n_epochs is 0 or the train split has
-    a single label (with a warning)."""
-    from pytorch_lightning.utilities import rank_zero_warn
-
-    from simmim.data import ImageDataset, eval_transform
-
+def knn_monitor(cfg, train_set: Dataset, val_set: Dataset, plot_path: str | Path) -> list[KNNMonitor]:
+    """The pretraining run's k-NN monitor from the recipe (`eval.*`, `data.*`) on labeled, un-augmented train and
+    val sets (`SimMIMDataModule.knn_sets`); [] when eval.knn_every_n_epochs is 0."""
     if not cfg.eval.knn_every_n_epochs:
         return []
-    if len({label for _, label in train_samples}) < 2:
-        rank_zero_warn("k-NN monitor off: the training images have a single label (give the folder class "
-                       "subfolders, or the list file labels), or set eval.knn_every_n_epochs=0")
-        return []
-    limit = cfg.eval.knn_max_images
-    subsets = [list(s) if limit is None or len(s) <= limit else
-               [s[i] for i in np.sort(np.random.default_rng(0).permutation(len(s))[:limit])]
-               for s in (train_samples, val_samples)]
-    transform = eval_transform(cfg.data.img_size)
-    return [KNNMonitor(ImageDataset(subsets[0], transform), ImageDataset(subsets[1], transform),
-                       cfg.eval.knn_every_n_epochs, cfg.eval.knn_k, cfg.eval.knn_temperature,
+    return [KNNMonitor(train_set, val_set, cfg.eval.knn_every_n_epochs, cfg.eval.knn_k, cfg.eval.knn_temperature,
                        cfg.data.batch_size, cfg.data.num_workers, plot_path)]

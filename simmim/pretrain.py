@@ -209,13 +209,7 @@ def _callbacks(cfg, run_dir: Path, data) -> list[pl.Callback]:
 
     pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
                                       cfg.logging.recon_images)
-    if data.shards is not None:  # the monitor embeds listed images; streamed shards have no list
-        if cfg.eval.knn_every_n_epochs:
-            rank_zero_warn("k-NN monitor off: it needs a folder, list or digits source (data.source=shards "
-                           "streams); evaluate checkpoints with scripts/evaluate.py, or set eval.knn_every_n_epochs=0")
-        knn = []
-    else:
-        knn = knn_monitor(cfg, data.train_set.dataset.samples, data.val_set.dataset.samples, run_dir / "knn.png")
+    knn = knn_monitor(cfg, *data.knn_sets(cfg.eval.knn_max_images), run_dir / "knn.png")
     return [ThroughputMonitor(), LogSkipped(), pictures, *knn]
 
 
@@ -228,7 +222,7 @@ def _finish(trainer: pl.Trainer, module: SimMIMPretrainModule, cfg, run_dir: Pat
     pictures = next(c for c in trainer.callbacks if isinstance(c, ReconstructionPictures))
     lines = [f"reconstructions: {pictures.last_path}", f"encoder: {encoder}"]
     knn = [c for c in trainer.callbacks if isinstance(c, KNNMonitor)]
-    if knn:
+    if knn and knn_summary(knn[0].history):
         lines.append(f"k-NN top-1 (val) by epoch: {knn_summary(knn[0].history)}; plot: {run_dir / 'knn.png'}")
     return lines
 

@@ -40,8 +40,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from simmim.workers import stop_signal_shield
 
-__all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "balanced_groups", "ShardDataset",
-           "ShardLoader"]
+__all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "split_shards", "balanced_groups",
+           "ShardDataset", "ShardLoader", "ShardSource", "ShardImages"]
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 READ_BUFFER = 1 << 20
@@ -375,14 +375,7 @@ class ShardSource:
 
     def __init__(self, shards: str | None, val_shards: str | None, items: tuple, decodes: tuple, skipped,
                  seed: int = 0, shuffle_buffer: int = 1000):
-        if not shards:
-            raise FileNotFoundError("data.source=shards needs data.shards=<directory, brace pattern or URL of .tar "
-                                    "shards>; scripts/make_shards.py makes them from a folder or list")
-        train = shard_urls(shards)
-        if not val_shards and len(train) < 2:
-            raise ValueError(f"data.shards={shards} is 1 shard; need at least 2 to hold the last one out for "
-                             f"validation, or set data.val_shards")
-        train, val = (train, shard_urls(val_shards, "data.val_shards")) if val_shards else (train[:-1], train[-1:])
+        train, val = split_shards(shards, val_shards)
         self.shards, self.val_shards = shards, val_shards
         self.train_set = ShardDataset(train, shard_counts(train), items[0], decodes[0], skipped, seed=seed,
                                       shuffle=True, shuffle_buffer=shuffle_buffer)
@@ -431,3 +424,39 @@ class ShardSource:
         self._pending = state or None
         if self.train_loader is not None and self._pending is not None:
             self.train_loader.restore(self._pending)
+
+    def eval_sets(self, limit: int | None, make_item: Callable, decode: Callable) -> tuple[ShardImages, ShardImages]:
+        """(train, val) `ShardImages` of the training and validation shards: the first shards of each holding
+        `limit` samples (None: all), through make_item and decode."""
+        return tuple(ShardImages(dataset.urls, dataset.counts, limit, make_item, decode, dataset.skipped)
+                     for dataset in (self.train_set, self.val_set))
+
+
+def split_shards(shards: str | None, val_shards: str | None) -> tuple[list[str], list[str]]:
+    """(train, val) shard URLs of data.shards and data.val_shards; without val_shards the last shard is val."""
+    if not shards:
+        raise FileNotFoundError("data.source=shards needs data.shards=<directory, brace pattern or URL of .tar "
+                                "shards>; scripts/make_shards.py makes them from a folder or list")
+    train = shard_urls(shards)
+    if val_shards:
+        return train, shard_urls(val_shards, "data.val_shards")
+    if len(train) < 2:
+        raise ValueError(f"data.shards={shards} is 1 shard; need at least 2 to hold the last one out for "
+                         f"validation, or set data.val_shards")
+    return train[:-1], train[-1:]
+
+
+class ShardImages(IterableDataset):
+    """The samples of the first shards of urls that hold `limit` samples (None: every shard; whole shards, so at
+    least `limit`), in shard order and unshuffled, as ``make_item(image, label, rng)``: a fixed labeled set for
+    evaluation (the k-NN monitor, scripts/evaluate.py). DataLoader workers read shards of their own; a sample
+    that does not decode is counted in `skipped` and replaced by the next one, as in `ShardDataset`."""
+
+    def __init__(self, urls: list[str], counts: list[int], limit: int | None, make_item: Callable,
+                 decode: Callable, skipped):
+        keep = len(urls) if limit is None else min(int(np.searchsorted(np.cumsum(counts), limit)) + 1, len(urls))
+        self.samples = ShardDataset(urls[:keep], counts[:keep], make_item, decode, skipped, shuffle=False)
+
+    def __iter__(self):
+        for *item, _worker, _position in self.samples:
+            yield tuple(item)

@@ -1,6 +1,8 @@
 """k-NN and linear probe (simmim.evaluation), the k-NN monitor callback and scripts/evaluate.py."""
+import json
 import math
 
+import cv2
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -120,6 +122,19 @@ def test_monitor_measures_on_schedule_keeps_a_history_and_plots(tmp_path):
         KNNMonitor(monitor.train_set, monitor.val_set, every_n_epochs=0)
 
 
+def test_monitor_on_unlabeled_images_warns_once_and_measures_no_more(tmp_path):
+    features = torch.randn(20, 6, generator=torch.Generator().manual_seed(0))
+    unlabeled = TensorDataset(features, torch.zeros(20, dtype=torch.int64))  # e.g. shards without .cls
+    monitor = KNNMonitor(unlabeled, unlabeled, every_n_epochs=1, plot_path=tmp_path / "knn.png")
+    trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[monitor], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.warns(UserWarning, match="k-NN monitor off: the training images have a single label") as caught:
+        trainer.fit(Stub(), torch.utils.data.DataLoader(TensorDataset(features), batch_size=10))
+    assert sum("k-NN monitor off" in str(w.message) for w in caught) == 1  # not again at epochs 1 and 2
+    assert monitor.off and [row["knn_top1"] for row in monitor.history] == [None, None, None]
+    assert (tmp_path / "knn.png").is_file()  # the losses are still plotted
+
+
 def test_plot_accepts_rows_without_measurements(tmp_path):
     history = [{"epoch": 0, "train_loss": None, "val_loss": None, "knn_top1": 0.5},
                {"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "knn_top1": None}]
@@ -159,6 +174,46 @@ def test_evaluate_digits_table_matches_an_independent_knn(exported, capsys):
     assert 0.5 < probe <= 1.0  # chance is 0.1
 
 
+def table(out: str) -> tuple[str, list[float]]:
+    """The evaluate table's size line and its first row's k-NN and probe top-1."""
+    row = next(line for line in out.splitlines() if line.startswith("| ") and "checkpoint |" not in line
+               and "---" not in line)
+    return next(line for line in out.splitlines() if "train /" in line), [float(v) for v in row.split("|")[3:5]]
+
+
+def test_evaluate_on_shards_equals_the_folder_they_were_made_from(tmp_path, exported, capsys):
+    from simmim.tools import make_shards
+
+    _, path = exported
+    for split, samples in zip(("train", "val"), build_sources("digits", 32)):
+        for i, (image, label) in enumerate(samples[:150 if split == "train" else 50]):
+            (tmp_path / "digits" / split / str(label)).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(tmp_path / "digits" / split / str(label) / f"{i}.png"), image)
+    make_shards.main([f"root={tmp_path / 'digits'}", f"out={tmp_path / 'shards'}", "shard_mb=0.01"])
+    capsys.readouterr()
+    common = [f"checkpoint={path}", "num_workers=2", "device=cpu", "random_baseline=false"]
+    evaluate.main([*common, "data.source=folder", f"data.root={tmp_path / 'digits'}"])
+    folder = table(capsys.readouterr().out)
+    shards = [*common, "data.source=shards", f"data.shards={tmp_path / 'shards' / 'train'}",
+              f"data.val_shards={tmp_path / 'shards' / 'val'}"]
+    evaluate.main(shards)
+    streamed = table(capsys.readouterr().out)
+    assert folder[0].startswith("folder: 150 train / 50 val images, 10 classes") and streamed[0].startswith(
+        "shards: 150 train / 50 val images, 10 classes")
+    # the same images and labels: the same k-NN; the probe within one val image (its solver sees another order)
+    assert streamed[1][0] == folder[1][0] and streamed[1][1] == pytest.approx(folder[1][1], abs=0.021)
+
+    # max_images: a fixed subset of the folder; the first shards holding as many (whole shards)
+    evaluate.main([*common, "data.source=folder", f"data.root={tmp_path / 'digits'}", "max_images=40"])
+    assert table(capsys.readouterr().out)[0].startswith("folder: 40 train / 40 val images")
+    index = json.loads((tmp_path / "shards" / "train" / "shardindex.json").read_text())["shardlist"]
+    counts = np.cumsum([entry["nsamples"] for entry in index])
+    assert len(counts) > 3 and counts[0] < 40
+    evaluate.main([*shards, "max_images=40"])
+    size_line = table(capsys.readouterr().out)[0]
+    assert size_line.startswith(f"shards: {counts[np.searchsorted(counts, 40)]} train / ")
+
+
 def test_evaluate_errors_are_one_line(tmp_path, exported):
     _, path = exported
     import cv2
@@ -167,7 +222,9 @@ def test_evaluate_errors_are_one_line(tmp_path, exported):
     cases = {("data.source=digits",): "error: checkpoint= is required",
              (f"checkpoint={path}", "data.source=folder", f"data.root={tmp_path}", "num_workers=0",
               "random_baseline=false"): "error: the folder source gives every training image the same label",
-             (f"checkpoint={path}", "kk=3"): "error: unknown key 'kk'"}
+             (f"checkpoint={path}", "kk=3"): "error: unknown key 'kk'",
+             (f"checkpoint={path}", "max_images=0"): "error: max_images=0 must be a positive integer or null",
+             (f"checkpoint={path}", "data.source=shards"): "error: data.source=shards needs data.shards="}
     for argv, message in cases.items():
         result = run_script("simmim.tools.evaluate", *argv)
         assert result.returncode == 1 and result.stderr.startswith(message), result.stderr

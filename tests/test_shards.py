@@ -586,6 +586,16 @@ def test_a_mid_epoch_resume_with_other_readers_is_refused(tmp_path):
             fit(tmp_path / "cut", datamodule(**changed), ckpt_path=str(ckpt))
 
 
+@pytest.mark.parametrize("limit, expected", [(5, 5), (7, 11), (11, 11), (None, 16), (100, 16)])
+def test_shard_images_are_the_first_shards_holding_the_limit(tmp_path, limit, expected):
+    numbered_shards(tmp_path, [5, 6, 5])  # labels 0..15 in shard order
+    urls = shard_urls(str(tmp_path))
+    images = shards.ShardImages(urls, shard_counts(urls), limit, label_item, decode_image, SkipCounter())
+    assert [y for (y,) in images] == list(range(expected))  # whole shards, in order, unshuffled
+    loader = torch.utils.data.DataLoader(images, batch_size=4, num_workers=2)
+    assert sorted(int(y) for (batch,) in loader for y in batch) == list(range(expected))  # each sample once over the workers
+
+
 def test_pretrain_script_on_shards_made_from_a_folder(tmp_path, capsys):
     from simmim import pretrain
 
@@ -600,11 +610,15 @@ def test_pretrain_script_on_shards_made_from_a_folder(tmp_path, capsys):
             f"data.val_shards={tmp_path / 'shards' / 'val'}", "data.img_size=32", "simmim.mask_patch_size=8",
             "model.embed_dim=16", "model.depths=[2,2]", "model.num_heads=[2,4]", "trainer.max_epochs=2",
             "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "logging.recon_every_n_steps=0",
-            "logging.recon_images=2"]
+            "logging.recon_images=2", "eval.knn_every_n_epochs=1", "eval.knn_max_images=8"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pretrain.main(args)
-    assert "encoder: " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "encoder: " in printed
+    # the k-NN monitor on the labeled shards: before training and after each epoch
+    assert re.search(r"k-NN top-1 \(val\) by epoch: 0: [0-9.]+, 1: [0-9.]+, 2: [0-9.]+;", printed)
+    assert (tmp_path / "demo" / "knn.png").is_file()
     lines = (tmp_path / "demo" / "csv" / "metrics.csv").read_text().splitlines()
     column = lines[0].split(",").index("data/skipped")
     skipped = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]

@@ -31,6 +31,12 @@ from simmim.train.validate import validate_labels
     ("optim.base_lr=fast", "optim.base_lr=fast: expected a number, as the default 0.008"),
     ("model.qkv_bias=1", "model.qkv_bias=1: expected true or false"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0: expected an integer > 0"),
+    ("eval.knn_max_images=0", "eval.knn_max_images=0: expected null (every image) or an integer > 0"),
+    ("eval.knn_max_images=many", "eval.knn_max_images=many: expected an integer or null"),
+    ("eval.knn_temperature=0", "eval.knn_temperature=0: expected a number > 0"),
+    ("eval.knn_every_n_epochs=-1", "eval.knn_every_n_epochs=-1: expected an integer >= 0 (0: off)"),
+    ("data.shards=5", "data.shards=5: expected a string or null"),
+    ("data.shuffle_buffer=0", "data.shuffle_buffer=0: expected an integer > 0"),
     ("trainer.accelerator=gpu", "trainer.accelerator=gpu but no CUDA GPU is visible here"),
 ])
 def test_bad_values_are_one_line(override, message):
@@ -44,7 +50,7 @@ def test_bad_values_are_one_line(override, message):
 def test_good_values_pass():
     cfg = load_config("pretrain", overrides=["trainer.devices=auto", "trainer.precision=16", "resume=null",
                                              "optim.base_lr=1", "trainer.max_steps=10", "trainer.max_time=null",
-                                             "trainer.val_check_interval=0.5"])
+                                             "trainer.val_check_interval=0.5", "eval.knn_max_images=100"])
     assert cfg.optim.base_lr == 1 and cfg.trainer.precision == 16
     for recipe in ("tiny", "giant"):
         load_config("pretrain", recipe)

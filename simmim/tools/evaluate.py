@@ -3,14 +3,18 @@
     python scripts/evaluate.py checkpoint=runs/pretrain/default/encoder.pth
     python scripts/evaluate.py checkpoint=[runs/pretrain/default/encoder.pth,runs/finetune/default/checkpoints/last.ckpt]
     python scripts/evaluate.py checkpoint=swinv2_tiny.pth model.variant=tiny model.img_size=256 model.window_size=16 \\
-        data.source=folder data.root=/data/imagenet
+        data.source=folder data.root=/data/imagenet max_images=20000
+    python scripts/evaluate.py checkpoint=runs/pretrain/giant/encoder.pth data.source=shards \\
+        data.shards=/data/shards/train data.val_shards=/data/shards/val max_images=20000
 
 A checkpoint may have any layout simmim.models.checkpoint loads; its encoder is built from the config our
 checkpoints carry, model.* keys override it (give foreign checkpoints model.variant, img_size, window_size).
 Both splits of the source (train, val: the digits' fixed split, a folder's train/ and val/, else a fixed 2 %
-held out) pass the eval transform at the encoder's img_size; the features are the encoder's pooled final map
-(see simmim.evaluation). k-NN: cosine, `k` neighbours, votes exp(similarity / temperature) (DINO). Linear
-probe: logistic regression (L2 strength 1 / probe_c) on standardized train features, scored on val.
+held out; shards: data.val_shards, else the last shard), `max_images` of each (a fixed random subset of a listed
+source, the first shards holding as many), pass the eval transform at the encoder's img_size; the features are
+the encoder's pooled final map (see simmim.evaluation). k-NN: cosine, `k` neighbours, votes exp(similarity /
+temperature) (DINO). Linear probe: logistic regression (L2 strength 1 / probe_c) on standardized train
+features, scored on val.
 random_baseline=true adds a row for the first checkpoint's architecture with random weights (seed 0): what
 the weights add over the architecture alone.
 Arguments are key=value:
@@ -32,10 +36,13 @@ from simmim.train.config import ConfigError, as_list, model_section, options_fro
 SCHEMA = {
     "checkpoint": None,          # required: a path or [a,b,...]: our .ckpt / encoder.pth, official SimMIM / SwinV2
     "data": {
-        "source": "digits",      # digits | folder | list
+        "source": "digits",      # digits | folder | list | shards
         "root": None,            # folder source: image directory (class subfolders, or train/ and val/)
         "list_file": None,       # list source: text file, one image path and its label per line
+        "shards": None,          # shards source: WebDataset shards with .cls labels (as data.shards of pretraining)
+        "val_shards": None,      # shards source: validation shards (null: the last shard of data.shards)
     },
+    "max_images": None,          # per split (null: all): a fixed random subset, or the first shards holding as many
     "k": 20,
     "temperature": 0.07,
     "probe_c": 1.0,              # inverse L2 strength of the linear probe
@@ -49,17 +56,18 @@ SCHEMA = {
 
 def evaluate_encoder(encoder: SwinTransformerV2, cfg, img_size: int, device: torch.device) -> dict:
     """{"train", "val", "classes", "features", "knn_top1", "probe_top1"} of one encoder on the source's splits."""
-    from simmim.data import ImageDataset, build_sources, eval_transform  # albumentations, scikit-learn
+    from simmim.data import labeled_eval_sets  # albumentations, scikit-learn
 
-    splits = build_sources(cfg.data.source, img_size, cfg.data.root, cfg.data.list_file)
+    data = cfg.data
+    splits = labeled_eval_sets(data.source, img_size, cfg.max_images, data.root, data.list_file, data.shards,
+                               data.val_shards)
     encoder.eval().to(device)
     (train, train_labels), (val, val_labels) = (
-        pooled_features(encoder, DataLoader(ImageDataset(samples, eval_transform(img_size)),
-                                            batch_size=cfg.batch_size, num_workers=cfg.num_workers), device)
-        for samples in splits)
+        pooled_features(encoder, DataLoader(split, batch_size=cfg.batch_size, num_workers=cfg.num_workers), device)
+        for split in splits)
     if len(train_labels.unique()) < 2:
-        raise ValueError(f"the {cfg.data.source} source gives every training image the same label; evaluation "
-                         f"needs labels: class subfolders (folder) or a label per line (list)")
+        raise ValueError(f"the {data.source} source gives every training image the same label; evaluation needs "
+                         f"labels: class subfolders (folder), a label per line (list) or .cls files (shards)")
     return {"train": len(train), "val": len(val), "classes": len(train_labels.unique()), "features": train.shape[1],
             "knn_top1": knn_top1(train, train_labels, val, val_labels, cfg.k, cfg.temperature),
             "probe_top1": linear_probe_top1(train, train_labels, val, val_labels, cfg.probe_c)}
@@ -76,6 +84,8 @@ def main(argv: list[str]) -> None:
     cfg = options_from_argv(SCHEMA, argv, __doc__)
     if cfg is None:
         return
+    if cfg.max_images is not None and (type(cfg.max_images) is not int or cfg.max_images < 1):
+        raise ConfigError(f"max_images={cfg.max_images} must be a positive integer or null (every image)")
     checkpoints = as_list(cfg.checkpoint)
     if not checkpoints:
         raise ConfigError("checkpoint= is required: a path or [a,b,...] (our .ckpt or encoder.pth, or an official "

@@ -67,6 +67,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "data.batch_size": (_positive, "an integer > 0 (images per device)"),
     "data.num_workers": (_at_least(0), "an integer >= 0"),
     "data.random_erasing": (_probability, "a number in [0, 1] (0: off)"),
+    "data.shuffle_buffer": (_positive, "an integer > 0 (samples; 1: no shuffling)"),
     "optim.base_lr": (_positive, "a number > 0"),
     "optim.warmup_lr": (_at_least(0), "a number >= 0"),
     "optim.min_lr": (_at_least(0), "a number >= 0"),
@@ -79,6 +80,10 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "optim.gamma": (_positive, "a number > 0"),
     "optim.max_nonfinite_steps": (_positive, "an integer > 0"),
     "optim.layer_decay": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "eval.knn_every_n_epochs": (_at_least(0), "an integer >= 0 (0: off)"),
+    "eval.knn_k": (_positive, "an integer > 0"),
+    "eval.knn_temperature": (_positive, "a number > 0"),
+    "eval.knn_max_images": (_positive, "null (every image) or an integer > 0 (images per split)"),
     "logging.recon_every_n_steps": (_at_least(0), "an integer >= 0 (0: only at the end)"),
     "logging.recon_images": (_positive, "an integer > 0"),
     "train.label_smoothing": (_fraction, "a number in [0, 1)"),
@@ -100,7 +105,8 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
 # keys that may be null, and the type of their non-null values
 NULLABLE = {
     "resume": str, "pretrained": str, "model.variant": str, "model.pretrained_window_sizes": list,
-    "simmim.norm_target_patch_size": int, "data.root": str, "data.list_file": str, "train.ema_decay": float,
+    "simmim.norm_target_patch_size": int, "data.root": str, "data.list_file": str, "data.shards": str,
+    "data.val_shards": str, "train.ema_decay": float, "eval.knn_max_images": int,
 }
 MIXED = {"model.compile", "logging.loggers", "callbacks"}  # values of several types, checked where they are read
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
