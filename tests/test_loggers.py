@@ -10,6 +10,7 @@ import simmim.pretrain as pretrain
 from simmim.train.config import ConfigError, load_config
 from simmim.train.run_dir import AppendingCSVLogger
 from simmim.train.loggers import build_callbacks, build_loggers, log_image
+from conftest import run_script
 from test_pretrain_cli import fast_args
 
 
@@ -48,12 +49,18 @@ def test_callbacks_from_the_recipe_command_line():
     ("callbacks=[{class_path: NoSuchCallback}]", "callbacks: cannot import NoSuchCallback"),
     ("callbacks=[{class_path: pytorch_lightning.loggers.CSVLogger}]", "is not a pytorch_lightning"),
     ("callbacks=[{class_path: EarlyStopping, init_args: {monitr: x}}]", r"EarlyStopping\(\*\*\{'monitr': 'x'\}\) failed"),
+    ("callbacks=[{class_path: EarlyStopping, init_args: {monitor: x, mode: maxx}}]", "`mode` can be min, max, got maxx"),
 ])
-def test_bad_entries_are_one_clear_error(tmp_path, override, message):
-    cfg = cfg_with(override)
+def test_bad_entries_are_one_clear_error_when_the_config_is_read(override, message):
     with pytest.raises(ConfigError, match=message):
-        build_loggers(cfg, tmp_path)
-        build_callbacks(cfg)
+        cfg_with(override)
+
+
+def test_a_bad_callback_writes_nothing(tmp_path):
+    result = run_script("simmim.pretrain", f"output_dir={tmp_path}",
+                        "callbacks=[{class_path: EarlyStopping, init_args: {monitor: x, mode: maxx}}]")
+    assert result.returncode == 1 and result.stderr.startswith("error: callbacks: EarlyStopping(")
+    assert list(tmp_path.iterdir()) == []  # no run directory, no config: the run never started
 
 
 def test_missing_extra_names_the_install(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ throughput, pictures), so `trainer.logger` and `trainer.callbacks` are refused.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,7 @@ from pytorch_lightning.loggers import Logger
 from simmim.train.config import ConfigError
 from simmim.train.run_dir import AppendingCSVLogger
 
-__all__ = ["LOGGER_NAMES", "build_loggers", "build_callbacks", "log_image"]
+__all__ = ["LOGGER_NAMES", "check_loggers_and_callbacks", "build_loggers", "build_callbacks", "log_image"]
 
 LOGGER_NAMES = ("tensorboard", "csv", "wandb", "mlflow")
 PROJECT = "swinv2-simmim"  # the wandb project / mlflow experiment of the named loggers
@@ -38,12 +39,6 @@ def _named_logger(name: str, run_dir: Path, run_name: str) -> Logger:
         return loggers.TensorBoardLogger(run_dir, name="tensorboard", version="")
     if name == "csv":
         return AppendingCSVLogger(run_dir, name="csv", version="")  # a resumed run appends
-    extra = {"wandb": "wandb", "mlflow": "mlflow"}[name]
-    try:
-        importlib.import_module(extra)
-    except ImportError as error:
-        raise ConfigError(f"logging.loggers names {name}, which needs the {extra} package: pip install "
-                          f"'swinv2-simmim[{name}]' (or -e '.[{name}]' in a checkout)") from error
     if name == "wandb":  # offline runs: WANDB_MODE=offline
         return loggers.WandbLogger(project=PROJECT, name=run_name, save_dir=str(run_dir))
     # MLFLOW_TRACKING_URI picks a server; else a SQLite store and artifacts under the run directory
@@ -55,8 +50,9 @@ def _named_logger(name: str, run_dir: Path, run_name: str) -> Logger:
                                 artifact_location=(run_dir / "mlruns").resolve().as_uri())
 
 
-def _instantiate(entry, key: str, default_module: str, base: type):
-    """`{class_path, init_args}` -> the object; ConfigError naming `key`, the entry and the fix."""
+def _resolve(entry, key: str, default_module: str, base: type) -> tuple[type, dict]:
+    """`{class_path, init_args}` -> (the class, init_args), the arguments bound to its signature; ConfigError
+    naming `key`, the entry and the fix."""
     if not isinstance(entry, Mapping) or "class_path" not in entry or set(entry) - {"class_path", "init_args"}:
         raise ConfigError(f"{key} entry {entry!r} is not {{class_path: ..., init_args: {{...}}}}; e.g. "
                           f"{{class_path: pytorch_lightning.callbacks.EarlyStopping, init_args: {{monitor: val/loss}}}}")
@@ -69,43 +65,79 @@ def _instantiate(entry, key: str, default_module: str, base: type):
                           f"{default_module}.{name}") from error
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"{key}: {class_path} is not a {base.__module__}.{base.__name__}")
-    init_args = entry.get("init_args") or {}
+    init_args = dict(entry.get("init_args") or {})
+    try:
+        inspect.signature(cls).bind(**init_args)
+    except TypeError as error:
+        raise ConfigError(f"{key}: {class_path}(**{init_args}) failed: {error}") from error
+    return cls, init_args
+
+
+def _instantiate(entry, key: str, default_module: str, base: type):
+    """`{class_path, init_args}` -> the object (`_resolve`)."""
+    cls, init_args = _resolve(entry, key, default_module, base)
     try:
         return cls(**init_args)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{key}: {class_path}(**{dict(init_args)}) failed: {error}") from error
+    except Exception as error:  # any class's own checks (Lightning raises MisconfigurationException)
+        raise ConfigError(f"{key}: {entry['class_path']}(**{init_args}) failed: {error}") from error
 
 
 def _entries(node) -> list:
     return list((OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node) or [])
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """The loggers `logging.loggers` names (default tensorboard and csv), writing under `run_dir`."""
+def _logger_entries(cfg: DictConfig) -> list:
+    """`logging.loggers` checked: names known and their package installed, classes importable Loggers."""
     if "logger" in cfg.trainer:
         raise ConfigError("trainer.logger clashes with the run's loggers; set logging.loggers=[tensorboard,csv,"
                           "wandb,mlflow] (names or {class_path, init_args}), or logging.loggers=[] for none")
     logging = cfg.get("logging") or {}
     entries = _entries(logging.get("loggers", ["tensorboard", "csv"]))
-    loggers = []
     for entry in entries:
-        if isinstance(entry, str):
-            if entry not in LOGGER_NAMES:
-                raise ConfigError(f"logging.loggers names {entry!r}; use {', '.join(LOGGER_NAMES)} or "
-                                  f"{{class_path: ..., init_args: {{...}}}}")
-            loggers.append(_named_logger(entry, Path(run_dir), str(cfg.get("run_name", run_dir.name))))
-        else:
-            loggers.append(_instantiate(entry, "logging.loggers", "pytorch_lightning.loggers", Logger))
-    return loggers
+        if not isinstance(entry, str):
+            _resolve(entry, "logging.loggers", "pytorch_lightning.loggers", Logger)
+        elif entry not in LOGGER_NAMES:
+            raise ConfigError(f"logging.loggers names {entry!r}; use {', '.join(LOGGER_NAMES)} or "
+                              f"{{class_path: ..., init_args: {{...}}}}")
+        elif entry in ("wandb", "mlflow"):
+            try:
+                importlib.import_module(entry)
+            except ImportError as error:
+                raise ConfigError(f"logging.loggers names {entry}, which needs the {entry} package: pip install "
+                                  f"'swinv2-simmim[{entry}]' (or -e '.[{entry}]' in a checkout)") from error
+    return entries
+
+
+def _callback_entries(cfg: DictConfig) -> list:
+    """`callbacks` checked: classes importable Callbacks taking their init_args."""
+    if "callbacks" in cfg.trainer:
+        raise ConfigError("trainer.callbacks clashes with the run's callbacks; add yours as callbacks=[{class_path: "
+                          "EarlyStopping, init_args: {monitor: val/loss}}]")
+    entries = _entries(cfg.get("callbacks"))
+    for entry in entries:
+        _resolve(entry, "callbacks", "pytorch_lightning.callbacks", pl.Callback)
+    return entries
+
+
+def check_loggers_and_callbacks(cfg: DictConfig) -> None:
+    """ConfigError for `logging.loggers` or `callbacks` entries that `build_loggers` / `build_callbacks` would
+    refuse (config validation: before the run directory is touched). The callbacks are built and dropped (their
+    own checks run); the loggers are not built (some write or connect when made)."""
+    _logger_entries(cfg)
+    build_callbacks(cfg)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """The loggers `logging.loggers` names (default tensorboard and csv), writing under `run_dir`."""
+    return [_named_logger(entry, Path(run_dir), str(cfg.get("run_name", run_dir.name))) if isinstance(entry, str)
+            else _instantiate(entry, "logging.loggers", "pytorch_lightning.loggers", Logger)
+            for entry in _logger_entries(cfg)]
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The extra callbacks of `callbacks` ({class_path, init_args} each), after those the scripts add."""
-    if "callbacks" in cfg.trainer:
-        raise ConfigError("trainer.callbacks clashes with the run's callbacks; add yours as callbacks=[{class_path: "
-                          "EarlyStopping, init_args: {monitor: val/loss}}]")
     return [_instantiate(entry, "callbacks", "pytorch_lightning.callbacks", pl.Callback)
-            for entry in _entries(cfg.get("callbacks"))]
+            for entry in _callback_entries(cfg)]
 
 
 def log_image(logger: Logger, key: str, image: np.ndarray, step: int) -> bool:

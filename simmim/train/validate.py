@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from simmim.train.config import ConfigError, leaves
+from simmim.train.loggers import check_loggers_and_callbacks
 
 
 def _positive(v) -> bool:
@@ -222,7 +223,8 @@ def _check_relations(cfg: DictConfig) -> None:
 
 def validate_config(cfg: DictConfig, schema: DictConfig) -> None:
     """Raise ConfigError (one line: key, value, what is expected) for the first value that the schema, the
-    rules or pytorch_lightning.Trainer reject. `cfg` is resolved; `schema` is the stage's default.yaml."""
+    rules, pytorch_lightning.Trainer or the loggers and callbacks (`check_loggers_and_callbacks`) reject. `cfg` is
+    resolved; `schema` is the stage's default.yaml."""
     defaults = dict(leaves(OmegaConf.to_container(schema, resolve=False)))
     values = OmegaConf.to_container(cfg, resolve=True)
     for key, value in leaves(values):
@@ -233,6 +235,7 @@ def validate_config(cfg: DictConfig, schema: DictConfig) -> None:
         _check_rule(key, value)
     _check_trainer(values.get("trainer", {}))
     _check_relations(cfg)
+    check_loggers_and_callbacks(cfg)
 
 
 def validate_labels(samples, num_classes: int, where: str) -> None:
