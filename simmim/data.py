@@ -537,6 +537,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64: every sample's label, without reading an image."""
+        if isinstance(self.samples, FileList):
+            return self.samples.labels
+        return np.array([label for _, label in self.samples], dtype=np.int64)
+
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         image, label = self._load(index)

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from simmim.train.strategies import root_params_gathered
 from simmim.workers import stop_signal_shield
 
-__all__ = ["pooled_features", "knn_scores", "knn_top1", "linear_probe_top1", "KNNMonitor", "knn_monitor", "knn_summary",
-           "plot_knn_history"]
+__all__ = ["pooled_features", "knn_scores", "knn_top1", "linear_probe_top1", "ONE_LABEL", "KNNMonitor", "knn_monitor",
+           "knn_summary", "plot_knn_history"]
 
 
 @torch.no_grad()
@@ -78,6 +78,10 @@ def linear_probe_top1(train_features: torch.Tensor, train_labels: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------------ monitor
+ONE_LABEL = ("k-NN monitor off: the training images have a single label (give the folder class subfolders, the list "
+             "file labels or the shards .cls files), or set eval.knn_every_n_epochs=0")
+
+
 class KNNMonitor(pl.Callback):
     """k-NN top-1 of the pretraining encoder (`pl_module.simmim.encoder`) while it trains.
 
@@ -119,9 +123,7 @@ class KNNMonitor(pl.Callback):
                 val, val_labels = features(self.val_set)
         encoder.train(was_training)
         if self.off:
-            rank_zero_warn("k-NN monitor off: the training images have a single label (give the folder class "
-                           "subfolders, the list file labels or the shards .cls files), or set "
-                           "eval.knn_every_n_epochs=0")
+            rank_zero_warn(ONE_LABEL)
             return None
         return knn_top1(train, train_labels, val, val_labels, self.k, self.temperature)
 
@@ -208,8 +210,14 @@ def plot_knn_history(history: Sequence[dict], path: str | Path) -> Path:
 
 def knn_monitor(cfg, train_set: Dataset, val_set: Dataset, plot_path: str | Path) -> list[KNNMonitor]:
     """The pretraining run's k-NN monitor from the recipe (`eval.*`, `data.*`) on labeled, un-augmented train and
-    val sets (`SimMIMDataModule.knn_sets`); [] when eval.knn_every_n_epochs is 0."""
+    val sets (`SimMIMDataModule.knn_sets`); [] when eval.knn_every_n_epochs is 0, or with a warning when the
+    training set's `labels` (where it knows them without reading images: listed sources) are all one; streamed
+    sets are checked at their first embedding (`KNNMonitor.measure`)."""
     if not cfg.eval.knn_every_n_epochs:
+        return []
+    labels = getattr(train_set, "labels", None)
+    if labels is not None and len(np.unique(labels)) < 2:
+        rank_zero_warn(ONE_LABEL)
         return []
     return [KNNMonitor(train_set, val_set, cfg.eval.knn_every_n_epochs, cfg.eval.knn_k, cfg.eval.knn_temperature,
                        cfg.data.batch_size, cfg.data.num_workers, plot_path)]

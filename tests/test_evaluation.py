@@ -10,9 +10,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from conftest import randomize_, run_script
-from simmim.data import build_sources, eval_transform
-from simmim.evaluation import KNNMonitor, knn_scores, knn_top1, linear_probe_top1, plot_knn_history
+from simmim.data import ImageDataset, build_sources, eval_transform
+from simmim.evaluation import KNNMonitor, knn_monitor, knn_scores, knn_top1, linear_probe_top1, plot_knn_history
 from simmim.pretrain import SimMIMPretrainModule
+from simmim.train.config import load_config
 
 import simmim.tools.evaluate as evaluate
 
@@ -133,6 +134,15 @@ def test_monitor_on_unlabeled_images_warns_once_and_measures_no_more(tmp_path):
     assert sum("k-NN monitor off" in str(w.message) for w in caught) == 1  # not again at epochs 1 and 2
     assert monitor.off and [row["knn_top1"] for row in monitor.history] == [None, None, None]
     assert (tmp_path / "knn.png").is_file()  # the losses are still plotted
+
+
+def test_monitor_of_a_listed_source_without_labels_is_off_from_the_start():
+    cfg = load_config("pretrain")  # the monitor on (eval.knn_every_n_epochs=4)
+    unlabeled = ImageDataset([(np.zeros((8, 8), np.uint8), 0)] * 5, eval_transform(32))
+    with pytest.warns(UserWarning, match="k-NN monitor off: the training images have a single label"):
+        assert knn_monitor(cfg, unlabeled, unlabeled, "knn.png") == []  # no monitor: nothing is embedded
+    labeled = ImageDataset([(np.zeros((8, 8), np.uint8), i % 2) for i in range(4)], eval_transform(32))
+    assert [type(m) for m in knn_monitor(cfg, labeled, labeled, "knn.png")] == [KNNMonitor]
 
 
 def test_plot_accepts_rows_without_measurements(tmp_path):
