@@ -24,9 +24,18 @@ def run(module: str) -> None:
     run_cli(lambda argv: importlib.import_module(module).main(argv))  # Ctrl-C while importing: one line too
 
 
+class RequeueSignal(BaseException):
+    """SIGUSR1 outside training, where there is no step to save (in training `SignalCheckpoint` saves it)."""
+
+
+def _raise_requeue_signal(signum: int, frame) -> None:
+    raise RequeueSignal
+
+
 def run_cli(main: Callable[[list[str]], None]) -> None:
-    """Run a script's main(argv); configuration and input errors, a full disk and Ctrl-C end it with one line on
-    stderr."""
+    """Run a script's main(argv); configuration and input errors, a full disk, Ctrl-C and SIGUSR1 (SLURM's requeue
+    signal: `simmim.train.slurm`) end it with one line on stderr."""
+    found = signal.signal(signal.SIGUSR1, _raise_requeue_signal)
     try:
         main(sys.argv[1:])
     except (ConfigError, ValueError, FileNotFoundError) as error:
@@ -38,6 +47,15 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
     except KeyboardInterrupt:  # Ctrl-C outside training (which saves its step: SignalCheckpoint)
         print("stopped by Ctrl-C", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    except RequeueSignal:
+        from simmim.train.run_dir import launch_rank
+        from simmim.train.slurm import in_slurm_job, requeue_job
+        print("stopped by SIGUSR1 (outside training: no step to save)", file=sys.stderr)
+        if launch_rank() == 0 and in_slurm_job():
+            print(requeue_job(), file=sys.stderr)
+        sys.exit(128 + signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, found)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,4 +1,4 @@
-"""DataLoader workers that outlive a SIGTERM or Ctrl-C meant for the whole job.
+"""DataLoader workers that outlive a SIGTERM, SIGUSR1 or Ctrl-C meant for the whole job.
 
 SLURM (time limit, preemption, `scancel`) signals every process of a job step, and `kill -TERM -PGID` a whole
 process group: the DataLoader workers get SIGTERM together with the training process. A worker that dies of it
@@ -8,8 +8,9 @@ line it runs (mid-backward), so the run could not stop at the end of its step an
 process that owns the DataLoader (its shutdown of a stuck worker) ends a worker, as PyTorch's own worker handler
 does; anyone else's is ignored, and the worker serves batches until the training process has stopped and shuts it
 down. If that process dies instead, the worker ends by itself as before (PyTorch watches the parent). Ctrl-C in a
-terminal sends SIGINT to every process of the foreground group, workers included; a worker ignores it (it would
-end quietly, and the next batch would fail), and the training process decides what it means.
+terminal sends SIGINT to every process of the foreground group, workers included, and SLURM's `--signal=USR1@...`
+(its requeue signal in Lightning's convention) reaches every process of the job step; a worker ignores both (it
+would end, and the next batch would fail), and the training process decides what they mean.
 
 The shield blocks SIGTERM in the worker's thread and waits for it in a thread of its own, which sees the sender. A
 worker started by fork (Linux's default up to Python 3.13) has one thread at `worker_init_fn`, and every later
@@ -31,10 +32,11 @@ def stop_signal_shield() -> Callable[[int], None]:
 
 
 def ignore_outside_stop_signals(worker_id: int, owner: int) -> None:
-    """`worker_init_fn`: SIGINT is ignored; SIGTERM from `owner` (the pid that made the DataLoader) or from the
-    parent (the same process, unless workers start from a fork server) ends this worker with status 0, from anyone
-    else it is ignored. Without `signal.sigwaitinfo` (macOS) the worker keeps PyTorch's handling of SIGTERM."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """`worker_init_fn`: SIGINT and SIGUSR1 are ignored; SIGTERM from `owner` (the pid that made the DataLoader) or
+    from the parent (the same process, unless workers start from a fork server) ends this worker with status 0, from
+    anyone else it is ignored. Without `signal.sigwaitinfo` (macOS) the worker keeps PyTorch's handling of SIGTERM."""
+    for ignored in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(ignored, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask

@@ -1,6 +1,7 @@
 import contextlib
 import importlib
 import io
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,21 @@ def run_script(module: str, *argv: str) -> subprocess.CompletedProcess:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def slurm_job(tmp_path, monkeypatch):
+    """This process as task 0 of SLURM batch job 4242 as srun starts it (its variables), with an `scontrol` on the
+    PATH that writes its arguments, one call a line, to the returned file, and answers as `SCONTROL_STATUS` says."""
+    calls, tools = tmp_path / "scontrol.calls", tmp_path / "slurm-bin"
+    tools.mkdir()
+    (tools / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                                    'if [ "${SCONTROL_STATUS:-0}" != 0 ]; then\n'
+                                    '  echo "scontrol: error: Batch job 4242 is not requeueable" >&2\n'
+                                    '  exit "$SCONTROL_STATUS"\nfi\n')
+    (tools / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    for name, value in dict(SLURM_JOB_ID="4242", SLURM_JOB_NAME="pretrain", SLURM_NTASKS="1", SLURM_PROCID="0",
+                            SLURM_LOCALID="0", SLURM_NODEID="0").items():
+        monkeypatch.setenv(name, value)
+    return calls

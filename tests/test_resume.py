@@ -351,17 +351,17 @@ def test_sigterm_during_validation_stops_at_the_end_of_the_epoch(tmp_path, monke
     assert logged(metrics(tmp_path / "stopped")) == logged(metrics(tmp_path / "whole"))
 
 
-class CtrlCAt(pl.Callback):
-    """Sends this process SIGINT `times` times (as Ctrl-C pressed that often) once optimizer step `step` is done."""
+class SignalAt(pl.Callback):
+    """Sends this process `signum` `times` times (Ctrl-C pressed that often) once optimizer step `step` is done."""
 
-    def __init__(self, step: int, times: int):
-        self.step, self.times, self.sent = step, times, False
+    def __init__(self, step: int, times: int, signum: int = signal.SIGINT):
+        self.step, self.times, self.signum, self.sent = step, times, signum, False
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step and not self.sent:
             self.sent = True
             for _ in range(self.times):
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), self.signum)
                 time.sleep(0.05)  # handled before the next: Python runs one handler call for signals that pile up
 
 
@@ -374,7 +374,7 @@ def test_ctrl_c_saves_its_step_and_a_second_one_stops_at_once(tmp_path, monkeypa
     args = [f"output_dir={tmp_path}", *ARGS, "data.num_workers=0"]
 
     def run(name, times=0):
-        pretrain_in_process(monkeypatch, [f"run_name={name}", *args], *([CtrlCAt(6, times)] if times else []))
+        pretrain_in_process(monkeypatch, [f"run_name={name}", *args], *([SignalAt(6, times)] if times else []))
 
     run("whole")
     # (Lightning runs checkpoint callbacks last: the second Ctrl-C stops before step-00000006.ckpt is written.)
@@ -398,6 +398,42 @@ def test_ctrl_c_saves_its_step_and_a_second_one_stops_at_once(tmp_path, monkeypa
         for key, value in encoder(tmp_path / "whole").items():
             torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6, msg=key)
         assert logged(metrics(tmp_path / name)) == logged(metrics(tmp_path / "whole"))
+
+
+@pytest.mark.timeout(300)
+def test_sigusr1_in_a_slurm_job_saves_its_step_and_requeues_the_job(tmp_path, monkeypatch, capfd, slurm_job):
+    """SIGUSR1 after step 6 (mid-epoch 1) in a SLURM job, SLURM's requeue signal in Lightning's convention
+    (`#SBATCH --signal=USR1@...`): the step is saved as sigusr1-00000006.ckpt (and no hpc_ckpt_*.ckpt, which Lightning
+    would save from inside its own handler), the job requeued once by `scontrol requeue 4242`, the exit status is 138,
+    SIGUSR1's handler is put back; the job's next start ends with the weights and metrics.csv rows of the run never
+    stopped. When scontrol refuses (a job not requeueable), one line says so and what to do."""
+    args = [f"output_dir={tmp_path}", *ARGS, "data.num_workers=0"]
+
+    def run(name, stop=False):
+        pretrain_in_process(monkeypatch, [f"run_name={name}", *args],
+                            *([SignalAt(6, 1, signal.SIGUSR1)] if stop else []))
+
+    run("whole")
+    for name, scontrol_status in (("requeued", 0), ("refused", 1)):
+        monkeypatch.setenv("SCONTROL_STATUS", str(scontrol_status))
+        with pytest.raises(SystemExit) as stopped:
+            run(name, stop=True)
+        assert stopped.value.code == 128 + signal.SIGUSR1
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+        assert sorted(p.name for p in (tmp_path / name).rglob("*.ckpt")) == [
+            "best.ckpt", "last.ckpt", "sigusr1-00000006.ckpt", "step-00000003.ckpt", "step-00000006.ckpt"]
+        err = capfd.readouterr().err
+        assert f"stopped by SIGUSR1 after step 6: saved {tmp_path / name / 'checkpoints'}/sigusr1-00000006.ckpt" in err
+        assert ("requeued SLURM job 4242: its next start continues the run" in err) == (scontrol_status == 0)
+        assert ("could not requeue SLURM job 4242 (scontrol requeue: scontrol: error: Batch job 4242 is not "
+                "requeueable); submit the job again to continue the run" in err) == (scontrol_status == 1)
+    assert slurm_job.read_text() == "requeue 4242\n" * 2  # once a run
+
+    run("requeued")
+    weights = encoder(tmp_path / "requeued")
+    for key, value in encoder(tmp_path / "whole").items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6, msg=key)
+    assert logged(metrics(tmp_path / "requeued")) == logged(metrics(tmp_path / "whole"))
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,10 @@
 """Optimizer groups, lr schedule, non-finite guard, precision and atomic saving of the pretraining module."""
 import errno
+import os
+import signal
+import time
 import types
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -10,7 +14,9 @@ from simmim.cli import run_cli
 from simmim.data import SimMIMDataModule, normalize_images
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.checkpoint_io import atomic_save
+from simmim.train.config import load_config
 from simmim.train.optim import adamw_per_step_schedule, lr_at_step, param_groups
+from simmim.train.trainer import make_trainer
 
 TINY_MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
 
@@ -205,3 +211,44 @@ def test_ctrl_c_outside_training_is_one_line(capsys):
     with pytest.raises(SystemExit) as stopped:
         run_cli(interrupted)
     assert stopped.value.code == 130 and capsys.readouterr().err == "stopped by Ctrl-C\n"
+
+
+@pytest.mark.timeout(60)
+def test_lightning_leaves_sigusr1_to_us_in_a_slurm_job(tmp_path, slurm_job):
+    """In a SLURM job Lightning would take SIGUSR1 for its own requeue (a checkpoint saved from inside its handler,
+    mid-step, which resume=auto does not read) just before training; make_trainer turns that off, so that
+    SignalCheckpoint (in training) and run_cli (outside) have it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(load_config("pretrain", "default", ["trainer.accelerator=cpu"]), tmp_path,
+                               "val/loss", "min")
+    trainer._signal_connector.register_signal_handlers()  # what Trainer.fit does before training (private API)
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    finally:
+        trainer._signal_connector.teardown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rank, scontrol_status", [(0, 0), (0, 1), (1, 0)])
+def test_sigusr1_outside_training_is_one_line_and_requeues_the_slurm_job(capsys, monkeypatch, slurm_job, rank,
+                                                                          scontrol_status):
+    """SLURM's requeue signal (SIGUSR1) while a script sets up (training saves its step instead: test_resume): status
+    138, one line, and rank 0 requeues the job (or says why it could not); SIGUSR1's handler is put back."""
+    monkeypatch.setenv("SLURM_PROCID", str(rank))
+    monkeypatch.setenv("SCONTROL_STATUS", str(scontrol_status))
+
+    def setting_up(argv):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(30)  # the signal's handler runs before this ends
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(setting_up)
+    assert stopped.value.code == 138 and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    lines = ["stopped by SIGUSR1 (outside training: no step to save)"]
+    if rank == 0:
+        lines.append("requeued SLURM job 4242: its next start continues the run" if scontrol_status == 0 else
+                     "could not requeue SLURM job 4242 (scontrol requeue: scontrol: error: Batch job 4242 is not "
+                     "requeueable); submit the job again to continue the run, or let it be requeued: #SBATCH --requeue")
+    assert capsys.readouterr().err.splitlines() == lines
+    assert (slurm_job.read_text() if slurm_job.exists() else "") == ("requeue 4242\n" if rank == 0 else "")

@@ -1,5 +1,6 @@
 """DataLoader workers with `stop_signal_shield`: a SIGTERM from another process is ignored, the owner's ends them;
-SIGINT (Ctrl-C in a terminal reaches every process of the group) is ignored."""
+SIGINT (Ctrl-C in a terminal reaches every process of the group) and SIGUSR1 (SLURM's requeue signal reaches every
+process of the job step) are ignored."""
 import subprocess
 import sys
 
@@ -26,6 +27,8 @@ subprocess.run(["kill", "-TERM", str(pid)], check=True)  # from another process:
 assert [next(batches) for _ in range(50)] == [pid] * 50, "the worker stopped serving"
 subprocess.run(["kill", "-INT", str(pid)], check=True)  # Ctrl-C in the terminal
 assert [next(batches) for _ in range(50)] == [pid] * 50, "the worker stopped serving after SIGINT"
+subprocess.run(["kill", "-USR1", str(pid)], check=True)  # SLURM's --signal=USR1@... to the job step
+assert [next(batches) for _ in range(50)] == [pid] * 50, "the worker stopped serving after SIGUSR1"
 os.kill(pid, signal.SIGTERM)  # the owner's, as the DataLoader's shutdown of a stuck worker sends it
 worker = batches._workers[0]
 worker.join(timeout=30)
@@ -34,7 +37,7 @@ print("exit code", worker.exitcode)
 
 
 @pytest.mark.timeout(120)
-def test_a_worker_ignores_sigint_and_sigterm_from_others_and_ends_on_its_owners():
+def test_a_worker_ignores_sigint_sigusr1_and_sigterm_from_others_and_ends_on_its_owners():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=100)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "exit code 0"

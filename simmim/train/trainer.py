@@ -14,11 +14,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from simmim.train.checkpoint_io import AtomicCheckpointIO
 from simmim.train.loggers import build_callbacks, build_loggers
 from simmim.train.resume import ExactResume
+from simmim.train.slurm import REQUEUE_SIGNAL, in_slurm_job, requeue_job
 from simmim.train.speed import set_tf32
 from simmim.train.strategies import build_strategy
 
@@ -28,7 +30,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
     `build_callbacks`: TensorBoard and CSV under run_dir by default, both appended to by resumed and repeated
     runs) that keeps the checkpoints of `checkpoint_callbacks`, written atomically. `trainer.strategy` names are
     resolved by `simmim.train.strategies.build_strategy`. `trainer.tf32` is ours, not a Trainer argument:
-    `simmim.train.speed.set_tf32`."""
+    `simmim.train.speed.set_tf32`. In a SLURM job, Lightning's own requeue on SIGUSR1 (a checkpoint saved from
+    inside its signal handler, mid-step, which resume=auto does not read) is off: `SignalCheckpoint` does it."""
     trainer_args = OmegaConf.to_container(cfg.trainer)
     tf32 = trainer_args.pop("tf32", False)
     trainer_args["strategy"] = build_strategy(trainer_args.get("strategy", "auto"), trainer_args.get("precision"))
@@ -37,7 +40,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
         logger=build_loggers(cfg, run_dir),
         callbacks=[*checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints", monitor, mode),
                    ExactResume(cfg.seed), *callbacks, *build_callbacks(cfg)],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if in_slurm_job() else [])],
         **trainer_args)
     set_tf32(tf32, trainer.strategy.root_device)
     return trainer
@@ -45,10 +48,10 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
 
 def checkpoint_callbacks(cfg: DictConfig, folder: Path, monitor: str, mode: str) -> list[pl.Callback]:
     """best.ckpt (by `monitor`), last.ckpt (every epoch), step-<step>.ckpt every `cfg.every_n_steps` steps,
-    time-<step>.ckpt every `cfg.every_minutes` minutes, sigterm-<step>.ckpt or sigint-<step>.ckpt when SIGTERM or
-    Ctrl-C stops the run (the newest `cfg.keep_last` of each). (Lightning's own `save_last=True` copies only the
-    checkpoints it saves, so with a monitor last.ckpt would be the best.) A resumed run overwrites a checkpoint of
-    the same step."""
+    time-<step>.ckpt every `cfg.every_minutes` minutes, sigterm-, sigusr1- or sigint-<step>.ckpt when SIGTERM,
+    SIGUSR1 or Ctrl-C stops the run (the newest `cfg.keep_last` of each). (Lightning's own `save_last=True` copies
+    only the checkpoints it saves, so with a monitor last.ckpt would be the best.) A resumed run overwrites a
+    checkpoint of the same step."""
     common = dict(dirpath=folder, auto_insert_metric_name=False, enable_version_counter=False)
     callbacks = [ModelCheckpoint(filename="best", monitor=monitor, mode=mode, **common),
                  ModelCheckpoint(filename="last", **common)]
@@ -77,20 +80,23 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
 class SignalCheckpoint(pl.Callback):
     """On SIGTERM (a scheduler's time limit or preemption: SLURM, Kubernetes, spot instances; `scancel`,
-    `docker stop`, torchrun passing it on) or a first Ctrl-C (SIGINT), training ends after the optimizer step under
-    way, on every rank after the same one: before the next batch, once that step and its metrics are done, it is
-    saved as `sigterm-<step>.ckpt` or `sigint-<step>.ckpt` (the newest `keep_last` of each kept), which
-    `resume=auto` continues from exactly, mid-epoch included. The scripts then exit with status 128 + the signal
-    (143, 130; `signal_exit_status`). A second Ctrl-C stops at once without saving (Lightning's KeyboardInterrupt
-    shutdown). It goes first among the callbacks, so that it saves before any other starts the next batch.
+    `docker stop`, torchrun passing it on), SIGUSR1 (SLURM's requeue signal in Lightning's convention,
+    `simmim.train.slurm`) or a first Ctrl-C (SIGINT), training ends after the optimizer step under way, on every
+    rank after the same one: before the next batch, once that step and its metrics are done, it is saved as
+    `sigterm-<step>.ckpt`, `sigusr1-<step>.ckpt` or `sigint-<step>.ckpt` (the newest `keep_last` of each kept),
+    which `resume=auto` continues from exactly, mid-epoch included; after SIGUSR1 in a SLURM job, rank 0 then
+    requeues the job. The scripts exit with status 128 + the signal (143, 138, 130; `signal_exit_status`). A second
+    Ctrl-C stops at once without saving (Lightning's KeyboardInterrupt shutdown). It goes first among the callbacks,
+    so that it saves before any other starts the next batch.
 
     Lightning's own handling stops each rank where it notices SIGTERM, mid-validation included, so a rank that
     notices it a step before another waits for it forever, and a Ctrl-C saves nothing: from the sanity check (or
     the start of training) to the teardown this callback's handler takes both signals instead, and after every
     optimizer step the ranks agree whether any of them got one (one all-reduce per step under DDP, FSDP or
-    DeepSpeed: the largest signal number, so SIGTERM wins a tie), so a signal to any one rank stops them all."""
+    DeepSpeed: the largest signal number, so SIGTERM wins over SIGUSR1, which wins over SIGINT), so a signal to any
+    one rank stops them all."""
 
-    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+    SIGNALS = {signal.SIGTERM: "SIGTERM", REQUEUE_SIGNAL: "SIGUSR1", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
     def __init__(self, folder: Path, keep_last: int):
         self.folder, self.keep_last = Path(folder), keep_last
@@ -113,8 +119,8 @@ class SignalCheckpoint(pl.Callback):
         self._put_back()
 
     def _take_signals(self) -> None:
-        """From here on SIGTERM and SIGINT call `_note` (Lightning registers its SIGTERM handler after the `setup`
-        hooks)."""
+        """From here on SIGTERM, SIGUSR1 and SIGINT call `_note` (Lightning registers its SIGTERM handler after the
+        `setup` hooks)."""
         if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
             return
         for signum in self.SIGNALS:
@@ -147,13 +153,15 @@ class SignalCheckpoint(pl.Callback):
         signum = int(strategy.reduce(torch.tensor(self.received, device=strategy.root_device), reduce_op="max"))
         if not signum:
             return
-        name = "sigterm" if signum == signal.SIGTERM else "sigint"
+        name = signal.Signals(signum).name.lower()
         path = self.folder / f"{name}-{trainer.global_step:08d}.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # every rank: sharded strategies gather the state
         if trainer.is_global_zero:
             keep_newest(self.folder, name, self.keep_last)
             print(f"stopped by {self.SIGNALS[signum]} after step {trainer.global_step}: saved {path}; the same "
                   f"command continues the run", file=sys.stderr, flush=True)
+            if signum == REQUEUE_SIGNAL and in_slurm_job():
+                print(requeue_job(), file=sys.stderr, flush=True)
         raise StoppedBySignal(signum)
 
 
@@ -173,9 +181,9 @@ def keep_newest(folder: Path, prefix: str, keep_last: int) -> None:
 
 @contextmanager
 def signal_exit_status():
-    """Training that a signal stopped ends the process with status 128 + the signal (SIGTERM 143, SIGINT 130), as
-    a process killed by it would, instead of Lightning's 0: a job script or a retry loop sees that the run has not
-    finished."""
+    """Training that a signal stopped ends the process with status 128 + the signal (SIGTERM 143, SIGUSR1 138,
+    SIGINT 130), as a process killed by it would, instead of Lightning's 0: a job script or a retry loop sees that
+    the run has not finished."""
     try:
         yield
     except SIGTERMException as stop:  # ours, or Lightning's own (a SIGTERM before SignalCheckpoint took it)
