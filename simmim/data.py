@@ -34,6 +34,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 import simplejpeg
 import torch
 from albumentations.pytorch import ToTensorV2
@@ -768,21 +769,31 @@ class ResumableDataModule(pl.LightningDataModule):
         return states
 
     def _layout(self) -> dict:
-        """What this rank's place in an epoch's data is relative to: the ranks, data.batch_size (per rank) and
-        data.num_workers."""
+        """What this rank's place in an epoch's data is relative to: the ranks, data.batch_size (per rank),
+        data.num_workers and the training data the epoch's order is drawn over (`_train_data`)."""
         hp = self.hparams
-        return {"ranks": self.trainer.world_size, "batch_size": hp.batch_size, "num_workers": hp.num_workers}
+        return {"ranks": self.trainer.world_size, "batch_size": hp.batch_size, "num_workers": hp.num_workers,
+                "train_data": self._train_data()}
+
+    def _train_data(self) -> str:
+        """The size of the training data, which the epoch's order depends on: "N images", "K shards of N samples"."""
+        if self.shards is not None:
+            return f"{len(self.shards.train_set.urls)} shards of {sum(self.shards.train_set.counts)} samples"
+        return f"{len(self.train_set)} images"
 
     def _check_layout(self) -> None:
         """A run resumed in the middle of an epoch continues that epoch's order with the same images per batch
         over all ranks (ranks x data.batch_size; the ranks' shares of a batch interleave in one order: see
         `EpochSampler`), on shards with the same ranks, workers and batch size (each reader has its own place in
-        its shards); anything else would repeat or skip samples of the epoch, so it is refused with the fixes."""
+        its shards); anything else would repeat or skip samples of the epoch, so it is refused with the fixes.
+        Training data of another size (files added or removed since) is warned of: the user cannot fix that."""
         saved = self._saved_layout
         if not saved or self.trainer is None:
             return
         now, ckpt = self._layout(), Path(str(self.trainer.ckpt_path))
-        fix = f"or resume from the end of an epoch (resume={ckpt.parent / 'last.ckpt'}, saved at each epoch's end)"
+        last = ckpt.parent / "last.ckpt"
+        fix = (f"or resume from the end of an epoch (resume={last}, saved at each epoch's end)" if last.is_file() else
+               "or start a new run (another run_name): no epoch of this one has ended yet")
         if self.shards is None and saved["ranks"] * saved["batch_size"] != now["ranks"] * now["batch_size"]:
             raise ValueError(
                 f"{ckpt} was saved in the middle of an epoch by {saved['ranks']} rank(s) x data.batch_size="
@@ -796,6 +807,12 @@ class ResumableDataModule(pl.LightningDataModule):
                 f"data.num_workers={saved['num_workers']} x data.batch_size={saved['batch_size']}, this run has "
                 f"{now['ranks']} x {now['num_workers']} x {now['batch_size']}: each rank's workers hold their own "
                 f"place in their shards, so the epoch continues only with the same three; set them as saved, {fix}")
+        if saved.get("train_data", now["train_data"]) != now["train_data"]:
+            rank_zero_warn(  # every rank sees the same data
+                f"{ckpt} was saved in the middle of an epoch over {saved['train_data']}, the training data now has "
+                f"{now['train_data']}: the rest of that epoch follows another order, so some of its samples may come "
+                f"twice and others not at all (the epochs after it are whole). To continue exactly, give the data "
+                f"as it was, {fix}")
 
     def load_state_dict(self, state: dict) -> None:
         self._saved_layout = state.get("layout")

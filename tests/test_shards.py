@@ -490,15 +490,18 @@ class LabelRecorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(tmp_path, datamodule, max_steps=-1, ckpt_path=None):
+def fit(tmp_path, datamodule, max_steps=-1, ckpt_path=None, warned=None):
+    """The labels of every batch trained on in 2 epochs (or max_steps); the warnings' messages go to `warned`."""
     model = LabelRecorder()
     checkpoints = ModelCheckpoint(tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
     trainer = pl.Trainer(max_epochs=2, max_steps=max_steps, limit_val_batches=0, logger=False,
                          callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if warned is not None:
+        warned += [str(warning.message) for warning in caught]
     return model.labels
 
 
@@ -587,6 +590,42 @@ def test_a_mid_epoch_resume_with_other_readers_is_refused(tmp_path):
                                              rf"data.num_workers=0 x data.batch_size=2, this run has {now}: .*set "
                                              rf"them as saved, or resume from the end of an epoch"):
             fit(tmp_path / "cut", datamodule(**changed), ckpt_path=str(ckpt))
+
+
+@pytest.mark.parametrize("source", ["shards", "folder"])
+def test_a_mid_epoch_resume_over_other_data_warns_with_both_sizes(tmp_path, source):
+    """Training data added since a checkpoint saved mid-epoch (a shard; image files): the rest of that epoch cannot
+    follow the interrupted order, so the resume warns once with both sizes (before: silently) and trains the
+    epochs to their end over the data as it now is."""
+    if source == "shards":
+        numbered_shards(tmp_path / "train", [6, 7, 5, 8])
+        numbered_shards(tmp_path / "val", [2])
+        keys, sizes = dict(shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val")), (
+            "4 shards of 26 samples", "5 shards of 30 samples")
+    else:
+        for split, count in (("train", 20), ("val", 2)):
+            for i in range(count):
+                (tmp_path / "images" / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+                (tmp_path / "images" / split / f"class{i % 2}" / f"{i:03d}.jpg").write_bytes(jpeg(i))
+        keys, sizes = dict(root=str(tmp_path / "images")), ("20 images", "24 images")
+
+    def datamodule():
+        return SimMIMDataModule(source=source, **keys, img_size=16, batch_size=2, mask_patch_size=8,
+                                model_patch_size=4, num_workers=0, shuffle_buffer=4, seed=5)
+    fit(tmp_path / "cut", datamodule(), max_steps=3)
+    if source == "shards":
+        write_shard(tmp_path / "train" / "part-004.tar",
+                    [(f"new{j}", {"jpg": jpeg(100 + j), "cls": str(100 + j).encode()}) for j in range(4)])
+    else:
+        for i in range(20, 24):
+            (tmp_path / "images" / "train" / f"class{i % 2}" / f"{i:03d}.jpg").write_bytes(jpeg(i))
+    ckpt, warned = tmp_path / "cut" / "ckpt" / "last.ckpt", []
+    labels = fit(tmp_path / "cut", datamodule(), ckpt_path=str(ckpt), warned=warned)
+    ours = [message for message in warned if "in the middle of an epoch" in message]
+    assert len(ours) == 1 and ours[0].startswith(
+        f"{ckpt} was saved in the middle of an epoch over {sizes[0]}, the training data now has {sizes[1]}: the "
+        f"rest of that epoch follows another order"), warned
+    assert len(labels) == 2 * 15 - 3 if source == "shards" else len(labels) == 12 - 3 + 12
 
 
 @pytest.mark.parametrize("limit, expected", [(5, 5), (7, 11), (11, 11), (None, 16), (100, 16)])
