@@ -34,7 +34,7 @@ def _raise_requeue_signal(signum: int, frame) -> None:
 
 def run_cli(main: Callable[[list[str]], None]) -> None:
     """Run a script's main(argv); configuration and input errors, a full disk, Ctrl-C and SIGUSR1 (SLURM's requeue
-    signal: `simmim.train.slurm`) end it with one line on stderr."""
+    signal: `simmim.train.trainer.requeue_job`) end it with one line on stderr."""
     found = signal.signal(signal.SIGUSR1, _raise_requeue_signal)
     try:
         main(sys.argv[1:])
@@ -48,10 +48,12 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         print("stopped by Ctrl-C", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except RequeueSignal:
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
         from simmim.train.run_dir import launch_rank
-        from simmim.train.slurm import in_slurm_job, requeue_job
+        from simmim.train.trainer import requeue_job
         print("stopped by SIGUSR1 (outside training: no step to save)", file=sys.stderr)
-        if launch_rank() == 0 and in_slurm_job():
+        if launch_rank() == 0 and SLURMEnvironment.detect():
             print(requeue_job(), file=sys.stderr)
         sys.exit(128 + signal.SIGUSR1)
     finally:

@@ -34,10 +34,10 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 import simplejpeg
 import torch
 from albumentations.pytorch import ToTensorV2
+from pytorch_lightning.utilities import rank_zero_warn
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info

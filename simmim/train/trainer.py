@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 from contextlib import contextmanager
@@ -13,14 +14,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from simmim.train.checkpoint_io import AtomicCheckpointIO
 from simmim.train.loggers import build_callbacks, build_loggers
 from simmim.train.resume import ExactResume
-from simmim.train.slurm import REQUEUE_SIGNAL, in_slurm_job, requeue_job
 from simmim.train.speed import set_tf32
 from simmim.train.strategies import build_strategy
 
@@ -40,7 +40,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
         logger=build_loggers(cfg, run_dir),
         callbacks=[*checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints", monitor, mode),
                    ExactResume(cfg.seed), *callbacks, *build_callbacks(cfg)],
-        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if in_slurm_job() else [])],
+        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         **trainer_args)
     set_tf32(tf32, trainer.strategy.root_device)
     return trainer
@@ -80,8 +80,8 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
 class SignalCheckpoint(pl.Callback):
     """On SIGTERM (a scheduler's time limit or preemption: SLURM, Kubernetes, spot instances; `scancel`,
-    `docker stop`, torchrun passing it on), SIGUSR1 (SLURM's requeue signal in Lightning's convention,
-    `simmim.train.slurm`) or a first Ctrl-C (SIGINT), training ends after the optimizer step under way, on every
+    `docker stop`, torchrun passing it on), SIGUSR1 (SLURM's requeue signal in Lightning's convention:
+    `requeue_job`) or a first Ctrl-C (SIGINT), training ends after the optimizer step under way, on every
     rank after the same one: before the next batch, once that step and its metrics are done, it is saved as
     `sigterm-<step>.ckpt`, `sigusr1-<step>.ckpt` or `sigint-<step>.ckpt` (the newest `keep_last` of each kept),
     which `resume=auto` continues from exactly, mid-epoch included; after SIGUSR1 in a SLURM job, rank 0 then
@@ -96,7 +96,7 @@ class SignalCheckpoint(pl.Callback):
     DeepSpeed: the largest signal number, so SIGTERM wins over SIGUSR1, which wins over SIGINT), so a signal to any
     one rank stops them all."""
 
-    SIGNALS = {signal.SIGTERM: "SIGTERM", REQUEUE_SIGNAL: "SIGUSR1", signal.SIGINT: "Ctrl-C (SIGINT)"}
+    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
     def __init__(self, folder: Path, keep_last: int):
         self.folder, self.keep_last = Path(folder), keep_last
@@ -160,7 +160,7 @@ class SignalCheckpoint(pl.Callback):
             keep_newest(self.folder, name, self.keep_last)
             print(f"stopped by {self.SIGNALS[signum]} after step {trainer.global_step}: saved {path}; the same "
                   f"command continues the run", file=sys.stderr, flush=True)
-            if signum == REQUEUE_SIGNAL and in_slurm_job():
+            if signum == signal.SIGUSR1 and SLURMEnvironment.detect():
                 print(requeue_job(), file=sys.stderr, flush=True)
         raise StoppedBySignal(signum)
 
@@ -177,6 +177,29 @@ def keep_newest(folder: Path, prefix: str, keep_last: int) -> None:
     """Delete all but the newest `keep_last` of the `<prefix>-<step>.ckpt` checkpoints in folder."""
     for old in sorted(folder.glob(f"{prefix}-*.ckpt"))[:-keep_last]:
         shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)  # DeepSpeed saves folders
+
+
+def requeue_job() -> str:
+    """Put this SLURM job back in the queue and return the line to print: what was done, or why not and what to do.
+
+    SLURM's requeue convention, as Lightning uses it: the job asks for SIGUSR1 some time before its limit (`#SBATCH
+    --signal=USR1@300`), the run saves its step (`SignalCheckpoint`; outside training there is none: `run_cli`) and
+    requeues its job (`scontrol requeue`; an array task by its array job id and task id), and the job's next start
+    continues from that step."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID", "")
+    again = "submit the job again to continue the run"
+    if not job:
+        return f"not requeued: SLURM_JOB_ID is not set; {again}"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"could not requeue SLURM job {job} (scontrol requeue: {error}); {again}"
+    if done.returncode:
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"status {done.returncode}"
+        return (f"could not requeue SLURM job {job} (scontrol requeue: {reason}); {again}, or let it be requeued: "
+                f"#SBATCH --requeue")
+    return f"requeued SLURM job {job}: its next start continues the run"
 
 
 @contextmanager
