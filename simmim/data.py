@@ -656,14 +656,26 @@ def labeled_eval_sets(source: str, img_size: int, limit: int | None, root: str |
     """A source's (train, val) splits as labeled (image float (3, S, S), label) sets through the eval transform,
     `limit` images of each (None: all): a fixed random subset of a listed source (`fixed_subset`), the first shards
     holding as many of the shards source (`simmim.shards.ShardImages`; val: val_shards, else the last shard)."""
-    transform = eval_transform(img_size)
     if source == "shards":
-        from simmim.shards import ShardImages, shard_counts, split_shards
+        from simmim.shards import shard_counts, split_shards
 
-        return tuple(ShardImages(urls, shard_counts(urls), limit, LabeledItem(transform), shard_decode(transform),
-                                 SkipCounter()) for urls in split_shards(shards, val_shards))
-    return tuple(ImageDataset(fixed_subset(samples, limit), transform)
-                 for samples in build_sources(source, img_size, root, list_file))
+        return _labeled_sets(img_size, limit, shards=[(urls, shard_counts(urls), SkipCounter())
+                                                      for urls in split_shards(shards, val_shards)])
+    return _labeled_sets(img_size, limit, listed=build_sources(source, img_size, root, list_file))
+
+
+def _labeled_sets(img_size: int, limit: int | None, listed: Sequence | None = None,
+                  shards: Sequence[tuple] | None = None) -> tuple[Dataset, ...]:
+    """Labeled (image float (3, S, S), label) sets through the eval transform, one per split: `listed` splits
+    (samples; a fixed random subset of `limit`: `fixed_subset`) or `shards` splits ((urls, counts, skipped); the
+    first shards holding `limit` samples: `simmim.shards.ShardImages`); None: every image."""
+    transform = eval_transform(img_size)
+    if shards is None:
+        return tuple(ImageDataset(fixed_subset(samples, limit), transform) for samples in listed)
+    from simmim.shards import ShardImages
+
+    return tuple(ShardImages(urls, counts, limit, LabeledItem(transform), shard_decode(transform), skipped)
+                 for urls, counts, skipped in shards)
 
 
 def labels_per_class_subset(samples: Sequence[Sample], per_class: int, seed: int = 0) -> list[Sample]:
@@ -934,12 +946,13 @@ class SimMIMDataModule(ResumableDataModule):
     def knn_sets(self, limit: int | None) -> tuple[Dataset, Dataset]:
         """The k-NN monitor's labeled train and val sets, (image float (3, S, S), label) through the eval transform:
         a fixed random subset of `limit` images per split of a listed source (`fixed_subset`), the first shards of
-        each split holding `limit` samples of the shards source (`simmim.shards.ShardImages`); None: every image."""
-        transform = eval_transform(self.hparams.img_size)
+        each split holding `limit` samples of the shards source (`simmim.shards.ShardImages`); None: every image.
+        The samples listed and the shards counted at setup are used as they are."""
         if self.shards is not None:
-            return self.shards.eval_sets(limit, LabeledItem(transform), shard_decode(transform))
-        return tuple(ImageDataset(fixed_subset(split.dataset.samples, limit), transform)
-                     for split in (self.train_set, self.val_set))
+            return _labeled_sets(self.hparams.img_size, limit, shards=[
+                (split.urls, split.counts, split.skipped) for split in (self.shards.train_set, self.shards.val_set)])
+        return _labeled_sets(self.hparams.img_size, limit,
+                             listed=[split.dataset.samples for split in (self.train_set, self.val_set)])
 
 
 def uses_cuda(trainer) -> bool:

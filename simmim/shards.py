@@ -425,12 +425,6 @@ class ShardSource:
         if self.train_loader is not None and self._pending is not None:
             self.train_loader.restore(self._pending)
 
-    def eval_sets(self, limit: int | None, make_item: Callable, decode: Callable) -> tuple[ShardImages, ShardImages]:
-        """(train, val) `ShardImages` of the training and validation shards: the first shards of each holding
-        `limit` samples (None: all), through make_item and decode."""
-        return tuple(ShardImages(dataset.urls, dataset.counts, limit, make_item, decode, dataset.skipped)
-                     for dataset in (self.train_set, self.val_set))
-
 
 def split_shards(shards: str | None, val_shards: str | None) -> tuple[list[str], list[str]]:
     """(train, val) shard URLs of data.shards and data.val_shards; without val_shards the last shard is val."""
