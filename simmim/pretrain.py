@@ -222,8 +222,8 @@ def _finish(trainer: pl.Trainer, module: SimMIMPretrainModule, cfg, run_dir: Pat
     pictures = next(c for c in trainer.callbacks if isinstance(c, ReconstructionPictures))
     lines = [f"reconstructions: {pictures.last_path}", f"encoder: {encoder}"]
     knn = [c for c in trainer.callbacks if isinstance(c, KNNMonitor)]
-    if knn and knn_summary(knn[0].history):
-        lines.append(f"k-NN top-1 (val) by epoch: {knn_summary(knn[0].history)}; plot: {run_dir / 'knn.png'}")
+    if knn and (summary := knn_summary(knn[0].history)):
+        lines.append(f"k-NN top-1 (val) by epoch: {summary}; plot: {run_dir / 'knn.png'}")
     return lines
 
 

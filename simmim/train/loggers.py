@@ -50,9 +50,9 @@ def _named_logger(name: str, run_dir: Path, run_name: str) -> Logger:
                                 artifact_location=(run_dir / "mlruns").resolve().as_uri())
 
 
-def _resolve(entry, key: str, default_module: str, base: type) -> tuple[type, dict]:
-    """`{class_path, init_args}` -> (the class, init_args), the arguments bound to its signature; ConfigError
-    naming `key`, the entry and the fix."""
+def _resolve(entry, key: str, default_module: str, base: type) -> tuple[str, type, dict]:
+    """`{class_path, init_args}` -> (class_path, the class, init_args), the arguments bound to its signature;
+    ConfigError naming `key`, the entry and the fix."""
     if not isinstance(entry, Mapping) or "class_path" not in entry or set(entry) - {"class_path", "init_args"}:
         raise ConfigError(f"{key} entry {entry!r} is not {{class_path: ..., init_args: {{...}}}}; e.g. "
                           f"{{class_path: pytorch_lightning.callbacks.EarlyStopping, init_args: {{monitor: val/loss}}}}")
@@ -70,16 +70,16 @@ def _resolve(entry, key: str, default_module: str, base: type) -> tuple[type, di
         inspect.signature(cls).bind(**init_args)
     except TypeError as error:
         raise ConfigError(f"{key}: {class_path}(**{init_args}) failed: {error}") from error
-    return cls, init_args
+    return class_path, cls, init_args
 
 
-def _instantiate(entry, key: str, default_module: str, base: type):
-    """`{class_path, init_args}` -> the object (`_resolve`)."""
-    cls, init_args = _resolve(entry, key, default_module, base)
+def _instantiate(resolved: tuple[str, type, dict], key: str):
+    """What `_resolve` gave -> the object; ConfigError naming `key` and the entry if the class refuses it."""
+    class_path, cls, init_args = resolved
     try:
         return cls(**init_args)
     except Exception as error:  # any class's own checks (Lightning raises MisconfigurationException)
-        raise ConfigError(f"{key}: {entry['class_path']}(**{init_args}) failed: {error}") from error
+        raise ConfigError(f"{key}: {class_path}(**{init_args}) failed: {error}") from error
 
 
 def _entries(node) -> list:
@@ -87,15 +87,15 @@ def _entries(node) -> list:
 
 
 def _logger_entries(cfg: DictConfig) -> list:
-    """`logging.loggers` checked: names known and their package installed, classes importable Loggers."""
+    """`logging.loggers` checked: names (known, their package installed) and `_resolve`d Logger classes."""
     if "logger" in cfg.trainer:
         raise ConfigError("trainer.logger clashes with the run's loggers; set logging.loggers=[tensorboard,csv,"
                           "wandb,mlflow] (names or {class_path, init_args}), or logging.loggers=[] for none")
     logging = cfg.get("logging") or {}
-    entries = _entries(logging.get("loggers", ["tensorboard", "csv"]))
-    for entry in entries:
+    checked = []
+    for entry in _entries(logging.get("loggers", ["tensorboard", "csv"])):
         if not isinstance(entry, str):
-            _resolve(entry, "logging.loggers", "pytorch_lightning.loggers", Logger)
+            entry = _resolve(entry, "logging.loggers", "pytorch_lightning.loggers", Logger)
         elif entry not in LOGGER_NAMES:
             raise ConfigError(f"logging.loggers names {entry!r}; use {', '.join(LOGGER_NAMES)} or "
                               f"{{class_path: ..., init_args: {{...}}}}")
@@ -105,18 +105,17 @@ def _logger_entries(cfg: DictConfig) -> list:
             except ImportError as error:
                 raise ConfigError(f"logging.loggers names {entry}, which needs the {entry} package: pip install "
                                   f"'swinv2-simmim[{entry}]' (or -e '.[{entry}]' in a checkout)") from error
-    return entries
+        checked.append(entry)
+    return checked
 
 
 def _callback_entries(cfg: DictConfig) -> list:
-    """`callbacks` checked: classes importable Callbacks taking their init_args."""
+    """`callbacks` checked: `_resolve`d Callback classes taking their init_args."""
     if "callbacks" in cfg.trainer:
         raise ConfigError("trainer.callbacks clashes with the run's callbacks; add yours as callbacks=[{class_path: "
                           "EarlyStopping, init_args: {monitor: val/loss}}]")
-    entries = _entries(cfg.get("callbacks"))
-    for entry in entries:
-        _resolve(entry, "callbacks", "pytorch_lightning.callbacks", pl.Callback)
-    return entries
+    return [_resolve(entry, "callbacks", "pytorch_lightning.callbacks", pl.Callback)
+            for entry in _entries(cfg.get("callbacks"))]
 
 
 def check_loggers_and_callbacks(cfg: DictConfig) -> None:
@@ -130,14 +129,12 @@ def check_loggers_and_callbacks(cfg: DictConfig) -> None:
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     """The loggers `logging.loggers` names (default tensorboard and csv), writing under `run_dir`."""
     return [_named_logger(entry, Path(run_dir), str(cfg.get("run_name", run_dir.name))) if isinstance(entry, str)
-            else _instantiate(entry, "logging.loggers", "pytorch_lightning.loggers", Logger)
-            for entry in _logger_entries(cfg)]
+            else _instantiate(entry, "logging.loggers") for entry in _logger_entries(cfg)]
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The extra callbacks of `callbacks` ({class_path, init_args} each), after those the scripts add."""
-    return [_instantiate(entry, "callbacks", "pytorch_lightning.callbacks", pl.Callback)
-            for entry in _callback_entries(cfg)]
+    return [_instantiate(entry, "callbacks") for entry in _callback_entries(cfg)]
 
 
 def log_image(logger: Logger, key: str, image: np.ndarray, step: int) -> bool:
