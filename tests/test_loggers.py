@@ -1,12 +1,15 @@
-"""Loggers and extra callbacks from the recipe (simmim/train/loggers.py), pictures to every image logger."""
+"""Loggers and extra callbacks from the recipe (simmim/train/loggers.py), pictures to every image logger, the W&B
+and MLflow runs that every start of a run directory continues."""
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 import simmim.pretrain as pretrain
+import simmim.train.loggers as loggers
 from simmim.train.config import ConfigError, load_config
 from simmim.train.run_dir import AppendingCSVLogger
 from simmim.train.loggers import build_callbacks, build_loggers, log_image
@@ -85,13 +88,20 @@ def test_log_image_skips_loggers_without_images(tmp_path):
     assert log_image(TensorBoardLogger(tmp_path), "x", image, 0)
 
 
-@pytest.mark.slow
-def test_pretraining_logs_pictures_to_wandb_and_mlflow(tmp_path, monkeypatch):
-    """A short run with all four loggers (wandb offline, mlflow file store under the run directory; both are test
-    extras) and an extra callback: the reconstruction pictures reach W&B and MLflow as well as TensorBoard."""
+@pytest.fixture
+def offline(monkeypatch):
+    """W&B offline; MLflow in the run directory (no MLFLOW_TRACKING_URI), the variable MLflow sets put back after."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # so that the delenv below is undone when the test ends
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setattr(loggers, "TRACKING_URI", None)
+
+
+@pytest.mark.slow
+def test_pretraining_logs_pictures_to_wandb_and_mlflow(tmp_path, offline):
+    """A short run with all four loggers (wandb offline, mlflow file store under the run directory; both are test
+    extras) and an extra callback: the reconstruction pictures reach W&B and MLflow as well as TensorBoard."""
     pretrain.main(fast_args(tmp_path, "logging.loggers=[tensorboard,csv,wandb,mlflow]",
                             "callbacks=[{class_path: LearningRateMonitor, init_args: {logging_interval: step}}]"))
     run = tmp_path / "demo"
@@ -101,3 +111,69 @@ def test_pretraining_logs_pictures_to_wandb_and_mlflow(tmp_path, monkeypatch):
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = (run / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "lr-AdamW" in metrics  # the extra LearningRateMonitor logged
+
+
+def mlflow_runs(run: Path) -> dict:
+    """{run id: (status, steps of train/loss)} of the MLflow store of a run directory."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    return {r.info.run_id: (r.info.status, [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")])
+            for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+
+
+@pytest.mark.slow
+def test_every_start_of_a_run_continues_its_wandb_and_mlflow_runs(tmp_path, offline):
+    """Run A for one epoch, run B, then A again for a second epoch, all in this process (as from a notebook): A's
+    MLflow run holds the steps of both its starts, as its metrics.csv does, both W&B starts of A write the run its
+    logger_runs.json names, and B has runs of its own. (Before: a new W&B and MLflow run per start; B logged into
+    A's W&B run, which Lightning leaves open; A's second start failed on MLflow's ./mlruns: MLflow had set
+    MLFLOW_TRACKING_URI to the first store.)"""
+    for name, epochs in (("a", 1), ("b", 1), ("a", 2)):
+        pretrain.main(fast_args(tmp_path, "logging.loggers=[csv,wandb,mlflow]", f"run_name={name}",
+                                f"trainer.max_epochs={epochs}"))
+    for name, starts, steps in (("a", 2, [0, 1, 2, 3, 4, 5]), ("b", 1, [0, 1, 2])):
+        run = tmp_path / name
+        runs = json.loads((run / "logger_runs.json").read_text())
+        header, *rows = [line.split(",") for line in (run / "csv" / "metrics.csv").read_text().splitlines()]
+        loss, step = header.index("train/loss"), header.index("step")
+        assert [int(row[step]) for row in rows if row[loss]] == steps
+        assert mlflow_runs(run) == {runs["mlflow"]: ("FINISHED", steps)}
+        wandb_starts = list((run / "wandb").glob("offline-run-*"))
+        assert len(wandb_starts) == starts and all(p.name.endswith(f"-{runs['wandb']}") for p in wandb_starts)
+
+
+def test_wandb_and_mlflow_runs_are_recorded_continued_and_replaced(tmp_path, offline, monkeypatch):
+    """build_loggers on rank 0: a new W&B id and a new MLflow run recorded in logger_runs.json, the same runs at
+    the next build (the MLflow one running again), a W&B id of the user's own kept; an MLflow run that the tracking
+    store does not have and an unreadable record are replaced with a warning; ranks > 0 record nothing."""
+    record = tmp_path / "logger_runs.json"
+    mine = "{class_path: pytorch_lightning.loggers.WandbLogger, init_args: {id: mine, offline: true}}"
+    cfg = cfg_with("logging.loggers=[wandb,mlflow]")
+
+    wandb, mlflow = build_loggers(cfg, tmp_path)
+    runs = json.loads(record.read_text())
+    assert isinstance(wandb, WandbLogger) and isinstance(mlflow, MLFlowLogger)
+    assert wandb.version == runs["wandb"] and mlflow.run_id == runs["mlflow"]
+    mlflow.finalize("success")
+    wandb, mlflow = build_loggers(cfg, tmp_path)
+    assert (wandb.version, mlflow.run_id) == (runs["wandb"], runs["mlflow"])
+    assert mlflow_runs(tmp_path) == {runs["mlflow"]: ("RUNNING", [])}
+    (own,) = build_loggers(cfg_with(f"logging.loggers=[{mine}]"), tmp_path)
+    assert own.version == "mine" and json.loads(record.read_text()) == runs
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"  # MLFLOW_TRACKING_URI set since: a store without that run
+    monkeypatch.setattr(loggers, "TRACKING_URI", other)
+    with pytest.warns(UserWarning, match=f"MLflow run {runs['mlflow']} of logger_runs.json cannot be continued in "
+                                         f"the tracking store {other} .*: logging to a new run"):
+        _, mlflow = build_loggers(cfg, tmp_path)
+    assert mlflow.run_id != runs["mlflow"] and json.loads(record.read_text()) == {**runs, "mlflow": mlflow.run_id}
+
+    record.write_text("{")
+    with pytest.warns(UserWarning, match=f"{record} cannot be read .*: W&B and MLflow log to new runs"):
+        wandb, _ = build_loggers(cfg, tmp_path)
+    assert wandb.version != runs["wandb"] and json.loads(record.read_text())["wandb"] == wandb.version
+
+    record.unlink()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert len(build_loggers(cfg, tmp_path)) == 2 and not record.exists()

@@ -9,22 +9,28 @@ A `logging.loggers` entry is a name above (written under the run directory; wand
 (e.g. WandbLogger with your project and entity). A `callbacks` entry is `{class_path, init_args}`; a bare class
 name is looked up in `pytorch_lightning.callbacks`. Both come on top of what the scripts add (checkpoints,
 throughput, pictures), so `trainer.logger` and `trainer.callbacks` are refused.
+
+Every start of a run directory continues its W&B run and its MLflow run (`_continue_runs`: their ids are kept in
+`<run dir>/logger_runs.json`), as metrics.csv and TensorBoard's files continue.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import Logger, MLFlowLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.train.config import ConfigError
-from simmim.train.run_dir import AppendingCSVLogger
+from simmim.train.run_dir import AppendingCSVLogger, launch_rank
 
 __all__ = ["LOGGER_NAMES", "check_loggers_and_callbacks", "build_loggers", "build_callbacks", "log_image"]
 
@@ -32,22 +38,27 @@ LOGGER_NAMES = ("tensorboard", "csv", "wandb", "mlflow")
 PROJECT = "swinv2-simmim"  # the wandb project / mlflow experiment of the named loggers
 
 
-def _named_logger(name: str, run_dir: Path, run_name: str) -> Logger:
+RUNS_FILE = "logger_runs.json"  # {"wandb": run id, "mlflow": run id}: the runs every start continues
+TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")  # as the process started: MLflow sets it to the last run's
+
+
+def _named(name: str, run_dir: Path, run_name: str) -> tuple[str, type, dict]:
+    """A `LOGGER_NAMES` name -> (class_path, class, init_args) of a logger writing under `run_dir`."""
     from pytorch_lightning import loggers
 
     if name == "tensorboard":
-        return loggers.TensorBoardLogger(run_dir, name="tensorboard", version="")
-    if name == "csv":
-        return AppendingCSVLogger(run_dir, name="csv", version="")  # a resumed run appends
+        return name, loggers.TensorBoardLogger, dict(save_dir=run_dir, name="tensorboard", version="")
+    if name == "csv":  # a resumed run appends
+        return name, AppendingCSVLogger, dict(save_dir=run_dir, name="csv", version="")
     if name == "wandb":  # offline runs: WANDB_MODE=offline
-        return loggers.WandbLogger(project=PROJECT, name=run_name, save_dir=str(run_dir))
+        return name, WandbLogger, dict(project=PROJECT, name=run_name, save_dir=str(run_dir))
     # MLFLOW_TRACKING_URI picks a server; else a SQLite store and artifacts under the run directory
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return loggers.MLFlowLogger(experiment_name=PROJECT, run_name=run_name)
+    if TRACKING_URI:
+        return name, MLFlowLogger, dict(experiment_name=PROJECT, run_name=run_name, tracking_uri=TRACKING_URI)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return loggers.MLFlowLogger(experiment_name=PROJECT, run_name=run_name,
-                                tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}",
-                                artifact_location=(run_dir / "mlruns").resolve().as_uri())
+    return name, MLFlowLogger, dict(experiment_name=PROJECT, run_name=run_name,
+                                    tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}",
+                                    artifact_location=(run_dir / "mlruns").resolve().as_uri())
 
 
 def _resolve(entry, key: str, default_module: str, base: type) -> tuple[str, type, dict]:
@@ -127,9 +138,81 @@ def check_loggers_and_callbacks(cfg: DictConfig) -> None:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """The loggers `logging.loggers` names (default tensorboard and csv), writing under `run_dir`."""
-    return [_named_logger(entry, Path(run_dir), str(cfg.get("run_name", run_dir.name))) if isinstance(entry, str)
-            else _instantiate(entry, "logging.loggers") for entry in _logger_entries(cfg)]
+    """The loggers `logging.loggers` names (default tensorboard and csv), writing under `run_dir`; W&B and MLflow
+    loggers continue the runs of the directory's earlier starts (`_continue_runs`)."""
+    run_dir = Path(run_dir)
+    run_name = str(cfg.get("run_name", run_dir.name))
+    entries = [_named(entry, run_dir, run_name) if isinstance(entry, str) else entry for entry in _logger_entries(cfg)]
+    if launch_rank() != 0:  # only rank 0 logs to W&B and MLflow
+        return [_instantiate(entry, "logging.loggers") for entry in entries]
+    return _continue_runs(entries, run_dir / RUNS_FILE)
+
+
+def _continue_runs(entries: list[tuple[str, type, dict]], path: Path) -> list[Logger]:
+    """The loggers of `_resolve`d entries; W&B and MLflow loggers without a run id of their own get the run that
+    `path` records (rank 0). A new W&B run gets its id here and a new MLflow run is started here, both recorded in
+    `path` before anything is logged; an MLflow run that the tracking store no longer has is replaced with a
+    warning (e.g. MLFLOW_TRACKING_URI changed). A W&B run of another id left open in this process is ended."""
+    runs = _read_runs(path)
+    recorded = dict(runs)
+    loggers = []
+    for class_path, cls, init_args in entries:
+        if issubclass(cls, WandbLogger) and not (init_args.get("id") or init_args.get("version")):
+            runs["wandb"] = runs.get("wandb") or secrets.token_hex(6)  # a W&B run id: letters and digits
+            init_args = {**init_args, "id": runs["wandb"]}
+        if issubclass(cls, WandbLogger):
+            _end_other_wandb_run(init_args.get("id") or init_args.get("version"))
+        if issubclass(cls, MLFlowLogger) and not init_args.get("run_id"):
+            loggers.append(_mlflow_logger((class_path, cls, init_args), runs))
+        else:
+            loggers.append(_instantiate((class_path, cls, init_args), "logging.loggers"))
+    if runs != recorded:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(runs, indent=1) + "\n")
+        os.replace(tmp, path)
+    return loggers
+
+
+def _end_other_wandb_run(run_id: str) -> None:
+    """End the W&B run this process has open if it is not `run_id`: Lightning leaves a run open when training ends
+    and its next WandbLogger would log into it (e.g. a fine-tuning run after pretraining in one notebook)."""
+    import wandb
+
+    if wandb.run is not None and wandb.run.id != run_id:
+        wandb.finish()
+
+
+def _mlflow_logger(resolved: tuple[str, type, dict], runs: dict) -> MLFlowLogger:
+    """An MLflow logger on the run `runs` records, marked running again, or on a new run, recorded in `runs`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    class_path, cls, init_args = resolved
+    if runs.get("mlflow"):
+        logger = _instantiate((class_path, cls, {**init_args, "run_id": runs["mlflow"]}), "logging.loggers")
+        try:
+            logger.experiment.update_run(runs["mlflow"], status="RUNNING")
+            return logger
+        except MlflowException as error:
+            rank_zero_warn(f"MLflow run {runs['mlflow']} of {RUNS_FILE} cannot be continued in the tracking store "
+                           f"{mlflow.get_tracking_uri()} ({str(error).splitlines()[0]}): logging to a new run")
+    logger = _instantiate(resolved, "logging.loggers")
+    runs["mlflow"] = logger.run_id  # starts the run
+    return logger
+
+
+def _read_runs(path: Path) -> dict:
+    """What `path` records ({} when there is no such file; a warning when it cannot be read)."""
+    try:
+        runs = json.loads(path.read_text())
+        if isinstance(runs, dict):
+            return runs
+        raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        rank_zero_warn(f"{path} cannot be read ({error}): W&B and MLflow log to new runs, recorded there anew")
+        return {}
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
