@@ -129,9 +129,9 @@ def test_every_start_of_a_run_continues_its_wandb_and_mlflow_runs(tmp_path, offl
     logger_runs.json names, and B has runs of its own. (Before: a new W&B and MLflow run per start; B logged into
     A's W&B run, which Lightning leaves open; A's second start failed on MLflow's ./mlruns: MLflow had set
     MLFLOW_TRACKING_URI to the first store.)"""
-    for name, epochs in (("a", 1), ("b", 1), ("a", 2)):
+    for name, epochs, workers in (("a", 1, 0), ("b", 1, 0), ("a", 2, 1)):  # a parameter changed: MLflow keeps 0
         pretrain.main(fast_args(tmp_path, "logging.loggers=[csv,wandb,mlflow]", f"run_name={name}",
-                                f"trainer.max_epochs={epochs}"))
+                                f"trainer.max_epochs={epochs}", f"data.num_workers={workers}"))
     for name, starts, steps in (("a", 2, [0, 1, 2, 3, 4, 5]), ("b", 1, [0, 1, 2])):
         run = tmp_path / name
         runs = json.loads((run / "logger_runs.json").read_text())
@@ -145,7 +145,8 @@ def test_every_start_of_a_run_continues_its_wandb_and_mlflow_runs(tmp_path, offl
 
 def test_wandb_and_mlflow_runs_are_recorded_continued_and_replaced(tmp_path, offline, monkeypatch):
     """build_loggers on rank 0: a new W&B id and a new MLflow run recorded in logger_runs.json, the same runs at
-    the next build (the MLflow one running again), a W&B id of the user's own kept; an MLflow run that the tracking
+    the next build (the MLflow one running again; a changed parameter keeps its first value with a warning, where
+    Lightning's logger would stop the run), a W&B id of the user's own kept; an MLflow run that the tracking
     store does not have and an unreadable record are replaced with a warning; ranks > 0 record nothing."""
     record = tmp_path / "logger_runs.json"
     mine = "{class_path: pytorch_lightning.loggers.WandbLogger, init_args: {id: mine, offline: true}}"
@@ -155,10 +156,15 @@ def test_wandb_and_mlflow_runs_are_recorded_continued_and_replaced(tmp_path, off
     runs = json.loads(record.read_text())
     assert isinstance(wandb, WandbLogger) and isinstance(mlflow, MLFlowLogger)
     assert wandb.version == runs["wandb"] and mlflow.run_id == runs["mlflow"]
+    mlflow.log_hyperparams({"lr": 0.1, "model": {"depths": [2, 2]}})
     mlflow.finalize("success")
     wandb, mlflow = build_loggers(cfg, tmp_path)
     assert (wandb.version, mlflow.run_id) == (runs["wandb"], runs["mlflow"])
     assert mlflow_runs(tmp_path) == {runs["mlflow"]: ("RUNNING", [])}
+    with pytest.warns(UserWarning, match=r"keeps the first value of a parameter: lr 0.1 \(now 0.2\); each start's"):
+        mlflow.log_hyperparams({"lr": 0.2, "model": {"depths": [2, 2]}, "workers": 4})  # MLflow refuses a change
+    assert mlflow.experiment.get_run(mlflow.run_id).data.params == {"lr": "0.1", "model/depths": "[2, 2]",
+                                                                    "workers": "4"}
     (own,) = build_loggers(cfg_with(f"logging.loggers=[{mine}]"), tmp_path)
     assert own.version == "mine" and json.loads(record.read_text()) == runs
 

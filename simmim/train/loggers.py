@@ -152,7 +152,8 @@ def _continue_runs(entries: list[tuple[str, type, dict]], path: Path) -> list[Lo
     """The loggers of `_resolve`d entries; W&B and MLflow loggers without a run id of their own get the run that
     `path` records (rank 0). A new W&B run gets its id here and a new MLflow run is started here, both recorded in
     `path` before anything is logged; an MLflow run that the tracking store no longer has is replaced with a
-    warning (e.g. MLFLOW_TRACKING_URI changed). A W&B run of another id left open in this process is ended."""
+    warning (e.g. MLFLOW_TRACKING_URI changed). A W&B run of another id left open in this process is ended.
+    A subclass of MLFlowLogger of yours is built as it is (a new run per start unless you pass run_id)."""
     runs = _read_runs(path)
     recorded = dict(runs)
     loggers = []
@@ -162,8 +163,8 @@ def _continue_runs(entries: list[tuple[str, type, dict]], path: Path) -> list[Lo
             init_args = {**init_args, "id": runs["wandb"]}
         if issubclass(cls, WandbLogger):
             _end_other_wandb_run(init_args.get("id") or init_args.get("version"))
-        if issubclass(cls, MLFlowLogger) and not init_args.get("run_id"):
-            loggers.append(_mlflow_logger((class_path, cls, init_args), runs))
+        if cls is MLFlowLogger and not init_args.get("run_id"):
+            loggers.append(_mlflow_logger((class_path, init_args), runs))
         else:
             loggers.append(_instantiate((class_path, cls, init_args), "logging.loggers"))
     if runs != recorded:
@@ -182,23 +183,41 @@ def _end_other_wandb_run(run_id: str) -> None:
         wandb.finish()
 
 
-def _mlflow_logger(resolved: tuple[str, type, dict], runs: dict) -> MLFlowLogger:
-    """An MLflow logger on the run `runs` records, marked running again, or on a new run, recorded in `runs`."""
+def _mlflow_logger(resolved: tuple[str, dict], runs: dict) -> MLFlowLogger:
+    """A `RunMLFlowLogger` on the run `runs` records, marked running again, or on a new run, recorded in `runs`."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    class_path, cls, init_args = resolved
+    class_path, init_args = resolved
     if runs.get("mlflow"):
-        logger = _instantiate((class_path, cls, {**init_args, "run_id": runs["mlflow"]}), "logging.loggers")
+        logger = _instantiate((class_path, RunMLFlowLogger, {**init_args, "run_id": runs["mlflow"]}), "logging.loggers")
         try:
             logger.experiment.update_run(runs["mlflow"], status="RUNNING")
             return logger
         except MlflowException as error:
             rank_zero_warn(f"MLflow run {runs['mlflow']} of {RUNS_FILE} cannot be continued in the tracking store "
                            f"{mlflow.get_tracking_uri()} ({str(error).splitlines()[0]}): logging to a new run")
-    logger = _instantiate(resolved, "logging.loggers")
+    logger = _instantiate((class_path, RunMLFlowLogger, init_args), "logging.loggers")
     runs["mlflow"] = logger.run_id  # starts the run
     return logger
+
+
+class RunMLFlowLogger(MLFlowLogger):
+    """An MLFlowLogger whose run may hold the parameters of an earlier start: MLflow refuses to change a logged
+    parameter (Lightning's logger would stop the run), so only new ones are sent and a changed one keeps its first
+    value, with a warning."""
+
+    def log_hyperparams(self, params) -> None:
+        from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
+
+        logged = self.experiment.get_run(self.run_id).data.params
+        params = _flatten_dict(_convert_params(params))
+        changed = [f"{key} {logged[key]} (now {value})" for key, value in params.items()
+                   if key in logged and not str(value).startswith(logged[key])]  # Lightning may truncate
+        if changed:
+            rank_zero_warn(f"MLflow run {self.run_id} keeps the first value of a parameter: {'; '.join(changed)}; "
+                           f"each start's config is in the run directory's config.<UTC time>.yaml")
+        super().log_hyperparams({key: value for key, value in params.items() if key not in logged})
 
 
 def _read_runs(path: Path) -> dict:
