@@ -1,5 +1,6 @@
 """scripts/cli.py: the Lightning CLI runs both stages from the recipes, with the scripts' run directory, checkpoints,
-pictures, encoder export and Log-CPB handoff."""
+pictures, encoder export and Log-CPB handoff; validate reads a checkpoint and writes nothing."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ FAST = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.ena
 def cli(*args, cwd):
     result = subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 @pytest.mark.slow
@@ -39,6 +40,21 @@ def test_both_stages_through_the_cli(tmp_path):
     assert encoder["config"]["model"]["embed_dim"] == 16
     assert (run / "checkpoints" / "last.ckpt").is_file() and list((run / "reconstructions").glob("*.png"))
 
+    # validate: the checkpoint of --ckpt_path (before: the run's newest, whatever was passed), nothing written
+    other = tmp_path / "other.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", other)
+    files = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
+    out = cli("validate", "--stage", "pretrain", *FAST, "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]",
+              f"--run.output_dir={tmp_path}/pre", f"--ckpt_path={other}", cwd=tmp_path)
+    assert f"Restoring states from the checkpoint path at {other}" in out and "val/loss" in out
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == files
+    # fit --ckpt_path continues from that checkpoint (before: ignored, resume=auto chose)
+    out = cli("fit", "--stage", "pretrain", *FAST, "--trainer.max_steps=3", "--model.model.embed_dim=16",
+              "--model.model.num_heads=[2,2,4,8]", f"--run.output_dir={tmp_path}/pre",
+              "--run.logging.recon_every_n_steps=0", f"--ckpt_path={other}", cwd=tmp_path)
+    assert f"Restoring states from the checkpoint path at {other}" in out
+    assert OmegaConf.load(run / "config.yaml").resume == str(other)
+
     out = cli("fit", "--stage", "finetune", *FAST, "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]",
               f"--run.output_dir={tmp_path}/ft", f"--run.pretrained={run / 'encoder.pth'}", cwd=tmp_path)
     assert "reinitialized" in out  # the pretrained weights were loaded (the head is new)
@@ -56,12 +72,29 @@ def test_print_config_and_recipe_choice():
     assert config.trainer.precision == load_config("pretrain", "base").trainer.precision
 
 
-def test_bad_stage_recipe_and_run_key_are_one_line():
+def test_bad_stage_recipe_and_run_key_are_one_line(tmp_path):
+    ckpt = tmp_path / "empty.ckpt"
+    torch.save({"state_dict": {}, "loops": {}}, ckpt)  # reads as a Lightning checkpoint
     for args, message in ((["--stage", "nope"], "unknown --stage 'nope'"),
                           (["--recipe", "nope"], "unknown pretrain recipe 'nope'"),
                           (["--run.outpt_dir=x"], "unknown key 'outpt_dir' in --run; did you mean output_dir?"),
                           (["--model.model.patch_size=2"], "--data.model_patch_size=4 disagrees with --model.model"),
-                          (["--data.img_size=32"], "model.img_size=64 differs from data.img_size=32")):
+                          (["--data.img_size=32"], "model.img_size=64 differs from data.img_size=32"),
+                          (["--ckpt_path=/no.ckpt"], "--ckpt_path /no.ckpt cannot be read (FileNotFoundError: "),
+                          ([f"--ckpt_path={__file__}"], f"--ckpt_path {__file__} cannot be read ("),
+                          ([f"--ckpt_path={ckpt}", "--run.resume=/x.ckpt"],
+                           f"--ckpt_path {ckpt} and --run.resume /x.ckpt disagree; give one")):
         result = run_script("finetune.lightning_cli", "fit", *args)
         assert result.returncode != 0
         assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-1000:]
+
+
+def test_validate_needs_a_checkpoint_and_test_predict_are_not_offered(tmp_path):
+    """The stages have no test or predict step: the CLI offers fit and validate (before: a traceback from
+    Lightning, after the run directory's config.yaml had been rewritten)."""
+    for args, message in ((["validate", f"--run.output_dir={tmp_path}"], "validate needs a checkpoint: --ckpt_path"),
+                          (["test"], "invalid choice: 'test' (choose from 'fit', 'validate')")):
+        result = run_script("finetune.lightning_cli", *args)
+        assert result.returncode != 0
+        assert message in result.stderr.strip().splitlines()[-1], result.stderr[-1000:]
+    assert list(tmp_path.iterdir()) == []

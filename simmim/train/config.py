@@ -296,12 +296,19 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
             raise ConfigError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run or "
                               f"run_name=NEW to start another")
         ckpt = None
-    saved = run_dir / "config.yaml"
-    if ckpt is not None and saved.is_file():
-        before = _saved_config(saved)
-        for key in set(_leaf_keys(cfg.model)) - {"compile"}:  # compiling does not change the weights
-            old, new = OmegaConf.select(before.model, key), OmegaConf.select(cfg.model, key)
-            if old != new:
-                raise ConfigError(f"cannot resume {ckpt}: it was trained with model.{key}={old}, this run asks for "
-                                  f"{new}; drop the override or pass run_name=NEW to start another run")
+    if ckpt is not None:
+        check_same_model(cfg, run_dir / "config.yaml", f"cannot resume {ckpt}",
+                         "drop the override or pass run_name=NEW to start another run")
     return run_dir, ckpt
+
+
+def check_same_model(cfg: DictConfig, saved: Path, refusal: str, fix: str) -> None:
+    """ConfigError (`refusal`: ..., `fix`) when the run directory config `saved` (if there is one) has another
+    model than `cfg`: its checkpoints hold the weights of that model."""
+    if not saved.is_file():
+        return
+    before = _saved_config(saved)
+    for key in set(_leaf_keys(cfg.model)) - {"compile"}:  # compiling does not change the weights
+        old, new = OmegaConf.select(before.model, key), OmegaConf.select(cfg.model, key)
+        if old != new:
+            raise ConfigError(f"{refusal}: it was trained with model.{key}={old}, this run asks for {new}; {fix}")

@@ -3,35 +3,40 @@
     python scripts/cli.py fit --stage pretrain --recipe default --trainer.max_epochs 2 --data.batch_size 32
     python scripts/cli.py fit --stage finetune --run.pretrained runs/pretrain/default/encoder.pth
     python scripts/cli.py fit --stage pretrain --recipe base --print_config      # the resolved config, then exit
+    python scripts/cli.py validate --stage pretrain --ckpt_path runs/pretrain/default/checkpoints/best.ckpt
 
 `--stage` and `--recipe` pick the recipe (`recipes/<stage>/<recipe>.yaml`, loaded as by the scripts); it becomes
 the first `--config`: `model` holds the LightningModule's arguments, `data` the DataModule's, `trainer` the
 Trainer's, and `run` the rest of the recipe (output_dir, run_name, resume, pretrained, logging). Later `--config`
 files and `--section.key value` arguments override it. The run then goes through the same steps as the stage's
 script (`simmim.train.stage`): run directory and resume=auto, the pretrained weights and Log-CPB windows, the
-strategies, checkpoints, pictures and encoder export.
+strategies, checkpoints, pictures and encoder export. `fit --ckpt_path` is `--run.resume`; `validate` reads a
+checkpoint (`--ckpt_path`, else the run directory's newest) and writes nothing. The stages have no test or predict
+step: the CLI offers fit and validate.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.cli import LightningCLI
 
-from simmim.train.config import (ConfigError, check_config, check_keys, leaves, load_config, prepare_run,
-                                 stage_schema)
+from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
+from simmim.train.config import (ConfigError, check_config, check_keys, check_same_model, leaves, load_config,
+                                 prepare_run, stage_schema)
 from simmim.train.run_dir import start_run
 from simmim.train.stage import Stage, plain
 from simmim.train.trainer import make_trainer
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMANDS = ("fit", "validate")  # the stages have no test or predict step
 
 
-def _pop_option(args: list[str], name: str, default: str) -> str:
+def _pop_option(args: list[str], name: str, default: str | None) -> str | None:
     """The value of `--name value` or `--name=value` in args (removed from them), else default."""
     for i, arg in enumerate(args):
         if arg == f"--{name}" and i + 1 < len(args):
@@ -59,6 +64,9 @@ class RecipeCLI(LightningCLI):
             raise ConfigError(f"unknown --stage {name!r}; choose one of {', '.join(stages)}")
         self.stage = stages[name]
         self.recipe = load_config(name, _pop_option(args, "recipe", "default"))
+        ckpt_path = _pop_option(list(args), "ckpt_path", None)  # Lightning reads its hyperparameters first
+        if ckpt_path is not None and (problem := checkpoint_problem(ckpt_path)):
+            raise ConfigError(f"--ckpt_path {ckpt_path} cannot be read ({problem}); pass a checkpoint of a run")
         module_args, data_args = self.stage.init_args(self.recipe)
         trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
         defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
@@ -69,6 +77,10 @@ class RecipeCLI(LightningCLI):
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().__init__(self.stage.module, self.stage.datamodule, args=args, save_config_callback=None,
                              auto_configure_optimizers=False)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
 
     def _run_section(self, recipe: DictConfig) -> dict:
         """The recipe without the keys that feed the classes, the Trainer and the seed (trainer keys that are not
@@ -100,6 +112,10 @@ class RecipeCLI(LightningCLI):
         cfg.trainer = {**{k: v for k, v in config.trainer.as_dict().items()
                           if k in self.recipe.trainer or TRAINER_DEFAULTS.get(k, object()) != v}, **ours}
         cfg.seed = config.seed_everything
+        if self.subcommand == "fit" and config.ckpt_path:  # Lightning's way to continue a fit: resume=PATH
+            if cfg.resume not in ("auto", config.ckpt_path):
+                raise ConfigError(f"--ckpt_path {config.ckpt_path} and --run.resume {cfg.resume} disagree; give one")
+            cfg.resume = config.ckpt_path
         self.cfg = self.stage.recipe_from_init_args(cfg, model_args, data_args)
         check_config(self.cfg, stage_schema(self.stage.name))
         self.prepared = self.stage.prepare(self.cfg)
@@ -107,6 +123,8 @@ class RecipeCLI(LightningCLI):
             config.model[arg] = value
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        if self.subcommand == "validate":
+            return self._validation_trainer()
         run_dir, ckpt_path = prepare_run(self.cfg)
         self.run_dir = run_dir
         self.datamodule.setup("fit")  # bad data paths fail here, before anything is written
@@ -116,6 +134,22 @@ class RecipeCLI(LightningCLI):
         self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
         return make_trainer(self.cfg, run_dir, self.stage.monitor, self.stage.mode,
                             self.stage.callbacks(self.cfg, run_dir, self.datamodule))
+
+    def _validation_trainer(self) -> pl.Trainer:
+        """validate: the checkpoint of --ckpt_path, else the newest of the run directory. Nothing is written (no
+        lock, config copy, logger or picture): the run may be training in that directory."""
+        run_dir = Path(self.cfg.output_dir) / str(self.cfg.run_name)
+        ckpt = self.config.validate.ckpt_path or newest_good_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            raise ConfigError(f"validate needs a checkpoint: --ckpt_path PATH, or --run.output_dir and --run.run_name "
+                              f"of a run that has one ({run_dir / 'checkpoints'} has none)")
+        check_same_model(self.cfg, Path(ckpt).parent.parent / "config.yaml", f"cannot validate {ckpt}",
+                         "pass the recipe and model values of that run (--recipe, --model.*, --run.pretrained)")
+        self.datamodule.setup("fit")  # bad data paths fail here
+        self.stage.check_data(self.datamodule, self.cfg)
+        self.config_init["validate"]["ckpt_path"] = str(ckpt)
+        quiet = OmegaConf.merge(self.cfg, {"logging": {"loggers": []}})
+        return make_trainer(quiet, run_dir, self.stage.monitor, self.stage.mode)
 
     def after_fit(self) -> None:
         lines = self.stage.finish(self.trainer, self.model, self.cfg, self.run_dir)
