@@ -25,10 +25,11 @@ def read_pretrained(cfg) -> dict | None:
     model.pretrained_window_sizes from its saved config when the recipe leaves it null (the Log-CPB transfer)."""
     if not cfg.pretrained:
         return None
-    if Path(cfg.pretrained).is_dir():
-        raise ConfigError(f"pretrained={cfg.pretrained} is a folder; pass a checkpoint file in it (a pretraining "
-                          f"run directory holds encoder.pth), or pretrained=null to train from scratch")
-    if not Path(cfg.pretrained).is_file():
+    if Path(cfg.pretrained).is_dir() and not (Path(cfg.pretrained) / "config.json").is_file():
+        raise ConfigError(f"pretrained={cfg.pretrained} is a folder without config.json (not a transformers Swinv2 "
+                          f"folder); pass a checkpoint file in it (a pretraining run directory holds encoder.pth), "
+                          f"or pretrained=null to train from scratch")
+    if not Path(cfg.pretrained).exists():
         raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
                           f"another checkpoint, or pretrained=null to train from scratch")
     checkpoint = read_checkpoint(cfg.pretrained)

@@ -152,6 +152,31 @@ def test_hf_export_of_a_pretraining_checkpoint(tmp_path):
                                    encoder.forward_features(x).flatten(1, 2), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["Swinv2ForImageClassification", "Swinv2Model", "Swinv2ForMaskedImageModeling"])
+def test_a_transformers_folder_is_read_with_its_config_and_gives_its_outputs(tmp_path, kind):
+    """A transformers Swinv2 (random weights, not its init; window 8 over pretrained windows 4) saved with
+    save_pretrained: our readers take the folder, build the model from config.json and give transformers' outputs
+    (the classifier's logits; the MIM model's encoder, its decoder left out)."""
+    import transformers
+    config = transformers.Swinv2Config(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2],
+                                       num_heads=[2, 2, 4, 8], window_size=8, pretrained_window_sizes=[4, 4, 4, 2],
+                                       num_labels=5)
+    hf = randomize_(getattr(transformers, kind)(config), seed=3).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, built = encoder_for_export(tmp_path / "hf")
+    assert detect_layout(read_checkpoint(tmp_path / "hf")) == "hf"
+    assert built["window_size"] == 8 and built["pretrained_window_sizes"] == [4, 4, 4, 2]
+    assert built["num_classes"] == (5 if kind == "Swinv2ForImageClassification" else 0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        if kind == "Swinv2ForImageClassification":
+            torch.testing.assert_close(model.eval()(x), hf(pixel_values=x).logits, rtol=0, atol=1e-4)
+        else:
+            encoder = hf if kind == "Swinv2Model" else hf.swinv2
+            torch.testing.assert_close(model.eval().forward_features(x).flatten(1, 2),
+                                       encoder(pixel_values=x).last_hidden_state, rtol=0, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- official
 def test_official_export_of_pretraining_and_classifier(tmp_path):
     module = randomize_(SimMIMPretrainModule(model=ENCODER_CFG), seed=8)
@@ -181,11 +206,20 @@ def test_export_arguments_are_checked(tmp_path):
         main([f"checkpoint={tmp_path}", "format=onnx", "out=x"])
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         main([f"checkpoint={tmp_path / 'missing.pth'}", "format=timm", "out=x.safetensors"])
+    with pytest.raises(FileNotFoundError, match="is a folder without config.json; pass the path of a .ckpt"):
+        main([f"checkpoint={tmp_path}", "format=timm", "out=x.safetensors"])
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(ValueError, match="has model_type 'vit'; pass a transformers Swinv2 folder"):
+        main([f"checkpoint={tmp_path}", "format=timm", "out=x.safetensors"])
+    (tmp_path / "config.json").write_text('{"model_type": "swinv2"}')
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors or pytorch_model.bin"):
+        main([f"checkpoint={tmp_path}", "format=timm", "out=x.safetensors"])
 
 
 def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):
     """The official implementation's weights and outputs (tests/data/swinv2_official_w8_pt4.pt, window 8 over
-    pretrained windows 4): exported with model.* keys, transformers reproduces the official logits."""
+    pretrained windows 4): exported with model.* keys, transformers reproduces the official logits, and so does
+    our encoder built from the exported folder."""
     import transformers
     official = torch.load(DATA / "swinv2_official_w8_pt4.pt", weights_only=True)
     main([f"checkpoint={DATA / 'swinv2_official_w8_pt4.pt'}", "format=hf", f"out={tmp_path / 'hf'}",
@@ -194,4 +228,6 @@ def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):
     classifier = transformers.Swinv2ForImageClassification.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         logits = classifier(pixel_values=official["input"]).logits
-    torch.testing.assert_close(logits, official["logits"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(logits, official["logits"], rtol=0, atol=1e-4)
+        model, _ = encoder_for_export(tmp_path / "hf")  # and back: the folder read by us
+        torch.testing.assert_close(model.eval()(official["input"]), official["logits"], rtol=0, atol=1e-4)

@@ -37,10 +37,32 @@ def test_pretrain_then_finetune_at_a_larger_window(tmp_path, capsys):
     assert moved < 1e-3  # two AdamW steps at lr <= 8e-5 from the pretrained weights (a fresh init is ~0.05 away)
 
 
+@pytest.mark.slow
+def test_finetune_from_a_transformers_folder(tmp_path, capsys):
+    """pretrained= a transformers Swinv2 folder (how the Hub holds microsoft's SwinV2 weights): the windows it was
+    trained with come from its config.json (window 4 at 64 px: [4, 4, 4, 2], fine-tuned at window 8) and the
+    encoder starts from its weights."""
+    import transformers
+    from conftest import randomize_
+
+    config = transformers.Swinv2Config(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2],
+                                       num_heads=[2, 2, 4, 8], window_size=4)
+    randomize_(transformers.Swinv2Model(config), seed=5).save_pretrained(tmp_path / "hf")
+    finetune_script.main([f"output_dir={tmp_path}/ft", "run_name=f", f"pretrained={tmp_path / 'hf'}", *SMALL])
+    assert "pretrained weights (hf layout)" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "ft" / "f" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["hyper_parameters"]["model"]["pretrained_window_sizes"] == [4, 4, 4, 2]
+    pretrained = transformers.Swinv2Model.from_pretrained(tmp_path / "hf").state_dict()
+    theirs = pretrained["encoder.layers.3.blocks.1.attention.self.continuous_position_bias_mlp.0.weight"]
+    moved = (ckpt["state_dict"]["model.layers.3.blocks.1.attn.cpb_mlp.0.weight"] - theirs).abs().max()
+    assert moved < 1e-3  # two AdamW steps at lr <= 8e-5 from the pretrained weights
+
+
 def test_missing_pretrained_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist; run scripts/pretrain.py first"):
         finetune_script.main([f"output_dir={tmp_path}", f"pretrained={tmp_path}/none.pth"])
-    with pytest.raises(ConfigError, match="is a folder; pass a checkpoint file in it .*encoder.pth"):
+    with pytest.raises(ConfigError, match=r"is a folder without config.json \(not a transformers Swinv2 folder\); "
+                                          r"pass a checkpoint file in it .*encoder.pth"):
         finetune_script.main([f"output_dir={tmp_path}", f"pretrained={tmp_path}"])  # was: "does not exist"
 
 

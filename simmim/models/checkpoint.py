@@ -9,6 +9,9 @@ Accepted checkpoints (detected by `detect_layout`, converted to our parameter na
 - `official-swinv2`: microsoft/Swin-Transformer classification, `{"model": {plain keys, "head.*"}}`
 - `timm`: a timm SwinV2 state dict (bare or under "state_dict" / "model"): patch merging at the start of the
   next stage (`layers.{i+1}.downsample`) and the classifier as `head.fc`.
+- `hf`: transformers' Swinv2 (`Swinv2Model`, `Swinv2ForImageClassification`, `Swinv2ForMaskedImageModeling`):
+  a folder as `save_pretrained` writes it (config.json, model.safetensors or pytorch_model.bin; the model
+  arguments come from config.json), or its state dict alone.
 
 Each can also be a `.safetensors` file (bare state dicts, e.g. timm's or `scripts/export.py format=timm`).
 `encoder_from_checkpoint` and `simmim_from_checkpoint` build the model a checkpoint holds (from the config our
@@ -36,7 +39,7 @@ from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
            "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
-           "SIMMIM_LAYOUTS"]
+           "SIMMIM_LAYOUTS", "HF_CONFIG", "hf_key", "read_hf_folder"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
@@ -68,13 +71,16 @@ class LoadReport:
 
 def read_checkpoint(source: str | Path | Mapping) -> dict:
     """A checkpoint as a dict: loaded on CPU from a path (weights only first; full unpickling for Lightning
-    checkpoints whose hyperparameters hold other objects; `.safetensors` files by `read_safetensors`), or
-    returned as is."""
+    checkpoints whose hyperparameters hold other objects; `.safetensors` files by `read_safetensors`,
+    transformers folders by `read_hf_folder`), or returned as is."""
     if isinstance(source, Mapping):
         return dict(source)
+    if (Path(source) / "config.json").is_file():
+        return read_hf_folder(source)
     if not Path(source).is_file():
-        what = "is a folder" if Path(source).is_dir() else "does not exist"
-        raise FileNotFoundError(f"checkpoint {source} {what}; pass the path of a .ckpt, .pth or .safetensors file")
+        what = "is a folder without config.json" if Path(source).is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {source} {what}; pass the path of a .ckpt, .pth or .safetensors file "
+                                f"or of a transformers Swinv2 folder")
     if Path(source).suffix == ".safetensors":
         return read_safetensors(source)
     try:
@@ -109,6 +115,112 @@ def read_safetensors(path: str | Path) -> dict:
     return tensors
 
 
+# ------------------------------------------------------------------------------------------ transformers
+HF_BLOCK = {  # our names inside a block -> transformers' Swinv2Layer names
+    "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+    "attn.logit_scale": "attention.self.logit_scale", "attn.cpb_mlp": "attention.self.continuous_position_bias_mlp",
+    "attn.q_bias": "attention.self.query.bias", "attn.v_bias": "attention.self.value.bias",
+    "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
+}
+HF_TOP = {"patch_embed.proj": "embeddings.patch_embeddings.projection", "patch_embed.norm": "embeddings.norm",
+          "norm": "layernorm"}
+HF_CONFIG = {  # our SwinTransformerV2 arguments -> transformers' Swinv2Config keys
+    "img_size": "image_size", "patch_size": "patch_size", "in_chans": "num_channels", "embed_dim": "embed_dim",
+    "depths": "depths", "num_heads": "num_heads", "window_size": "window_size",
+    "pretrained_window_sizes": "pretrained_window_sizes", "mlp_ratio": "mlp_ratio", "qkv_bias": "qkv_bias",
+    "drop_rate": "hidden_dropout_prob", "attn_drop_rate": "attention_probs_dropout_prob",
+    "drop_path_rate": "drop_path_rate",
+}
+
+
+def hf_key(key: str) -> str:
+    """Our encoder parameter name -> transformers' `Swinv2Model` name (the fused qkv weight aside)."""
+    block = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+    if block:
+        stage, index, rest = block.groups()
+        for ours, theirs in HF_BLOCK.items():
+            if rest == ours or rest.startswith(ours + "."):
+                return f"encoder.layers.{stage}.blocks.{index}.{theirs}{rest[len(ours):]}"
+    elif key.startswith("layers."):  # layers.{i}.downsample.*: merging at the end of a stage, as ours
+        return "encoder." + key
+    else:
+        for ours, theirs in HF_TOP.items():
+            if key.startswith(ours + "."):
+                return theirs + key[len(ours):]
+    raise ValueError(f"no transformers Swinv2 parameter for {key}; export format=official instead")
+
+
+def _key_from_hf(key: str) -> str:
+    """transformers' `Swinv2Model` name -> ours (`hf_key` backwards); other names are returned as they are."""
+    block = re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+    if block:
+        stage, index, rest = block.groups()
+        for ours, theirs in HF_BLOCK.items():
+            if rest == theirs or rest.startswith(theirs + "."):
+                return f"layers.{stage}.blocks.{index}.{ours}{rest[len(theirs):]}"
+    elif key.startswith("encoder.layers."):
+        return key.removeprefix("encoder.")
+    for ours, theirs in HF_TOP.items():
+        if key.startswith(theirs + "."):
+            return ours + key[len(theirs):]
+    return key
+
+
+def read_hf_folder(folder: str | Path) -> dict:
+    """A transformers Swinv2 folder (config.json, model.safetensors or pytorch_model.bin) as `{"model": its state
+    dict, "config": {"model": our SwinTransformerV2 arguments from config.json}}`."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as error:
+        raise ValueError(f"cannot read {folder / 'config.json'} ({error}); pass a folder written by "
+                         f"transformers' save_pretrained") from None
+    if config.get("model_type") != "swinv2":
+        raise ValueError(f"{folder / 'config.json'} has model_type {config.get('model_type')!r}; pass a transformers "
+                         f"Swinv2 folder (model_type swinv2)")
+    if config.get("use_absolute_embeddings"):
+        raise ValueError(f"{folder / 'config.json'} has use_absolute_embeddings=true, which SwinV2 does not use and "
+                         f"this encoder does not read")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            weights = read_checkpoint(folder / name)
+            break
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin; pass a folder written by "
+                                f"transformers' save_pretrained (sharded weights: save it again unsharded)")
+    model = {ours: config[theirs] for ours, theirs in HF_CONFIG.items() if theirs in config}
+    if not any(model.get("pretrained_window_sizes") or []):  # zeros: the windows it was trained with (model_config)
+        model.pop("pretrained_window_sizes", None)
+    return {"model": weights, "config": {"model": model}}
+
+
+def _is_hf(state_dict: Mapping) -> bool:
+    return any(key.endswith("embeddings.patch_embeddings.projection.weight") for key in state_dict)
+
+
+def _from_hf(ckpt: Mapping) -> dict:
+    """transformers' names -> ours: `swinv2.` dropped, query / key / value weights fused into qkv, the classifier
+    as `head.*`; the MIM decoder and the buffers transformers keeps are left out."""
+    plain = _plain_state_dict(ckpt)
+    prefix = "swinv2." if _has_prefix(plain, "swinv2.") else ""
+    converted, qkv = {}, {}
+    for key, value in plain.items():
+        if key.startswith("classifier."):
+            converted[HEAD_PREFIX + key.removeprefix("classifier.")] = value
+        elif not key.startswith(prefix) or key.startswith("decoder."):  # Swinv2ForMaskedImageModeling's decoder
+            continue
+        elif key.endswith(("relative_coords_table", "relative_position_index")):
+            continue
+        elif attn := re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\.(query|key|value)\.weight$",
+                              key[len(prefix):]):
+            qkv.setdefault(f"layers.{attn[1]}.blocks.{attn[2]}.", {})[attn[3]] = value
+        else:
+            converted[_key_from_hf(key[len(prefix):])] = value
+    for block, parts in qkv.items():
+        converted[block + "attn.qkv.weight"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return converted
+
+
 # ------------------------------------------------------------------------------------------------ layouts
 def _has_prefix(state_dict: Mapping, prefix: str) -> bool:
     return any(key.startswith(prefix) for key in state_dict)
@@ -135,6 +247,8 @@ def _is_timm(state_dict: Mapping) -> bool:
 
 def detect_layout(ckpt: Mapping) -> str:
     """The layout name of a loaded checkpoint (see the module docstring); ValueError when none fits."""
+    if _is_hf(_plain_state_dict(ckpt)):
+        return "hf"
     state_dict = ckpt.get("state_dict")
     if isinstance(state_dict, Mapping):
         if _has_prefix(state_dict, "simmim.encoder."):
@@ -149,7 +263,7 @@ def detect_layout(ckpt: Mapping) -> str:
         return "timm" if _is_timm(plain) else "official-swinv2"
     raise ValueError(f"unrecognized checkpoint layout (top-level keys {list(ckpt)[:8]}); expected a SimMIM or "
                      f"fine-tune Lightning checkpoint, an exported/official SimMIM file, an official SwinV2 "
-                     f"checkpoint or a timm SwinV2 state dict")
+                     f"checkpoint, a timm SwinV2 state dict or a transformers Swinv2 folder")
 
 
 def _from_lightning_simmim(ckpt: Mapping) -> dict:
@@ -184,6 +298,7 @@ CONVERTERS = {
     "official-simmim": _from_simmim,
     "official-swinv2": _from_official_swinv2,
     "timm": _from_timm,
+    "hf": _from_hf,
 }
 
 

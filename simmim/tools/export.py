@@ -27,8 +27,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from simmim.models.checkpoint import (SIMMIM_LAYOUTS, checkpoint_weights, detect_layout, load_pretrained,
-                                      model_config, read_checkpoint, saved_simmim_config, simmim_from_checkpoint)
+from simmim.models.checkpoint import (HF_CONFIG, SIMMIM_LAYOUTS, checkpoint_weights, detect_layout, hf_key,
+                                      load_pretrained, model_config, read_checkpoint, saved_simmim_config,
+                                      simmim_from_checkpoint)
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 from simmim.train.checkpoint_io import atomic_save
 from simmim.train.config import ConfigError, model_section, options_from_argv
@@ -83,32 +84,6 @@ def timm_kwargs(config: Mapping) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ transformers
-_HF_BLOCK = {  # our names inside a block -> transformers' Swinv2Layer names
-    "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
-    "attn.logit_scale": "attention.self.logit_scale", "attn.cpb_mlp": "attention.self.continuous_position_bias_mlp",
-    "attn.q_bias": "attention.self.query.bias", "attn.v_bias": "attention.self.value.bias",
-    "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
-}
-_HF_TOP = {"patch_embed.proj": "embeddings.patch_embeddings.projection", "patch_embed.norm": "embeddings.norm",
-           "norm": "layernorm"}
-
-
-def _hf_key(key: str) -> str:
-    block = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
-    if block:
-        stage, index, rest = block.groups()
-        for ours, theirs in _HF_BLOCK.items():
-            if rest == ours or rest.startswith(ours + "."):
-                return f"encoder.layers.{stage}.blocks.{index}.{theirs}{rest[len(ours):]}"
-    elif key.startswith("layers."):  # layers.{i}.downsample.*: merging at the end of a stage, as ours
-        return "encoder." + key
-    else:
-        for ours, theirs in _HF_TOP.items():
-            if key.startswith(ours + "."):
-                return theirs + key[len(ours):]
-    raise ValueError(f"no transformers Swinv2 parameter for {key}; export format=official instead")
-
-
 def to_hf(state_dict: Mapping) -> dict:
     """Our keys -> transformers' `Swinv2Model` keys; the fused qkv weight is split into query, key and value
     (the key projection has no bias, as in the official code). With a classifier head the keys are those of
@@ -120,11 +95,11 @@ def to_hf(state_dict: Mapping) -> dict:
         if key.startswith("head."):
             out["classifier." + key.removeprefix("head.")] = value
         elif key.endswith(".attn.qkv.weight"):
-            base = _hf_key(key.replace("attn.qkv.weight", "attn.q_bias")).removesuffix("query.bias")
+            base = hf_key(key.replace("attn.qkv.weight", "attn.q_bias")).removesuffix("query.bias")
             for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
                 out[f"{prefix}{base}{name}.weight"] = part.contiguous()
         else:
-            out[prefix + _hf_key(key)] = value
+            out[prefix + hf_key(key)] = value
     return out
 
 
@@ -137,13 +112,10 @@ def hf_config(config: Mapping, num_classes: int = 0) -> dict:
     hf = {
         "model_type": "swinv2",
         "architectures": ["Swinv2ForImageClassification" if num_classes else "Swinv2Model"],
-        "image_size": cfg["img_size"], "patch_size": cfg["patch_size"], "num_channels": cfg["in_chans"],
-        "embed_dim": cfg["embed_dim"], "depths": depths, "num_heads": list(cfg["num_heads"]),
-        "window_size": cfg["window_size"],
+        **{theirs: cfg[ours] for ours, theirs in HF_CONFIG.items()},
+        "depths": depths, "num_heads": list(cfg["num_heads"]),
         "pretrained_window_sizes": list(cfg["pretrained_window_sizes"] or [0] * len(depths)),
-        "mlp_ratio": cfg["mlp_ratio"], "qkv_bias": cfg["qkv_bias"], "hidden_act": "gelu",
-        "hidden_dropout_prob": cfg["drop_rate"], "attention_probs_dropout_prob": cfg["attn_drop_rate"],
-        "drop_path_rate": cfg["drop_path_rate"], "use_absolute_embeddings": False, "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu", "use_absolute_embeddings": False, "layer_norm_eps": 1e-5,
         "encoder_stride": cfg["patch_size"] * 2 ** (len(depths) - 1),
     }
     if num_classes:
