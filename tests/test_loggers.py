@@ -122,16 +122,28 @@ def mlflow_runs(run: Path) -> dict:
             for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
 
 
+def mlflow_params(run: Path, run_id: str) -> dict:
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{run / 'mlflow.db'}").get_run(run_id).data.params
+
+
 @pytest.mark.slow
 def test_every_start_of_a_run_continues_its_wandb_and_mlflow_runs(tmp_path, offline):
     """Run A for one epoch, run B, then A again for a second epoch, all in this process (as from a notebook): A's
     MLflow run holds the steps of both its starts, as its metrics.csv does, both W&B starts of A write the run its
-    logger_runs.json names, and B has runs of its own. (Before: a new W&B and MLflow run per start; B logged into
+    logger_runs.json names, and B has runs of its own; both have the resolved recipe (W&B the latest start's,
+    MLflow the first value of each key). (Before: a new W&B and MLflow run per start; B logged into
     A's W&B run, which Lightning leaves open; A's second start failed on MLflow's ./mlruns: MLflow had set
     MLFLOW_TRACKING_URI to the first store.)"""
     for name, epochs, workers in (("a", 1, 0), ("b", 1, 0), ("a", 2, 1)):  # a parameter changed: MLflow keeps 0
         pretrain.main(fast_args(tmp_path, "logging.loggers=[csv,wandb,mlflow]", f"run_name={name}",
                                 f"trainer.max_epochs={epochs}", f"data.num_workers={workers}"))
+    import wandb
+    assert dict(wandb.run.config["recipe"]["trainer"]) == {**dict(load_config("pretrain").trainer),  # A's second
+                                                           "max_epochs": 2, "limit_train_batches": 3,
+                                                           "limit_val_batches": 1, "log_every_n_steps": 1,
+                                                           "enable_progress_bar": False}
     for name, starts, steps in (("a", 2, [0, 1, 2, 3, 4, 5]), ("b", 1, [0, 1, 2])):
         run = tmp_path / name
         runs = json.loads((run / "logger_runs.json").read_text())
@@ -139,6 +151,8 @@ def test_every_start_of_a_run_continues_its_wandb_and_mlflow_runs(tmp_path, offl
         loss, step = header.index("train/loss"), header.index("step")
         assert [int(row[step]) for row in rows if row[loss]] == steps
         assert mlflow_runs(run) == {runs["mlflow"]: ("FINISHED", steps)}
+        params = mlflow_params(run, runs["mlflow"])
+        assert params["recipe/run_name"] == name and params["recipe/trainer/max_epochs"] == "1"  # A: its first
         wandb_starts = list((run / "wandb").glob("offline-run-*"))
         assert len(wandb_starts) == starts and all(p.name.endswith(f"-{runs['wandb']}") for p in wandb_starts)
 

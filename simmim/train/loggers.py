@@ -32,7 +32,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from simmim.train.config import ConfigError
 from simmim.train.run_dir import AppendingCSVLogger, launch_rank
 
-__all__ = ["LOGGER_NAMES", "check_loggers_and_callbacks", "build_loggers", "build_callbacks", "log_image"]
+__all__ = ["LOGGER_NAMES", "check_loggers_and_callbacks", "build_loggers", "build_callbacks", "log_recipe",
+           "log_image"]
 
 LOGGER_NAMES = ("tensorboard", "csv", "wandb", "mlflow")
 PROJECT = "swinv2-simmim"  # the wandb project / mlflow experiment of the named loggers
@@ -232,6 +233,16 @@ def _read_runs(path: Path) -> dict:
     except (OSError, ValueError) as error:
         rank_zero_warn(f"{path} cannot be read ({error}): W&B and MLflow log to new runs, recorded there anew")
         return {}
+
+
+def log_recipe(loggers: list[Logger], cfg: DictConfig) -> None:
+    """The resolved recipe as the `recipe` hyperparameters of the W&B and MLflow loggers (rank 0), beside the
+    module's and the data's arguments that Lightning logs: run settings such as trainer.devices or the recipe's
+    name show in their run tables. (TensorBoard and CSV runs have it in config.yaml.)"""
+    recipe = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        if isinstance(logger, (WandbLogger, MLFlowLogger)):
+            logger.log_hyperparams({"recipe": recipe})
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:

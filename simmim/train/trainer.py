@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from simmim.train.checkpoint_io import AtomicCheckpointIO
-from simmim.train.loggers import build_callbacks, build_loggers
+from simmim.train.loggers import build_callbacks, build_loggers, log_recipe
 from simmim.train.resume import ExactResume
 from simmim.train.speed import set_tf32
 from simmim.train.strategies import build_strategy
@@ -28,8 +28,8 @@ from simmim.train.strategies import build_strategy
 def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callbacks: list = ()) -> pl.Trainer:
     """A Trainer from `cfg.trainer` with the loggers and extra callbacks of the recipe (`build_loggers`,
     `build_callbacks`: TensorBoard and CSV under run_dir by default, both appended to by resumed and repeated
-    runs) that keeps the checkpoints of `checkpoint_callbacks`, written atomically. `trainer.strategy` names are
-    resolved by `simmim.train.strategies.build_strategy`. `trainer.tf32` is ours, not a Trainer argument:
+    runs; `log_recipe` sends W&B and MLflow the recipe) that keeps the checkpoints of `checkpoint_callbacks`,
+    written atomically. `trainer.strategy` names are resolved by `simmim.train.strategies.build_strategy`. `trainer.tf32` is ours, not a Trainer argument:
     `simmim.train.speed.set_tf32`. In a SLURM job, Lightning's own requeue on SIGUSR1 (a checkpoint saved from
     inside its signal handler, mid-step, which resume=auto does not read) is off: `SignalCheckpoint` does it."""
     trainer_args = OmegaConf.to_container(cfg.trainer)
@@ -43,6 +43,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
         plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         **trainer_args)
     set_tf32(tf32, trainer.strategy.root_device)
+    log_recipe(trainer.loggers, cfg)
     return trainer
 
 
