@@ -155,14 +155,15 @@ def test_hf_export_of_a_pretraining_checkpoint(tmp_path):
 @pytest.mark.parametrize("kind", ["Swinv2ForImageClassification", "Swinv2Model", "Swinv2ForMaskedImageModeling"])
 def test_a_transformers_folder_is_read_with_its_config_and_gives_its_outputs(tmp_path, kind):
     """A transformers Swinv2 (random weights, not its init; window 8 over pretrained windows 4) saved with
-    save_pretrained: our readers take the folder, build the model from config.json and give transformers' outputs
+    save_pretrained in shards: our readers take the folder, build the model from config.json and give transformers' outputs
     (the classifier's logits; the MIM model's encoder, its decoder left out)."""
     import transformers
     config = transformers.Swinv2Config(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2],
                                        num_heads=[2, 2, 4, 8], window_size=8, pretrained_window_sizes=[4, 4, 4, 2],
                                        num_labels=5)
     hf = randomize_(getattr(transformers, kind)(config), seed=3).eval()
-    hf.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # as large models are saved: in shards
+    assert len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) > 1
     model, built = encoder_for_export(tmp_path / "hf")
     assert detect_layout(read_checkpoint(tmp_path / "hf")) == "hf"
     assert built["window_size"] == 8 and built["pretrained_window_sizes"] == [4, 4, 4, 2]
@@ -212,7 +213,7 @@ def test_export_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="has model_type 'vit'; pass a transformers Swinv2 folder"):
         main([f"checkpoint={tmp_path}", "format=timm", "out=x.safetensors"])
     (tmp_path / "config.json").write_text('{"model_type": "swinv2"}')
-    with pytest.raises(FileNotFoundError, match="has no model.safetensors or pytorch_model.bin"):
+    with pytest.raises(FileNotFoundError, match=r"has no model.safetensors or pytorch_model.bin \(nor their "):
         main([f"checkpoint={tmp_path}", "format=timm", "out=x.safetensors"])
 
 

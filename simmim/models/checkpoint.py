@@ -10,7 +10,7 @@ Accepted checkpoints (detected by `detect_layout`, converted to our parameter na
 - `timm`: a timm SwinV2 state dict (bare or under "state_dict" / "model"): patch merging at the start of the
   next stage (`layers.{i+1}.downsample`) and the classifier as `head.fc`.
 - `hf`: transformers' Swinv2 (`Swinv2Model`, `Swinv2ForImageClassification`, `Swinv2ForMaskedImageModeling`):
-  a folder as `save_pretrained` writes it (config.json, model.safetensors or pytorch_model.bin; the model
+  a folder as `save_pretrained` writes it (config.json, model.safetensors or pytorch_model.bin, also sharded; the model
   arguments come from config.json), or its state dict alone.
 
 Each can also be a `.safetensors` file (bare state dicts, e.g. timm's or `scripts/export.py format=timm`).
@@ -167,7 +167,7 @@ def _key_from_hf(key: str) -> str:
 
 
 def read_hf_folder(folder: str | Path) -> dict:
-    """A transformers Swinv2 folder (config.json, model.safetensors or pytorch_model.bin) as `{"model": its state
+    """A transformers Swinv2 folder (config.json, weights: `_hf_weights`) as `{"model": its state
     dict, "config": {"model": our SwinTransformerV2 arguments from config.json}}`."""
     folder = Path(folder)
     try:
@@ -181,17 +181,29 @@ def read_hf_folder(folder: str | Path) -> dict:
     if config.get("use_absolute_embeddings"):
         raise ValueError(f"{folder / 'config.json'} has use_absolute_embeddings=true, which SwinV2 does not use and "
                          f"this encoder does not read")
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            weights = read_checkpoint(folder / name)
-            break
-    else:
-        raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin; pass a folder written by "
-                                f"transformers' save_pretrained (sharded weights: save it again unsharded)")
+    weights = _hf_weights(folder)
     model = {ours: config[theirs] for ours, theirs in HF_CONFIG.items() if theirs in config}
     if not any(model.get("pretrained_window_sizes") or []):  # zeros: the windows it was trained with (model_config)
         model.pop("pretrained_window_sizes", None)
     return {"model": weights, "config": {"model": model}}
+
+
+def _hf_weights(folder: Path) -> dict:
+    """The state dict of a transformers folder: model.safetensors or pytorch_model.bin, whole or in the shards
+    that its `.index.json` lists."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return read_checkpoint(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"cannot read {index} ({type(error).__name__}: {error}); pass a folder written by "
+                                 f"transformers' save_pretrained") from None
+            return {key: value for shard in shards for key, value in read_checkpoint(folder / shard).items()}
+    raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin (nor their .index.json); pass "
+                            f"a folder written by transformers' save_pretrained")
 
 
 def _is_hf(state_dict: Mapping) -> bool:
