@@ -10,8 +10,8 @@ Accepted checkpoints (detected by `detect_layout`, converted to our parameter na
 - `timm`: a timm SwinV2 state dict (bare or under "state_dict" / "model"): patch merging at the start of the
   next stage (`layers.{i+1}.downsample`) and the classifier as `head.fc`.
 - `hf`: transformers' Swinv2 (`Swinv2Model`, `Swinv2ForImageClassification`, `Swinv2ForMaskedImageModeling`):
-  a folder as `save_pretrained` writes it (config.json, model.safetensors or pytorch_model.bin, also sharded; the model
-  arguments come from config.json), or its state dict alone.
+  a folder as `save_pretrained` writes it (config.json, model.safetensors or pytorch_model.bin, also sharded;
+  the model arguments come from config.json), or its state dict alone.
 
 Each can also be a `.safetensors` file (bare state dicts, e.g. timm's or `scripts/export.py format=timm`).
 `encoder_from_checkpoint` and `simmim_from_checkpoint` build the model a checkpoint holds (from the config our
