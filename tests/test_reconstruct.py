@@ -113,7 +113,8 @@ def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module):
     missing = tmp_path / "none.pth"
     result = run_script("simmim.tools.reconstruct", f"checkpoint={missing}", f"images={images}")
     assert result.returncode == 1 and result.stderr == (f"error: checkpoint {missing} does not exist; pass the path "
-                                                        f"of a .ckpt, .pth or .safetensors file\n")
+                                                        f"of a .ckpt, .pth or .safetensors file or of a transformers "
+                                                        f"Swinv2 folder\n")
 
 
 def test_undecodable_files_are_skipped_with_a_count(tmp_path, images, module):
