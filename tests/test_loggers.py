@@ -189,10 +189,11 @@ def test_wandb_and_mlflow_runs_are_recorded_continued_and_replaced(tmp_path, off
         _, mlflow = build_loggers(cfg, tmp_path)
     assert mlflow.run_id != runs["mlflow"] and json.loads(record.read_text()) == {**runs, "mlflow": mlflow.run_id}
 
-    record.write_text("{")
-    with pytest.warns(UserWarning, match=f"{record} cannot be read .*: W&B and MLflow log to new runs"):
-        wandb, _ = build_loggers(cfg, tmp_path)
-    assert wandb.version != runs["wandb"] and json.loads(record.read_text())["wandb"] == wandb.version
+    for broken in ("{", '{"wandb": 5, "mlflow": 7}', '{"wandb": "a/b c"}'):  # edited by hand
+        record.write_text(broken)
+        with pytest.warns(UserWarning, match=f"{record} cannot be read .*: W&B and MLflow log to new runs"):
+            wandb, _ = build_loggers(cfg, tmp_path)
+        assert wandb.version != runs["wandb"] and json.loads(record.read_text())["wandb"] == wandb.version
 
     record.unlink()
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -225,9 +226,12 @@ def _read_runs(path: Path) -> dict:
     """What `path` records ({} when there is no such file; a warning when it cannot be read)."""
     try:
         runs = json.loads(path.read_text())
-        if isinstance(runs, dict):
-            return runs
-        raise ValueError("not a JSON object")
+        if not isinstance(runs, dict):
+            raise ValueError("not a JSON object")
+        for name, run_id in runs.items():
+            if not (isinstance(run_id, str) and re.fullmatch(r"[\w-]+", run_id)):
+                raise ValueError(f"{name}: {run_id!r} is not a run id")
+        return runs
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as error:
