@@ -212,6 +212,10 @@ def test_export_arguments_are_checked(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "vit"}')
     with pytest.raises(ValueError, match="has model_type 'vit'; pass a transformers Swinv2 folder"):
         main([f"checkpoint={tmp_path}", "format=timm", "out=x.safetensors"])
+    for key, value in (("hidden_act", '"relu"'), ("layer_norm_eps", "0.01")):  # were silently taken as ours
+        (tmp_path / "config.json").write_text(f'{{"model_type": "swinv2", "{key}": {value}}}')
+        with pytest.raises(ValueError, match=f"has {key}=.*; this encoder has .* only"):
+            main([f"checkpoint={tmp_path}", "format=timm", "out=x.safetensors"])
     (tmp_path / "config.json").write_text('{"model_type": "swinv2"}')
     with pytest.raises(FileNotFoundError, match=r"has no model.safetensors or pytorch_model.bin \(nor their "):
         main([f"checkpoint={tmp_path}", "format=timm", "out=x.safetensors"])

@@ -48,6 +48,7 @@ def test_callbacks_from_the_recipe_command_line():
     ("trainer.logger=false", "trainer.logger clashes with the run's loggers; set logging.loggers="),
     ("trainer.callbacks=[]", "trainer.callbacks clashes with the run's callbacks; add yours as callbacks="),
     ("logging.loggers=[tensorbord]", "logging.loggers names 'tensorbord'; use tensorboard, csv, wandb, mlflow"),
+    ("logging.loggers=wandb", r"logging.loggers=wandb is not a list; write logging.loggers=\[wandb\]"),
     ("callbacks=[EarlyStopping]", "callbacks entry 'EarlyStopping' is not {class_path: ..., init_args: {...}}"),
     ("callbacks=[{class_path: NoSuchCallback}]", "callbacks: cannot import NoSuchCallback"),
     ("callbacks=[{class_path: pytorch_lightning.loggers.CSVLogger}]", "is not a pytorch_lightning"),

@@ -181,6 +181,10 @@ def read_hf_folder(folder: str | Path) -> dict:
     if config.get("use_absolute_embeddings"):
         raise ValueError(f"{folder / 'config.json'} has use_absolute_embeddings=true, which SwinV2 does not use and "
                          f"this encoder does not read")
+    for name, ours in (("hidden_act", "gelu"), ("layer_norm_eps", 1e-5)):  # fixed in this encoder
+        if config.get(name, ours) != ours:
+            raise ValueError(f"{folder / 'config.json'} has {name}={config[name]!r}; this encoder has {ours} only (its "
+                             f"outputs would differ)")
     weights = _hf_weights(folder)
     model = {ours: config[theirs] for ours, theirs in HF_CONFIG.items() if theirs in config}
     if not any(model.get("pretrained_window_sizes") or []):  # zeros: the windows it was trained with (model_config)

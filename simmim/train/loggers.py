@@ -95,8 +95,11 @@ def _instantiate(resolved: tuple[str, type, dict], key: str):
         raise ConfigError(f"{key}: {class_path}(**{init_args}) failed: {error}") from error
 
 
-def _entries(node) -> list:
-    return list((OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node) or [])
+def _entries(node, key: str) -> list:
+    entries = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if isinstance(entries, (str, Mapping)):
+        raise ConfigError(f"{key}={entries} is not a list; write {key}=[{entries}]")
+    return list(entries or [])
 
 
 def _logger_entries(cfg: DictConfig) -> list:
@@ -106,7 +109,7 @@ def _logger_entries(cfg: DictConfig) -> list:
                           "wandb,mlflow] (names or {class_path, init_args}), or logging.loggers=[] for none")
     logging = cfg.get("logging") or {}
     checked = []
-    for entry in _entries(logging.get("loggers", ["tensorboard", "csv"])):
+    for entry in _entries(logging.get("loggers", ["tensorboard", "csv"]), "logging.loggers"):
         if not isinstance(entry, str):
             entry = _resolve(entry, "logging.loggers", "pytorch_lightning.loggers", Logger)
         elif entry not in LOGGER_NAMES:
@@ -128,7 +131,7 @@ def _callback_entries(cfg: DictConfig) -> list:
         raise ConfigError("trainer.callbacks clashes with the run's callbacks; add yours as callbacks=[{class_path: "
                           "EarlyStopping, init_args: {monitor: val/loss}}]")
     return [_resolve(entry, "callbacks", "pytorch_lightning.callbacks", pl.Callback)
-            for entry in _entries(cfg.get("callbacks"))]
+            for entry in _entries(cfg.get("callbacks"), "callbacks")]
 
 
 def check_loggers_and_callbacks(cfg: DictConfig) -> None:
