@@ -133,37 +133,36 @@ HF_CONFIG = {  # our SwinTransformerV2 arguments -> transformers' Swinv2Config k
 }
 
 
+def _swap(name: str, pairs) -> str | None:
+    """`name` with the first prefix of `pairs` ((from, to): whole name or up to a dot) replaced; None if none fits."""
+    for old, new in pairs:
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return None
+
+
 def hf_key(key: str) -> str:
     """Our encoder parameter name -> transformers' `Swinv2Model` name (the fused qkv weight aside)."""
     block = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
     if block:
-        stage, index, rest = block.groups()
-        for ours, theirs in HF_BLOCK.items():
-            if rest == ours or rest.startswith(ours + "."):
-                return f"encoder.layers.{stage}.blocks.{index}.{theirs}{rest[len(ours):]}"
-    elif key.startswith("layers."):  # layers.{i}.downsample.*: merging at the end of a stage, as ours
-        return "encoder." + key
-    else:
-        for ours, theirs in HF_TOP.items():
-            if key.startswith(ours + "."):
-                return theirs + key[len(ours):]
-    raise ValueError(f"no transformers Swinv2 parameter for {key}; export format=official instead")
+        rest = _swap(block[3], HF_BLOCK.items())
+        name = rest and f"encoder.layers.{block[1]}.blocks.{block[2]}.{rest}"
+    else:  # layers.{i}.downsample.*: merging at the end of a stage, as ours
+        name = "encoder." + key if key.startswith("layers.") else _swap(key, HF_TOP.items())
+    if name is None:
+        raise ValueError(f"no transformers Swinv2 parameter for {key}; export format=official instead")
+    return name
 
 
 def _key_from_hf(key: str) -> str:
     """transformers' `Swinv2Model` name -> ours (`hf_key` backwards); other names are returned as they are."""
     block = re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
     if block:
-        stage, index, rest = block.groups()
-        for ours, theirs in HF_BLOCK.items():
-            if rest == theirs or rest.startswith(theirs + "."):
-                return f"layers.{stage}.blocks.{index}.{ours}{rest[len(theirs):]}"
-    elif key.startswith("encoder.layers."):
+        rest = _swap(block[3], [(theirs, ours) for ours, theirs in HF_BLOCK.items()])
+        return f"layers.{block[1]}.blocks.{block[2]}.{rest}" if rest else key
+    if key.startswith("encoder.layers."):
         return key.removeprefix("encoder.")
-    for ours, theirs in HF_TOP.items():
-        if key.startswith(theirs + "."):
-            return ours + key[len(theirs):]
-    return key
+    return _swap(key, [(theirs, ours) for ours, theirs in HF_TOP.items()]) or key
 
 
 def read_hf_folder(folder: str | Path) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger, MLFlowLogger, WandbLogger
+from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.train.config import ConfigError
@@ -46,10 +46,8 @@ TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")  # as the process started: 
 
 def _named(name: str, run_dir: Path, run_name: str) -> tuple[str, type, dict]:
     """A `LOGGER_NAMES` name -> (class_path, class, init_args) of a logger writing under `run_dir`."""
-    from pytorch_lightning import loggers
-
     if name == "tensorboard":
-        return name, loggers.TensorBoardLogger, dict(save_dir=run_dir, name="tensorboard", version="")
+        return name, TensorBoardLogger, dict(save_dir=run_dir, name="tensorboard", version="")
     if name == "csv":  # a resumed run appends
         return name, AppendingCSVLogger, dict(save_dir=run_dir, name="csv", version="")
     if name == "wandb":  # offline runs: WANDB_MODE=offline
@@ -260,13 +258,11 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 def log_image(logger: Logger, key: str, image: np.ndarray, step: int) -> bool:
     """Send an RGB uint8 picture (H, W, 3) to `logger` if it takes images (TensorBoard, W&B, MLflow); returns
     whether it did."""
-    from pytorch_lightning import loggers
-
-    if isinstance(logger, loggers.TensorBoardLogger):
+    if isinstance(logger, TensorBoardLogger):
         logger.experiment.add_image(key, image, step, dataformats="HWC")
-    elif isinstance(logger, loggers.WandbLogger):
+    elif isinstance(logger, WandbLogger):
         logger.log_image(key=key, images=[image], step=step)
-    elif isinstance(logger, loggers.MLFlowLogger):
+    elif isinstance(logger, MLFlowLogger):
         logger.experiment.log_image(logger.run_id, image, f"{key}/step_{step:07d}.png")
     else:
         return False
