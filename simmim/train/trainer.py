@@ -29,9 +29,10 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
     """A Trainer from `cfg.trainer` with the loggers and extra callbacks of the recipe (`build_loggers`,
     `build_callbacks`: TensorBoard and CSV under run_dir by default, both appended to by resumed and repeated
     runs; `log_recipe` sends W&B and MLflow the recipe) that keeps the checkpoints of `checkpoint_callbacks`,
-    written atomically. `trainer.strategy` names are resolved by `simmim.train.strategies.build_strategy`. `trainer.tf32` is ours, not a Trainer argument:
-    `simmim.train.speed.set_tf32`. In a SLURM job, Lightning's own requeue on SIGUSR1 (a checkpoint saved from
-    inside its signal handler, mid-step, which resume=auto does not read) is off: `SignalCheckpoint` does it."""
+    written atomically. `trainer.strategy` names are resolved by `simmim.train.strategies.build_strategy`.
+    `trainer.tf32` is ours, not a Trainer argument: `simmim.train.speed.set_tf32`. In a SLURM job, Lightning's own
+    requeue on SIGUSR1 (a checkpoint saved from inside its signal handler, mid-step, which resume=auto does not
+    read) is off: `SignalCheckpoint` does it."""
     trainer_args = OmegaConf.to_container(cfg.trainer)
     tf32 = trainer_args.pop("tf32", False)
     trainer_args["strategy"] = build_strategy(trainer_args.get("strategy", "auto"), trainer_args.get("precision"))
