@@ -1,4 +1,5 @@
-"""What every script in scripts/ shares: running its command with one-line errors, the `device=` key."""
+"""What every script in scripts/ shares: running its command with one-line errors, the `device=` key, refusing
+to write over an output that exists."""
 from __future__ import annotations
 
 import errno
@@ -58,6 +59,16 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         sys.exit(128 + signal.SIGUSR1)
     finally:
         signal.signal(signal.SIGUSR1, found)
+
+
+def check_new_output(path: str | Path, overwrite: bool, key: str = "out") -> None:
+    """Raise ConfigError when `path` exists (a file, or a folder that is not empty) and overwrite is false: a tool
+    never writes over what a user already has unless told to."""
+    path = Path(path)
+    if overwrite or not path.exists() or path.is_dir() and not any(path.iterdir()):
+        return
+    what = "the folder" if path.is_dir() else "the file"
+    raise ConfigError(f"{key}={path}: {what} exists; give another {key}= or add overwrite=true to replace it")
 
 
 def resolve_device(name: str) -> torch.device:

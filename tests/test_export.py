@@ -221,6 +221,28 @@ def test_export_arguments_are_checked(tmp_path):
         main([f"checkpoint={tmp_path}", "format=timm", "out=x.safetensors"])
 
 
+def test_export_does_not_write_over_an_existing_out_unless_told(tmp_path):
+    """A file that exists (here the user's other weights) or a folder with files is left as it is: one line naming
+    out= and overwrite=true; an empty folder is written into; overwrite=true replaces."""
+    from simmim.train.config import ConfigError
+
+    _, path = classifier_file(tmp_path)
+    theirs = tmp_path / "theirs.safetensors"
+    theirs.write_bytes(b"the user's weights")
+    with pytest.raises(ConfigError, match=f"out={theirs}: the file exists; give another out= or add overwrite=true"):
+        main([f"checkpoint={path}", "format=timm", f"out={theirs}"])
+    assert theirs.read_bytes() == b"the user's weights"
+    main([f"checkpoint={path}", "format=timm", f"out={theirs}", "overwrite=true"])
+    assert "head.fc.weight" in load_file(theirs)
+
+    (tmp_path / "hf").mkdir()
+    main([f"checkpoint={path}", "format=hf", f"out={tmp_path / 'hf'}"])  # empty: nothing to lose
+    config = (tmp_path / "hf" / "config.json").read_text()
+    with pytest.raises(ConfigError, match="hf: the folder exists; give another out="):
+        main([f"checkpoint={path}", "format=hf", f"out={tmp_path / 'hf'}", "model.drop_path_rate=0.3"])
+    assert (tmp_path / "hf" / "config.json").read_text() == config
+
+
 def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):
     """The official implementation's weights and outputs (tests/data/swinv2_official_w8_pt4.pt, window 8 over
     pretrained windows 4): exported with model.* keys, transformers reproduces the official logits, and so does

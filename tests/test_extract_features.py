@@ -95,6 +95,17 @@ def test_folder_from_an_exported_encoder_to_npy(tmp_path, pretrained):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["layout"] == "exported-simmim" and meta["model"]["depths"] == [2, 2]
 
+    # a second run into the same folder is refused and changes nothing; overwrite=true replaces what it writes
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = [f"checkpoint={exported}", f"data.root={tmp_path / 'images'}", "format=npy", f"out={out}", *FAST]
+    with pytest.raises(ConfigError, match=f"out={out}: the folder exists; give another out= or add overwrite=true"):
+        extract_features.main(args + ["maps=true"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    extract_features.main(args + ["maps=true", "overwrite=true"])
+    assert np.load(out / "map1.npy").shape[:2] == (6, 32)
+    extract_features.main(args + ["overwrite=true"])  # the maps of the run it replaced do not stay
+    assert not list(out.glob("map*.npy")) and (out / "stage1.npy").exists()
+
 
 def test_fine_tuned_checkpoint_and_model_overrides(tmp_path, pretrained):
     """A classifier checkpoint (keys model.*, its config under hyper_parameters) loads without its head; a
@@ -111,6 +122,9 @@ def test_fine_tuned_checkpoint_and_model_overrides(tmp_path, pretrained):
     assert features["layout"] == "lightning-classifier"
     expected = expected_pooled(encoder, digit_images(digits_split()[1][:2]))
     assert torch.allclose(features["pooled"][:2], expected, atol=1e-5)
+    with pytest.raises(ConfigError, match=f"out={tmp_path / 'f.pt'}: the file exists; give another out= or add "):
+        extract_features.main([f"checkpoint={ckpt}", "data.source=digits", f"out={tmp_path / 'f'}", *FAST])
+    assert torch.load(tmp_path / "f.pt", weights_only=False)["layout"] == "lightning-classifier"
 
     with pytest.raises(ValueError, match="checkpoint does not match the model: .* is .*16.* in the checkpoint"):
         extract_features.main([f"checkpoint={ckpt}", "data.source=digits", "model.embed_dim=32", *FAST])

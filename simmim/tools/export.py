@@ -27,6 +27,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from simmim.cli import check_new_output
 from simmim.models.checkpoint import (HF_CONFIG, SIMMIM_LAYOUTS, checkpoint_weights, detect_layout, hf_key,
                                       load_pretrained, model_config, read_checkpoint, saved_simmim_config,
                                       simmim_from_checkpoint)
@@ -42,6 +43,7 @@ SCHEMA = {
     "checkpoint": None,       # required: any checkpoint simmim.models.checkpoint reads
     "format": None,           # required: timm | hf | official
     "out": None,              # required: a .safetensors file (timm), a folder (hf), a .pth file (official)
+    "overwrite": False,       # replace an existing out (hf: its config.json and model.safetensors)
     "model": model_section(),  # null: the checkpoint's value
 }
 # SwinTransformerV2 settings that neither timm's nor transformers' SwinV2 has: (argument, the value they build)
@@ -189,6 +191,7 @@ def main(argv: list[str]) -> None:
                           "encoder.pth format=timm out=swinv2.safetensors")
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
+    check_new_output(cfg.out, cfg.overwrite)
     overrides = OmegaConf.to_container(cfg.model)
     if cfg.format == "official":
         print(f"official layout: {export_official(cfg.checkpoint, overrides, cfg.out)}")

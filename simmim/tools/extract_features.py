@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from simmim.models.checkpoint import encoder_from_checkpoint
 from simmim.train.config import ConfigError, model_section, options_from_argv
 from simmim.data import ImageDataset, build_sources, digits_split, eval_transform
-from simmim.cli import resolve_device
+from simmim.cli import check_new_output, resolve_device
 
 SCHEMA = {
     "checkpoint": None,          # required: our .ckpt / encoder.pth, an official SimMIM or SwinV2 file, timm
@@ -51,6 +51,7 @@ SCHEMA = {
     "maps": False,               # also save the stage maps (N, C_i, H_i, W_i)
     "format": "pt",              # pt | npy
     "out": "features",
+    "overwrite": False,          # replace an existing out (features.pt, or the npy folder's files)
     "model": model_section(),    # null: the checkpoint's value
 }
 SPLITS = ("all", "train", "val")
@@ -104,6 +105,9 @@ def save(features: dict, out: Path, fmt: str) -> Path:
               **{f"map{i}": m for i, m in enumerate(features.get("maps", []))}}
     for name, tensor in arrays.items():
         np.save(out / f"{name}.npy", tensor.numpy())
+    for stale in [*out.glob("stage*.npy"), *out.glob("map*.npy")]:  # an overwritten run's arrays this one lacks
+        if stale.stem not in arrays:
+            stale.unlink()
     for name in ("paths", "splits"):
         (out / f"{name}.txt").write_text("".join(f"{line}\n" for line in features[name]))
     meta = {key: features[key] for key in ("feature_info", "model", "checkpoint", "layout")}
@@ -119,6 +123,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError("checkpoint= is required: our .ckpt or encoder.pth, or an official SimMIM / SwinV2 file")
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
+    check_new_output(Path(cfg.out).with_suffix(".pt") if cfg.format == "pt" else cfg.out, cfg.overwrite)
     device = resolve_device(cfg.device)
     encoder, model, report = encoder_from_checkpoint(cfg.checkpoint, OmegaConf.to_container(cfg.model))
     samples, ids, splits = samples_of(cfg, model["img_size"])
