@@ -192,10 +192,18 @@ def test_wandb_and_mlflow_runs_are_recorded_continued_and_replaced(tmp_path, off
 
     for broken in ("{", '{"wandb": 5, "mlflow": 7}', '{"wandb": "a/b c"}'):  # edited by hand
         record.write_text(broken)
-        with pytest.warns(UserWarning, match=f"{record} cannot be read .*: W&B and MLflow log to new runs"):
+        with pytest.warns(UserWarning, match=f"{record} cannot be read .*: W&B and MLflow log to new runs, recorded "
+                                             r"there anew \(the file is kept as logger_runs.unreadable-.*\.json\)"):
             wandb, _ = build_loggers(cfg, tmp_path)
         assert wandb.version != runs["wandb"] and json.loads(record.read_text())["wandb"] == wandb.version
+    assert sorted(p.read_text() for p in tmp_path.glob("logger_runs.unreadable-*.json")) == sorted(
+        ("{", '{"wandb": 5, "mlflow": 7}', '{"wandb": "a/b c"}'))  # each kept as the user left it
 
     record.unlink()
+    record.mkdir()
+    with pytest.raises(ValueError, match=f"{record} is a folder: .* move the folder away"):
+        build_loggers(cfg, tmp_path)
+    record.rmdir()
+
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert len(build_loggers(cfg, tmp_path)) == 2 and not record.exists()

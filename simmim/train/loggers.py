@@ -31,7 +31,7 @@ from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.train.config import ConfigError
-from simmim.train.run_dir import AppendingCSVLogger, launch_rank
+from simmim.train.run_dir import AppendingCSVLogger, launch_rank, utc_stamp
 
 __all__ = ["LOGGER_NAMES", "check_loggers_and_callbacks", "build_loggers", "build_callbacks", "log_recipe",
            "log_image"]
@@ -224,7 +224,11 @@ class RunMLFlowLogger(MLFlowLogger):
 
 
 def _read_runs(path: Path) -> dict:
-    """What `path` records ({} when there is no such file; a warning when it cannot be read)."""
+    """What `path` records ({} when there is no such file; when it cannot be read, a warning and the file moved
+    aside to `logger_runs.unreadable-<UTC time>.json`). A folder there is a ValueError."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: the run directory records its W&B and MLflow runs in a file of that "
+                         f"name; move the folder away")
     try:
         runs = json.loads(path.read_text())
         if not isinstance(runs, dict):
@@ -236,7 +240,10 @@ def _read_runs(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as error:
-        rank_zero_warn(f"{path} cannot be read ({error}): W&B and MLflow log to new runs, recorded there anew")
+        kept = path.with_name(f"{path.stem}.unreadable-{utc_stamp()}.json")
+        os.replace(path, kept)
+        rank_zero_warn(f"{path} cannot be read ({error}): W&B and MLflow log to new runs, recorded there anew (the "
+                       f"file is kept as {kept.name})")
         return {}
 
 

@@ -120,6 +120,11 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return stale
 
 
+def utc_stamp() -> str:
+    """The time now as it goes into the names of kept files (config.<UTC time>.yaml): 2026-11-28T18-40-50.123456Z."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
+
+
 def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
     """Take over the run directory once the config and the inputs are valid: on rank 0 take the lock, remove stale
     temporary files and write the resolved config to config.yaml and a dated copy `config.<UTC time>.yaml`
@@ -129,8 +134,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
     run_dir = Path(run_dir)
     lock = acquire_lock(run_dir)
     remove_stale_temporaries(run_dir)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
-    save_config(cfg, run_dir / f"config.{stamp}.yaml")
+    save_config(cfg, run_dir / f"config.{utc_stamp()}.yaml")
     save_config(cfg, run_dir / "config.yaml")
     return lock
 
