@@ -1,6 +1,7 @@
 """scripts/cli.py: the Lightning CLI runs both stages from the recipes, with the scripts' run directory, checkpoints,
 pictures, encoder export and Log-CPB handoff; validate reads a checkpoint and writes nothing."""
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_bad_stage_recipe_and_run_key_are_one_line(tmp_path):
                           (["--recipe", "nope"], "unknown pretrain recipe 'nope'"),
                           (["--run.outpt_dir=x"], "unknown key 'outpt_dir' in --run; did you mean output_dir?"),
                           (["--model.model.patch_size=2"], "--data.model_patch_size=4 disagrees with --model.model"),
-                          (["--data.img_size=32"], "model.img_size=64 differs from data.img_size=32"),
+                          (["--data.img_size=32"], "--model.model.img_size 64 differs from --data.img_size 32"),
                           (["--ckpt_path=/no.ckpt"], "--ckpt_path /no.ckpt cannot be read (FileNotFoundError: "),
                           ([f"--ckpt_path={__file__}"], f"--ckpt_path {__file__} cannot be read ("),
                           ([f"--ckpt_path={ckpt}", "--run.resume=/x.ckpt"],
@@ -87,6 +88,21 @@ def test_bad_stage_recipe_and_run_key_are_one_line(tmp_path):
         result = run_script("finetune.lightning_cli", "fit", *args)
         assert result.returncode != 0
         assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-1000:]
+
+
+def test_errors_name_the_cli_options_not_the_scripts_keys(tmp_path):
+    """A run directory in use: the way out is said as this CLI takes it (before: `pass run_name=NEW`)."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "default").mkdir()
+        (tmp_path / "default" / "run.lock").write_text(f"{socket.gethostname()} {other.pid}\n")
+        result = run_script("finetune.lightning_cli", "fit", f"--run.output_dir={tmp_path}")
+    finally:
+        other.kill()
+        other.wait()
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and f"is in use by pid {other.pid}" in last, result.stderr[-1000:]
+    assert "pass --run.run_name NEW for another run" in last
 
 
 def test_validate_needs_a_checkpoint_and_test_predict_are_not_offered(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoin
 from simmim.train.config import (ConfigError, check_config, check_keys, check_same_model, leaves, load_config,
                                  prepare_run, stage_schema)
 from simmim.train.run_dir import start_run
-from simmim.train.stage import Stage, plain
+from simmim.train.stage import Stage, self_and_parents, plain
 from simmim.train.trainer import make_trainer
 
 SUBCOMMANDS = ("fit", "validate")  # the stages have no test or predict step
@@ -75,8 +76,30 @@ class RecipeCLI(LightningCLI):
             args[1:1] = ["--config", json.dumps(defaults)]
         with warnings.catch_warnings():  # args are the command line (scripts/cli.py), with the recipe put in
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            super().__init__(self.stage.module, self.stage.datamodule, args=args, save_config_callback=None,
-                             auto_configure_optimizers=False)
+            try:
+                super().__init__(self.stage.module, self.stage.datamodule, args=args, save_config_callback=None,
+                                 auto_configure_optimizers=False)
+            except (ConfigError, ValueError, FileNotFoundError) as error:
+                if type(error) not in (ConfigError, ValueError, FileNotFoundError):
+                    raise
+                raise type(error)(self._in_cli_syntax(str(error))) from None
+
+    def _in_cli_syntax(self, message: str) -> str:
+        """`message` with the scripts' `key=value` of recipe keys written as this CLI's options: run_name=NEW ->
+        --run.run_name NEW, model.embed_dim=32 -> --model.model.embed_dim 32, data.root=/x -> --data.root /x."""
+        options = {"seed": "--seed_everything", **{f"trainer.{name}": f"--trainer.{name}" for name in TRAINER_DEFAULTS}}
+        module_keys, data_keys = self.stage.module_keys(self.recipe), self.stage.data_keys(self.recipe)
+        for section, keys in (("model", module_keys), ("data", data_keys)):
+            for arg, key in keys.items():
+                options.setdefault(key, f"--{section}.{arg}")
+
+        def option(match: re.Match) -> str:
+            key = match.group(1)
+            known = next((k for k in self_and_parents(key) if k in options), None)
+            if known is not None:
+                return f"{options[known]}{key[len(known):]} "
+            return f"--run.{key} " if key.split(".")[0] in self.recipe else match.group(0)
+        return re.sub(r"(?<![\w./=:-])([A-Za-z_]\w*(?:\.\w+)*)=(?!=)", option, message)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

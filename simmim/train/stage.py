@@ -69,12 +69,12 @@ class Stage:
                                    ("data", self.data_keys(cfg), data_args)):
             for arg, key in keys.items():
                 value = _as_recipe_type(plain(args[arg]), OmegaConf.select(cfg, key))
-                writer = next((written[k] for k in _self_and_parents(key) if k in written), None)
+                writer = next((written[k] for k in self_and_parents(key) if k in written), None)
                 if writer is None:
                     OmegaConf.update(cfg, key, value, merge=False)
                     written[key] = f"{prefix}.{arg}"
                 elif plain(OmegaConf.select(cfg, key)) != value:
-                    raise ConfigError(f"--{prefix}.{arg}={value} disagrees with --{writer} (recipe key {key}="
+                    raise ConfigError(f"--{prefix}.{arg}={value} disagrees with --{writer} (recipe key {key}: "
                                       f"{plain(OmegaConf.select(cfg, key))}); set the same value in both")
         return cfg
 
@@ -88,7 +88,7 @@ def _as_recipe_type(value, recipe_value):
     return value
 
 
-def _self_and_parents(key: str) -> list[str]:
+def self_and_parents(key: str) -> list[str]:
     """model.a.b -> [model.a.b, model.a, model]."""
     parts = key.split(".")
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
