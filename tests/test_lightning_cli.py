@@ -63,6 +63,17 @@ def test_both_stages_through_the_cli(tmp_path):
     assert list(saved.model.pretrained_window_sizes) == [4, 4, 4, 2]  # Log-CPB handoff from the saved config
     assert saved.model.window_size == 8 and (tmp_path / "ft" / "default" / "confusion_matrix.png").is_file()
 
+    # a checkpoint of the other stage: one line naming the stage it belongs to (before: jsonargparse's "does not
+    # accept option 'model.layer_decay'", as Lightning applies its hyperparameters first)
+    finetuned = tmp_path / "ft" / "default" / "checkpoints" / "last.ckpt"
+    for command, stage, ckpt, belongs in (("validate", "pretrain", finetuned, "finetune"),
+                                          ("fit", "finetune", other, "pretrain")):
+        result = run_script("finetune.lightning_cli", command, "--stage", stage, f"--ckpt_path={ckpt}")
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            f"error: --ckpt_path {ckpt} is not a checkpoint of the {stage} stage (its hyperparameters "), result.stderr
+        assert result.stderr.strip().endswith(f"are not {stage} arguments); pass --stage {belongs}")
+
 
 def test_print_config_and_recipe_choice():
     result = run_script("finetune.lightning_cli", "fit", "--stage", "pretrain", "--recipe", "base", "--print_config")

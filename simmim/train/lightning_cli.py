@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.cli import LightningCLI
 
@@ -50,6 +51,22 @@ def _pop_option(args: list[str], name: str, default: str | None) -> str | None:
     return default
 
 
+def _check_stage_of(ckpt_path: str, name: str, stages: dict[str, Stage]) -> None:
+    """ConfigError when the checkpoint's hyperparameters are not all arguments of stage `name`'s module (Lightning
+    would apply them before our code runs: jsonargparse's "does not accept option")."""
+    saved = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters") or {}
+    saved = [key for key in saved if not key.startswith("_")]  # e.g. the CLI's _instantiator
+    def takes(stage: Stage) -> bool:
+        return set(saved) <= set(inspect.signature(stage.module.__init__).parameters)
+    if takes(stages[name]):
+        return
+    fitting = [other for other, stage in stages.items() if other != name and takes(stage)]
+    unknown = sorted(set(saved) - set(inspect.signature(stages[name].module.__init__).parameters))
+    raise ConfigError(f"--ckpt_path {ckpt_path} is not a checkpoint of the {name} stage (its hyperparameters "
+                      f"{', '.join(unknown)} are not {name} arguments); "
+                      + (f"pass --stage {fitting[0]}" if fitting else "pass a checkpoint of a run of this stage"))
+
+
 # every pytorch_lightning.Trainer argument with its default
 TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
                     if name != "self"}
@@ -68,6 +85,8 @@ class RecipeCLI(LightningCLI):
         ckpt_path = _pop_option(list(args), "ckpt_path", None)  # Lightning reads its hyperparameters first
         if ckpt_path is not None and (problem := checkpoint_problem(ckpt_path)):
             raise ConfigError(f"--ckpt_path {ckpt_path} cannot be read ({problem}); pass a checkpoint of a run")
+        if ckpt_path is not None and not Path(ckpt_path).is_dir():
+            _check_stage_of(ckpt_path, name, stages)
         module_args, data_args = self.stage.init_args(self.recipe)
         trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
         defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
