@@ -2,6 +2,7 @@ import contextlib
 import importlib
 import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -67,6 +68,20 @@ def run_script(module: str, *argv: str) -> subprocess.CompletedProcess:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """Every test leaves the handlers of the signals training takes (SIGINT, SIGTERM, SIGUSR1) as it found them: a
+    run in a process (a notebook, a test) must not change how that process answers Ctrl-C after it."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    found = {signum: signal.getsignal(signum) for signum in signals}
+    yield
+    changed = {signal.Signals(signum).name: signal.getsignal(signum) for signum in signals
+               if signal.getsignal(signum) != found[signum]}
+    for signum in signals:
+        signal.signal(signum, found[signum])
+    assert not changed, f"the test left other signal handlers: {changed}"
 
 
 @pytest.fixture
