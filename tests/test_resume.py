@@ -370,23 +370,33 @@ def test_ctrl_c_saves_its_step_and_a_second_one_stops_at_once(tmp_path, monkeypa
     """Ctrl-C after step 6 (mid-epoch 1): the step is saved as sigint-00000006.ckpt, the exit status is 130, SIGINT
     is handled as before once training ends, and the resumed run ends with the weights and metrics.csv rows of the
     run never stopped. Ctrl-C twice: Lightning's shutdown at once (status 1), nothing saved; the same command
-    continues from the latest step checkpoint and ends the same."""
+    continues from the latest step checkpoint and ends the same. A run started with SIGINT ignored (a shell script's
+    background job) leaves it ignored: Ctrl-C twice changes nothing and the run ends normally."""
     args = [f"output_dir={tmp_path}", *ARGS, "data.num_workers=0"]
 
     def run(name, times=0):
         pretrain_in_process(monkeypatch, [f"run_name={name}", *args], *([SignalAt(6, times)] if times else []))
 
+    found = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest runs as a background job (`pytest &`)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # so does a run started that way: Ctrl-C is not for it
+    try:
+        run("ignored", times=2)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, found)
+    assert not list((tmp_path / "ignored" / "checkpoints").glob("sigint-*.ckpt"))
+    assert "Ctrl-C" not in capfd.readouterr().err
     run("whole")
     # (Lightning runs checkpoint callbacks last: the second Ctrl-C stops before step-00000006.ckpt is written.)
     for times, status, saved in ((1, 128 + signal.SIGINT, ["sigint-00000006.ckpt", "step-00000006.ckpt"]), (2, 1, [])):
         name = f"ctrl-c-{times}"
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a script starts (a test before may leave another)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a script started from a terminal
         try:
             with pytest.raises(SystemExit) as stopped:
                 run(name, times)
             handler = signal.getsignal(signal.SIGINT)
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # for the tests after this one if it fails
+            signal.signal(signal.SIGINT, found)
         assert stopped.value.code == status
         assert handler is signal.default_int_handler  # not ours, nor Lightning's SIG_IGN of its shutdown
         assert sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir()) == sorted(

@@ -126,6 +126,8 @@ class SignalCheckpoint(pl.Callback):
         if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
             return
         for signum in self.SIGNALS:
+            if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # a background job of a shell script (`train &`): the shell keeps Ctrl-C from it
             if signum not in self._found:
                 self._found[signum] = signal.signal(signum, self._note)
 
