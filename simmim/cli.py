@@ -1,5 +1,5 @@
 """What every script in scripts/ shares: running its command with one-line errors, the `device=` key, refusing
-to write over an output that exists."""
+to write over an output that exists, checking an output folder."""
 from __future__ import annotations
 
 import errno
@@ -40,7 +40,7 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
     try:
         main(sys.argv[1:])
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {_message(error)}")
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -61,6 +61,16 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         signal.signal(signal.SIGUSR1, found)
 
 
+def _message(error: Exception) -> str:
+    """The error's message; one raised in a DataLoader worker arrives with the worker's traceback in it
+    ("Caught ValueError in DataLoader worker process 0. Original Traceback ... ValueError: MESSAGE"): MESSAGE."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.removeprefix(f"{type(error).__name__}: ")
+
+
 def check_new_output(path: str | Path, overwrite: bool, key: str = "out") -> None:
     """Raise ConfigError when `path` exists (a file, or a folder that is not empty) and overwrite is false: a tool
     never writes over what a user already has unless told to."""
@@ -69,6 +79,13 @@ def check_new_output(path: str | Path, overwrite: bool, key: str = "out") -> Non
         return
     what = "the folder" if path.is_dir() else "the file"
     raise ConfigError(f"{key}={path}: {what} exists; give another {key}= or add overwrite=true to replace it")
+
+
+def check_output_folder(path: str | Path, key: str = "out_dir") -> None:
+    """Raise ConfigError when `path`, or a folder above it, is a file: it cannot become the output folder."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{key}={path}: {folder} is a file; pass a folder (new or existing)")
 
 
 def resolve_device(name: str) -> torch.device:

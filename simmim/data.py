@@ -389,7 +389,7 @@ def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[Fil
 
 def _list_samples(list_file: Path) -> FileList:
     if not list_file.is_file():
-        raise FileNotFoundError(f"image list {list_file} does not exist; pass list_file=<text file with one image "
+        raise FileNotFoundError(f"image list {list_file} does not exist; pass data.list_file=<text file with one image "
                                 f"path and an optional label per line>")
     paths, labels = [], []
     with open(list_file) as lines:
@@ -454,7 +454,7 @@ def build_sources(name: str, img_size: int, root: str | os.PathLike | None = Non
         return _digits_samples(img_size)
     if name == "folder":
         if root is None or not Path(root).is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist; pass root=<folder of images>")
+            raise FileNotFoundError(f"image folder {root} does not exist; pass data.root=<folder of images>")
         root = Path(root)
         if (root / "train").is_dir() and (root / "val").is_dir():
             train, classes = _folder_samples(root / "train")
@@ -463,7 +463,7 @@ def build_sources(name: str, img_size: int, root: str | os.PathLike | None = Non
             splits = _hold_out(_folder_samples(root)[0], str(root))
     elif name == "list":
         if list_file is None:
-            raise FileNotFoundError("the list source needs list_file=<text file with one image path per line>")
+            raise FileNotFoundError("the list source needs data.list_file=<text file with one image path per line>")
         splits = _hold_out(_list_samples(Path(list_file)), str(list_file))
     elif name == "shards":
         raise ValueError("the shards source streams its samples: use simmim.shards (SimMIMDataModule does)")
@@ -569,8 +569,9 @@ class ImageDataset(Dataset):
             except (OSError, ValueError) as error:
                 self.skipped.add(error)
                 index = int(np.random.default_rng([index, attempt]).integers(len(self.samples)))
-        raise RuntimeError(f"{MAX_REPLACEMENTS + 1} files in a row failed to decode (last: {image}); most of the "
-                           f"data is unreadable, check it (data.verify=true lists what decodes at setup)")
+        raise ValueError(f"{MAX_REPLACEMENTS + 1} files in a row failed to decode (last: {image}, one of "
+                         f"{len(self.samples)}); most of the data is unreadable, check it (data.verify=true lists what "
+                         f"decodes at setup)")
 
 
 def augmentation_seed(seed: int, epoch: int, index: int) -> int:

@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from simmim.tools import benchmark_data
+from simmim.train.config import ConfigError
 
 
 def test_benchmark_data_runs_every_pipeline_and_writes_json(tmp_path, capsys):
@@ -13,3 +16,28 @@ def test_benchmark_data_runs_every_pipeline_and_writes_json(tmp_path, capsys):
         assert all(row["images_per_s"] > 0 and len(row["rounds"]) == 1 for row in results[stage].values())
     assert results["pretrain"]["baseline"]["vs_baseline"] == 1.0 and results["decode_ms"]["full"] > 0
     assert "cores to feed" in capsys.readouterr().out
+
+    # more images in the same work folder: shards of their own (it once reused the 8-image shards)
+    benchmark_data.main(["images=12", "rounds=1", "image_sizes=[[64,48]]", "batch_size=4", "pretrain_size=32",
+                         "finetune_size=32", "short_side=24", f"work={tmp_path / 'work'}", f"out={out}"])
+    assert json.loads(out.read_text())["config"]["images"] == 12
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("image_sizes=[[10]]", r"image_sizes=\[\[10\]\] must be a list of \[width, height\]"),
+    ("image_sizes=[[0,0]]", r"image_sizes=\[\[0, 0\]\] must be a list of \[width, height\]"),
+    ("pretrain_size=250", "pretrain_size=250 must be a multiple of the mask patch size 32"),
+    ("gpu_images_per_s=0", "gpu_images_per_s=0 must be a positive number"),
+    ("images=abc", "images=abc: expected an integer"),
+])
+def test_bad_options_are_one_line(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        benchmark_data.main([arg])
+
+
+def test_work_and_out_must_be_a_folder_and_a_file(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ConfigError, match="work=.*taken: .*taken is a file; pass a folder"):
+        benchmark_data.main([f"work={tmp_path / 'taken'}"])
+    with pytest.raises(ConfigError, match="out=.* is a folder; pass the path of a .json file"):
+        benchmark_data.main([f"out={tmp_path}"])

@@ -251,7 +251,7 @@ def test_every_file_bad_is_a_clear_error(tmp_path):
     for i in range(3):
         write_truncated_jpg(tmp_path / f"{i}.jpg")
     train, _ = build_sources("folder", 32, root=tmp_path)
-    with pytest.raises(RuntimeError, match="files in a row failed to decode"), warnings.catch_warnings():
+    with pytest.raises(ValueError, match="files in a row failed to decode"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ImageDataset(train, eval_transform(32))[0]
 

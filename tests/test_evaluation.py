@@ -234,7 +234,14 @@ def test_evaluate_errors_are_one_line(tmp_path, exported):
               "random_baseline=false"): "error: the folder source gives every training image the same label",
              (f"checkpoint={path}", "kk=3"): "error: unknown key 'kk'",
              (f"checkpoint={path}", "max_images=0"): "error: max_images=0 must be a positive integer or null",
-             (f"checkpoint={path}", "data.source=shards"): "error: data.source=shards needs data.shards="}
+             (f"checkpoint={path}", "data.source=shards"): "error: data.source=shards needs data.shards=",
+             # wrong types and ranges: one line naming the key (these were tracebacks or another library's words)
+             (f"checkpoint={path}", "k=abc"): "error: k=abc: expected an integer, as the default 20\n",
+             (f"checkpoint={path}", "probe_c=0"): "error: probe_c=0: expected > 0",
+             (f"checkpoint={path}", "batch_size=0"): "error: batch_size=0: expected an integer >= 1\n",
+             (f"checkpoint={path}", "model.img_size=abc"): "error: model.img_size=abc: expected an integer or null\n",
+             (f"checkpoint={path}", "model.window_size=-4"): "error: model.window_size=-4: expected an integer > 0\n",
+             (f"checkpoint={path}", "data.source=folder"): "error: image folder None does not exist; pass data.root="}
     for argv, message in cases.items():
         result = run_script("simmim.tools.evaluate", *argv)
         assert result.returncode == 1 and result.stderr.startswith(message), result.stderr

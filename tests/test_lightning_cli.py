@@ -101,6 +101,40 @@ def test_bad_stage_recipe_and_run_key_are_one_line(tmp_path):
         assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-1000:]
 
 
+def test_a_config_file_naming_some_model_keys_keeps_the_recipes_others(tmp_path):
+    """`model: {model: {window_size: 8}}` in a --config file replaces the whole dict in jsonargparse; the recipe
+    fills in the rest as for --model.model.window_size (before: "--data.model_patch_size=4 disagrees with
+    --model.model (recipe key model.patch_size: None)"). validate then stops at its missing checkpoint, after the
+    config has passed every check."""
+    for value, message in (("8", f"error: validate needs a checkpoint: --ckpt_path PATH, or --run.output_dir and "
+                                 f"--run.run_name of a run that has one ({tmp_path / 'default' / 'checkpoints'} has"),
+                           ("abc", "error: --model.model.window_size abc: expected an integer, as the default 4")):
+        (tmp_path / "some.yaml").write_text(f"model:\n  model:\n    window_size: {value}\n")
+        result = run_script("finetune.lightning_cli", "validate", "--config", str(tmp_path / "some.yaml"),
+                            f"--run.output_dir={tmp_path}")
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-1000:]
+
+
+def test_parser_errors_are_one_line(tmp_path):
+    """jsonargparse's errors printed the whole usage (100 lines) and a block of text; a YAML error in a --config
+    file named "<unicode string>" instead of the file."""
+    (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: [1\n")
+    for args, line in (
+            (["--trainer.max_epochs=abc"], "error: --trainer.max_epochs abc: expected int, null (PROG fit --help"),
+            (["--data.batch_size=abc"], "error: --data.batch_size abc: expected int (PROG fit --help lists the"),
+            (["--bogus=1"], "error: unrecognized arguments: --bogus=1 (PROG fit --help lists the options)"),
+            (["--trainer.devices=-3"], "error: --trainer.devices -3: expected an integer > 0, -1 (every device)"),
+            (["--config", str(tmp_path / "broken.yaml")],
+             f"error: {tmp_path / 'broken.yaml'}, line 3: YAML syntax error (did not find expected ',' or ']')"),
+            ([f"--config={tmp_path / 'none.yaml'}"],
+             f"error: --config {tmp_path / 'none.yaml'}: no such file; pass a YAML file (--print_config writes one)")):
+        result = run_script("finetune.lightning_cli", "fit", *args)  # the program's name: its argv[0]
+        lines = [line for line in result.stderr.splitlines() if line and not line.startswith("Seed set")]
+        expected = line.replace("PROG", "finetune.lightning_cli")
+        assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(expected), result.stderr[-2000:]
+
+
 def test_errors_name_the_cli_options_not_the_scripts_keys(tmp_path):
     """A run directory in use: the way out is said as this CLI takes it (before: `pass run_name=NEW`)."""
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

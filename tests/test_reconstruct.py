@@ -109,6 +109,16 @@ def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module):
     with pytest.raises(ValueError, match="encoder.mask_token is .*16.* in the checkpoint"):
         reconstruct.main([f"checkpoint={ckpt}", f"images={images}", "model.embed_dim=32"])
 
+    for argv, message in (([f"out={tmp_path}"], f"out={tmp_path}: expected a picture file to write"),
+                          ([f"out={tmp_path / 'grid.txt'}"], "grid.txt: expected a picture file to write"),
+                          (["max_images=0"], "max_images=0: expected an integer >= 1"),
+                          (["mask_patch_size=6"], r"mask_patch_size=6: expected a divisor of the model's img_size "
+                                                  r"32 that is a multiple of its patch_size 4, one of 4, 8, 16, 32"),
+                          (["norm_target_patch_size=4"], "norm_target_patch_size=4: expected an odd window"),
+                          (["seed=abc"], "seed=abc: expected an integer")):
+        with pytest.raises(ValueError, match=message):  # not cv2's or the mask generator's words, not a traceback
+            reconstruct.main([f"checkpoint={ckpt}", f"images={images}", *argv])
+
     reconstruct.main(["--help"])
     missing = tmp_path / "none.pth"
     result = run_script("simmim.tools.reconstruct", f"checkpoint={missing}", f"images={images}")

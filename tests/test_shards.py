@@ -27,6 +27,7 @@ from simmim.data import SimMIMDataModule, SkipCounter, decode_image
 from simmim import shards
 from simmim.shards import ShardDataset, ShardLoader, balanced_groups, shard_counts, shard_urls
 from simmim.tools import make_shards
+from simmim.train.config import ConfigError
 
 
 
@@ -401,7 +402,7 @@ def test_every_rank_validates_on_shards_of_its_own(tmp_path):
             source.loader(False, SimpleNamespace(global_rank=0, world_size=2), batch_size=2, num_workers=0)
 
 
-def test_make_shards_keeps_labels_and_resumes(tmp_path, capsys):
+def test_make_shards_keeps_labels_and_resumes(tmp_path, capsys, monkeypatch):
     for cls in ("cat", "dog"):
         for i in range(10):
             (tmp_path / "src" / cls).mkdir(parents=True, exist_ok=True)
@@ -431,6 +432,23 @@ def test_make_shards_keeps_labels_and_resumes(tmp_path, capsys):
     assert shards[1].exists() and all(p.stat().st_mtime_ns == stamps[p] for p in shards if p != shards[1])
     with pytest.raises(Exception, match="out=<directory"):
         make_shards.main([f"root={tmp_path / 'src'}"])
+
+    # another shard size, or another set of images, would cut other shards than the ones on disk: refused
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    with pytest.raises(ConfigError, match=r"train holds shards of another packing \(20 files, \d+ per shard; now 20 "
+                                          r"files, \d+ per shard\): the images, verify= or shard_mb= changed"):
+        make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "shard_mb=0.04"])
+    (tmp_path / "src" / "dog" / "9.jpg").rename(tmp_path / "src" / "dog" / "9b.jpg")  # as many files, not the same
+    with pytest.raises(ConfigError, match="holds shards of another packing"):
+        make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "shard_mb=0.004"])
+    (tmp_path / "src" / "dog" / "9b.jpg").rename(tmp_path / "src" / "dog" / "9.jpg")
+    monkeypatch.chdir(tmp_path)  # the same images named from another directory: the same packing, resumed
+    shards[0].unlink()
+    make_shards.main(["root=src", f"out={out}", "shard_mb=0.004", "workers=2"])
+    assert shards[0].exists() and all(p.stat().st_mtime_ns == stamps[p] for p in shards[1:])
+    assert list((out / "train").glob("*.tar")) and not list(out.glob("*/*.tmp"))
+    with pytest.raises(ValueError, match=f"out={tmp_path / 'src' / 'cat' / '0.jpg'}: .*is a file; pass a folder"):
+        make_shards.main(["root=src", f"out={tmp_path / 'src' / 'cat' / '0.jpg'}"])
 
 
 def test_make_shards_short_side_stores_smaller_copies(tmp_path):
@@ -469,11 +487,27 @@ def test_make_shards_leaves_out_files_that_do_not_decode_and_lists_them(tmp_path
     for _ in range(2):  # the second run finds the shards complete
         make_shards.main([f"root={tmp_path / 'src'}", f"out={out}", "short_side=10", "workers=1", "shard_mb=0.001"])
     printed = capsys.readouterr().out
-    assert "train: left out 2 of 6 files, which do not decode" in printed and str(out / "train") in printed
+    assert "train: left out 2 of 6 files that cannot be read or decoded" in printed and str(out / "train") in printed
     record = json.loads((out / "train" / "make_shards.json").read_text())
     assert sorted(Path(f).name for files in record["left_out"].values() for f in files) == ["empty.bmp", "torn.jpg"]
     urls = shard_urls(str(out / "train"))
     assert sum(shard_counts(urls)) == 4 == len(list(dataset(urls, shuffle=False)))
+
+
+def test_make_shards_leaves_out_a_listed_file_that_is_missing(tmp_path, capsys):
+    """One missing path in a list of millions must not stop the packing (it did, in the size estimate)."""
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(jpeg(i))
+    lines = [f"images/{i}.jpg {i % 2}" for i in range(6)] + ["images/gone.jpg 1"]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    make_shards.main([f"list_file={tmp_path / 'list.txt'}", f"out={out}", "workers=1"])
+    assert "left out 1 of " in capsys.readouterr().out
+    record = json.loads((out / "train" / "make_shards.json").read_text())
+    assert [Path(f).name for files in record["left_out"].values() for f in files] == ["gone.jpg"]
+    urls = shard_urls(str(out / "train")) + shard_urls(str(out / "val"))
+    assert sum(shard_counts(urls)) == 6 == len(list(dataset(urls, shuffle=False)))
 
 
 class LabelRecorder(pl.LightningModule):

@@ -82,12 +82,21 @@ def test_checkpoints_are_measured_as_loaded(tmp_path):
         signal_propagation.main([*DEEP, "norm_modes=[post]", "steps=0", f"out_dir={tmp_path}"])
 
 
-def test_help_and_one_line_errors():
+def test_help_and_one_line_errors(tmp_path):
     result = run_script("simmim.tools.signal_propagation", "--help")
     assert result.returncode == 0 and "Figure 2" in result.stdout and "model.depths" in result.stdout
     result = run_script("simmim.tools.signal_propagation", "norm_mode=pre_norm")
     assert result.returncode == 1 and result.stderr.startswith(
         "error: unknown key 'norm_mode' in the command line; did you mean norm_modes")
+    (tmp_path / "taken").write_text("a file")
+    for arg, message in (("steps=-1", "steps=-1: expected an integer >= 0, or null"),  # ran as steps=0
+                         ("steps=abc", "steps=abc: expected an integer >= 0, or null"),  # a traceback
+                         ("batch_size=0", "batch_size=0: expected an integer >= 1"),  # a traceback
+                         ("lr=-1", "lr=-1: expected a number > 0"),  # torch's "Invalid learning rate"
+                         (f"out_dir={tmp_path / 'taken'}", f"out_dir={tmp_path / 'taken'}: {tmp_path / 'taken'} is a "
+                                                           f"file; pass a folder (new or existing)")):  # a traceback
+        result = run_script("simmim.tools.signal_propagation", arg)
+        assert result.returncode == 1 and result.stderr == f"error: {message}\n", result.stderr
 
 
 def bgr(color: str) -> tuple[int, int, int]:

@@ -1,4 +1,5 @@
 """Bad values end in one line naming the key, the value and what is expected, before anything runs."""
+import re
 import sys
 
 import cv2
@@ -10,7 +11,7 @@ import finetune.train as finetune_script
 import simmim.pretrain as pretrain
 from simmim.cli import run_cli
 from simmim.data import build_sources
-from simmim.train.config import ConfigError, load_config
+from simmim.train.config import ConfigError, load_config, model_section, options_from_argv
 from simmim.train.validate import validate_labels
 
 
@@ -38,6 +39,8 @@ from simmim.train.validate import validate_labels
     ("data.shards=5", "data.shards=5: expected a string or null"),
     ("data.shuffle_buffer=0", "data.shuffle_buffer=0: expected an integer > 0"),
     ("trainer.accelerator=gpu", "trainer.accelerator=gpu but no CUDA GPU is visible here"),
+    ("trainer.devices=0", "trainer.devices=0: expected an integer > 0, -1 (every device), a list of device indices"),
+    ("trainer.devices=-2", "trainer.devices=-2: expected an integer > 0, -1 (every device)"),  # were Lightning's
 ])
 def test_bad_values_are_one_line(override, message):
     if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
@@ -45,6 +48,15 @@ def test_bad_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as error:
         load_config("pretrain", overrides=[override])
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_device_indices_on_the_cpu_and_plans_for_other_machines():
+    """Device indices name GPUs: on the CPU they were a TypeError from Lightning. A plan (plan_memory) is for the
+    GPUs of another machine: neither the accelerator nor the devices are checked against this one."""
+    with pytest.raises(ConfigError, match=r"^trainer.devices=\[0\]: expected a number of processes on the CPU"):
+        load_config("pretrain", overrides=["trainer.accelerator=cpu", "trainer.devices=[0]"])
+    cfg = load_config("pretrain", "giant", ["trainer.accelerator=gpu", "trainer.devices=[0,1]"], here=False)
+    assert list(cfg.trainer.devices) == [0, 1]
 
 
 def test_good_values_pass():
@@ -101,3 +113,40 @@ def test_labels_checked_against_num_classes_before_training(tmp_path):
                               f"data.root={tmp_path / 'data'}", "model.num_classes=2", "data.img_size=32",
                               "model.window_size=4"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_tool_options_are_checked_against_their_defaults():
+    """The tools' key=value options (simmim.train.config.options_from_argv): a value of the wrong type for a
+    typed default is one line (it was a TypeError deep in the tool), model.* keys follow SwinTransformerV2's
+    arguments and the recipes' rules, null is always 'unset', numbers for a string default become strings."""
+    schema = {"k": 20, "temperature": 0.07, "flag": False, "out": "features", "limit": None, "model": model_section()}
+    for arg, message in (("k=abc", "k=abc: expected an integer, as the default 20"),
+                         ("k=2.5", "k=2.5: expected an integer, as the default 20"),
+                         ("temperature=warm", "temperature=warm: expected a number, as the default 0.07"),
+                         ("flag=1", "flag=1: expected true or false, as the default false"),
+                         ("model.img_size=abc", "model.img_size=abc: expected an integer or null"),
+                         ("model.depths=[2,a]", "model.depths=[2, a]: expected a list of integers"),
+                         ("model.window_size=0", "model.window_size=0: expected an integer > 0"),
+                         ("model.attn_mode=dotted", "model.attn_mode=dotted: expected cosine or dot")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            options_from_argv(schema, [arg], "usage")
+    cfg = options_from_argv(schema, ["temperature=1", "out=2024", "k=null", "limit=abc", "model.depths=[2,2]"], "")
+    assert cfg.temperature == 1 and cfg.out == "2024" and cfg.k is None and cfg.limit == "abc"
+    assert list(cfg.model.depths) == [2, 2]
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_still_one_line(monkeypatch):
+    """DataLoader re-raises a worker's exception with the worker's traceback in its message; the scripts print
+    the original message alone."""
+    from torch._utils import ExceptionWrapper
+
+    def main(argv):
+        try:
+            raise ValueError("101 files in a row failed to decode (last: x.jpg, one of 3)")
+        except ValueError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    monkeypatch.setattr(sys, "argv", ["pretrain.py"])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(main)
+    assert exit.value.code == "error: 101 files in a row failed to decode (last: x.jpg, one of 3)"

@@ -2,6 +2,7 @@
 every position bias kind loading into a larger window."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,18 @@ def test_image_size_grows_with_the_window_or_a_clear_error():
         window_transfer.image_size_at(demo, 5)
     with pytest.raises(ValueError, match="not whole; pick windows that are multiples of 2"):
         window_transfer.image_size_at({**paper, "img_size": 20}, 5)
+
+
+def test_bad_options_are_one_line_before_any_training(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    for arg, message in ((f"out_dir={tmp_path / 'taken'}", f"out_dir={tmp_path / 'taken'}: {tmp_path / 'taken'} is a "
+                                                           f"file; pass a folder (new or existing)"),  # a traceback
+                         ("max_images=0", "max_images=0: expected an integer >= 1, or null (every held-out image)"),
+                         ("batch_size=0", "batch_size=0: expected an integer >= 1"),
+                         ("seed=abc", "seed=abc: expected an integer, as the default 0")):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            window_transfer.main([f"out_dir={tmp_path / 'new'}", arg])  # the later out_dir= wins
+    assert not (tmp_path / "new").exists()
 
 
 def test_only_classifier_checkpoints_are_evaluated(tmp_path):

@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import build_mask_generator
+from simmim.cli import check_output_folder
 from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, FileList, ImageDataset, LabeledItem, MaskedImageDataset,
                          MaskedItem, SkipCounter, decode_image, decode_needs, finetune_transform, pretrain_transform)
 from simmim.shards import ShardDataset, shard_counts, shard_urls
@@ -62,6 +63,7 @@ SCHEMA = {
     "out": "runs/benchmark_data/benchmark_data.json",
 }
 PIPELINES = ("baseline", "folder", "shards", "shards_small")
+MASK_PATCH = 32  # SimMIM's mask patch (px) of the pretraining pipelines
 
 
 class DecodeAllDataset(Dataset):
@@ -118,7 +120,8 @@ def pipelines(stage: str, samples: FileList, shards: dict[str, list[str]], cfg) 
     """name -> DataLoader (main process, batch_size) for the stage's transform."""
     size = cfg.pretrain_size if stage == "pretrain" else cfg.finetune_size
     transform = (pretrain_transform if stage == "pretrain" else finetune_transform)(size)  # reseeded per sample
-    masks = build_mask_generator("random", input_size=size, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6)
+    masks = build_mask_generator("random", input_size=size, mask_patch_size=MASK_PATCH, model_patch_size=4,
+                                 mask_ratio=0.6)
     item = MaskedItem(transform, masks) if stage == "pretrain" else LabeledItem(transform)
     decode = partial(decode_image, **decode_needs(transform))
     streams = {name: ShardDataset(urls, shard_counts(urls), item, decode, SkipCounter(), shuffle_buffer=100)
@@ -138,16 +141,29 @@ def main(argv: list[str]) -> None:
     for key in ("images", "rounds", "batch_size", "pretrain_size", "finetune_size", "short_side", "quality"):
         if not (isinstance(cfg[key], int) and cfg[key] > 0):
             raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
+    if cfg.pretrain_size % MASK_PATCH:
+        raise ConfigError(f"pretrain_size={cfg.pretrain_size} must be a multiple of the mask patch size {MASK_PATCH}, "
+                          f"e.g. 192")
+    if not cfg.gpu_images_per_s > 0:
+        raise ConfigError(f"gpu_images_per_s={cfg.gpu_images_per_s} must be a positive number of images/s")
+    sizes = OmegaConf.to_container(cfg.image_sizes) if OmegaConf.is_list(cfg.image_sizes) else None
+    if not sizes or not all(isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)
+                            for size in sizes):
+        raise ConfigError(f"image_sizes={cfg.image_sizes} must be a list of [width, height] in pixels, e.g. "
+                          f"image_sizes=[[500,375]]")
+    check_output_folder(cfg.work, "work")
+    if Path(cfg.out).is_dir():
+        raise ConfigError(f"out={cfg.out} is a folder; pass the path of a .json file to write")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     results = {}
     for width, height in cfg.image_sizes:
         work = Path(cfg.work) / f"{width}x{height}"
         samples = generate(work / "images", cfg.images, width, height)
-        make_shards(samples, work / "shards", "bench", 16_000_000, 2)
-        small = work / f"shards_{cfg.short_side}_q{cfg.quality}"
+        full, small = work / f"shards_{cfg.images}", work / f"shards_{cfg.images}_{cfg.short_side}_q{cfg.quality}"
+        make_shards(samples, full, "bench", 16_000_000, 2)
         make_shards(samples, small, "bench", 16_000_000, 2, short_side=cfg.short_side, quality=cfg.quality)
-        shards = {"shards": shard_urls(str(work / "shards")), "shards_small": shard_urls(str(small))}
+        shards = {"shards": shard_urls(str(full)), "shards_small": shard_urls(str(small))}
         results[f"{width}x{height}"] = {**measure(samples, shards, cfg), "decode_ms": decode_ms(samples)}
 
     first = results[next(iter(results))]["pretrain"]

@@ -18,13 +18,15 @@ they are. Decoding then costs a fraction as much CPU per image. Pick N from what
 training transform uses: pretraining at 192 px with crops of >= 67 % of the area (ratio 3/4-4/3) never
 needs more than a 235 px short side of a 4:3 image for full detail (`simmim.data.decode_needs`), so 256
 loses nothing there; fine-tuning's small crops (8 % of the area) do see less detail. The split directories
-record the setting (make_shards.json): resuming with another one is refused. A file that has to be decoded
-(short_side, or a format stored as png) and does not decode is left out, counted and listed there.
+record the setting and the packing (make_shards.json: the files and how many per shard): resuming with other
+settings, shard_mb or images is refused. A file that cannot be read, or has to be decoded (short_side, or a
+format stored as png) and does not decode, is left out, counted and listed there.
 Then: python scripts/pretrain.py data.source=shards data.shards=OUT/train data.val_shards=OUT/val
 Arguments are key=value:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -36,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from simmim.cli import check_output_folder
 from simmim.data import FileList, build_sources, read_image
 from simmim.shards import IMAGE_SUFFIXES, SHARD_INDEX
 from simmim.train.config import ConfigError, options_from_argv
@@ -45,7 +48,7 @@ SCHEMA = {
     "root": None,        # an image folder (class subfolders, or train/ and val/) ...
     "list_file": None,   # ... or a text file of image paths with optional labels
     "out": None,         # required: output directory (out/train, out/val)
-    "shard_mb": 1000,    # target shard size in MB (files are not split: shards end at the first file past it)
+    "shard_mb": 1000.0,  # target shard size in MB (files are not split: shards end at the first file past it)
     "workers": 8,        # shards written in parallel
     "verify": False,     # decode every file once and leave out the unreadable ones
     "short_side": None,  # store images resized to this short side (JPEG), when theirs is longer; null: as they are
@@ -59,9 +62,17 @@ def plan(samples: FileList, shard_bytes: int) -> list[np.ndarray]:
     """Sample indices of each shard: a seed-0 shuffled order cut into runs of about shard_bytes (estimated from
     the mean size of up to SIZE_SAMPLE files)."""
     order = np.random.default_rng(0).permutation(len(samples))
-    sizes = [os.path.getsize(samples.path(i)) for i in order[:SIZE_SAMPLE]]
+    sizes = [os.path.getsize(path) for path in map(samples.path, order[:SIZE_SAMPLE]) if os.path.isfile(path)]
     per_shard = max(1, int(shard_bytes // max(1.0, float(np.mean(sizes)))))
     return [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
+
+
+def fingerprint(samples: FileList) -> str:
+    """SHA-256 of the paths and labels, in order: which file each sample index of a shard plan is."""
+    digest = hashlib.sha256()
+    for array in (samples.offsets, samples.data, samples.labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def sample_of(path: str, label: int, key: str, short_side: int | None, quality: int) -> dict:
@@ -89,7 +100,7 @@ def _encode(extension: str, image: np.ndarray, params: tuple[int, ...] = ()) -> 
 
 def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: int | None, quality: int) -> list[str]:
     """Write the samples at indices to path's .tmp file (`make_shards` renames it); returns the files left out
-    because they had to be decoded (short_side, or a format stored as png) and did not decode."""
+    because they could not be read, or had to be decoded (short_side, or a format stored as png) and did not."""
     left_out = []
     with open(_tmp(path), "wb") as stream:
         with TarWriter(stream, encoder=False, mtime=int(time.time())) as writer:  # whole seconds: no PAX headers
@@ -109,16 +120,23 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
     the files left out because they did not decode (recorded before the shard is renamed into place, so a
     kill never leaves a complete shard whose count is wrong)."""
     out.mkdir(parents=True, exist_ok=True)
+    shards = plan(samples, shard_bytes)
     settings = {"short_side": short_side, "quality": quality if short_side is not None else None}
+    packing = {"files": len(samples), "per_shard": len(shards[0]) if shards else 0, "fingerprint": fingerprint(samples)}
     record = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).exists() else None
-    if record is None and any(out.glob(f"{prefix}-*.tar")):
+    started = any(out.glob(f"{prefix}-*.tar"))
+    if record is None and started:
         record = {"short_side": None, "quality": None}  # packed before the settings were recorded: as they are
-    record = {**settings, "left_out": {}, **(record or {})}
+    record = {**settings, **packing, "left_out": {}, **(record or {})}
     if (record["short_side"], record["quality"]) != (settings["short_side"], settings["quality"]):
         raise ConfigError(f"{out} holds shards packed with short_side={record['short_side']} "
                           f"quality={record['quality']}; rerun with those values to complete it, or give a new out=")
-    _write_json(out / SETTINGS, record)
-    shards = plan(samples, shard_bytes)
+    if started and [record[key] for key in packing] != list(packing.values()):
+        raise ConfigError(f"{out} holds shards of another packing ({record['files']} files, {record['per_shard']} per "
+                          f"shard; now {packing['files']} files, {packing['per_shard']} per shard): the images, "
+                          f"verify= or shard_mb= changed since; rerun with the first ones to complete it, or give a "
+                          f"new out=")
+    _write_json(out / SETTINGS, {**record, **packing})
     paths = [out / f"{prefix}-{i:06d}.tar" for i in range(len(shards))]
     todo = [i for i, path in enumerate(paths) if not path.exists()]
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(shards), initial=len(shards) - len(todo),
@@ -140,8 +158,8 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
                       for path, shard in zip(paths, shards)]})
     if left_out:
         files = [file for names in left_out.values() for file in names]
-        print(f"{prefix}: left out {len(files)} of {len(samples)} files, which do not decode (first: {files[0]}; "
-              f"all are listed in {out / SETTINGS})")
+        print(f"{prefix}: left out {len(files)} of {len(samples)} files that cannot be read or decoded (first: "
+              f"{files[0]}; all are listed in {out / SETTINGS})")
     return paths
 
 
@@ -172,7 +190,15 @@ def main(argv: list[str]) -> None:
                           f"images as they are")
     if not (isinstance(cfg.quality, int) and 1 <= cfg.quality <= 100):
         raise ConfigError(f"quality={cfg.quality} must be a JPEG quality from 1 to 100")
-    splits = build_sources("folder" if cfg.root else "list", 0, cfg.root, cfg.list_file, verify=cfg.verify)
+    folder = cfg.root is not None
+    source = Path(cfg.root if folder else cfg.list_file).resolve()  # absolute: the same files from any directory
+    if not (source.is_dir() if folder else source.is_file()):
+        raise FileNotFoundError(f"{'root' if folder else 'list_file'}={source} is not an existing "
+                                f"{'folder' if folder else 'file'}; pass root=<image folder> or list_file=<text file "
+                                f"of image paths>")
+    check_output_folder(cfg.out, "out")
+    splits = (build_sources("folder", 0, root=source, verify=cfg.verify) if folder
+              else build_sources("list", 0, list_file=source, verify=cfg.verify))
     out = Path(cfg.out)
     for name, samples in zip(("train", "val"), splits):
         paths = make_shards(samples, out / name, name, int(cfg.shard_mb * 1e6), cfg.workers, cfg.short_side,

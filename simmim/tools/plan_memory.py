@@ -37,24 +37,32 @@ def split_planner_keys(argv: list[str]) -> tuple[dict, list[str]]:
     return keys, rest
 
 
-def number(keys: dict, name: str) -> float:
+def number(keys: dict, name: str, ok, expected: str) -> float:
+    """keys[name] as a number for which ok(number) holds (`expected` says which)."""
     try:
-        return float(keys[name])
+        value = float(keys[name])
     except ValueError:
-        raise ConfigError(f"{name}={keys[name]} is not a number; e.g. {name}={PLANNER_KEYS[name]}") from None
+        value = None
+    if value is None or not ok(value):
+        raise ConfigError(f"{name}={keys[name]}: expected {expected}, e.g. {name}={PLANNER_KEYS[name]}")
+    return value
 
 
 def main(argv: list[str]) -> None:
     as_json = "--json" in argv
     keys, recipe_args = split_planner_keys([a for a in argv if a != "--json"])
-    parsed = config_from_argv("pretrain", recipe_args, __doc__)
+    parsed = config_from_argv("pretrain", recipe_args, __doc__, here=False)  # a plan of GPUs, made anywhere
     if parsed is None:
         return
     cfg, print_config = parsed
     if print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return
-    plan = plan_memory(cfg, gpu_memory_gb=number(keys, "gpu_memory_gb"), headroom=number(keys, "headroom"))
+    gpu_memory_gb = number(keys, "gpu_memory_gb", lambda v: v > 0, "a number > 0 (GiB per GPU)")
+    headroom = number(keys, "headroom", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if keys["json"] and Path(keys["json"]).is_dir():
+        raise ConfigError(f"json={keys['json']} is a folder; pass the path of a .json file to write")
+    plan = plan_memory(cfg, gpu_memory_gb=gpu_memory_gb, headroom=headroom)
     text = json.dumps(plan.to_dict(), indent=2)
     if keys["json"]:
         Path(keys["json"]).parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,11 @@ def read_images(paths: list[Path], where) -> tuple[list[Path], list[np.ndarray]]
 def masks_for(cfg, saved: dict, count: int, img_size: int, patch_size: int) -> torch.Tensor:
     """(count, S/p, S/p) int64 masks, 1 = masked, drawn from cfg.seed."""
     choice = {key: cfg[key] if cfg[key] is not None else saved.get(key, DEFAULT_MASK[key]) for key in DEFAULT_MASK}
+    size = choice["mask_patch_size"]
+    if not (isinstance(size, int) and size > 0 and img_size % size == 0 and size % patch_size == 0):
+        fits = [s for s in range(patch_size, img_size + 1, patch_size) if img_size % s == 0]
+        raise ConfigError(f"mask_patch_size={size}: expected a divisor of the model's img_size {img_size} that is a "
+                          f"multiple of its patch_size {patch_size}, one of {', '.join(map(str, fits))}")
     generator = build_mask_generator(choice["mask_kind"], input_size=img_size,
                                      mask_patch_size=choice["mask_patch_size"], model_patch_size=patch_size,
                                      mask_ratio=cfg.mask_ratio, seed=cfg.seed)
@@ -99,6 +104,15 @@ def main(argv: list[str]) -> None:
     if not cfg.checkpoint or not cfg.images:
         raise ConfigError("checkpoint= and images= are required, e.g. checkpoint=runs/pretrain/default/encoder.pth "
                           "images=[a.png,b.jpg]")
+    if cfg.max_images < 1:
+        raise ConfigError(f"max_images={cfg.max_images}: expected an integer >= 1")
+    size = cfg.norm_target_patch_size
+    if size is not None and not (isinstance(size, int) and size > 0 and size % 2):
+        raise ConfigError(f"norm_target_patch_size={size}: expected an odd window in pixels, e.g. 47 (the official "
+                          f"recipes), or null (the checkpoint's)")
+    out = Path(cfg.out)
+    if out.is_dir() or not cv2.haveImageWriter(str(out)):
+        raise ConfigError(f"out={out}: expected a picture file to write, e.g. out=reconstructions.png")
     device = resolve_device(cfg.device)
     paths = image_paths(cfg.images, cfg.max_images)
     ckpt = read_checkpoint(cfg.checkpoint)
@@ -115,7 +129,6 @@ def main(argv: list[str]) -> None:
     grid = reconstruction_grid(simmim, x, mask)
     with torch.no_grad():
         loss = simmim(x, mask).item()
-    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
         raise ValueError(f"cannot write {out}; pass out=<a writable .png path>")

@@ -89,8 +89,8 @@ def check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
         raise ConfigError(f"unknown key {key!r} in {source}{hint}")
 
 
-def _load_yaml(path: Path) -> DictConfig:
-    """A recipe file; a YAML syntax error is one line naming the file, line and problem."""
+def load_yaml(path: Path) -> DictConfig:
+    """A recipe or config file; a YAML syntax error is one line naming the file, line and problem."""
     try:
         return OmegaConf.load(path)
     except yaml.YAMLError as error:
@@ -127,14 +127,15 @@ def parse_cli(argv: list[str]) -> tuple[str, DictConfig, bool]:
     return recipe, _dotlist(pairs), print_config
 
 
-def config_from_argv(stage: str, argv: list[str], usage: str) -> tuple[DictConfig, bool] | None:
+def config_from_argv(stage: str, argv: list[str], usage: str, here: bool = True) -> tuple[DictConfig, bool] | None:
     """A script's (resolved config, print_config) from `recipe=NAME key=value ...`; None after printing the
-    usage, the recipes and every key for --help."""
+    usage, the recipes and every key for --help. here=False: the run is not for this machine (no check of its
+    accelerator and devices against what this machine has)."""
     if {"-h", "--help", "help"} & set(argv):
         print(usage + "\n" + describe_keys(stage))
         return None
     recipe, overrides, print_config = parse_cli(argv)
-    return load_config(stage, recipe, overrides), print_config
+    return load_config(stage, recipe, overrides, here), print_config
 
 
 def as_list(value) -> list:
@@ -144,9 +145,13 @@ def as_list(value) -> list:
     return [value] if isinstance(value, (str, int, float)) else list(value)
 
 
-def options_from_argv(defaults: dict, argv: list[str], usage: str) -> DictConfig | None:
-    """A tool's options: `defaults` <- `key=value` arguments, unknown keys rejected; None after printing
-    the usage and the keys for --help."""
+def options_from_argv(defaults: dict, argv: list[str], usage: str, mixed: tuple[str, ...] = ()
+                      ) -> DictConfig | None:
+    """A tool's options: `defaults` <- `key=value` arguments, unknown keys and values of the wrong type rejected
+    (`simmim.train.validate.validate_options`; `mixed`: keys that take values of several types); None after
+    printing the usage and the keys for --help."""
+    from simmim.train.validate import validate_options  # here: validate imports ConfigError from this module
+
     schema = OmegaConf.create(defaults)
     if {"-h", "--help", "help"} & set(argv):
         keys = "\n".join(_key_lines(defaults))
@@ -155,21 +160,23 @@ def options_from_argv(defaults: dict, argv: list[str], usage: str) -> DictConfig
     example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
     overrides = _dotlist(_key_value_pairs(argv, example))
     check_keys(overrides, schema, "the command line")
-    return OmegaConf.merge(schema, overrides)
+    return OmegaConf.merge(schema, validate_options(overrides, defaults, mixed))
 
 
 def stage_schema(stage: str) -> DictConfig:
     """`recipes/<stage>/default.yaml`: every key a run of the stage reads, with its default."""
-    return _load_yaml(_recipe_path(stage, "default"))
+    return load_yaml(_recipe_path(stage, "default"))
 
 
-def load_config(stage: str, recipe: str = "default", overrides: DictConfig | list[str] | None = None) -> DictConfig:
-    """Merge default <- recipe <- overrides, reject unknown keys, return the resolved config."""
+def load_config(stage: str, recipe: str = "default", overrides: DictConfig | list[str] | None = None,
+                here: bool = True) -> DictConfig:
+    """Merge default <- recipe <- overrides, reject unknown keys, return the resolved config (here: see
+    `check_config`)."""
     schema = stage_schema(stage)
     layers = [schema]
     recipe_path = _recipe_path(stage, recipe)
     if recipe != "default":
-        recipe_cfg = _load_yaml(recipe_path)
+        recipe_cfg = load_yaml(recipe_path)
         check_keys(recipe_cfg, schema, f"recipe {recipe_path}")
         layers.append(recipe_cfg)
     if overrides is not None:
@@ -183,16 +190,17 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
     cfg = OmegaConf.merge(*layers)
     cfg.recipe = Path(recipe).stem
     OmegaConf.resolve(cfg)
-    check_config(cfg, schema)
+    check_config(cfg, schema, here)
     return cfg
 
 
-def check_config(cfg: DictConfig, schema: DictConfig) -> None:
+def check_config(cfg: DictConfig, schema: DictConfig, here: bool = True) -> None:
     """Every value of a resolved config against the stage's schema (`simmim.train.validate`), and what must hold
-    between keys; run by load_config and by the Lightning CLI."""
+    between keys; run by load_config and by the Lightning CLI. here: also the accelerator and devices against this
+    machine (false for a plan of a run elsewhere)."""
     from simmim.train.validate import validate_config  # here: validate imports ConfigError from this module
 
-    validate_config(cfg, schema)
+    validate_config(cfg, schema, here)
     if cfg.model.img_size != cfg.data.img_size:
         raise ConfigError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}; "
                           f"set data.img_size (the model is built for the images it gets)")
@@ -228,8 +236,14 @@ def variant_model(variant: str) -> dict:
 def model_section() -> dict:
     """A `model` section naming `variant` and every SwinTransformerV2 argument, all null: the schema of the tool
     scripts, whose model comes from a checkpoint or a recipe and where null keeps that value."""
-    names = [name for name in inspect.signature(SwinTransformerV2).parameters if name != "norm_layer"]
-    return {"variant": None, **dict.fromkeys(names)}
+    return {"variant": None, **dict.fromkeys(model_defaults())}
+
+
+def model_defaults() -> dict:
+    """SwinTransformerV2's arguments but norm_layer, with their defaults: {"img_size": 224, "depths": (2, 2, 6, 2),
+    ...}."""
+    return {name: p.default for name, p in inspect.signature(SwinTransformerV2).parameters.items()
+            if name != "norm_layer"}
 
 
 def resolve_model(base: Mapping, overrides: Mapping) -> dict:

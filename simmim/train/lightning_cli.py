@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
 from simmim.train.config import (ConfigError, check_config, check_keys, check_same_model, leaves, load_config,
-                                 prepare_run, stage_schema)
+                                 load_yaml, prepare_run, stage_schema)
 from simmim.train.run_dir import start_run
 from simmim.train.stage import Stage, self_and_parents, plain
 from simmim.train.trainer import make_trainer
@@ -51,6 +52,17 @@ def _pop_option(args: list[str], name: str, default: str | None) -> str | None:
     return default
 
 
+def _config_files(args: list[str]) -> list[Path]:
+    """The files named by `--config PATH` / `-c PATH` / `--config=PATH`; FileNotFoundError for a name that is
+    neither a file nor inline YAML."""
+    values = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")]
+    values += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    for value in values:
+        if not Path(value).is_file() and not re.search(r"[:{\n]", value):
+            raise FileNotFoundError(f"--config {value}: no such file; pass a YAML file (--print_config writes one)")
+    return [Path(value) for value in values if Path(value).is_file()]
+
+
 def _check_stage_of(ckpt_path: str, name: str, stages: dict[str, Stage]) -> None:
     """ConfigError when the checkpoint's hyperparameters are not all arguments of stage `name`'s module (Lightning
     would apply them before our code runs: jsonargparse's "does not accept option")."""
@@ -65,6 +77,28 @@ def _check_stage_of(ckpt_path: str, name: str, stages: dict[str, Stage]) -> None
     raise ConfigError(f"--ckpt_path {ckpt_path} is not a checkpoint of the {name} stage (its hyperparameters "
                       f"{', '.join(unknown)} are not {name} arguments); "
                       + (f"pass --stage {fitting[0]}" if fitting else "pass a checkpoint of a run of this stage"))
+
+
+def _one_line(message: str) -> str:
+    """A jsonargparse error in one line; a value of the wrong type as `--KEY VALUE: expected int, null`."""
+    union = re.match(r'Parser key "([^"]+)":.*?Subtypes: \[(.*?)\]\n.*Given value: (.*)', message, re.S)
+    single = re.match(r'Parser key "([^"]+)":\s*Expected a (.*?)\. Got value: (.*)', message, re.S)
+    if union or single:
+        key, kinds, value = (union or single).groups()
+        kinds = re.sub(r"typing\.Literal\[(.*?)\]", r"\1", re.sub(r"<class '(\w+)'>", r"\1", kinds))
+        return f"--{key} {value.strip()}: expected {kinds.replace('NoneType', 'null')}"
+    return " ".join(message.split())
+
+
+class OneLineParser(LightningArgumentParser):
+    """Lightning's parser, with its errors in one line instead of the usage and a block of text."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse trying alternatives: raises, as it expects
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {_one_line(message)} ({prog} --help lists the options)\n")
+        self.exit(2)
 
 
 # every pytorch_lightning.Trainer argument with its default
@@ -87,6 +121,8 @@ class RecipeCLI(LightningCLI):
             raise ConfigError(f"--ckpt_path {ckpt_path} cannot be read ({problem}); pass a checkpoint of a run")
         if ckpt_path is not None and not Path(ckpt_path).is_dir():
             _check_stage_of(ckpt_path, name, stages)
+        for path in _config_files(args):  # a YAML error as the file and line (jsonargparse: "<unicode string>")
+            load_yaml(path)
         module_args, data_args = self.stage.init_args(self.recipe)
         trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
         defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
@@ -97,7 +133,7 @@ class RecipeCLI(LightningCLI):
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             try:
                 super().__init__(self.stage.module, self.stage.datamodule, args=args, save_config_callback=None,
-                                 auto_configure_optimizers=False)
+                                 auto_configure_optimizers=False, parser_class=OneLineParser)
             except (ConfigError, ValueError, FileNotFoundError) as error:
                 if type(error) not in (ConfigError, ValueError, FileNotFoundError):
                     raise
@@ -146,6 +182,11 @@ class RecipeCLI(LightningCLI):
         """The recipe as the parsed arguments leave it; the stage's derived values (Log-CPB windows) filled in."""
         config = self.config[self.subcommand]
         model_args, data_args = config.model.as_dict(), config.data.as_dict()
+        for arg, value in self.stage.init_args(self.recipe)[0].items():
+            # a --config that names some keys of a dict argument (model: {model: {window_size: 8}}) replaces the
+            # whole dict (jsonargparse); the recipe fills in the rest, as for --model.model.window_size 8
+            if isinstance(value, dict) and isinstance(model_args.get(arg), dict):
+                model_args[arg] = {**value, **model_args[arg]}
         run = OmegaConf.from_dotlist([f"{key}={'null' if value is None else value}"  # YAML-typed values
                                       for key, value in leaves(config.run)])
         check_keys(run, self.recipe, "--run")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from simmim.train.config import ConfigError, leaves
+from simmim.train.config import ConfigError, leaves, model_defaults
 from simmim.train.loggers import check_loggers_and_callbacks
 
 
@@ -135,7 +135,7 @@ def _show(value) -> str:
     return str(value)
 
 
-def _check_type(key: str, value, default) -> None:
+def _check_type(key: str, value, default, default_shown: bool = True) -> None:
     if key.startswith("trainer.") or key in MIXED or value is None and (default is None or key in NULLABLE):
         return
     if value is None:
@@ -144,7 +144,7 @@ def _check_type(key: str, value, default) -> None:
     if kind is None:
         return
     if not _is(value, kind):
-        example = f", as the default {_show(default)}" if default is not None else " or null"
+        example = f", as the default {_show(default)}" if default is not None and default_shown else " or null"
         raise _fail(key, value, f"{TYPE_NAMES[kind]}{example}")
     if kind is list:
         element = type(default[0]) if default else (int if key in NULLABLE else None)
@@ -183,7 +183,7 @@ def _matches(value, hint) -> bool:
     return isinstance(value, dict)  # a dict (timedelta fields, class_path / init_args) for other classes
 
 
-def _check_trainer(trainer: dict) -> None:
+def _check_trainer(trainer: dict, here: bool) -> None:
     import pytorch_lightning as pl
 
     hints = typing.get_type_hints(pl.Trainer.__init__)
@@ -192,7 +192,18 @@ def _check_trainer(trainer: dict) -> None:
         if hint is not None and not _matches(value, hint):
             expected = str(hint).replace("typing.", "").replace("NoneType", "null")
             raise _fail(f"trainer.{name}", value, f"a value of type {expected}")
+    devices = trainer.get("devices")
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():  # the Lightning CLI passes "2" as a string
+        devices = int(devices)
+    if type(devices) is int and devices < 1 and devices != -1:
+        raise _fail("trainer.devices", devices, "an integer > 0, -1 (every device), a list of device indices or auto")
+    if not here:
+        return
     accelerator = str(trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or accelerator == "auto" and not torch.cuda.is_available()
+    if on_cpu and isinstance(devices, list):
+        raise _fail("trainer.devices", devices, "a number of processes on the CPU (device indices name GPUs), e.g. "
+                                                "trainer.devices=2")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible here; use "
                           f"trainer.accelerator=cpu (or auto) or run on a machine with a GPU")
@@ -221,10 +232,11 @@ def _check_relations(cfg: DictConfig) -> None:
         raise ConfigError(f"run_name={cfg.run_name}: {run_dir} is a file; expected a folder (new or existing)")
 
 
-def validate_config(cfg: DictConfig, schema: DictConfig) -> None:
+def validate_config(cfg: DictConfig, schema: DictConfig, here: bool = True) -> None:
     """Raise ConfigError (one line: key, value, what is expected) for the first value that the schema, the
     rules, pytorch_lightning.Trainer or the loggers and callbacks (`check_loggers_and_callbacks`) reject. `cfg` is
-    resolved; `schema` is the stage's default.yaml."""
+    resolved; `schema` is the stage's default.yaml; here: also trainer.accelerator and trainer.devices against this
+    machine (a GPU for accelerator=gpu, counts not indices on the CPU)."""
     defaults = dict(leaves(OmegaConf.to_container(schema, resolve=False)))
     values = OmegaConf.to_container(cfg, resolve=True)
     for key, value in leaves(values):
@@ -233,9 +245,32 @@ def validate_config(cfg: DictConfig, schema: DictConfig) -> None:
             continue
         _check_type(key, value, default)
         _check_rule(key, value)
-    _check_trainer(values.get("trainer", {}))
+    _check_trainer(values.get("trainer", {}), here)
     _check_relations(cfg)
     check_loggers_and_callbacks(cfg)
+
+
+def validate_options(overrides: DictConfig, defaults: dict, mixed: tuple[str, ...] = ()) -> DictConfig:
+    """A tool's `key=value` arguments (`simmim.train.config.options_from_argv`) checked against its defaults: a
+    value for an integer, number or true/false default must be one (null passes: the tool reads it as unset);
+    `model.*` values must fit SwinTransformerV2's arguments and `RULES`; numbers and true/false given for a string
+    default become strings (out=2024). Returns the overrides; raises ConfigError of one line."""
+    known = dict(leaves(defaults))
+    model_types = {f"model.{name}": default for name, default in model_defaults().items()}
+    values = OmegaConf.to_container(overrides)
+    for key, value in leaves(values):
+        default = known.get(key)
+        if value is None or key in mixed:
+            continue
+        if key.startswith("model.") and default is None:
+            default = model_types.get(key)
+            _check_type(key, value, list(default) if isinstance(default, tuple) else default, default_shown=False)
+            _check_rule(key, value)
+        elif isinstance(default, str) and isinstance(value, (bool, int, float)):
+            OmegaConf.update(overrides, key, _show(value))
+        elif isinstance(default, (bool, int, float)):
+            _check_type(key, value, default)
+    return overrides
 
 
 def validate_labels(samples, num_classes: int, where: str) -> None:
