@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import tarfile
 import time
 import warnings
 import zlib
@@ -122,7 +123,8 @@ def _raw_samples(url: str, on_error: Callable[[Exception], bool], retries: int =
     A read that fails (a dropped connection, a storage hiccup; fsspec's http says "not found" for a server that
     does not answer) is retried `retries` times, RETRY_WAIT x 1, 2, 4, ... seconds apart, from the start of the
     shard, passing over the samples already given; then ``on_error(error)`` is called and the rest of the shard
-    is left out.
+    is left out. A local file that is not a whole tar (cut short, overwritten) reads the same every time: it is
+    not retried.
     """
     given = 0
     for attempt in range(retries + 1):
@@ -135,11 +137,10 @@ def _raw_samples(url: str, on_error: Callable[[Exception], bool], retries: int =
                         yield sample
             return
         except Exception as error:  # storage clients raise their own types, not only OSError
-            if attempt == retries:
+            if attempt == retries or isinstance(error, tarfile.TarError) and "://" not in url:
                 on_error(error)
                 return
-            reason = f"{type(error).__name__}: {error.args[0] if error.args else ''}"  # webdataset appends more args
-            warnings.warn(f"reading {url} failed after {given} samples ({reason}); retry {attempt + 1} of "
+            warnings.warn(f"reading {url} failed after {given} samples ({_reason(error)}); retry {attempt + 1} of "
                           f"{retries} in {RETRY_WAIT * 2 ** attempt:g} s")
             time.sleep(RETRY_WAIT * 2 ** attempt)
 
@@ -168,6 +169,11 @@ def shard_counts(urls: list[str]) -> list[int]:
     return [known[url.rsplit("/", 1)[-1]] for url in urls]
 
 
+def _reason(error: Exception) -> str:
+    """`ReadError: unexpected end of data`: the type and first argument (webdataset appends the stream and more)."""
+    return f"{type(error).__name__}: {error.args[0] if error.args else ''}"
+
+
 def _reraise(error: Exception) -> bool:
     raise error
 
@@ -175,7 +181,7 @@ def _reraise(error: Exception) -> bool:
 def _unreadable(url: str, error: Exception) -> bool:
     if isinstance(error, FileNotFoundError):  # over http(s), where a brace pattern is not checked at start
         raise FileNotFoundError(f"shard {url} does not exist") from error
-    raise ValueError(f"cannot read shard {url} ({error}); it is cut short or not a tar: make it again "
+    raise ValueError(f"cannot read shard {url} ({_reason(error)}); it is cut short or not a tar: make it again "
                      f"(scripts/make_shards.py) or leave it out of data.shards") from error
 
 
@@ -220,10 +226,14 @@ class ShardDataset(IterableDataset):
         self.skipped.add(error)
         return True
 
+    def _shard_failed(self, url: str, error: Exception) -> bool:
+        return self._warn(ValueError(f"{url}: {_reason(error)}; the rest of the shard is left out"))
+
     def _stream(self, group: list[int], worker: int) -> Iterator[dict]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         order = [group[i] for i in rng.permutation(len(group))] if self.shuffle else group
-        samples = (sample for shard in order for sample in _raw_samples(self.urls[shard], self._warn)
+        samples = (sample for shard in order for sample in _raw_samples(self.urls[shard],
+                                                                        partial(self._shard_failed, self.urls[shard]))
                    if _image_key(sample))
         if self.shuffle and self.shuffle_buffer > 1:
             samples = shuffle(self.shuffle_buffer, self.shuffle_buffer,

@@ -316,23 +316,31 @@ def test_a_shard_whose_read_fails_is_read_again_from_where_it_stopped(tmp_path, 
         with pytest.warns(UserWarning) as warned:
             labels = [item[0] for item in data]
     assert labels == list(range(24)) and data.skipped.total == 0  # each sample once, in order
-    retried = rf"reading http://.*part-00(\d).tar failed after [1-9]\d* samples .*retry 1 of {shards.READ_RETRIES}"
+    # the client sees the drop after the samples in its first read, or (about one run in four, as aiohttp buffers)
+    # at once: after 0 samples; each sample is given once either way (labels above)
+    retried = rf"reading http://.*part-00(\d).tar failed after \d+ samples .*retry 1 of {shards.READ_RETRIES}"
     # only ours: in a full run, the garbage collector may warn here of a file or socket of another test
     ours = [str(w.message) for w in warned if str(w.message).startswith("reading ")]
     assert len(ours) == 2 and all(re.match(retried, m) for m in ours), ours
-    assert [re.match(retried, m).group(1) for m in ours] == ["0", "1"]  # mid-shard, once each
+    assert [re.match(retried, m).group(1) for m in ours] == ["0", "1"]  # once each
 
-    cut = tmp_path / "cut" / "part-000.tar"  # a shard cut short on disk: read again, then the rest is left out
-    cut.parent.mkdir()
+    cut = tmp_path / "cut" / "part-000.tar"  # a shard cut short on disk: the rest is left out, at once (it read
+    cut.parent.mkdir()                        # the same 5 times more, for 31 s, every epoch)
     whole = (tmp_path / "shards" / "part-000.tar").read_bytes()
     cut.write_bytes(whole[:len(whole) // 2])
     data = ShardDataset([str(cut), str(tmp_path / "shards" / "part-001.tar")], [12, 12], label_item, decode_image,
                         SkipCounter(), shuffle=False)
-    with pytest.warns(UserWarning, match=f"retry {shards.READ_RETRIES} of {shards.READ_RETRIES}"):
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         labels = [item[0] for item in data]
     given = len(labels) - 12  # the samples before the cut, then all of the next shard
     assert data.skipped.total == 1 and 0 < given < 12 and labels == [*range(given), *range(12, 24)]
-    with pytest.raises(ValueError, match=r"cannot read shard .*cut/part-000.tar .*make it again"), \
+    messages = [str(w.message) for w in warned if "part-000.tar" in str(w.message)]
+    assert len(messages) == 1 and "retry" not in messages[0], messages
+    assert re.search(rf"latest: {re.escape(str(cut))}: ReadError: [a-z ]+; the rest of the shard is left out\)$",
+                     messages[0]), messages  # not webdataset's tuple of the message, the stream and the url
+    with pytest.raises(ValueError, match=r"cannot read shard .*cut/part-000.tar \(ReadError: [a-z ]+\); .*make it "
+                                         r"again"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         shard_counts([str(cut)])  # no shardindex.json: counting reads it
