@@ -39,6 +39,10 @@ def read_pretrained(cfg) -> dict | None:
             rank_zero_warn(f"{cfg.pretrained} does not say which windows it was pretrained with; set "
                            f"model.pretrained_window_sizes=[...] (e.g. [12,12,12,6] for 192 px / window 12) for the "
                            f"Log-CPB transfer")
+        elif len(windows) != len(cfg.model.depths):
+            raise ConfigError(f"pretrained={cfg.pretrained} holds a SwinV2 of {len(windows)} stages, model.depths="
+                              f"{list(cfg.model.depths)} builds {len(cfg.model.depths)}; give the pretrained model's "
+                              f"depths and num_heads (model.variant, or model.depths and model.num_heads)")
         else:
             cfg.model.pretrained_window_sizes = windows
     return checkpoint

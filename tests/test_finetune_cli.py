@@ -66,6 +66,17 @@ def test_missing_pretrained_file_is_a_clear_error(tmp_path):
         finetune_script.main([f"output_dir={tmp_path}", f"pretrained={tmp_path}"])  # was: "does not exist"
 
 
+def test_pretrained_model_of_other_stages_is_a_clear_error(tmp_path):
+    """A 2-stage encoder into the 4-stage default (was: "depths, num_heads and pretrained_window_sizes need one
+    entry per stage; got [2, 2, 2, 2], [2, 4, 8, 16], [8, 8]", with no word of which key to set)."""
+    config = {"model": {"img_size": 32, "patch_size": 2, "window_size": 8, "depths": [2, 2], "num_heads": [2, 4]}}
+    torch.save({"model": {}, "config": config}, tmp_path / "two_stages.pth")
+    with pytest.raises(ConfigError, match=r"pretrained=.*two_stages.pth holds a SwinV2 of 2 stages, model.depths="
+                                          r"\[2, 2, 2, 2\] builds 4; give the pretrained model's depths and num_heads"):
+        finetune_script.main([f"output_dir={tmp_path}", f"pretrained={tmp_path / 'two_stages.pth'}"])
+    assert not (tmp_path / "default").exists()
+
+
 def test_unreadable_pretrained_file_is_a_clear_error(tmp_path):
     """A truncated checkpoint and a file of junk (were OSError and KeyError tracebacks from torch.load)."""
     torch.save({"model": {f"w{i}": torch.ones(1000) for i in range(5)}}, tmp_path / "whole.pth")

@@ -61,3 +61,7 @@ def test_bad_arguments_are_one_line_errors():
         gpu_check.main([*TINY_CPU, "steps=1", "warmup=1"])
     with pytest.raises(ConfigError, match="unknown key 'step'"):
         gpu_check.main(["step=3"])
+    with pytest.raises(ConfigError, match="^compile=maybe: expected true, false or auto$"):  # was: every strategy
+        gpu_check.main([*TINY_CPU, "compile=maybe"])                                        # failing in the table
+    with pytest.raises(ConfigError, match="^steps=abc: expected an integer, as the default 20$"):
+        gpu_check.main([*TINY_CPU, "steps=abc"])

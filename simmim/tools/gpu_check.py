@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import MaskGenerator
-from simmim.train.config import model_section, options_from_argv, resolve_model
+from simmim.train.config import ConfigError, model_section, options_from_argv, resolve_model
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.strategies import DEEPSPEED_STAGES, build_strategy
 
@@ -141,6 +141,10 @@ def main(argv: list[str]) -> None:
         raise ValueError("device=cuda but CUDA is not available here; pass device=cpu (with a small model)")
     if cfg.steps <= cfg.warmup:
         raise ValueError(f"steps={cfg.steps} leaves no timed step after warmup={cfg.warmup}; raise steps")
+    if cfg.compile not in (True, False, "auto"):
+        raise ConfigError(f"compile={cfg.compile}: expected true, false or auto")
+    if cfg.batch_size < 1 or cfg.warmup < 0:
+        raise ConfigError(f"batch_size={cfg.batch_size}, warmup={cfg.warmup}: expected batch_size >= 1, warmup >= 0")
     model = resolve_model(BASE_MODEL, OmegaConf.to_container(cfg.model))
     print(f"model: {model}\nbatch {cfg.batch_size}, {cfg.precision}, {cfg.steps} steps ({cfg.warmup} untimed), "
           f"on {torch.cuda.get_device_name() if cfg.device == 'cuda' else 'cpu'}")
