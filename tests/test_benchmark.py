@@ -54,6 +54,13 @@ def test_benchmark_refuses_what_cannot_be_compared(tmp_path):
         assert run.returncode != 0 and "['compiled_flex_bf16'] need CUDA" in run.stderr
     run = run_script("simmim.tools.benchmark", *TINY, "configs=[fast]", "timer=gpu", out)
     assert run.returncode != 0 and "timer='gpu'" in run.stderr
+    for arg, message in (("steps=0", "steps=0: expected an integer >= 1"),  # were IndexError, RuntimeError
+                         ("batch_size=0", "batch_size=0: expected an integer >= 1"),  # tracebacks
+                         ("threads=-1", "threads=-1: expected an integer >= 0"),
+                         ("norm_target=4", "norm_target=4: expected an odd window"),
+                         (f"out={tmp_path}", f"out={tmp_path} is a folder")):
+        run = run_script("simmim.tools.benchmark", *TINY, "configs=[fast]", out, arg)
+        assert run.returncode == 1 and run.stderr.startswith(f"error: {message}") and run.stderr.count("\n") == 1
 
 
 def test_benchmark_times_cpu_seconds(tmp_path):

@@ -51,7 +51,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from masking import build_mask_generator
-from simmim.train.config import options_from_argv
+from simmim.train.config import ConfigError, as_list, options_from_argv
 from simmim.tools.memory import peak_memory
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import make_adamw, param_groups
@@ -264,9 +264,18 @@ def main(argv: list[str]) -> None:
         return
     if opts.model not in VARIANTS:
         raise ValueError(f"unknown model {opts.model!r}; choose one of {', '.join(VARIANTS)}")
+    for key, low in (("steps", 1), ("warmup", 0), ("batch_size", 1), ("threads", 0)):
+        if opts[key] < low:
+            raise ConfigError(f"{key}={opts[key]}: expected an integer >= {low}")
+    if opts.norm_target is not None and not (type(opts.norm_target) is int and opts.norm_target > 0
+                                             and opts.norm_target % 2):
+        raise ConfigError(f"norm_target={opts.norm_target}: expected an odd window in pixels (47), or null (raw "
+                          f"pixels)")
+    if Path(opts.out).is_dir():
+        raise ConfigError(f"out={opts.out} is a folder; pass the path of a .json file to write")
     device = resolve_device(opts.device)
     runnable = [c for c in CONFIGS if device.type == "cuda" or c not in CUDA_ONLY]
-    names = runnable if opts.configs is None else list(opts.configs)
+    names = runnable if opts.configs is None else as_list(opts.configs)
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         raise ValueError(f"unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
