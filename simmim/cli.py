@@ -1,5 +1,5 @@
 """What every script in scripts/ shares: running its command with one-line errors, the `device=` key, refusing
-to write over an output that exists, checking an output folder."""
+to write over an output that exists, checking an output folder and the DataLoader keys."""
 from __future__ import annotations
 
 import errno
@@ -86,6 +86,14 @@ def check_output_folder(path: str | Path, key: str = "out_dir") -> None:
     for folder in (Path(path), *Path(path).parents):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{key}={path}: {folder} is a file; pass a folder (new or existing)")
+
+
+def check_loader_options(cfg) -> None:
+    """ConfigError unless cfg.batch_size >= 1 and cfg.num_workers >= 0 (the tools' DataLoader keys)."""
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size}: expected an integer >= 1")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"num_workers={cfg.num_workers}: expected an integer >= 0 (0: load in this process)")
 
 
 def resolve_device(name: str) -> torch.device:

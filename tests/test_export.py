@@ -243,6 +243,20 @@ def test_export_does_not_write_over_an_existing_out_unless_told(tmp_path):
     assert (tmp_path / "hf" / "config.json").read_text() == config
 
 
+def test_out_names_the_format_our_readers_expect(tmp_path):
+    """The readers go by the suffix: a timm export named .pth, or an official one named .safetensors, could not be
+    read back (written without a word before)."""
+    from simmim.train.config import ConfigError
+
+    _, path = classifier_file(tmp_path)
+    for fmt, out, fix in (("timm", "w.pth", "w.safetensors"), ("timm", "w", "w.safetensors"),
+                          ("official", "w.safetensors", "w.pth")):
+        with pytest.raises(ConfigError, match=f"out={tmp_path / out}: format={fmt} writes .* e.g. out="
+                                              f"{tmp_path / fix}$"):
+            main([f"checkpoint={path}", f"format={fmt}", f"out={tmp_path / out}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(path).name])
+
+
 def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):
     """The official implementation's weights and outputs (tests/data/swinv2_official_w8_pt4.pt, window 8 over
     pretrained windows 4): exported with model.* keys, transformers reproduces the official logits, and so does

@@ -143,6 +143,11 @@ def test_help_and_one_line_errors(capsys):
     assert "forward_intermediates" in capsys.readouterr().out
     result = run_script("simmim.tools.extract_features", "data.source=digits")
     assert result.returncode == 1 and result.stderr.startswith("error: checkpoint= is required")
+    for arg, message in (("batch_size=0", "batch_size=0: expected an integer >= 1"),  # were torch's words
+                         ("num_workers=-1", "num_workers=-1: expected an integer >= 0"),
+                         ("maps=maybe", "maps=maybe: expected true or false")):
+        result = run_script("simmim.tools.extract_features", "checkpoint=x.pth", arg)
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {message}"), result.stderr
 
 
 def test_backbone_example():

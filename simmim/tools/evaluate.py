@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from simmim.cli import resolve_device
+from simmim.cli import check_loader_options, resolve_device
 from simmim.evaluation import knn_top1, linear_probe_top1, pooled_features
 from simmim.models.checkpoint import encoder_from_checkpoint
 from simmim.models.swinv2 import SwinTransformerV2
@@ -87,11 +87,10 @@ def main(argv: list[str]) -> None:
     if cfg.max_images is not None and (type(cfg.max_images) is not int or cfg.max_images < 1):
         raise ConfigError(f"max_images={cfg.max_images} must be a positive integer or null (every image)")
     for key, ok, expected in (("k", cfg.k >= 1, "an integer >= 1"), ("temperature", cfg.temperature > 0, "> 0"),
-                              ("probe_c", cfg.probe_c > 0, "> 0 (the inverse L2 strength of the probe)"),
-                              ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
-                              ("num_workers", cfg.num_workers >= 0, "an integer >= 0 (0: load in this process)")):
+                              ("probe_c", cfg.probe_c > 0, "> 0 (the inverse L2 strength of the probe)")):
         if not ok:
             raise ConfigError(f"{key}={cfg[key]}: expected {expected}")
+    check_loader_options(cfg)
     checkpoints = as_list(cfg.checkpoint)
     if not checkpoints:
         raise ConfigError("checkpoint= is required: a path or [a,b,...] (our .ckpt or encoder.pth, or an official "

@@ -191,6 +191,11 @@ def main(argv: list[str]) -> None:
                           "encoder.pth format=timm out=swinv2.safetensors")
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
+    suffix = Path(cfg.out).suffix
+    if (cfg.format == "timm") != (suffix == ".safetensors") and cfg.format != "hf":  # readers go by the suffix
+        wanted = ".safetensors (a safetensors file)" if cfg.format == "timm" else ".pth (a torch.save file)"
+        raise ConfigError(f"out={cfg.out}: format={cfg.format} writes {wanted}; name it so, e.g. "
+                          f"out={Path(cfg.out).with_suffix(wanted.split()[0])}")
     check_new_output(cfg.out, cfg.overwrite)
     overrides = OmegaConf.to_container(cfg.model)
     if cfg.format == "official":

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from simmim.models.checkpoint import encoder_from_checkpoint
 from simmim.train.config import ConfigError, model_section, options_from_argv
 from simmim.data import ImageDataset, build_sources, digits_split, eval_transform
-from simmim.cli import check_new_output, resolve_device
+from simmim.cli import check_loader_options, check_new_output, resolve_device
 
 SCHEMA = {
     "checkpoint": None,          # required: our .ckpt / encoder.pth, an official SimMIM or SwinV2 file, timm
@@ -123,6 +123,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError("checkpoint= is required: our .ckpt or encoder.pth, or an official SimMIM / SwinV2 file")
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
+    check_loader_options(cfg)
     check_new_output(Path(cfg.out).with_suffix(".pt") if cfg.format == "pt" else cfg.out, cfg.overwrite)
     device = resolve_device(cfg.device)
     encoder, model, report = encoder_from_checkpoint(cfg.checkpoint, OmegaConf.to_container(cfg.model))
