@@ -41,6 +41,9 @@ from simmim.train.validate import validate_labels
     ("trainer.accelerator=gpu", "trainer.accelerator=gpu but no CUDA GPU is visible here"),
     ("trainer.devices=0", "trainer.devices=0: expected an integer > 0, -1 (every device), a list of device indices"),
     ("trainer.devices=-2", "trainer.devices=-2: expected an integer > 0, -1 (every device)"),  # were Lightning's
+    ("trainer.max_time=abc", "trainer.max_time=abc: expected days:hours:minutes:seconds (02:12:00:00)"),  # tracebacks
+    ("optim.betas=[0.9]", "optim.betas=[0.9]: expected two numbers in [0, 1), e.g. [0.9, 0.999]"),  # an IndexError
+    ("run_name=null", "run_name=null: expected a name for the run's folder"),  # was a run folder named None
 ])
 def test_bad_values_are_one_line(override, message):
     if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
@@ -60,6 +63,7 @@ def test_device_indices_on_the_cpu_and_plans_for_other_machines():
 
 
 def test_good_values_pass():
+    assert load_config("pretrain", overrides=["trainer.max_time={hours: 60}"]).trainer.max_time.hours == 60
     cfg = load_config("pretrain", overrides=["trainer.devices=auto", "trainer.precision=16", "resume=null",
                                              "optim.base_lr=1", "trainer.max_steps=10", "trainer.max_time=null",
                                              "trainer.val_check_interval=0.5", "eval.knn_max_images=100"])

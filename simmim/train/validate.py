@@ -7,6 +7,7 @@ default is null) and, for `trainer.*`, from `pytorch_lightning.Trainer`'s annota
 from __future__ import annotations
 
 import collections.abc
+import re
 import typing
 from pathlib import Path
 
@@ -192,6 +193,12 @@ def _check_trainer(trainer: dict, here: bool) -> None:
         if hint is not None and not _matches(value, hint):
             expected = str(hint).replace("typing.", "").replace("NoneType", "null")
             raise _fail(f"trainer.{name}", value, f"a value of type {expected}")
+    max_time = trainer.get("max_time")
+    fields = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")  # of a timedelta
+    if (isinstance(max_time, str) and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", max_time)
+            or isinstance(max_time, dict) and not all(k in fields and _is(v, float) for k, v in max_time.items())):
+        raise _fail("trainer.max_time", max_time, "days:hours:minutes:seconds (02:12:00:00), a map of timedelta "
+                                                  "fields ({hours: 60}) or null")
     devices = trainer.get("devices")
     if isinstance(devices, str) and devices.lstrip("-").isdigit():  # the Lightning CLI passes "2" as a string
         devices = int(devices)
@@ -223,6 +230,10 @@ def _check_relations(cfg: DictConfig) -> None:
     if "simmim" in cfg and cfg.simmim.mask_patch_size % model.patch_size:
         raise ConfigError(f"simmim.mask_patch_size={cfg.simmim.mask_patch_size}: expected a multiple of "
                           f"model.patch_size={model.patch_size}")
+    if "betas" in cfg.get("optim", {}) and len(cfg.optim.betas) != 2:
+        raise _fail("optim.betas", list(cfg.optim.betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if cfg.run_name is None or not str(cfg.run_name).strip():
+        raise _fail("run_name", cfg.run_name, "a name for the run's folder under output_dir")
     output = Path(cfg.output_dir)
     for path in (output, *output.parents):
         if path.exists() and not path.is_dir():
