@@ -53,6 +53,18 @@ def test_bad_values_are_one_line(override, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+def test_finetune_augmentation_keys():
+    """RandAugment's keys were checked only when it was built, in its own words; labels_per_class=abc was a
+    TypeError."""
+    for override, message in (("data.randaug_ops=-1", "data.randaug_ops=-1: expected an integer >= 0 (0: off)"),
+                              ("data.randaug_magnitude=11", "data.randaug_magnitude=11: expected a number in [0, 10]"),
+                              ("data.randaug_magnitude_std=-1", "data.randaug_magnitude_std=-1: expected a number >= 0"),
+                              ("data.labels_per_class=abc", "data.labels_per_class=abc: expected an integer or null")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            load_config("finetune", overrides=[override])
+    assert load_config("finetune", overrides=["data.randaug_magnitude=9.5"]).data.randaug_magnitude == 9.5
+
+
 def test_device_indices_on_the_cpu_and_plans_for_other_machines():
     """Device indices name GPUs: on the CPU they were a TypeError from Lightning. A plan (plan_memory) is for the
     GPUs of another machine: neither the accelerator nor the devices are checked against this one."""

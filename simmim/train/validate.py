@@ -70,6 +70,10 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "data.num_workers": (_at_least(0), "an integer >= 0"),
     "data.random_erasing": (_probability, "a number in [0, 1] (0: off)"),
     "data.shuffle_buffer": (_positive, "an integer > 0 (samples; 1: no shuffling)"),
+    "data.randaug_ops": (_at_least(0), "an integer >= 0 (0: off)"),
+    "data.randaug_magnitude": (lambda v: 0 <= v <= 10, "a number in [0, 10]"),
+    "data.randaug_magnitude_std": (_at_least(0), "a number >= 0"),
+    "data.labels_per_class": (_positive, "null (every label) or an integer > 0"),
     "optim.base_lr": (_positive, "a number > 0"),
     "optim.warmup_lr": (_at_least(0), "a number >= 0"),
     "optim.min_lr": (_at_least(0), "a number >= 0"),
@@ -108,7 +112,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
 NULLABLE = {
     "resume": str, "pretrained": str, "model.variant": str, "model.pretrained_window_sizes": list,
     "simmim.norm_target_patch_size": int, "data.root": str, "data.list_file": str, "data.shards": str,
-    "data.val_shards": str, "train.ema_decay": float, "eval.knn_max_images": int,
+    "data.val_shards": str, "train.ema_decay": float, "eval.knn_max_images": int, "data.labels_per_class": int,
 }
 MIXED = {"model.compile", "logging.loggers", "callbacks"}  # values of several types, checked where they are read
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
