@@ -58,7 +58,8 @@ def test_finetune_augmentation_keys():
     TypeError."""
     for override, message in (("data.randaug_ops=-1", "data.randaug_ops=-1: expected an integer >= 0 (0: off)"),
                               ("data.randaug_magnitude=11", "data.randaug_magnitude=11: expected a number in [0, 10]"),
-                              ("data.randaug_magnitude_std=-1", "data.randaug_magnitude_std=-1: expected a number >= 0"),
+                              ("data.randaug_magnitude_std=-1",
+                               "data.randaug_magnitude_std=-1: expected a number >= 0"),
                               ("data.labels_per_class=abc", "data.labels_per_class=abc: expected an integer or null")):
         with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
             load_config("finetune", overrides=[override])
