@@ -392,20 +392,26 @@ def _list_samples(list_file: Path) -> FileList:
         raise FileNotFoundError(f"image list {list_file} does not exist; pass data.list_file=<text file with one image "
                                 f"path and an optional label per line>")
     paths, labels = [], []
-    with open(list_file) as lines:
-        for number, line in enumerate(lines, 1):
-            line = line.strip()
+    with open(list_file, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{list_file} line {number}: not UTF-8 text ({error.reason}); save the list as "
+                                 f"UTF-8") from None
             if not line or line.startswith("#"):
                 continue
             labeled = re.fullmatch(r"(.*\S)\s+(\S+)", line)
-            # "path -1", "path cat": a label that is not a class index (a last word with "." or "/" is a path's)
-            if (labeled and not re.fullmatch(r"[0-9]+", labeled[2]) and not re.search(r"[./]", labeled[2])
+            # "path -1", "path cat", "path 1.5": a label that is not a class index (a last word with "." or "/" is
+            # a path's, unless it is a number); a class index of more than 9 digits is no class index either
+            word = labeled[2] if labeled else ""
+            index = re.fullmatch(r"[0-9]{1,9}", word)
+            if (labeled and not index and (not re.search(r"[./]", word) or re.fullmatch(r"[-+]?[0-9.]+", word))
                     and not (list_file.parent / line).exists()):
-                raise ValueError(f"{list_file} line {number}: label {labeled[2]!r} of {labeled[1]} is not a class "
-                                 f"index (an integer >= 0); write 'path' or 'path index'")
-            is_labeled = labeled and re.fullmatch(r"[0-9]+", labeled[2])
-            paths.append(os.path.join(list_file.parent, labeled[1] if is_labeled else line))
-            labels.append(int(labeled[2]) if is_labeled else 0)
+                raise ValueError(f"{list_file} line {number}: label {word!r} of {labeled[1]} is not a class index "
+                                 f"(an integer from 0 to 999999999); write 'path' or 'path index'")
+            paths.append(os.path.join(list_file.parent, labeled[1] if index else line))
+            labels.append(int(word) if index else 0)
     if not paths:
         raise ValueError(f"image list {list_file} names no images; write one image path per line")
     return FileList(paths, labels)
@@ -860,7 +866,7 @@ class ResumableDataModule(pl.LightningDataModule):
         """Set up the shards source (`shard_source`) with the stage's (train, val) items and transforms, at the
         position a checkpoint restored."""
         self.shards = shard_source(self.hparams, items, transforms, self.skipped)
-        self.shards.split(self.trainer, self.hparams.num_workers)
+        self.shards.split(self.trainer, self.hparams.num_workers, self.hparams.batch_size)
         if self._shards_state:
             self.shards.load_state_dict(self._shards_state)
         self.train_set, self.val_set = self.shards.train_set, self.shards.val_set

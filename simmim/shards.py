@@ -392,9 +392,9 @@ class ShardSource:
         self.val_set = ShardDataset(val, shard_counts(val), items[1], decodes[1], skipped, seed=seed, shuffle=False)
         self.train_loader, self._pending = None, None
 
-    def split(self, trainer, num_workers: int) -> None:
+    def split(self, trainer, num_workers: int, batch_size: int | None = None) -> None:
         """Give the datasets the trainer's rank (none: one process); every reader (ranks x workers) needs a
-        training shard, every rank a validation shard."""
+        training shard, every rank a validation shard, and with batch_size, the epoch a full batch."""
         for dataset in (self.train_set, self.val_set):
             dataset.rank, dataset.world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         readers = self.train_set.world_size * max(num_workers, 1)
@@ -408,10 +408,15 @@ class ShardSource:
                      f"data.shards={self.shards}: the held-out last shard is")
             raise ValueError(f"{named} {shards} validation shard(s) for {ranks} ranks, which each validate on shards "
                              f"of their own; give data.val_shards at least {ranks} shards (make_shards.py shard_mb=)")
+        if batch_size is not None and ShardLoader(self.train_set, batch_size, num_workers).num_batches == 0:
+            raise ValueError(f"the training shards give no full batch of data.batch_size={batch_size} per epoch: "
+                             f"{sum(self.train_set.counts)} samples over {readers} readers (ranks x data.num_workers), "
+                             f"each filling batches from its own shards; lower data.batch_size or data.num_workers, "
+                             f"or add samples")  # Lightning would stop at once, and the run end as if trained
 
     def loader(self, train: bool, trainer, batch_size: int, num_workers: int, drop_last: bool = True,
                pin_memory: bool = False) -> ShardLoader:
-        self.split(trainer, num_workers)
+        self.split(trainer, num_workers, batch_size if train and drop_last else None)
         if not train:  # every rank reads all of its validation samples, from at least one shard
             workers = min(num_workers, len(self.val_set.urls) // self.val_set.world_size)
             loader = ShardLoader(self.val_set, batch_size, workers, drop_last=False, pin_memory=pin_memory,

@@ -41,3 +41,8 @@ def test_work_and_out_must_be_a_folder_and_a_file(tmp_path):
         benchmark_data.main([f"work={tmp_path / 'taken'}"])
     with pytest.raises(ConfigError, match="out=.* is a folder; pass the path of a .json file"):
         benchmark_data.main([f"out={tmp_path}"])
+    with pytest.raises(ConfigError, match="out=.*taken: the file exists and is not a result of this benchmark"):
+        benchmark_data.main([f"out={tmp_path / 'taken'}"])  # was replaced by the JSON
+    assert (tmp_path / "taken").read_text() == "x"
+    with pytest.raises(ConfigError, match="quality=101 must be a JPEG quality from 1 to 100"):
+        benchmark_data.main(["quality=101"])

@@ -128,7 +128,9 @@ def test_parser_errors_are_one_line(tmp_path):
             (["--config", str(tmp_path / "broken.yaml")],
              f"error: {tmp_path / 'broken.yaml'}, line 3: YAML syntax error (did not find expected ',' or ']')"),
             ([f"--config={tmp_path / 'none.yaml'}"],
-             f"error: --config {tmp_path / 'none.yaml'}: no such file; pass a YAML file (--print_config writes one)")):
+             f"error: --config {tmp_path / 'none.yaml'}: no such file; pass a YAML file (--print_config writes one)"),
+            (["--model.model.embed_dimm=16"],  # was SwinTransformerV2's TypeError traceback
+             "error: unknown key 'embed_dimm' in --model.model; did you mean embed_dim?")):
         result = run_script("finetune.lightning_cli", "fit", *args)  # the program's name: its argv[0]
         lines = [line for line in result.stderr.splitlines() if line and not line.startswith("Seed set")]
         expected = line.replace("PROG", "finetune.lightning_cli")

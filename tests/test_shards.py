@@ -346,6 +346,24 @@ def test_a_shard_whose_read_fails_is_read_again_from_where_it_stopped(tmp_path, 
         shard_counts([str(cut)])  # no shardindex.json: counting reads it
 
 
+def test_shards_that_fill_no_batch_are_refused_at_setup(tmp_path):
+    """18 samples over 2 readers cannot fill a batch of 16 in either: Lightning stopped at once ("No training
+    batches") and the run ended with status 0 and an untrained encoder.pth."""
+    numbered_shards(tmp_path / "train", [6, 6, 6])
+    numbered_shards(tmp_path / "val", [3])
+    for batch_size, workers, fails in ((16, 2, True), (16, 0, False), (9, 2, False)):
+        dm = SimMIMDataModule(source="shards", shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"),
+                              img_size=32, batch_size=batch_size, mask_patch_size=8, model_patch_size=4,
+                              num_workers=workers)
+        if fails:
+            with pytest.raises(ValueError, match=r"the training shards give no full batch of data.batch_size=16 per "
+                                                 r"epoch: 18 samples over 2 readers"):
+                dm.setup("fit")
+        else:
+            dm.setup("fit")
+            assert len(dm.train_dataloader()) >= 1
+
+
 def test_datamodule_shards_source_and_state(tmp_path):
     numbered_shards(tmp_path / "train", [6, 6, 6])
     numbered_shards(tmp_path / "val", [3])
@@ -459,6 +477,31 @@ def test_make_shards_keeps_labels_and_resumes(tmp_path, capsys, monkeypatch):
         make_shards.main(["root=src", f"out={tmp_path / 'src' / 'cat' / '0.jpg'}"])
 
 
+def test_make_shards_stops_at_ctrl_c_without_writing_the_queued_shards(tmp_path, monkeypatch):
+    """Leaving the thread pool on Ctrl-C waited for every queued shard (hours on a large collection, and the disk
+    filled with .tmp files): now the queued ones are dropped and no .tmp file stays; a rerun completes."""
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    for i in range(12):
+        (tmp_path / "src" / "cat" / f"{i}.jpg").write_bytes(jpeg(i))
+    calls, write = [], make_shards.write_shard
+
+    def interrupted_at_the_third(*args):
+        calls.append(args[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return write(*args)
+
+    monkeypatch.setattr(make_shards, "write_shard", interrupted_at_the_third)
+    args = [f"root={tmp_path / 'src'}", f"out={tmp_path / 'out'}", "shard_mb=0.0005", "workers=1"]
+    with pytest.raises(KeyboardInterrupt):
+        make_shards.main(args)
+    left = sorted(p.name for p in (tmp_path / "out" / "train").glob("*.tar*"))
+    assert left == sorted(p.name for p in calls[:2]) and len(calls) <= 4  # at most the one started meanwhile
+    monkeypatch.setattr(make_shards, "write_shard", write)
+    make_shards.main(args)
+    assert len(list((tmp_path / "out" / "train").glob("*.tar"))) == 11 and not list(tmp_path.rglob("*.tmp"))
+
+
 def test_make_shards_short_side_stores_smaller_copies(tmp_path):
     smooth = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8), (0, 0), 4)
     for cls, shape in (("big", (90, 120, 3)), ("small", (30, 40, 3))):
@@ -516,6 +559,14 @@ def test_make_shards_leaves_out_a_listed_file_that_is_missing(tmp_path, capsys):
     assert [Path(f).name for files in record["left_out"].values() for f in files] == ["gone.jpg"]
     urls = shard_urls(str(out / "train")) + shard_urls(str(out / "val"))
     assert sum(shard_counts(urls)) == 6 == len(list(dataset(urls, shuffle=False)))
+    (tmp_path / "elsewhere.txt").write_text("".join(f"{line}\n" for line in lines))  # relative to another folder
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "elsewhere.txt").rename(tmp_path / "lists" / "list.txt")
+    with pytest.raises(FileNotFoundError, match=r"none of 6 files tried exists \(first: .*lists/images/\w+.jpg\); a "
+                                                r"list's relative paths are relative to the list file's folder"):
+        make_shards.main([f"list_file={tmp_path / 'lists' / 'list.txt'}", f"out={tmp_path / 'out2'}"])  # was: 0 samples
+    with pytest.raises(ConfigError, match=r"out=.*images/shards is inside root=.*images: its train/ and val/"):
+        make_shards.main([f"root={tmp_path / 'images'}", f"out={tmp_path / 'images' / 'shards'}"])
 
 
 class LabelRecorder(pl.LightningModule):

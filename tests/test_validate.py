@@ -111,10 +111,17 @@ def write_images(folder, count):
 
 def test_list_labels_that_are_not_class_indices(tmp_path):
     write_images(tmp_path, 3)
-    for bad in ("-1", "cat"):
+    for bad in ("-1", "cat", "1.5", "99999999999999999999"):  # the last two: part of a missing path; OverflowError
         (tmp_path / "list.txt").write_text(f"0.png 0\n1.png {bad}\n2.png 1\n")
         with pytest.raises(ValueError, match=rf"list.txt line 2: label '{bad}' of 1.png is not a class index"):
             build_sources("list", 8, list_file=tmp_path / "list.txt")
+    (tmp_path / "list.txt").write_bytes(b"0.png 0\n1.png 1\n\xff\xfe.png 1\n")  # was: no file, no line
+    with pytest.raises(ValueError, match=r"list.txt line 3: not UTF-8 text \(invalid start byte\); save the list"):
+        build_sources("list", 8, list_file=tmp_path / "list.txt")
+    (tmp_path / "1 2.png").write_bytes((tmp_path / "1.png").read_bytes())  # a path whose last word is a number
+    (tmp_path / "list.txt").write_text("0.png 0\n1 2.png\n1 2.png 3\n")
+    assert [label for _, label in sum(map(list, build_sources("list", 8, list_file=tmp_path / "list.txt")), [])
+            if label] == [3]
 
 
 def test_labels_checked_against_num_classes_before_training(tmp_path):

@@ -93,7 +93,9 @@ def generate(folder: Path, count: int, width: int, height: int) -> FileList:
             noise = np.random.default_rng(i).integers(0, 256, shape, dtype=np.uint8)
             image = cv2.addWeighted(cv2.GaussianBlur(noise, (0, 0), 6), 0.8, cv2.GaussianBlur(noise, (0, 0), 0.8), 0.5,
                                     0)
-            assert cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            partial_path = path.with_suffix(".partial.jpg")  # renamed when whole: a kill leaves no torn image to reuse
+            assert cv2.imwrite(str(partial_path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            partial_path.replace(path)
         paths.append(path)
     return FileList(paths, [i % 4 for i in range(count)])
 
@@ -141,6 +143,8 @@ def main(argv: list[str]) -> None:
     for key in ("images", "rounds", "batch_size", "pretrain_size", "finetune_size", "short_side", "quality"):
         if not (isinstance(cfg[key], int) and cfg[key] > 0):
             raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
+    if cfg.quality > 100:
+        raise ConfigError(f"quality={cfg.quality} must be a JPEG quality from 1 to 100")
     if cfg.pretrain_size % MASK_PATCH:
         raise ConfigError(f"pretrain_size={cfg.pretrain_size} must be a multiple of the mask patch size {MASK_PATCH}, "
                           f"e.g. 192")
@@ -154,6 +158,8 @@ def main(argv: list[str]) -> None:
     check_output_folder(cfg.work, "work")
     if Path(cfg.out).is_dir():
         raise ConfigError(f"out={cfg.out} is a folder; pass the path of a .json file to write")
+    if Path(cfg.out).is_file() and not _is_result(Path(cfg.out)):  # an earlier result is refreshed, nothing else
+        raise ConfigError(f"out={cfg.out}: the file exists and is not a result of this benchmark; give another out=")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     results = {}
@@ -185,6 +191,14 @@ def main(argv: list[str]) -> None:
           f"run: {', '.join(f'{x:.1f}' for x in summary['load_average'])} on {os.cpu_count()} cores")
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def _is_result(path: Path) -> bool:
+    """Whether path holds a JSON result of this benchmark."""
+    try:
+        return "cores_per_gpu" in json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def decode_ms(samples: FileList, rounds: int = 3) -> dict[str, float]:

@@ -63,7 +63,11 @@ def plan(samples: FileList, shard_bytes: int) -> list[np.ndarray]:
     the mean size of up to SIZE_SAMPLE files)."""
     order = np.random.default_rng(0).permutation(len(samples))
     sizes = [os.path.getsize(path) for path in map(samples.path, order[:SIZE_SAMPLE]) if os.path.isfile(path)]
-    per_shard = max(1, int(shard_bytes // max(1.0, float(np.mean(sizes)))))
+    if len(samples) and not sizes:
+        raise FileNotFoundError(f"none of {min(len(samples), SIZE_SAMPLE)} files tried exists (first: "
+                                f"{samples.path(int(order[0]))}); a list's relative paths are relative to the list "
+                                f"file's folder")
+    per_shard = max(1, int(shard_bytes // max(1.0, float(np.mean(sizes)) if sizes else 1.0)))
     return [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
 
 
@@ -142,15 +146,21 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(shards), initial=len(shards) - len(todo),
                                                     desc=f"{prefix} shards", unit="shard") as bar:
         jobs = {pool.submit(write_shard, samples, shards[i], paths[i], short_side, quality): i for i in todo}
-        for job in as_completed(jobs):
-            path, left_out = paths[jobs[job]], job.result()
-            stale = record["left_out"].pop(path.name, None)  # a shard redone after a kill before its rename
-            if left_out:
-                record["left_out"][path.name] = left_out
-            if left_out or stale:
-                _write_json(out / SETTINGS, record)
-            _tmp(path).replace(path)
-            bar.update()
+        try:
+            for job in as_completed(jobs):
+                path, left_out = paths[jobs[job]], job.result()
+                stale = record["left_out"].pop(path.name, None)  # a shard redone after a kill before its rename
+                if left_out:
+                    record["left_out"][path.name] = left_out
+                if left_out or stale:
+                    _write_json(out / SETTINGS, record)
+                _tmp(path).replace(path)
+                bar.update()
+        except BaseException:  # Ctrl-C, a full disk: the queued shards are not started (leaving the pool would
+            pool.shutdown(cancel_futures=True)  # write them all first), the running ones end, no .tmp stays
+            for i in todo:
+                _tmp(paths[i]).unlink(missing_ok=True)
+            raise
     left_out = record["left_out"]
     _write_json(out / SHARD_INDEX, {
         "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
@@ -197,6 +207,9 @@ def main(argv: list[str]) -> None:
                                 f"{'folder' if folder else 'file'}; pass root=<image folder> or list_file=<text file "
                                 f"of image paths>")
     check_output_folder(cfg.out, "out")
+    if folder and (source == Path(cfg.out).resolve() or source in Path(cfg.out).resolve().parents):
+        raise ConfigError(f"out={cfg.out} is inside root={cfg.root}: its train/ and val/ would change how the folder "
+                          f"reads; give an out= outside it")
     splits = (build_sources("folder", 0, root=source, verify=cfg.verify) if folder
               else build_sources("list", 0, list_file=source, verify=cfg.verify))
     out = Path(cfg.out)

@@ -16,6 +16,7 @@ step: the CLI offers fit and validate.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import re
@@ -186,6 +187,10 @@ class RecipeCLI(LightningCLI):
             # a --config that names some keys of a dict argument (model: {model: {window_size: 8}}) replaces the
             # whole dict (jsonargparse); the recipe fills in the rest, as for --model.model.window_size 8
             if isinstance(value, dict) and isinstance(model_args.get(arg), dict):
+                for key in set(model_args[arg]) - set(value):  # a typo was SwinTransformerV2's TypeError
+                    near = difflib.get_close_matches(key, list(value), n=1)
+                    raise ConfigError(f"unknown key {key!r} in --model.{arg}" + (f"; did you mean {near[0]}?" if near
+                                      else f"; its keys: {', '.join(value)}"))
                 model_args[arg] = {**value, **model_args[arg]}
         run = OmegaConf.from_dotlist([f"{key}={'null' if value is None else value}"  # YAML-typed values
                                       for key, value in leaves(config.run)])
