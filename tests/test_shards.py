@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import threading
 import types
 import warnings
@@ -475,6 +476,28 @@ def test_make_shards_keeps_labels_and_resumes(tmp_path, capsys, monkeypatch):
     assert list((out / "train").glob("*.tar")) and not list(out.glob("*/*.tmp"))
     with pytest.raises(ValueError, match=f"out={tmp_path / 'src' / 'cat' / '0.jpg'}: .*is a file; pass a folder"):
         make_shards.main(["root=src", f"out={tmp_path / 'src' / 'cat' / '0.jpg'}"])
+
+
+def test_make_shards_remakes_a_shard_cut_or_replaced_since(tmp_path):
+    """Training says of a shard it cannot read: make it again (scripts/make_shards.py). The rerun kept it (it
+    exists); now a shard whose size differs from the one recorded at the end of the packing is written again."""
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    for i in range(12):
+        (tmp_path / "src" / "cat" / f"{i}.jpg").write_bytes(jpeg(i))
+    args = [f"root={tmp_path / 'src'}", f"out={tmp_path / 'out'}", "shard_mb=0.002", "workers=1"]
+    make_shards.main(args)
+    shards = sorted((tmp_path / "out" / "train").glob("*.tar"))
+
+    def members(path):  # the samples, without the tar headers' times
+        with tarfile.open(path) as tar:
+            return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+    whole = {path: members(path) for path in shards}
+    shards[0].write_bytes(shards[0].read_bytes()[:5000])
+    shards[1].write_text("not a tar")
+    untouched = shards[2].stat().st_mtime_ns
+    make_shards.main(args)
+    assert {path: members(path) for path in shards} == whole and shards[2].stat().st_mtime_ns == untouched
 
 
 def test_make_shards_stops_at_ctrl_c_without_writing_the_queued_shards(tmp_path, monkeypatch):

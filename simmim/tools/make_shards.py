@@ -119,7 +119,8 @@ def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: 
 
 def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, workers: int,
                 short_side: int | None = None, quality: int = QUALITY) -> list[Path]:
-    """Shards of samples in out/PREFIX-NNNNNN.tar (complete ones already there are kept) and out/shardindex.json;
+    """Shards of samples in out/PREFIX-NNNNNN.tar (complete ones already there are kept, unless their size differs
+    from the one recorded when the packing completed) and out/shardindex.json;
     short_side / quality: see the module docstring. out/make_shards.json records the settings and, per shard,
     the files left out because they did not decode (recorded before the shard is renamed into place, so a
     kill never leaves a complete shard whose count is wrong)."""
@@ -142,7 +143,9 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
                           f"new out=")
     _write_json(out / SETTINGS, {**record, **packing})
     paths = [out / f"{prefix}-{i:06d}.tar" for i in range(len(shards))]
-    todo = [i for i, path in enumerate(paths) if not path.exists()]
+    done = record.get("bytes", {})  # shard sizes when the packing completed: a shard cut or replaced since is redone
+    todo = [i for i, path in enumerate(paths)
+            if not path.exists() or path.name in done and path.stat().st_size != done[path.name]]
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(shards), initial=len(shards) - len(todo),
                                                     desc=f"{prefix} shards", unit="shard") as bar:
         jobs = {pool.submit(write_shard, samples, shards[i], paths[i], short_side, quality): i for i in todo}
@@ -161,6 +164,8 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
             for i in todo:
                 _tmp(paths[i]).unlink(missing_ok=True)
             raise
+    record["bytes"] = {path.name: path.stat().st_size for path in paths}
+    _write_json(out / SETTINGS, record)
     left_out = record["left_out"]
     _write_json(out / SHARD_INDEX, {
         "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
