@@ -124,6 +124,7 @@ def test_parser_errors_are_one_line(tmp_path):
             (["--trainer.max_epochs=abc"], "error: --trainer.max_epochs abc: expected int, null (PROG fit --help"),
             (["--data.batch_size=abc"], "error: --data.batch_size abc: expected int (PROG fit --help lists the"),
             (["--bogus=1"], "error: unrecognized arguments: --bogus=1 (PROG fit --help lists the options)"),
+            (["--trainer.max_epoch=1"], "error: unrecognized arguments: --trainer.max_epoch=1"),  # was max_epochs
             (["--trainer.devices=-3"], "error: --trainer.devices -3: expected an integer > 0, -1 (every device)"),
             (["--config", str(tmp_path / "broken.yaml")],
              f"error: {tmp_path / 'broken.yaml'}, line 3: YAML syntax error (did not find expected ',' or ']')"),

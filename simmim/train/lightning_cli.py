@@ -92,7 +92,11 @@ def _one_line(message: str) -> str:
 
 
 class OneLineParser(LightningArgumentParser):
-    """Lightning's parser, with its errors in one line instead of the usage and a block of text."""
+    """Lightning's parser, with its errors in one line instead of the usage and a block of text, and no
+    abbreviated options (--trainer.max_epoch was taken as --trainer.max_epochs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:  # jsonargparse trying alternatives: raises, as it expects
