@@ -379,6 +379,12 @@ def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[Fil
     tops = [f.split(os.sep, 1)[0] if os.sep in f else None for f in files]
     if classes is None:
         classes = [] if None in tops else sorted(set(tops))
+        folders = sorted(set(tops) - {None})
+        if None in tops and folders:  # a stray file at the top costs every class folder its label
+            rank_zero_warn(f"{tops.count(None)} image(s) at the top of {folder} (first: {files[tops.index(None)]}) "
+                           f"beside {len(folders)} subfolder(s) ({', '.join(folders[:3])}"
+                           f"{', ...' if len(folders) > 3 else ''}): every label is 0; "
+                           f"move them into a class folder, or away, for one label per subfolder")
     index = {name: i for i, name in enumerate(classes)}
     if classes and (stray := [f for f, top in zip(files, tops) if top not in index]):
         raise ValueError(f"{folder / stray[0]} is outside the train class folders; "

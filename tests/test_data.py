@@ -294,7 +294,9 @@ def test_folder_images_at_top_level_get_label_zero(tmp_path):
     for i in range(3):
         write_png(tmp_path / f"{i}.png", color_image(i))
     write_png(tmp_path / "sub" / "x.png", color_image())
-    train, val = build_sources("folder", 32, root=tmp_path)
+    with pytest.warns(UserWarning, match=r"3 image\(s\) at the top of .* \(first: 0.png\) beside 1 subfolder\(s\) "
+                                         r"\(sub\): every label is 0; move them into a class folder"):
+        train, val = build_sources("folder", 32, root=tmp_path)  # was silent: a stray file cost every label
     assert len(train) == 3 and len(val) == 1 and {label for _, label in [*train, *val]} == {0}
 
 
