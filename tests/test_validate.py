@@ -18,6 +18,7 @@ from simmim.train.validate import validate_labels
 @pytest.mark.parametrize("override, message", [
     ("trainer.max_steps=abc", "trainer.max_steps=abc: expected an integer >= -1"),
     ("trainer.max_epochs=2.5", "trainer.max_epochs=2.5: expected a value of type Optional[int]"),
+    ("trainer.max_steps=null", "trainer.max_steps=null: expected a value of type int"),  # was <class 'int'>
     ("model.window_size=0", "model.window_size=0: expected an integer > 0"),
     ("model.depths=[2, 2", "model.depths=[2, 2: not valid YAML (did not find expected ',' or ']')"),
     ("model.depths=[2,a]", "model.depths=[2, a]: expected a list of integers"),

@@ -195,7 +195,7 @@ def _check_trainer(trainer: dict, here: bool) -> None:
     for name, value in trainer.items():
         hint = hints.get(name)
         if hint is not None and not _matches(value, hint):
-            expected = str(hint).replace("typing.", "").replace("NoneType", "null")
+            expected = re.sub(r"<class '(\w+)'>", r"\1", str(hint)).replace("typing.", "").replace("NoneType", "null")
             raise _fail(f"trainer.{name}", value, f"a value of type {expected}")
     max_time = trainer.get("max_time")
     fields = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")  # of a timedelta
