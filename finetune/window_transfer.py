@@ -41,7 +41,7 @@ from simmim.models.checkpoint import (detect_layout, load_pretrained, model_conf
                                  saved_model_config)
 import finetune.train
 from finetune.module import SwinV2Classifier
-from simmim.train.config import ConfigError, as_list, load_config, options_from_argv
+from simmim.train.config import ConfigError, as_list, available_recipes, leaves, load_config, options_from_argv
 from simmim.data import ImageDataset, build_source, eval_transform
 from simmim.cli import check_output_folder, resolve_device
 from simmim.models.swinv2 import check_img_size
@@ -78,11 +78,14 @@ def train_classifier(recipe: str, args: list[str], models_dir: Path) -> Path:
     run_dir = models_dir / recipe
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
-        wanted = OmegaConf.to_container(load_config("finetune", recipe, args))
-        if OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) != wanted:
-            raise ConfigError(f"{run_dir} holds a classifier trained with other settings; delete it or pass "
-                              f"out_dir=NEW")
-        if read_checkpoint(last)["epoch"] + 1 >= (wanted["trainer"].get("max_epochs") or 0):
+        wanted = dict(leaves(OmegaConf.to_container(load_config("finetune", recipe, args))))
+        saved = dict(leaves(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))))
+        differ = [key for key in sorted(set(wanted) | set(saved)) if key != "output_dir"  # out_dir spelled otherwise
+                  and wanted.get(key) != saved.get(key)]
+        if differ:
+            raise ConfigError(f"{run_dir} holds a classifier trained with other settings ({differ[0]}: "
+                              f"{saved.get(differ[0])}, now {wanted.get(differ[0])}); delete it or pass out_dir=NEW")
+        if read_checkpoint(last)["epoch"] + 1 >= (wanted.get("trainer.max_epochs") or 0):
             print(f"{recipe}: reusing {last}")
             return last
     print(f"{recipe}: python scripts/finetune.py recipe={recipe} {' '.join(args)}")
@@ -216,8 +219,13 @@ def main(argv: list[str]) -> None:
             raise ConfigError("finetune.* arguments train the out-of-the-box classifiers; drop them with checkpoint=")
         paths = as_list(cfg.checkpoint)
     else:
+        recipes = as_list(cfg.recipes)  # recipes=default: one recipe, not seven letters
+        unknown = [name for name in recipes if name not in available_recipes("finetune")]
+        if not recipes or unknown:  # before any training, not when its turn comes
+            raise ConfigError(f"recipes={cfg.recipes}: expected fine-tune recipes, of "
+                              f"{', '.join(available_recipes('finetune'))}")
         args = [f"seed={cfg.seed}", *DIGITS_CLASSIFIER, *finetune_args]
-        paths = [train_classifier(recipe, args, out_dir / "models") for recipe in cfg.recipes]
+        paths = [train_classifier(recipe, args, out_dir / "models") for recipe in recipes]
     rows = [evaluate(path, windows, cfg, device) for path in paths]
     csv_path, json_path, columns = write_table(rows, out_dir)
     print(f"\nheld-out top-1 at each image / window size, without further training:\n"

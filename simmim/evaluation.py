@@ -44,16 +44,19 @@ def pooled_features(encoder: nn.Module, loader: DataLoader, device: torch.device
 def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
     """Class scores (Q, num_classes) of queries (Q, C) from training features (N, C) and labels (N,): the sum of
-    exp(cosine similarity / temperature) over each query's k nearest training images (all when N < k)."""
+    exp(cosine similarity / temperature) over each query's k nearest training images (all when N < k), each row
+    divided by exp(its largest similarity / temperature), which leaves the vote as it is and keeps a small
+    temperature from overflowing float32 (at temperature 0.01, exp(1 / 0.01) is inf: every neighbour tied)."""
     if k < 1 or temperature <= 0:
         raise ValueError(f"k-NN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     train = F.normalize(train_features.float(), dim=1)
     k = min(k, len(train))
     scores = []
     for query in F.normalize(query_features.float(), dim=1).split(chunk):
-        similarity, index = (query @ train.T).topk(k, dim=1)
+        similarity, index = (query @ train.T).topk(k, dim=1)  # sorted: column 0 is the largest
         votes = torch.zeros(len(query), num_classes)
-        scores.append(votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp()))
+        weights = ((similarity - similarity[:, :1]) / temperature).exp()
+        scores.append(votes.scatter_add_(1, train_labels[index], weights))
     return torch.cat(scores)
 
 

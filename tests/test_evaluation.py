@@ -39,7 +39,18 @@ def test_knn_scores_match_the_vote_written_out():
     for k, temperature in ((5, 0.07), (20, 0.5), (80, 1.0)):  # k > N uses every training image
         ours = knn_scores(train, labels, query, 4, k, temperature, chunk=3)
         expected = brute_force_knn(train.numpy(), labels.numpy(), query.numpy(), 4, min(k, 50), temperature)
-        np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5)
+        np.testing.assert_allclose(ours.numpy() / ours.numpy().sum(1, keepdims=True),  # the rows are scaled
+                                   expected / expected.sum(1, keepdims=True), rtol=1e-5)
+
+
+def test_a_small_temperature_approaches_the_nearest_neighbour():
+    """exp(similarity / 0.01) overflowed float32: every neighbour tied at inf and the lowest class won."""
+    gen = torch.Generator().manual_seed(1)
+    train, query = torch.randn(200, 16, generator=gen), torch.randn(40, 16, generator=gen)
+    labels = torch.randint(0, 5, (200,), generator=gen)
+    nearest = knn_scores(train, labels, query, 5, k=1, temperature=1.0).argmax(1)
+    for temperature in (0.01, 1e-4, 1e-9):
+        assert torch.equal(knn_scores(train, labels, query, 5, k=20, temperature=temperature).argmax(1), nearest)
 
 
 def test_temperature_weights_close_neighbours_over_many_far_ones():
@@ -241,7 +252,12 @@ def test_evaluate_errors_are_one_line(tmp_path, exported):
              (f"checkpoint={path}", "batch_size=0"): "error: batch_size=0: expected an integer >= 1\n",
              (f"checkpoint={path}", "model.img_size=abc"): "error: model.img_size=abc: expected an integer or null\n",
              (f"checkpoint={path}", "model.window_size=-4"): "error: model.window_size=-4: expected an integer > 0\n",
-             (f"checkpoint={path}", "data.source=folder"): "error: image folder None does not exist; pass data.root="}
+             (f"checkpoint={path}", "data.source=folder"): "error: image folder None does not exist; pass data.root=",
+             (f"checkpoint={path}", "k="): "error: k=null: expected an integer, as the default 20\n",  # a TypeError
+             ("checkpoint=123",): "error: checkpoint 123 does not exist",  # a TypeError: YAML's number
+             # the weights load into a pre-norm model without an error and compute something else: was a table row
+             (f"checkpoint={path}", "model.norm_mode=pre_norm"): "error: model.norm_mode=pre_norm: the checkpoint was "
+                                                                 "trained with norm_mode=res_post_norm"}
     for argv, message in cases.items():
         result = run_script("simmim.tools.evaluate", *argv)
         assert result.returncode == 1 and result.stderr.startswith(message), result.stderr

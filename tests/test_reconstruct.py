@@ -109,7 +109,12 @@ def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module):
     with pytest.raises(ValueError, match="encoder.mask_token is .*16.* in the checkpoint"):
         reconstruct.main([f"checkpoint={ckpt}", f"images={images}", "model.embed_dim=32"])
 
+    (tmp_path / "mine.png").write_bytes(b"the user's picture")
     for argv, message in (([f"out={tmp_path}"], f"out={tmp_path}: expected a picture file to write"),
+                          ([f"out={tmp_path / 'mine.png'}"], "mine.png: the file exists; give another out= or add "
+                                                             "overwrite=true"),  # was replaced without a word
+                          ([f"out={images / 'im0.png'}", "overwrite=true"], "im0.png is one of the images; give "
+                                                                            "another out="),
                           ([f"out={tmp_path / 'grid.txt'}"], "grid.txt: expected a picture file to write"),
                           (["max_images=0"], "max_images=0: expected an integer >= 1"),
                           (["mask_patch_size=6"], r"mask_patch_size=6: expected a divisor of the model's img_size "
@@ -118,6 +123,7 @@ def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module):
                           (["seed=abc"], "seed=abc: expected an integer")):
         with pytest.raises(ValueError, match=message):  # not cv2's or the mask generator's words, not a traceback
             reconstruct.main([f"checkpoint={ckpt}", f"images={images}", *argv])
+    assert (tmp_path / "mine.png").read_bytes() == b"the user's picture"
 
     reconstruct.main(["--help"])
     missing = tmp_path / "none.pth"
@@ -137,4 +143,4 @@ def test_undecodable_files_are_skipped_with_a_count(tmp_path, images, module):
     for name in ("im0.png", "im1.png", "im2.png"):
         (images / name).write_bytes(b"")
     with pytest.raises(ValueError, match="no readable images under .*images; all 4 files failed to decode"):
-        reconstruct.main([f"checkpoint={ckpt}", f"images={images}", f"out={out}", "device=cpu"])
+        reconstruct.main([f"checkpoint={ckpt}", f"images={images}", f"out={out}", "device=cpu", "overwrite=true"])

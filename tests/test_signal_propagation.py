@@ -93,6 +93,8 @@ def test_help_and_one_line_errors(tmp_path):
                          ("steps=abc", "steps=abc: expected an integer >= 0, or null"),  # a traceback
                          ("batch_size=0", "batch_size=0: expected an integer >= 1"),  # a traceback
                          ("lr=-1", "lr=-1: expected a number > 0"),  # torch's "Invalid learning rate"
+                         ("norm_modes=[]", "norm_modes=[]: expected one or more of res_post_norm, pre_norm"),
+                         ("lr=", "lr=null: expected a number, as the default 0.005"),  # TypeErrors
                          (f"out_dir={tmp_path / 'taken'}", f"out_dir={tmp_path / 'taken'}: {tmp_path / 'taken'} is a "
                                                            f"file; pass a folder (new or existing)")):  # a traceback
         result = run_script("simmim.tools.signal_propagation", arg)

@@ -112,8 +112,11 @@ def test_bad_options_are_one_line_before_any_training(tmp_path):
                                                            f"file; pass a folder (new or existing)"),  # a traceback
                          ("max_images=0", "max_images=0: expected an integer >= 1, or null (every held-out image)"),
                          ("batch_size=0", "batch_size=0: expected an integer >= 1"),
-                         ("seed=abc", "seed=abc: expected an integer, as the default 0")):
-        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+                         ("seed=abc", "seed=abc: expected an integer, as the default 0"),
+                         ("recipes=[default,nope]", "recipes=['default', 'nope']: expected fine-tune recipes, of "
+                                                    "ablation_dot_attention"),  # was: after training default
+                         ("recipes=[]", "recipes=[]: expected fine-tune recipes")):  # was: an empty table
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             window_transfer.main([f"out_dir={tmp_path / 'new'}", arg])  # the later out_dir= wins
     assert not (tmp_path / "new").exists()
 

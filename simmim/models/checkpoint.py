@@ -425,12 +425,24 @@ def saved_simmim_config(ckpt: Mapping) -> dict:
     return {key: found[key] for key in keys if key in found}
 
 
+WEIGHTS_MEANING = ("norm_mode",)  # model keys that change what the same weights compute
+
+
 def model_config(ckpt: Mapping, overrides: Mapping | None = None) -> dict:
     """SwinTransformerV2 arguments for a checkpoint: its saved model config (constructor defaults for
     checkpoints without one) <- `overrides` (a model section: `variant`, then non-null keys). When no
     `pretrained_window_sizes` results, the windows the checkpoint was trained with are filled in, so an
-    override of window_size or img_size transfers the Log-CPB as fine-tuning does."""
-    config = resolve_model(saved_model_config(ckpt) or {}, overrides or {})
+    override of window_size or img_size transfers the Log-CPB as fine-tuning does. An override of a key in
+    `WEIGHTS_MEANING` against the saved config is a ValueError."""
+    saved = saved_model_config(ckpt) or {}
+    defaults = {name: p.default for name, p in inspect.signature(SwinTransformerV2).parameters.items()}
+    for key in WEIGHTS_MEANING if saved else ():  # same shapes, other computation: the weights would load, and
+        trained, given = saved.get(key, defaults[key]), (overrides or {}).get(key)  # mean something else
+        if given is not None and given != trained:
+            raise ValueError(f"model.{key}={given}: the checkpoint was trained with {key}={trained}, and its "
+                             f"weights load into a {given} model without an error but do not mean the same; drop "
+                             f"model.{key}")
+    config = resolve_model(saved, overrides or {})
     if config.get("pretrained_window_sizes") is None:
         config["pretrained_window_sizes"] = pretrained_window_sizes(ckpt)
     return config

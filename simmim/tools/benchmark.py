@@ -259,7 +259,7 @@ def print_table(results: list[dict]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    opts = options_from_argv(DEFAULTS, argv, __doc__)
+    opts = options_from_argv(DEFAULTS, argv, __doc__, nullable=("norm_target",))
     if opts is None:
         return
     if opts.model not in VARIANTS:

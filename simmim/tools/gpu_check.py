@@ -134,7 +134,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    cfg = options_from_argv(SCHEMA, argv, __doc__, mixed=("compile",))
+    cfg = options_from_argv(SCHEMA, argv, __doc__, mixed=("compile",), nullable=("model.variant",))
     if cfg is None:
         return
     if cfg.device == "cuda" and not torch.cuda.is_available():

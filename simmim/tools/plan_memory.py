@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from simmim.cli import check_output_folder
 from simmim.train.config import ConfigError, config_from_argv
 from simmim.tools.memory import format_plan, plan_memory
 
@@ -62,6 +63,8 @@ def main(argv: list[str]) -> None:
     headroom = number(keys, "headroom", lambda v: 0 <= v < 1, "a number in [0, 1)")
     if keys["json"] and Path(keys["json"]).is_dir():
         raise ConfigError(f"json={keys['json']} is a folder; pass the path of a .json file to write")
+    if keys["json"]:
+        check_output_folder(Path(keys["json"]).parent, "json")  # before the plan, which takes a while
     plan = plan_memory(cfg, gpu_memory_gb=gpu_memory_gb, headroom=headroom)
     text = json.dumps(plan.to_dict(), indent=2)
     if keys["json"]:

@@ -31,7 +31,7 @@ from masking import build_mask_generator
 from simmim.train.config import ConfigError, as_list, model_section, options_from_argv
 from simmim.data import _image_files, eval_transform, read_image
 from simmim.pretrain import reconstruction_grid
-from simmim.cli import resolve_device
+from simmim.cli import check_new_output, resolve_device
 
 SCHEMA = {
     "checkpoint": None,          # required: our .ckpt or encoder.pth, or an official SimMIM file
@@ -44,6 +44,7 @@ SCHEMA = {
     "seed": 0,
     "device": "auto",            # auto | cpu | cuda | cuda:N
     "out": "reconstructions.png",
+    "overwrite": False,          # replace an existing out (never one of the images)
     "model": model_section(),    # null: the checkpoint's value
 }
 DEFAULT_MASK = {"mask_patch_size": 32, "mask_kind": "random"}  # the official SimMIM recipes
@@ -115,6 +116,9 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"out={out}: expected a picture file to write, e.g. out=reconstructions.png")
     device = resolve_device(cfg.device)
     paths = image_paths(cfg.images, cfg.max_images)
+    if out.resolve() in {path.resolve() for path in paths}:
+        raise ConfigError(f"out={out} is one of the images; give another out=")
+    check_new_output(out, cfg.overwrite)
     ckpt = read_checkpoint(cfg.checkpoint)
     simmim, model = simmim_from_checkpoint(ckpt, OmegaConf.to_container(cfg.model))
     if cfg.norm_target_patch_size is not None:

@@ -176,6 +176,8 @@ def main(argv: list[str]) -> None:
                                                                      "a number >= 0")):
         if not ok:
             raise ConfigError(f"{key}={cfg[key]}: expected {expected}")
+    if not as_list(cfg.norm_modes):
+        raise ConfigError(f"norm_modes={cfg.norm_modes}: expected one or more of res_post_norm, pre_norm")
     check_output_folder(cfg.out_dir)
     device = resolve_device(cfg.device)
     if not cfg.checkpoint and cfg.steps is None:

@@ -138,18 +138,19 @@ def config_from_argv(stage: str, argv: list[str], usage: str, here: bool = True)
     return load_config(stage, recipe, overrides, here), print_config
 
 
-def as_list(value) -> list:
-    """A key given as one value (key=a) or a list (key=[a,b]) as a list; null as []."""
+def as_list(value) -> list[str]:
+    """A key of names or paths given as one value (key=a) or a list (key=[a,b]) as a list of strings (YAML reads
+    checkpoint=123 as a number); null as []."""
     if value is None:
         return []
-    return [value] if isinstance(value, (str, int, float)) else list(value)
+    return [str(v) for v in ([value] if isinstance(value, (str, int, float)) else value)]
 
 
-def options_from_argv(defaults: dict, argv: list[str], usage: str, mixed: tuple[str, ...] = ()
-                      ) -> DictConfig | None:
+def options_from_argv(defaults: dict, argv: list[str], usage: str, mixed: tuple[str, ...] = (),
+                      nullable: tuple[str, ...] = ()) -> DictConfig | None:
     """A tool's options: `defaults` <- `key=value` arguments, unknown keys and values of the wrong type rejected
-    (`simmim.train.validate.validate_options`; `mixed`: keys that take values of several types); None after
-    printing the usage and the keys for --help."""
+    (`simmim.train.validate.validate_options`; `mixed`: keys that take values of several types; `nullable`: keys
+    with a default that may be set to null); None after printing the usage and the keys for --help."""
     from simmim.train.validate import validate_options  # here: validate imports ConfigError from this module
 
     schema = OmegaConf.create(defaults)
@@ -160,7 +161,7 @@ def options_from_argv(defaults: dict, argv: list[str], usage: str, mixed: tuple[
     example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
     overrides = _dotlist(_key_value_pairs(argv, example))
     check_keys(overrides, schema, "the command line")
-    return OmegaConf.merge(schema, validate_options(overrides, defaults, mixed))
+    return OmegaConf.merge(schema, validate_options(overrides, defaults, mixed, nullable))
 
 
 def stage_schema(stage: str) -> DictConfig:

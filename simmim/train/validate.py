@@ -265,16 +265,20 @@ def validate_config(cfg: DictConfig, schema: DictConfig, here: bool = True) -> N
     check_loggers_and_callbacks(cfg)
 
 
-def validate_options(overrides: DictConfig, defaults: dict, mixed: tuple[str, ...] = ()) -> DictConfig:
+def validate_options(overrides: DictConfig, defaults: dict, mixed: tuple[str, ...] = (),
+                     nullable: tuple[str, ...] = ()) -> DictConfig:
     """A tool's `key=value` arguments (`simmim.train.config.options_from_argv`) checked against its defaults: a
-    value for an integer, number or true/false default must be one (null passes: the tool reads it as unset);
-    `model.*` values must fit SwinTransformerV2's arguments and `RULES`; numbers and true/false given for a string
-    default become strings (out=2024). Returns the overrides; raises ConfigError of one line."""
+    value for an integer, number or true/false default must be one; null only where the default is null or the key
+    is in `nullable` (`key=` is null); `model.*` values must fit SwinTransformerV2's arguments and `RULES`; numbers
+    and true/false given for a string default become strings (out=2024). Returns the overrides; raises ConfigError
+    of one line."""
     known = dict(leaves(defaults))
     model_types = {f"model.{name}": default for name, default in model_defaults().items()}
     values = OmegaConf.to_container(overrides)
     for key, value in leaves(values):
         default = known.get(key)
+        if value is None and default is not None and key not in nullable + mixed and type(default) in TYPE_NAMES:
+            raise _fail(key, value, f"{TYPE_NAMES[type(default)]}, as the default {_show(default)}")
         if value is None or key in mixed:
             continue
         if key.startswith("model.") and default is None:
