@@ -143,7 +143,8 @@ def test_labels_checked_against_num_classes_before_training(tmp_path):
 def test_tool_options_are_checked_against_their_defaults():
     """The tools' key=value options (simmim.train.config.options_from_argv): a value of the wrong type for a
     typed default is one line (it was a TypeError deep in the tool), model.* keys follow SwinTransformerV2's
-    arguments and the recipes' rules, null is always 'unset', numbers for a string default become strings."""
+    arguments and the recipes' rules, null only for null defaults and `nullable` keys, numbers for a string
+    default become strings."""
     schema = {"k": 20, "temperature": 0.07, "flag": False, "out": "features", "limit": None, "model": model_section()}
     for arg, message in (("k=abc", "k=abc: expected an integer, as the default 20"),
                          ("k=2.5", "k=2.5: expected an integer, as the default 20"),
@@ -152,12 +153,15 @@ def test_tool_options_are_checked_against_their_defaults():
                          ("model.img_size=abc", "model.img_size=abc: expected an integer or null"),
                          ("model.depths=[2,a]", "model.depths=[2, a]: expected a list of integers"),
                          ("model.window_size=0", "model.window_size=0: expected an integer > 0"),
-                         ("model.attn_mode=dotted", "model.attn_mode=dotted: expected cosine or dot")):
+                         ("model.attn_mode=dotted", "model.attn_mode=dotted: expected cosine or dot"),
+                         ("k=", "k=null: expected an integer, as the default 20"),  # null only where it means
+                         ("out=null", "out=null: expected a string, as the default features")):  # something
         with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
             options_from_argv(schema, [arg], "usage")
-    cfg = options_from_argv(schema, ["temperature=1", "out=2024", "k=null", "limit=abc", "model.depths=[2,2]"], "")
-    assert cfg.temperature == 1 and cfg.out == "2024" and cfg.k is None and cfg.limit == "abc"
-    assert list(cfg.model.depths) == [2, 2]
+    cfg = options_from_argv(schema, ["temperature=1", "out=2024", "limit=abc", "model.depths=[2,2]",
+                                     "model.img_size=null"], "")
+    assert cfg.temperature == 1 and cfg.out == "2024" and cfg.limit == "abc" and cfg.model.img_size is None
+    assert list(cfg.model.depths) == [2, 2] and options_from_argv(schema, ["k=null"], "", nullable=("k",)).k is None
 
 
 def test_an_error_raised_in_a_dataloader_worker_is_still_one_line(monkeypatch):
