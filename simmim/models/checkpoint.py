@@ -19,7 +19,6 @@ checkpoints carry, with overrides) and load it, for tools that use a checkpoint 
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import pickle
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from simmim.train.config import resolve_model
+from simmim.train.config import model_defaults, resolve_model
 from simmim.models.simmim import SimMIM
 from simmim.models.simmim import build_simmim
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
@@ -395,7 +394,7 @@ def pretrained_window_sizes(source: str | Path | Mapping) -> list[int] | None:
         return None
     if any(config.get("pretrained_window_sizes") or []):
         return list(config["pretrained_window_sizes"])
-    defaults = {name: p.default for name, p in inspect.signature(SwinTransformerV2).parameters.items()}
+    defaults = model_defaults()
     cfg = {**defaults, **config}
     resolution = cfg["img_size"] // cfg["patch_size"]
     return [min(cfg["window_size"], resolution // 2 ** i) for i in range(len(cfg["depths"]))]
@@ -435,7 +434,7 @@ def model_config(ckpt: Mapping, overrides: Mapping | None = None) -> dict:
     override of window_size or img_size transfers the Log-CPB as fine-tuning does. An override of a key in
     `WEIGHTS_MEANING` against the saved config is a ValueError."""
     saved = saved_model_config(ckpt) or {}
-    defaults = {name: p.default for name, p in inspect.signature(SwinTransformerV2).parameters.items()}
+    defaults = model_defaults()
     for key in WEIGHTS_MEANING if saved else ():  # same shapes, other computation: the weights would load, and
         trained, given = saved.get(key, defaults[key]), (overrides or {}).get(key)  # mean something else
         if given is not None and given != trained:

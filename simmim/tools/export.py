@@ -19,7 +19,6 @@ Arguments are key=value:
 """
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from collections.abc import Mapping
@@ -33,7 +32,7 @@ from simmim.models.checkpoint import (HF_CONFIG, SIMMIM_LAYOUTS, checkpoint_weig
                                       simmim_from_checkpoint)
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 from simmim.train.checkpoint_io import atomic_save
-from simmim.train.config import ConfigError, model_section, options_from_argv
+from simmim.train.config import ConfigError, model_defaults, model_section, options_from_argv
 
 __all__ = ["FORMATS", "to_timm", "to_hf", "hf_config", "timm_kwargs", "encoder_for_export", "export_timm",
            "export_hf", "export_official", "main"]
@@ -108,7 +107,7 @@ def to_hf(state_dict: Mapping) -> dict:
 def hf_config(config: Mapping, num_classes: int = 0) -> dict:
     """config.json of transformers' Swinv2 for the same model (`model_type` swinv2)."""
     _check_plain(config, "transformers")
-    defaults = {name: p.default for name, p in inspect.signature(SwinTransformerV2).parameters.items()}
+    defaults = model_defaults()
     cfg = {**defaults, **config}
     depths = list(cfg["depths"])
     hf = {
