@@ -43,7 +43,7 @@ import finetune.train
 from finetune.module import SwinV2Classifier
 from simmim.train.config import ConfigError, as_list, available_recipes, leaves, load_config, options_from_argv
 from simmim.data import ImageDataset, build_source, eval_transform
-from simmim.cli import check_output_folder, resolve_device
+from simmim.cli import check_output_folder, check_values, resolve_device
 from simmim.models.swinv2 import check_img_size
 
 SCHEMA = {
@@ -206,12 +206,10 @@ def main(argv: list[str]) -> None:
     windows = [cfg.windows] if isinstance(cfg.windows, int) else list(cfg.windows)
     if not windows or not all(isinstance(w, int) and w > 0 for w in windows):
         raise ConfigError(f"windows={cfg.windows} must be positive window sizes, e.g. windows=[8,12,16,24]")
-    for key, ok, expected in (("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
-                              ("max_images", cfg.max_images is None or type(cfg.max_images) is int
-                               and cfg.max_images >= 1, "an integer >= 1, or null (every held-out image)"),
-                              ("data.num_workers", cfg.data.num_workers >= 0, "an integer >= 0")):
-        if not ok:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: expected {expected}")
+    check_values(cfg, (("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
+                       ("max_images", cfg.max_images is None or type(cfg.max_images) is int and cfg.max_images >= 1,
+                        "an integer >= 1, or null (every held-out image)"),
+                       ("data.num_workers", cfg.data.num_workers >= 0, "an integer >= 0")))
     check_output_folder(cfg.out_dir)
     out_dir = Path(cfg.out_dir)
     if cfg.checkpoint:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 
 from simmim.train.config import ConfigError
 
@@ -88,12 +89,18 @@ def check_output_folder(path: str | Path, key: str = "out_dir") -> None:
             raise ConfigError(f"{key}={path}: {folder} is a file; pass a folder (new or existing)")
 
 
+def check_values(cfg, checks: tuple[tuple[str, bool, str], ...]) -> None:
+    """ConfigError `KEY=VALUE: expected WHAT` for the first (dotted key, whether its value is good, what is expected)
+    of checks that fails: a tool's ranges, after options_from_argv has checked the types."""
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: expected {expected}")
+
+
 def check_loader_options(cfg) -> None:
     """ConfigError unless cfg.batch_size >= 1 and cfg.num_workers >= 0 (the tools' DataLoader keys)."""
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size={cfg.batch_size}: expected an integer >= 1")
-    if cfg.num_workers < 0:
-        raise ConfigError(f"num_workers={cfg.num_workers}: expected an integer >= 0 (0: load in this process)")
+    check_values(cfg, (("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
+                       ("num_workers", cfg.num_workers >= 0, "an integer >= 0 (0: load in this process)")))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from simmim.cli import check_loader_options, resolve_device
+from simmim.cli import check_loader_options, check_values, resolve_device
 from simmim.evaluation import knn_top1, linear_probe_top1, pooled_features
 from simmim.models.checkpoint import encoder_from_checkpoint
 from simmim.models.swinv2 import SwinTransformerV2
@@ -86,10 +86,8 @@ def main(argv: list[str]) -> None:
         return
     if cfg.max_images is not None and (type(cfg.max_images) is not int or cfg.max_images < 1):
         raise ConfigError(f"max_images={cfg.max_images} must be a positive integer or null (every image)")
-    for key, ok, expected in (("k", cfg.k >= 1, "an integer >= 1"), ("temperature", cfg.temperature > 0, "> 0"),
-                              ("probe_c", cfg.probe_c > 0, "> 0 (the inverse L2 strength of the probe)")):
-        if not ok:
-            raise ConfigError(f"{key}={cfg[key]}: expected {expected}")
+    check_values(cfg, (("k", cfg.k >= 1, "an integer >= 1"), ("temperature", cfg.temperature > 0, "> 0"),
+                       ("probe_c", cfg.probe_c > 0, "> 0 (the inverse L2 strength of the probe)")))
     check_loader_options(cfg)
     checkpoints = as_list(cfg.checkpoint)
     if not checkpoints:

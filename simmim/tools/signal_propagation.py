@@ -41,7 +41,7 @@ from simmim.data import SOURCES, ImageDataset, build_sources, eval_transform
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import param_groups
 from simmim.tools.plot import line_plot, save_figure
-from simmim.cli import check_output_folder, resolve_device
+from simmim.cli import check_output_folder, check_values, resolve_device
 
 SCHEMA = {
     "norm_modes": ["res_post_norm", "pre_norm"],
@@ -170,12 +170,9 @@ def main(argv: list[str]) -> None:
     cfg = options_from_argv(SCHEMA, argv, __doc__)
     if cfg is None:
         return
-    for key, ok, expected in (("steps", cfg.steps is None or type(cfg.steps) is int and cfg.steps >= 0,
-                               "an integer >= 0, or null"), ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
-                              ("lr", cfg.lr > 0, "a number > 0"), ("weight_decay", cfg.weight_decay >= 0,
-                                                                     "a number >= 0")):
-        if not ok:
-            raise ConfigError(f"{key}={cfg[key]}: expected {expected}")
+    check_values(cfg, (("steps", cfg.steps is None or type(cfg.steps) is int and cfg.steps >= 0,
+                        "an integer >= 0, or null"), ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
+                       ("lr", cfg.lr > 0, "a number > 0"), ("weight_decay", cfg.weight_decay >= 0, "a number >= 0")))
     if not as_list(cfg.norm_modes):
         raise ConfigError(f"norm_modes={cfg.norm_modes}: expected one or more of res_post_norm, pre_norm")
     check_output_folder(cfg.out_dir)
