@@ -498,6 +498,12 @@ def test_make_shards_remakes_a_shard_cut_or_replaced_since(tmp_path):
     untouched = shards[2].stat().st_mtime_ns
     make_shards.main(args)
     assert {path: members(path) for path in shards} == whole and shards[2].stat().st_mtime_ns == untouched
+    for path in (tmp_path / "out" / "train").glob("*.tar"):  # shards deleted, the record kept: a new packing
+        path.unlink()                                          # starts, and the record is that packing's
+    make_shards.main([*args[:2], "shard_mb=0.004", "workers=1"])
+    record = json.loads((tmp_path / "out" / "train" / "make_shards.json").read_text())
+    assert record["bytes"] == {p.name: p.stat().st_size for p in (tmp_path / "out" / "train").glob("*.tar")}
+    make_shards.main([*args[:2], "shard_mb=0.004", "workers=1"])  # was refused: the record kept the first packing
 
 
 def test_make_shards_stops_at_ctrl_c_without_writing_the_queued_shards(tmp_path, monkeypatch):

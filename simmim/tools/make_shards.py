@@ -141,7 +141,10 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
                           f"shard; now {packing['files']} files, {packing['per_shard']} per shard): the images, "
                           f"verify= or shard_mb= changed since; rerun with the first ones to complete it, or give a "
                           f"new out=")
-    _write_json(out / SETTINGS, {**record, **packing})
+    record.update(packing)  # a record without shards beside it (all deleted) describes an earlier packing
+    if not started:
+        record.pop("bytes", None)
+    _write_json(out / SETTINGS, record)
     paths = [out / f"{prefix}-{i:06d}.tar" for i in range(len(shards))]
     done = record.get("bytes", {})  # shard sizes when the packing completed: a shard cut or replaced since is redone
     todo = [i for i, path in enumerate(paths)
