@@ -174,7 +174,9 @@ def test_command_line_errors_name_the_fix():
     for args, message in ((["gpu_memory_gb=lots"], r"gpu_memory_gb=lots: expected a number > 0 \(GiB per GPU\), "
                                                    "e.g. gpu_memory_gb=80"),
                           (["gpu_memory_gb=-1"], r"gpu_memory_gb=-1: expected a number > 0"),  # was: a plan of 0
-                          (["headroom=1"], r"headroom=1: expected a number in \[0, 1\)"),
+                          (["gpu_memory_gb=inf"], r"gpu_memory_gb=inf: expected a number > 0"),  # was: the cap
+                          (["trainer.strategy=ddpp"], r"unknown trainer.strategy 'ddpp'; did you mean ddp"),  # was: a
+                          (["headroom=1"], r"headroom=1: expected a number in \[0, 1\)"),  # plan of it
                           (["json=."], r"json=. is a folder; pass the path of a .json file"),
                           (["trainer.devices=auto"], "trainer.devices=auto does not say how many GPUs"),
                           (["model.windw_size=8"], "unknown key 'model.windw_size'.*model.window_size")):

@@ -45,6 +45,9 @@ from simmim.train.validate import validate_labels
     ("trainer.max_time=abc", "trainer.max_time=abc: expected days:hours:minutes:seconds (02:12:00:00)"),  # tracebacks
     ("optim.betas=[0.9]", "optim.betas=[0.9]: expected two numbers in [0, 1), e.g. [0.9, 0.999]"),  # an IndexError
     ("run_name=null", "run_name=null: expected a name for the run's folder"),  # was a run folder named None
+    ("data.shards=/data/shards", "data.shards=/data/shards is read by data.source=shards only, and data.source="
+                                 "digits; add data.source=shards, or drop it (data.shards=null)"),  # trained on the
+    ("data.root=/data/images", "data.root=/data/images is read by data.source=folder only"),  # digits without a word
 ])
 def test_bad_values_are_one_line(override, message):
     if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
@@ -162,6 +165,23 @@ def test_tool_options_are_checked_against_their_defaults():
                                      "model.img_size=null"], "")
     assert cfg.temperature == 1 and cfg.out == "2024" and cfg.limit == "abc" and cfg.model.img_size is None
     assert list(cfg.model.depths) == [2, 2] and options_from_argv(schema, ["k=null"], "", nullable=("k",)).k is None
+
+
+def test_a_data_key_of_another_source_is_refused():
+    """data.shards, data.root, data.list_file or data.val_shards set while data.source names another source was
+    ignored: the run or the tool read the source's data (the embedded digits by default) without a word."""
+    schema = {"data": {"source": "digits", "root": None, "list_file": None, "shards": None, "val_shards": None}}
+    for args, message in ((["data.val_shards=/v"], "data.val_shards=/v is read by data.source=shards only, and "
+                                                   "data.source=digits; add data.source=shards"),
+                          (["data.source=shards", "data.shards=/s", "data.list_file=l.txt"],
+                           "data.list_file=l.txt is read by data.source=list only, and data.source=shards")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+            options_from_argv(schema, args, "usage")
+    assert options_from_argv(schema, ["data.source=folder", "data.root=/r"], "").data.root == "/r"
+    cfg = load_config("finetune", "base", ["data.source=shards", "data.shards=/s"])  # a recipe's folder source
+    assert cfg.data.source == "shards"
+    with pytest.raises(ConfigError, match=r"^data.root=/r is read by data.source=folder only, and data.source=shards"):
+        load_config("finetune", "base", ["data.source=shards", "data.shards=/s", "data.root=/r"])
 
 
 def test_an_error_raised_in_a_dataloader_worker_is_still_one_line(monkeypatch):

@@ -15,6 +15,7 @@ of the table). The model is built on the meta device, so nothing is allocated; S
 minute. How the numbers are made, and what they assume: simmim/tools/memory.py.
 """
 import json
+import math
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> None:
     if print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return
-    gpu_memory_gb = number(keys, "gpu_memory_gb", lambda v: v > 0, "a number > 0 (GiB per GPU)")
+    gpu_memory_gb = number(keys, "gpu_memory_gb", lambda v: 0 < v < math.inf, "a number > 0 (GiB per GPU)")
     headroom = number(keys, "headroom", lambda v: 0 <= v < 1, "a number in [0, 1)")
     if keys["json"] and Path(keys["json"]).is_dir():
         raise ConfigError(f"json={keys['json']} is a folder; pass the path of a .json file to write")

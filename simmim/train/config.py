@@ -150,8 +150,9 @@ def options_from_argv(defaults: dict, argv: list[str], usage: str, mixed: tuple[
                       nullable: tuple[str, ...] = ()) -> DictConfig | None:
     """A tool's options: `defaults` <- `key=value` arguments, unknown keys and values of the wrong type rejected
     (`simmim.train.validate.validate_options`; `mixed`: keys that take values of several types; `nullable`: keys
-    with a default that may be set to null); None after printing the usage and the keys for --help."""
-    from simmim.train.validate import validate_options  # here: validate imports ConfigError from this module
+    with a default that may be set to null; data.* keys of a source other than data.source: `check_source_keys`);
+    None after printing the usage and the keys for --help."""
+    from simmim.train.validate import check_source_keys, validate_options  # here: validate imports ConfigError
 
     schema = OmegaConf.create(defaults)
     if {"-h", "--help", "help"} & set(argv):
@@ -161,7 +162,10 @@ def options_from_argv(defaults: dict, argv: list[str], usage: str, mixed: tuple[
     example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
     overrides = _dotlist(_key_value_pairs(argv, example))
     check_keys(overrides, schema, "the command line")
-    return OmegaConf.merge(schema, validate_options(overrides, defaults, mixed, nullable))
+    cfg = OmegaConf.merge(schema, validate_options(overrides, defaults, mixed, nullable))
+    if "source" in cfg.get("data", {}):
+        check_source_keys(cfg.data)
+    return cfg
 
 
 def stage_schema(stage: str) -> DictConfig:

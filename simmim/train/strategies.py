@@ -93,13 +93,18 @@ def build_strategy(name: str | Strategy, precision: str | int | None = None, **s
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
         return DeepSpeedStrategy(stage=DEEPSPEED_STAGES[name], **strategy_kwargs)
+    check_strategy_name(name)
+    return name
+
+
+def check_strategy_name(name: str) -> None:
+    """ConfigError unless `name` is one of ours or a Lightning strategy name."""
     known = list(dict.fromkeys(["auto", *OUR_STRATEGIES, *StrategyRegistry.available_strategies()]))
     if name not in known:
         near = difflib.get_close_matches(name, known, n=3)
         hint = f"did you mean {', '.join(near)}? " if near else ""
         raise ConfigError(f"unknown trainer.strategy {name!r}; {hint}ours: {', '.join(OUR_STRATEGIES)} "
                           f"(or any Lightning strategy name)")
-    return name
 
 
 def shards_parameters(strategy: Strategy) -> bool:

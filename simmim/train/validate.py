@@ -203,6 +203,10 @@ def _check_trainer(trainer: dict, here: bool) -> None:
             or isinstance(max_time, dict) and not all(k in fields and _is(v, float) for k, v in max_time.items())):
         raise _fail("trainer.max_time", max_time, "days:hours:minutes:seconds (02:12:00:00), a map of timedelta "
                                                   "fields ({hours: 60}) or null")
+    if isinstance(trainer.get("strategy"), str):
+        from simmim.train.strategies import check_strategy_name
+
+        check_strategy_name(trainer["strategy"])
     devices = trainer.get("devices")
     if isinstance(devices, str) and devices.lstrip("-").isdigit():  # the Lightning CLI passes "2" as a string
         devices = int(devices)
@@ -220,8 +224,23 @@ def _check_trainer(trainer: dict, here: bool) -> None:
                           f"trainer.accelerator=cpu (or auto) or run on a machine with a GPU")
 
 
+# data.* keys read by one source only: set with another source they would be ignored (data.shards=... without
+# data.source=shards trained on the embedded digits)
+SOURCE_KEYS = {"root": "folder", "list_file": "list", "shards": "shards", "val_shards": "shards"}
+
+
+def check_source_keys(data: DictConfig) -> None:
+    """ConfigError for a `SOURCE_KEYS` key set while data.source names another source (a run's or a tool's)."""
+    for key, source in SOURCE_KEYS.items():
+        value = data.get(key)
+        if value is not None and data.source != source:
+            raise ConfigError(f"data.{key}={_show(value)} is read by data.source={source} only, and data.source="
+                              f"{_show(data.source)}; add data.source={source}, or drop it (data.{key}=null)")
+
+
 def _check_relations(cfg: DictConfig) -> None:
     model = cfg.model
+    check_source_keys(cfg.data)
     if len(model.depths) != len(model.num_heads):
         raise ConfigError(f"model.depths={_show(list(model.depths))} and model.num_heads="
                           f"{_show(list(model.num_heads))}: expected one value per stage in each")
