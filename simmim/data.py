@@ -960,10 +960,11 @@ class SimMIMDataModule(ResumableDataModule):
         """The k-NN monitor's labeled train and val sets, (image float (3, S, S), label) through the eval transform:
         a fixed random subset of `limit` images per split of a listed source (`fixed_subset`), the first shards of
         each split holding `limit` samples of the shards source (`simmim.shards.ShardImages`); None: every image.
-        The samples listed and the shards counted at setup are used as they are."""
+        The samples listed and the shards counted at setup are used as they are. Their skips have counters of their
+        own: data/skipped counts training's and validation's, not each k-NN pass over the same files again."""
         if self.shards is not None:
             return _labeled_sets(self.hparams.img_size, limit, shards=[
-                (split.urls, split.counts, split.skipped) for split in (self.shards.train_set, self.shards.val_set)])
+                (split.urls, split.counts, SkipCounter()) for split in (self.shards.train_set, self.shards.val_set)])
         return _labeled_sets(self.hparams.img_size, limit,
                              listed=[split.dataset.samples for split in (self.train_set, self.val_set)])
 

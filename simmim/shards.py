@@ -174,13 +174,25 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {error.args[0] if error.args else ''}"
 
 
+def _first_cause(error: Exception) -> Exception | None:
+    """The first exception under `error` (its cause, else context, and so on) that is not a FileNotFoundError."""
+    cause = error.__cause__ or error.__context__
+    while isinstance(cause, FileNotFoundError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
 def _reraise(error: Exception) -> bool:
     raise error
 
 
 def _unreadable(url: str, error: Exception) -> bool:
     if isinstance(error, FileNotFoundError):  # over http(s), where a brace pattern is not checked at start
-        raise FileNotFoundError(f"shard {url} does not exist") from error
+        cause = _first_cause(error)  # fsspec's http gives FileNotFoundError for any failed request
+        if cause is None or getattr(cause, "status", None) in (404, 410):
+            raise FileNotFoundError(f"shard {url} does not exist") from error
+        raise ValueError(f"shard {url} cannot be read ({type(cause).__name__}: {cause}); check the address, the "
+                         f"network and the server") from error
     raise ValueError(f"cannot read shard {url} ({_reason(error)}); it is cut short or not a tar: make it again "
                      f"(scripts/make_shards.py) or leave it out of data.shards") from error
 

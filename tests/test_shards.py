@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -21,6 +22,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 from webdataset import TarWriter
 
 from conftest import jpeg
@@ -177,6 +179,20 @@ def test_a_missing_http_shard_is_named_when_counted(tmp_path, http_root):
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         shard_counts(urls)
+
+
+def test_an_http_shard_that_cannot_be_reached_is_not_called_missing():
+    """fsspec's http raises FileNotFoundError for every failed request; a refused connection said "does not
+    exist", which sent the user looking for a file instead of at the address or the network."""
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/part-000.tar"
+    with pytest.raises(ValueError, match=rf"^shard {re.escape(url)} cannot be read \(ClientConnectorError: Cannot "
+                                         rf"connect to host 127.0.0.1:{port} .*\); check the address, the network and "
+                                         rf"the server$"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shard_counts([url])
 
 
 def test_balanced_groups():
@@ -598,6 +614,23 @@ def test_make_shards_leaves_out_a_listed_file_that_is_missing(tmp_path, capsys):
         make_shards.main([f"root={tmp_path / 'images'}", f"out={tmp_path / 'images' / 'shards'}"])
 
 
+def test_make_shards_does_not_adopt_tars_it_did_not_write(tmp_path):
+    """out= a folder holding someone else's train-000000.tar (a downloaded collection): a rerun kept it as the
+    first shard of this packing, and the index counted this packing's samples for it."""
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    for i in range(6):
+        (tmp_path / "images" / "cat" / f"{i}.jpg").write_bytes(jpeg(i))
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    foreign = tmp_path / "out" / "train" / "train-000000.tar"
+    with TarWriter(str(foreign)) as sink:
+        sink.write({"__key__": "other", "jpg": jpeg(99), "cls": 5})
+    before = foreign.read_bytes()
+    with pytest.raises(ConfigError, match=r"^.*out/train holds train-\*.tar files but no make_shards.json: not "
+                                          r"shards of this command, .*; give a new out=, or move those files away$"):
+        make_shards.main([f"root={tmp_path / 'images'}", f"out={tmp_path / 'out'}", "workers=1"])
+    assert foreign.read_bytes() == before and sorted(p.name for p in foreign.parent.iterdir()) == [foreign.name]
+
+
 class LabelRecorder(pl.LightningModule):
     def __init__(self):
         super().__init__()
@@ -787,6 +820,24 @@ def test_pretrain_script_on_shards_made_from_a_folder(tmp_path, capsys):
     column = lines[0].split(",").index("data/skipped")
     skipped = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]
     assert skipped and skipped[-1] >= 1  # the broken file, met in epoch 0 and again in epoch 1
+
+
+def test_knn_passes_do_not_add_to_data_skipped(tmp_path):
+    """The k-NN monitor reads the same shards at every measurement; its skips went into the datamodule's counter,
+    so data/skipped grew by the broken samples at each k-NN pass, not by what training met."""
+    numbered_shards(tmp_path / "train", [4])
+    write_shard(tmp_path / "train" / "part-001.tar", [("bad", {"jpg": jpeg(9)[:100], "cls": b"1"}),
+                                                      ("good", {"jpg": jpeg(8), "cls": b"0"})])
+    numbered_shards(tmp_path / "val", [2])
+    dm = SimMIMDataModule(source="shards", shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"),
+                          img_size=16, batch_size=2, mask_patch_size=8, model_patch_size=4, num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup("fit")
+        for _ in range(2):
+            train, _ = dm.knn_sets(None)
+            assert len(list(DataLoader(train, batch_size=4))) == 2  # 6 samples, the bad one replaced
+    assert dm.skipped.total == 0 and train.samples.skipped.total == 1
 
 
 def test_finetune_datamodule_streams_labeled_shards(tmp_path):

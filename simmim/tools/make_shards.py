@@ -130,8 +130,9 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
     packing = {"files": len(samples), "per_shard": len(shards[0]) if shards else 0, "fingerprint": fingerprint(samples)}
     record = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).exists() else None
     started = any(out.glob(f"{prefix}-*.tar"))
-    if record is None and started:
-        record = {"short_side": None, "quality": None}  # packed before the settings were recorded: as they are
+    if record is None and started:  # whose packing nothing records (written before this one is, so not ours)
+        raise ConfigError(f"{out} holds {prefix}-*.tar files but no {SETTINGS}: not shards of this command, whose "
+                          f"contents a rerun could check; give a new out=, or move those files away")
     record = {**settings, **packing, "left_out": {}, **(record or {})}
     if (record["short_side"], record["quality"]) != (settings["short_side"], settings["quality"]):
         raise ConfigError(f"{out} holds shards packed with short_side={record['short_side']} "
