@@ -30,6 +30,7 @@ import csv
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 
 
@@ -42,8 +43,8 @@ from simmim.models.checkpoint import (detect_layout, load_pretrained, model_conf
 import finetune.train
 from finetune.module import SwinV2Classifier
 from simmim.train.config import ConfigError, as_list, available_recipes, leaves, load_config, options_from_argv
-from simmim.data import ImageDataset, build_source, eval_transform
-from simmim.cli import check_output_folder, check_values, resolve_device
+from simmim.data import FileList, ImageDataset, build_sources, eval_transform
+from simmim.cli import check_output_folder, check_values, checkpoint_paths, resolve_device
 from simmim.models.swinv2 import check_img_size
 
 SCHEMA = {
@@ -118,21 +119,34 @@ def classifier_at(ckpt: dict, img_size: int, window: int):
 
 
 @functools.lru_cache(maxsize=4)
-def held_out_samples(source: str, root: str | None, list_file: str | None, img_size: int | None) -> list:
-    """The held-out samples of a source, read once (img_size only for the digits, which are upscaled to it)."""
-    return build_source(source, "val", img_size, root, list_file)
+def held_out_samples(source: str, root: str | None, list_file: str | None, img_size: int | None) -> tuple[list, int]:
+    """The held-out samples of a source, read once (img_size only for the digits, which are upscaled to it), and
+    its number of classes (the largest label of both splits + 1)."""
+    splits = build_sources(source, img_size, root, list_file)
+    labels = [split.labels if isinstance(split, FileList) else [label for _, label in split] for split in splits]
+    return splits[1], 1 + max(max(split_labels, default=0) for split_labels in labels)
 
 
-def held_out_images(ckpt: dict, cfg, img_size: int) -> ImageDataset | Subset:
+def held_out_images(ckpt: dict, cfg, img_size: int, num_classes: int) -> ImageDataset | Subset:
     """The held-out split at img_size (eval transform): cfg.data when it names a source, else the data the
-    checkpoint was fine-tuned on; the first cfg.max_images images when set."""
+    checkpoint was fine-tuned on; the first cfg.max_images images when set. Labels past the classifier's
+    num_classes are refused; cfg.data with another number of classes is warned about."""
     data = OmegaConf.to_container(cfg.data) if cfg.data.source else ckpt.get("datamodule_hyper_parameters")
     if not data or not data.get("source"):
         raise ConfigError("the checkpoint does not say which data it was fine-tuned on; pass data.source=digits, "
                           "data.source=folder data.root=DIR or data.source=list data.list_file=FILE")
     source = data["source"]
-    samples = held_out_samples(source, data.get("root"), data.get("list_file"),
-                               img_size if source == "digits" else None)
+    samples, classes = held_out_samples(source, data.get("root"), data.get("list_file"),
+                                        img_size if source == "digits" else None)
+    named = f"data.source={source}" + "".join(f" data.{key}={data[key]}" for key in ("root", "list_file")
+                                              if data.get(key))
+    if classes > num_classes:
+        raise ConfigError(f"{named} has {classes} classes, the classifier {num_classes}: its top-1 cannot be "
+                          f"measured there; evaluate on the data it was fine-tuned on (drop data.*)")
+    if classes != num_classes and cfg.data.source:
+        warnings.warn(f"{named} has {classes} classes, the classifier {num_classes}: top-1 counts a prediction as "
+                      f"right where its class index equals the label, which means something only if both number "
+                      f"the same classes", stacklevel=2)
     dataset = ImageDataset(samples, eval_transform(img_size))
     return dataset if cfg.max_images is None else Subset(dataset, range(min(cfg.max_images, len(dataset))))
 
@@ -161,7 +175,7 @@ def evaluate(path: str | Path, windows: list[int], cfg, device: torch.device) ->
            "checkpoint": str(path), "top1": {}}
     for img_size, window in sizes:
         model, report = classifier_at(ckpt, img_size, window)
-        accuracy = top1(model, held_out_images(ckpt, cfg, img_size), cfg, device)
+        accuracy = top1(model, held_out_images(ckpt, cfg, img_size, trained["num_classes"]), cfg, device)
         row["top1"][f"{img_size}/{window}"] = accuracy
         resized = f" ({len(report.resized)} bias tables resized)" if report.resized else ""
         print(f"{LABELS[row['position_bias']]} at {img_size} px / window {window}: top-1 {accuracy:.4f}{resized}")
@@ -215,7 +229,7 @@ def main(argv: list[str]) -> None:
     if cfg.checkpoint:
         if finetune_args:
             raise ConfigError("finetune.* arguments train the out-of-the-box classifiers; drop them with checkpoint=")
-        paths = as_list(cfg.checkpoint)
+        paths = checkpoint_paths(cfg.checkpoint)
     else:
         recipes = as_list(cfg.recipes)  # recipes=default: one recipe, not seven letters
         unknown = [name for name in recipes if name not in available_recipes("finetune")]

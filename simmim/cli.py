@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from simmim.train.config import ConfigError
+from simmim.train.config import ConfigError, as_list
 
 
 def run(module: str) -> None:
@@ -95,6 +95,18 @@ def check_values(cfg, checks: tuple[tuple[str, bool, str], ...]) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: expected {expected}")
+
+
+def checkpoint_paths(value) -> list[str]:
+    """`checkpoint=` as a list of paths (`as_list`), each found before the first is read: a mistyped third path
+    must not end a run after the first two were evaluated."""
+    from simmim.models.checkpoint import read_checkpoint
+
+    paths = as_list(value)
+    for path in paths:
+        if not Path(path).is_file() and not (Path(path) / "config.json").is_file():
+            read_checkpoint(path)  # its one-line FileNotFoundError
+    return paths
 
 
 def check_loader_options(cfg) -> None:

@@ -255,9 +255,11 @@ def test_evaluate_errors_are_one_line(tmp_path, exported):
              (f"checkpoint={path}", "data.source=folder"): "error: image folder None does not exist; pass data.root=",
              (f"checkpoint={path}", "k="): "error: k=null: expected an integer, as the default 20\n",  # a TypeError
              ("checkpoint=123",): "error: checkpoint 123 does not exist",  # a TypeError: YAML's number
+             (f"checkpoint=[{path},nope.pth]",): "error: checkpoint nope.pth does not exist",  # after the first
              # the weights load into a pre-norm model without an error and compute something else: was a table row
              (f"checkpoint={path}", "model.norm_mode=pre_norm"): "error: model.norm_mode=pre_norm: the checkpoint was "
                                                                  "trained with norm_mode=res_post_norm"}
     for argv, message in cases.items():
         result = run_script("simmim.tools.evaluate", *argv)
         assert result.returncode == 1 and result.stderr.startswith(message), result.stderr
+        assert f"{path}:" not in result.stdout  # refused before any checkpoint was evaluated

@@ -1,5 +1,6 @@
 """scripts/signal_propagation.py: block-output amplitudes, res-post-norm against pre-norm (SwinV2 paper, Figure 2)."""
 import csv
+import re
 from pathlib import Path
 
 import cv2
@@ -99,6 +100,11 @@ def test_help_and_one_line_errors(tmp_path):
                                                            f"file; pass a folder (new or existing)")):  # a traceback
         result = run_script("simmim.tools.signal_propagation", arg)
         assert result.returncode == 1 and result.stderr == f"error: {message}\n", result.stderr
+    result = run_script("simmim.tools.signal_propagation", *DEEP, "steps=1", "lr=1e6", f"out_dir={tmp_path / 'big'}")
+    assert result.returncode == 1 and result.stderr.startswith("error: the output of stage 0 block "), result.stderr
+    assert re.search(r"is not finite \(RMS (nan|inf)\): the activations overflow; after training here, lower lr\n$",
+                     result.stderr)
+    assert not (tmp_path / "big").exists()  # was: a table and plot of inf and nan
 
 
 def bgr(color: str) -> tuple[int, int, int]:

@@ -3,6 +3,7 @@ every position bias kind loading into a larger window."""
 import csv
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from conftest import TINY, randomize_, tiny_swinv2
+from conftest import TINY, jpeg, randomize_, tiny_swinv2
 from simmim.models.checkpoint import load_pretrained, resize_position_bias_table
 from finetune.module import SwinV2Classifier
 from simmim.data import ImageDataset, build_source, eval_transform
+from simmim.train.config import ConfigError
 from simmim.train.trainer import make_trainer
 
 import finetune.window_transfer as window_transfer
@@ -119,6 +121,29 @@ def test_bad_options_are_one_line_before_any_training(tmp_path):
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             window_transfer.main([f"out_dir={tmp_path / 'new'}", arg])  # the later out_dir= wins
     assert not (tmp_path / "new").exists()
+
+
+def test_data_numbering_other_classes_than_the_classifier(tmp_path):
+    """A 10-class classifier on a 3-class folder was scored without a word (labels 0..2 against predictions
+    0..9); labels past its head are refused, another class count given with data.* is warned about."""
+    for cls in ("ant", "bee", "cat"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / "data" / cls / f"{i}.jpg").write_bytes(jpeg(i))
+    cfg = OmegaConf.create({"data": {"source": "folder", "root": str(tmp_path / "data"), "list_file": None},
+                            "max_images": None})
+    with pytest.raises(ConfigError, match=r"^data.source=folder data.root=.*data has 3 classes, the classifier 2: "
+                                          r"its top-1 cannot be measured there; evaluate on the data it was"):
+        window_transfer.held_out_images({}, cfg, 16, num_classes=2)
+    with pytest.warns(UserWarning, match=r"data.root=.*data has 3 classes, the classifier 10: top-1 counts a "
+                                         r"prediction as right where its class index equals the label"):
+        window_transfer.held_out_images({}, cfg, 16, num_classes=10)
+    own = {"datamodule_hyper_parameters": {"source": "digits"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(window_transfer.held_out_images({}, cfg, 16, num_classes=3)) >= 1
+        assert len(window_transfer.held_out_images(own, OmegaConf.merge(cfg, {"data": {"source": None, "root": None}}),
+                                                   16, num_classes=12)) == 360  # its own data: a larger head is fine
 
 
 def test_only_classifier_checkpoints_are_evaluated(tmp_path):

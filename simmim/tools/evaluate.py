@@ -27,11 +27,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from simmim.cli import check_loader_options, check_values, resolve_device
+from simmim.cli import check_loader_options, check_values, checkpoint_paths, resolve_device
 from simmim.evaluation import knn_top1, linear_probe_top1, pooled_features
 from simmim.models.checkpoint import encoder_from_checkpoint
 from simmim.models.swinv2 import SwinTransformerV2
-from simmim.train.config import ConfigError, as_list, model_section, options_from_argv
+from simmim.train.config import ConfigError, model_section, options_from_argv
 
 SCHEMA = {
     "checkpoint": None,          # required: a path or [a,b,...]: our .ckpt / encoder.pth, official SimMIM / SwinV2
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
     check_values(cfg, (("k", cfg.k >= 1, "an integer >= 1"), ("temperature", cfg.temperature > 0, "> 0"),
                        ("probe_c", cfg.probe_c > 0, "> 0 (the inverse L2 strength of the probe)")))
     check_loader_options(cfg)
-    checkpoints = as_list(cfg.checkpoint)
+    checkpoints = checkpoint_paths(cfg.checkpoint)
     if not checkpoints:
         raise ConfigError("checkpoint= is required: a path or [a,b,...] (our .ckpt or encoder.pth, or an official "
                           "SimMIM / SwinV2 file)")

@@ -26,8 +26,8 @@ Writes <out_dir>/signal_propagation.csv (curve, norm_mode, block_index, stage, b
 Arguments are key=value:
 """
 import csv
+import math
 from pathlib import Path
-
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from simmim.data import SOURCES, ImageDataset, build_sources, eval_transform
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import param_groups
 from simmim.tools.plot import line_plot, save_figure
-from simmim.cli import check_output_folder, check_values, resolve_device
+from simmim.cli import check_output_folder, check_values, checkpoint_paths, resolve_device
 
 SCHEMA = {
     "norm_modes": ["res_post_norm", "pre_norm"],
@@ -65,11 +65,12 @@ CSV_COLUMNS = ("curve", "norm_mode", "block_index", "stage", "block", "rms")
 
 @torch.no_grad()
 def block_amplitudes(encoder, x: torch.Tensor) -> list[tuple[int, int, float]]:
-    """(stage, block within the stage, RMS of the block's output) for every SwinV2 block in order, on x (B, 3, S, S)."""
+    """(stage, block within the stage, RMS of the block's output) for every SwinV2 block in order, on x (B, 3, S, S);
+    ValueError when an output is not finite."""
     rows = []
 
     def record(stage: int, block: int):
-        return lambda module, args, out: rows.append((stage, block, out.float().pow(2).mean().sqrt().item()))
+        return lambda module, args, out: rows.append((stage, block, out.double().pow(2).mean().sqrt().item()))
 
     hooks = [block.register_forward_hook(record(s, b))
              for s, layer in enumerate(encoder.layers) for b, block in enumerate(layer.blocks)]
@@ -79,6 +80,10 @@ def block_amplitudes(encoder, x: torch.Tensor) -> list[tuple[int, int, float]]:
     finally:
         for hook in hooks:
             hook.remove()
+    stage, block, rms = next((row for row in rows if not math.isfinite(row[2])), (0, 0, 0.0))
+    if not math.isfinite(rms):  # a curve of inf / nan says nothing about how the amplitudes grow
+        raise ValueError(f"the output of stage {stage} block {block} is not finite (RMS {rms}): the activations "
+                         f"overflow; after training here, lower lr")
     return rows
 
 
@@ -117,6 +122,8 @@ def train_simmim(simmim, draw, cfg, device: torch.device) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    if not all(torch.isfinite(p).all() for p in simmim.parameters()):  # the last step's update, which no loss saw
+        raise ValueError(f"the weights are not finite after step {cfg.steps - 1}: training diverged; lower lr")
     return loss.item()
 
 
@@ -140,7 +147,7 @@ def checkpoint_curves(cfg, device: torch.device):
     """(label, norm mode, rows) per checkpoint file, measured as loaded."""
     if cfg.variants or cfg.steps:
         raise ConfigError("variants and steps apply to fresh models; drop them, or drop checkpoint=...")
-    for path in as_list(cfg.checkpoint):
+    for path in checkpoint_paths(cfg.checkpoint):
         encoder, model, _ = encoder_from_checkpoint(path, OmegaConf.to_container(cfg.model))
         fixed, _ = image_batches(cfg, model["img_size"])
         norm_mode = encoder.layers[0].blocks[0].norm_mode
