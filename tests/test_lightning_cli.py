@@ -49,6 +49,12 @@ def test_both_stages_through_the_cli(tmp_path):
               f"--run.output_dir={tmp_path}/pre", f"--ckpt_path={other}", cwd=tmp_path)
     assert f"Restoring states from the checkpoint path at {other}" in out and "val/loss" in out
     assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == files
+    # a module argument other than the checkpoint's: Lightning applied the checkpoint's and measured that model
+    result = subprocess.run([*CLI, "validate", "--stage", "pretrain", *FAST, "--model.model.norm_mode=pre_norm",
+                             f"--ckpt_path={other}"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 1 and result.stderr == (
+        "error: --model.model.norm_mode pre_norm: the checkpoint of --ckpt_path was trained with res_post_norm, and "
+        "Lightning builds the module from its hyperparameters; drop --model.model.norm_mode\n"), result.stderr
     # fit --ckpt_path continues from that checkpoint (before: ignored, resume=auto chose)
     out = cli("fit", "--stage", "pretrain", *FAST, "--trainer.max_steps=3", "--model.model.embed_dim=16",
               "--model.model.num_heads=[2,2,4,8]", f"--run.output_dir={tmp_path}/pre",
@@ -120,6 +126,7 @@ def test_parser_errors_are_one_line(tmp_path):
     """jsonargparse's errors printed the whole usage (100 lines) and a block of text; a YAML error in a --config
     file named "<unicode string>" instead of the file."""
     (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: [1\n")
+    (tmp_path / "empty.yaml").write_text("")
     for args, line in (
             (["--trainer.max_epochs=abc"], "error: --trainer.max_epochs abc: expected int, null (PROG fit --help"),
             (["--data.batch_size=abc"], "error: --data.batch_size abc: expected int (PROG fit --help lists the"),
@@ -128,6 +135,8 @@ def test_parser_errors_are_one_line(tmp_path):
             (["--trainer.devices=-3"], "error: --trainer.devices -3: expected an integer > 0, -1 (every device)"),
             (["--config", str(tmp_path / "broken.yaml")],
              f"error: {tmp_path / 'broken.yaml'}, line 3: YAML syntax error (did not find expected ',' or ']')"),
+            (["--config", str(tmp_path / "empty.yaml")],  # was jsonargparse's "Unexpected config"
+             f"error: --config {tmp_path / 'empty.yaml'} holds no options; expected a mapping of them, such as "),
             ([f"--config={tmp_path / 'none.yaml'}"],
              f"error: --config {tmp_path / 'none.yaml'}: no such file; pass a YAML file (--print_config writes one)"),
             (["--model.model.embed_dimm=16"],  # was SwinTransformerV2's TypeError traceback

@@ -127,7 +127,10 @@ class RecipeCLI(LightningCLI):
         if ckpt_path is not None and not Path(ckpt_path).is_dir():
             _check_stage_of(ckpt_path, name, stages)
         for path in _config_files(args):  # a YAML error as the file and line (jsonargparse: "<unicode string>")
-            load_yaml(path)
+            # an empty file or a list: jsonargparse says "Unexpected config"
+            if not isinstance(content := load_yaml(path), DictConfig) or not content:
+                raise ConfigError(f"--config {path} holds no options; expected a mapping of them, such as "
+                                  f"'trainer: {{max_epochs: 2}}' (--print_config writes one)")
         module_args, data_args = self.stage.init_args(self.recipe)
         trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
         defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
@@ -182,6 +185,23 @@ class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run", type=dict[str, Any], default={},
                             help="the recipe's other keys: output_dir, run_name, resume, pretrained, logging, ...")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the module's arguments with the --ckpt_path checkpoint's hyperparameters; a value the
+        command line (or a --config) set otherwise would be dropped without a word (validate of a res-post-norm
+        checkpoint with --model.model.norm_mode pre_norm measured the res-post-norm model): refused instead."""
+        subcommand = self.config.get("subcommand")
+        given = dict(leaves(self.config[subcommand].model.as_dict())) if subcommand else {}
+        super()._parse_ckpt_path()
+        if not given:
+            return
+        recipe = dict(leaves(self.stage.init_args(self.recipe)[0]))
+        saved = dict(leaves(self.config[subcommand].model.as_dict()))
+        for key, value in given.items():
+            if value != recipe.get(key) and saved.get(key) != value:
+                raise ConfigError(f"--model.{key} {value}: the checkpoint of --ckpt_path was trained with "
+                                  f"{saved.get(key)}, and Lightning builds the module from its hyperparameters; drop "
+                                  f"--model.{key}")
 
     def before_instantiate_classes(self) -> None:
         """The recipe as the parsed arguments leave it; the stage's derived values (Log-CPB windows) filled in."""
