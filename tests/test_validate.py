@@ -45,6 +45,9 @@ from simmim.train.validate import validate_labels
     ("trainer.max_time=abc", "trainer.max_time=abc: expected days:hours:minutes:seconds (02:12:00:00)"),  # tracebacks
     ("optim.betas=[0.9]", "optim.betas=[0.9]: expected two numbers in [0, 1), e.g. [0.9, 0.999]"),  # an IndexError
     ("run_name=null", "run_name=null: expected a name for the run's folder"),  # was a run folder named None
+    ("run_name=/tmp/elsewhere", "run_name=/tmp/elsewhere: expected a name for the run's folder under output_dir, "
+                                "not a path out of it; give the folder above as output_dir="),  # was the run there
+    ("run_name=../up", "run_name=../up: expected a name for the run's folder under output_dir, not a path out"),
     ("data.shards=/data/shards", "data.shards=/data/shards is read by data.source=shards only, and data.source="
                                  "digits; add data.source=shards, or drop it (data.shards=null)"),  # trained on the
     ("data.root=/data/images", "data.root=/data/images is read by data.source=folder only"),  # digits without a word

@@ -257,6 +257,9 @@ def _check_relations(cfg: DictConfig) -> None:
         raise _fail("optim.betas", list(cfg.optim.betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
     if cfg.run_name is None or not str(cfg.run_name).strip():
         raise _fail("run_name", cfg.run_name, "a name for the run's folder under output_dir")
+    if Path(str(cfg.run_name)).is_absolute() or ".." in Path(str(cfg.run_name)).parts:  # the run outside output_dir
+        raise _fail("run_name", cfg.run_name, "a name for the run's folder under output_dir, not a path out of it; "
+                                              "give the folder above as output_dir=")
     output = Path(cfg.output_dir)
     for path in (output, *output.parents):
         if path.exists() and not path.is_dir():
