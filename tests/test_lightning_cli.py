@@ -128,8 +128,9 @@ def test_parser_errors_are_one_line(tmp_path):
     (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: [1\n")
     (tmp_path / "empty.yaml").write_text("")
     for args, line in (
-            (["--trainer.max_epochs=abc"], "error: --trainer.max_epochs abc: expected int, null (PROG fit --help"),
-            (["--data.batch_size=abc"], "error: --data.batch_size abc: expected int (PROG fit --help lists the"),
+            (["--trainer.max_epochs=abc"], "error: --trainer.max_epochs abc: expected an integer or null (PROG fit --help"),
+            (["--data.batch_size=abc"], "error: --data.batch_size abc: expected an integer (PROG fit --help lists the"),
+            (["--trainer.fast_dev_run=x"], "error: --trainer.fast_dev_run x: expected an integer, true or false ("),
             (["--bogus=1"], "error: unrecognized arguments: --bogus=1 (PROG fit --help lists the options)"),
             (["--trainer.max_epoch=1"], "error: unrecognized arguments: --trainer.max_epoch=1"),  # was max_epochs
             (["--trainer.devices=-3"], "error: --trainer.devices -3: expected an integer > 0, -1 (every device)"),

@@ -80,14 +80,20 @@ def _check_stage_of(ckpt_path: str, name: str, stages: dict[str, Stage]) -> None
                       + (f"pass --stage {fitting[0]}" if fitting else "pass a checkpoint of a run of this stage"))
 
 
+TYPE_WORDS = {"int": ("an integer",), "float": ("a number",), "bool": ("true", "false"), "str": ("a string",),
+              "NoneType": ("null",)}
+
+
 def _one_line(message: str) -> str:
-    """A jsonargparse error in one line; a value of the wrong type as `--KEY VALUE: expected int, null`."""
+    """A jsonargparse error in one line; a value of the wrong type as `--KEY VALUE: expected an integer or null`."""
     union = re.match(r'Parser key "([^"]+)":.*?Subtypes: \[(.*?)\]\n.*Given value: (.*)', message, re.S)
     single = re.match(r'Parser key "([^"]+)":\s*Expected a (.*?)\. Got value: (.*)', message, re.S)
     if union or single:
         key, kinds, value = (union or single).groups()
         kinds = re.sub(r"typing\.Literal\[(.*?)\]", r"\1", re.sub(r"<class '(\w+)'>", r"\1", kinds))
-        return f"--{key} {value.strip()}: expected {kinds.replace('NoneType', 'null')}"
+        words = list(dict.fromkeys(word for kind in kinds.split(", ") for word in TYPE_WORDS.get(kind, (kind,))))
+        expected = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+        return f"--{key} {value.strip()}: expected {expected}"
     return " ".join(message.split())
 
 
