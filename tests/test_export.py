@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY, randomize_, tiny_swinv2
 from simmim.models.checkpoint import (checkpoint_weights, detect_layout, encoder_from_checkpoint, load_pretrained,
-                                      read_checkpoint)
+                                      read_checkpoint, simmim_from_checkpoint)
 from simmim.models.swinv2 import SwinTransformerV2
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.tools.export import encoder_for_export, hf_config, main, timm_kwargs, to_timm
@@ -138,25 +138,35 @@ def test_hf_export_loads_in_transformers_and_matches(tmp_path, num_classes):
 
 
 def test_hf_export_of_a_pretraining_checkpoint(tmp_path):
-    """Our SimMIM Lightning checkpoint: the encoder goes out (no head), the decoder stays behind."""
+    """Our SimMIM Lightning checkpoint goes out whole, as transformers' Swinv2ForMaskedImageModeling (before: the
+    encoder alone, the mask token and decoder left behind): its reconstruction of a masked image is ours, and
+    Swinv2Model takes the encoder from the same folder. Read back, it is the same SimMIM."""
     import transformers
     module = randomize_(SimMIMPretrainModule(model=ENCODER_CFG), seed=7)
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     torch.save(ckpt, tmp_path / "last.ckpt")
     main([f"checkpoint={tmp_path / 'last.ckpt'}", "format=hf", f"out={tmp_path / 'hf'}"])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
+        "Swinv2ForMaskedImageModeling"]
+    mim, info = transformers.Swinv2ForMaskedImageModeling.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     hf = transformers.Swinv2Model.from_pretrained(tmp_path / "hf").eval()
-    encoder = module.simmim.encoder.eval()
-    x = torch.randn(1, 3, 64, 64)
+    simmim = module.simmim.eval()
+    x, mask = torch.randn(2, 3, 64, 64), (torch.rand(2, 16, 16) < 0.6).float()
     with torch.no_grad():
         torch.testing.assert_close(hf(pixel_values=x).last_hidden_state,
-                                   encoder.forward_features(x).flatten(1, 2), rtol=0, atol=1e-4)
+                                   simmim.encoder.forward_features(x).flatten(1, 2), rtol=0, atol=1e-4)
+        theirs = mim.eval()(pixel_values=x, bool_masked_pos=mask.flatten(1).bool()).reconstruction
+        torch.testing.assert_close(theirs, simmim.reconstruct(x, mask), rtol=0, atol=1e-4)
+        again, _ = simmim_from_checkpoint(tmp_path / "hf")
+        torch.testing.assert_close(again.eval().reconstruct(x, mask), simmim.reconstruct(x, mask), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["Swinv2ForImageClassification", "Swinv2Model", "Swinv2ForMaskedImageModeling"])
 def test_a_transformers_folder_is_read_with_its_config_and_gives_its_outputs(tmp_path, kind):
     """A transformers Swinv2 (random weights, not its init; window 8 over pretrained windows 4) saved with
     save_pretrained in shards: our readers take the folder, build the model from config.json and give transformers' outputs
-    (the classifier's logits; the MIM model's encoder, its decoder left out)."""
+    (the classifier's logits; the MIM model's encoder, and its reconstruction as a SimMIM)."""
     import transformers
     config = transformers.Swinv2Config(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2],
                                        num_heads=[2, 2, 4, 8], window_size=8, pretrained_window_sizes=[4, 4, 4, 2],
@@ -176,6 +186,15 @@ def test_a_transformers_folder_is_read_with_its_config_and_gives_its_outputs(tmp
             encoder = hf if kind == "Swinv2Model" else hf.swinv2
             torch.testing.assert_close(model.eval().forward_features(x).flatten(1, 2),
                                        encoder(pixel_values=x).last_hidden_state, rtol=0, atol=1e-4)
+    if kind == "Swinv2ForMaskedImageModeling":  # a SimMIM checkpoint: mask token and decoder read too
+        simmim, _ = simmim_from_checkpoint(tmp_path / "hf")
+        mask = (torch.rand(2, 16, 16) < 0.6).float()
+        with torch.no_grad():
+            torch.testing.assert_close(simmim.eval().reconstruct(x, mask), hf(
+                pixel_values=x, bool_masked_pos=mask.flatten(1).bool()).reconstruction, rtol=0, atol=1e-4)
+    else:
+        with pytest.raises(ValueError, match="a hf checkpoint has no SimMIM decoder; pass a pretraining checkpoint"):
+            simmim_from_checkpoint(tmp_path / "hf")
 
 
 # ---------------------------------------------------------------------------------------------- official

@@ -11,7 +11,8 @@ Accepted checkpoints (detected by `detect_layout`, converted to our parameter na
   next stage (`layers.{i+1}.downsample`) and the classifier as `head.fc`.
 - `hf`: transformers' Swinv2 (`Swinv2Model`, `Swinv2ForImageClassification`, `Swinv2ForMaskedImageModeling`):
   a folder as `save_pretrained` writes it (config.json, model.safetensors or pytorch_model.bin, also sharded;
-  the model arguments come from config.json), or its state dict alone.
+  the model arguments come from config.json), or its state dict alone. The masked-image-modeling model is a
+  SimMIM checkpoint too: its mask token and decoder (`decoder.0`, SimMIM's) are read by `simmim_from_checkpoint`.
 
 Each can also be a `.safetensors` file (bare state dicts, e.g. timm's or `scripts/export.py format=timm`).
 `encoder_from_checkpoint` and `simmim_from_checkpoint` build the model a checkpoint holds (from the config our
@@ -38,7 +39,7 @@ from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
            "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
-           "SIMMIM_LAYOUTS", "HF_CONFIG", "hf_key", "read_hf_folder"]
+           "SIMMIM_LAYOUTS", "HF_DECODER", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
@@ -122,7 +123,7 @@ HF_BLOCK = {  # our names inside a block -> transformers' Swinv2Layer names
     "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
 }
 HF_TOP = {"patch_embed.proj": "embeddings.patch_embeddings.projection", "patch_embed.norm": "embeddings.norm",
-          "norm": "layernorm"}
+          "norm": "layernorm", "mask_token": "embeddings.mask_token"}
 HF_CONFIG = {  # our SwinTransformerV2 arguments -> transformers' Swinv2Config keys
     "img_size": "image_size", "patch_size": "patch_size", "in_chans": "num_channels", "embed_dim": "embed_dim",
     "depths": "depths", "num_heads": "num_heads", "window_size": "window_size",
@@ -214,7 +215,8 @@ def _is_hf(state_dict: Mapping) -> bool:
 
 def _from_hf(ckpt: Mapping) -> dict:
     """transformers' names -> ours: `swinv2.` dropped, query / key / value weights fused into qkv, the classifier
-    as `head.*`; the MIM decoder and the buffers transformers keeps are left out."""
+    as `head.*`, the MIM mask token as `mask_token`; the MIM decoder and the buffers transformers keeps are left
+    out."""
     plain = _plain_state_dict(ckpt)
     prefix = "swinv2." if _has_prefix(plain, "swinv2.") else ""
     converted, qkv = {}, {}
@@ -401,7 +403,15 @@ def pretrained_window_sizes(source: str | Path | Mapping) -> list[int] | None:
 
 
 # ------------------------------------------------------------------------------------------------ models
-SIMMIM_LAYOUTS = ("lightning-simmim", "exported-simmim", "official-simmim")  # the layouts with a decoder
+SIMMIM_LAYOUTS = ("lightning-simmim", "exported-simmim", "official-simmim")  # our layouts with a decoder
+HF_DECODER = "decoder.0."  # transformers' Swinv2ForMaskedImageModeling: the SimMIM decoder, under the same name
+
+
+def has_simmim_decoder(ckpt: Mapping) -> bool:
+    """Whether a loaded checkpoint is a SimMIM pretraining one (encoder, mask token and decoder): our layouts
+    (`SIMMIM_LAYOUTS`) and transformers' Swinv2ForMaskedImageModeling."""
+    layout = detect_layout(ckpt)
+    return layout in SIMMIM_LAYOUTS or layout == "hf" and _has_prefix(_plain_state_dict(ckpt), HF_DECODER)
 
 
 def saved_model_config(ckpt: Mapping) -> dict | None:
@@ -459,16 +469,22 @@ def encoder_from_checkpoint(source: str | Path | Mapping,
 
 def simmim_from_checkpoint(source: str | Path | Mapping, overrides: Mapping | None = None) -> tuple[SimMIM, dict]:
     """(SimMIM with encoder, mask token and decoder loaded, its model arguments) from a pretraining checkpoint
-    (`SIMMIM_LAYOUTS`); the saved `norm_target_patch_size` is kept. ValueError for checkpoints without a
+    (`has_simmim_decoder`); the saved `norm_target_patch_size` is kept. ValueError for checkpoints without a
     decoder and for weights that do not fit."""
     ckpt = read_checkpoint(source)
     layout = detect_layout(ckpt)
-    if layout not in SIMMIM_LAYOUTS:
+    if not has_simmim_decoder(ckpt):
         raise ValueError(f"a {layout} checkpoint has no SimMIM decoder; pass a pretraining checkpoint (our .ckpt "
-                         f"or encoder.pth, or an official SimMIM file)")
+                         f"or encoder.pth, an official SimMIM file or a transformers Swinv2ForMaskedImageModeling)")
     config = model_config(ckpt, overrides)
     simmim = build_simmim(config, saved_simmim_config(ckpt).get("norm_target_patch_size"))
-    weights = _strip_prefix(ckpt["state_dict"], "simmim.") if layout == "lightning-simmim" else ckpt["model"]
+    if layout == "lightning-simmim":
+        weights = _strip_prefix(ckpt["state_dict"], "simmim.")
+    elif layout == "hf":
+        weights = {**{"encoder." + key: value for key, value in _from_hf(ckpt).items()},
+                   **{key: value for key, value in _plain_state_dict(ckpt).items() if key.startswith(HF_DECODER)}}
+    else:
+        weights = ckpt["model"]
     target = simmim.state_dict()
     for key, value in weights.items():
         if key in target and value.shape != target[key].shape:

@@ -8,7 +8,8 @@
   start of the next stage, the classifier as `head.fc`), which that model built with the same settings loads
   with strict=True. The settings are printed and stored in the file's metadata (`timm_kwargs`).
 - `hf`: a folder with `config.json` and `model.safetensors` for `transformers.Swinv2Model.from_pretrained`
-  (`Swinv2ForImageClassification` when the checkpoint has a classifier head).
+  (`Swinv2ForImageClassification` when the checkpoint has a classifier head, `Swinv2ForMaskedImageModeling`,
+  encoder with mask token and SimMIM decoder, for a pretraining checkpoint).
 - `official`: a `.pth` in the microsoft/Swin-Transformer layout: `{"model": SimMIM state dict, "config"}` for
   pretraining checkpoints (as scripts/pretrain.py writes encoder.pth), `{"model": encoder state dict with head,
   "config"}` otherwise.
@@ -27,9 +28,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from simmim.cli import check_new_output
-from simmim.models.checkpoint import (HF_CONFIG, SIMMIM_LAYOUTS, checkpoint_weights, detect_layout, hf_key,
+from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights, has_simmim_decoder, hf_key,
                                       load_pretrained, model_config, read_checkpoint, saved_simmim_config,
                                       simmim_from_checkpoint)
+from simmim.models.simmim import SimMIM
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 from simmim.train.checkpoint_io import atomic_save
 from simmim.train.config import ConfigError, model_defaults, model_section, options_from_argv
@@ -88,8 +90,13 @@ def timm_kwargs(config: Mapping) -> dict:
 def to_hf(state_dict: Mapping) -> dict:
     """Our keys -> transformers' `Swinv2Model` keys; the fused qkv weight is split into query, key and value
     (the key projection has no bias, as in the official code). With a classifier head the keys are those of
-    `Swinv2ForImageClassification`: `swinv2.*` and `classifier.*`."""
+    `Swinv2ForImageClassification`: `swinv2.*` and `classifier.*`; a SimMIM state dict (`encoder.*`, `decoder.0.*`)
+    gives those of `Swinv2ForMaskedImageModeling`: `swinv2.*` (with the mask token) and `decoder.0.*`."""
     ours = _encoder_state(state_dict)
+    if any(key.startswith(HF_DECODER) for key in ours):
+        encoder = {key.removeprefix("encoder."): value for key, value in ours.items() if key.startswith("encoder.")}
+        return {**{"swinv2." + key: value for key, value in to_hf(encoder).items()},
+                **{key: value for key, value in ours.items() if key.startswith(HF_DECODER)}}
     prefix = "swinv2." if "head.weight" in ours else ""
     out = {}
     for key, value in ours.items():
@@ -104,15 +111,18 @@ def to_hf(state_dict: Mapping) -> dict:
     return out
 
 
-def hf_config(config: Mapping, num_classes: int = 0) -> dict:
-    """config.json of transformers' Swinv2 for the same model (`model_type` swinv2)."""
+def hf_config(config: Mapping, num_classes: int = 0, simmim: bool = False) -> dict:
+    """config.json of transformers' Swinv2 for the same model (`model_type` swinv2): Swinv2Model, with
+    num_classes Swinv2ForImageClassification, with simmim Swinv2ForMaskedImageModeling."""
     _check_plain(config, "transformers")
     defaults = model_defaults()
     cfg = {**defaults, **config}
     depths = list(cfg["depths"])
+    architecture = ("Swinv2ForMaskedImageModeling" if simmim else
+                    "Swinv2ForImageClassification" if num_classes else "Swinv2Model")
     hf = {
         "model_type": "swinv2",
-        "architectures": ["Swinv2ForImageClassification" if num_classes else "Swinv2Model"],
+        "architectures": [architecture],
         **{theirs: cfg[ours] for ours, theirs in HF_CONFIG.items()},
         "depths": depths, "num_heads": list(cfg["num_heads"]),
         "pretrained_window_sizes": list(cfg["pretrained_window_sizes"] or [0] * len(depths)),
@@ -156,12 +166,13 @@ def export_timm(model: SwinTransformerV2, config: Mapping, out: str | Path) -> P
     return out
 
 
-def export_hf(model: SwinTransformerV2, config: Mapping, out: str | Path) -> Path:
-    """Write `out/config.json` and `out/model.safetensors` for transformers' Swinv2."""
+def export_hf(model: SwinTransformerV2 | SimMIM, config: Mapping, out: str | Path) -> Path:
+    """Write `out/config.json` and `out/model.safetensors` for transformers' Swinv2 (a SimMIM model:
+    Swinv2ForMaskedImageModeling)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is a file; format=hf writes a folder (config.json, model.safetensors)")
-    hf = hf_config(config, config.get("num_classes", 0))
+    hf = hf_config(config, config.get("num_classes", 0), simmim=isinstance(model, SimMIM))
     _save_safetensors(to_hf(model.state_dict()), out / "model.safetensors", {})
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return out
@@ -171,7 +182,7 @@ def export_official(source, overrides: Mapping | None, out: str | Path) -> Path:
     """Write the official layout: SimMIM (encoder, mask token, decoder) for pretraining checkpoints, else the
     encoder with its head; both with `config.model`, which our readers use to rebuild the model."""
     ckpt = read_checkpoint(source)
-    if detect_layout(ckpt) in SIMMIM_LAYOUTS:
+    if has_simmim_decoder(ckpt):
         simmim, config = simmim_from_checkpoint(ckpt, overrides)
         payload = {"model": simmim.state_dict(), "config": {"model": config, "simmim": saved_simmim_config(ckpt)}}
     else:
@@ -200,7 +211,17 @@ def main(argv: list[str]) -> None:
     if cfg.format == "official":
         print(f"official layout: {export_official(cfg.checkpoint, overrides, cfg.out)}")
         return
-    model, config = encoder_for_export(cfg.checkpoint, overrides)
+    ckpt = read_checkpoint(cfg.checkpoint)
+    if cfg.format == "hf" and has_simmim_decoder(ckpt):
+        simmim, config = simmim_from_checkpoint(ckpt, overrides)
+        out = export_hf(simmim, config, cfg.out)
+        print(f"transformers folder: {out} (transformers.Swinv2ForMaskedImageModeling.from_pretrained({str(out)!r}); "
+              f"Swinv2Model.from_pretrained takes its encoder)")
+        if simmim.norm_target_patch_size is not None:  # transformers' MIM loss compares with the pixels themselves
+            print(f"note: the decoder was trained on locally normalized targets (norm_target_patch_size="
+                  f"{simmim.norm_target_patch_size}), which transformers' Swinv2ForMaskedImageModeling loss does not use")
+        return
+    model, config = encoder_for_export(ckpt, overrides)
     if cfg.format == "timm":
         out = export_timm(model, config, cfg.out)
         print(f"timm state dict: {out}\nload it into timm.models.swin_transformer_v2.SwinTransformerV2("
