@@ -120,6 +120,13 @@ def test_a_config_file_naming_some_model_keys_keeps_the_recipes_others(tmp_path)
                             f"--run.output_dir={tmp_path}")
         assert result.returncode != 0
         assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-1000:]
+    # --print_config shows the dict the run uses (before: the file's one key; the run filled in the rest)
+    result = run_script("finetune.lightning_cli", "fit", "-c", str(tmp_path / "some.yaml"), "--model.model.embed_dim=24",
+                        "--print_config")
+    printed = OmegaConf.create(result.stdout).model.model
+    assert result.returncode == 0 and printed.window_size == "abc" and printed.embed_dim == 24  # later options win
+    recipe, others = load_config("pretrain").model, set(printed) - {"window_size", "embed_dim"}  # the first stage
+    assert len(others) > 20 and all(printed[key] == recipe[key] for key in others)
 
 
 def test_parser_errors_are_one_line(tmp_path):

@@ -64,6 +64,34 @@ def _config_files(args: list[str]) -> list[Path]:
     return [Path(value) for value in values if Path(value).is_file()]
 
 
+def _filled_in(arg: str, recipe: dict, given: dict) -> dict:
+    """The recipe's dict argument `arg` of the module with the keys `given` names; ConfigError for a key it does not
+    have (a typo was SwinTransformerV2's TypeError)."""
+    for key in set(given) - set(recipe):
+        near = difflib.get_close_matches(key, list(recipe), n=1)
+        raise ConfigError(f"unknown key {key!r} in --model.{arg}" + (f"; did you mean {near[0]}?" if near
+                          else f"; its keys: {', '.join(recipe)}"))
+    return {**recipe, **given}
+
+
+def _with_whole_dicts(args: list[str], module_args: dict) -> list[str]:
+    """args with `--model.ARG <the recipe's dict, the file's keys in it>` after each --config file that names some
+    keys of a dict argument of the module (`model: {model: {window_size: 8}}`): jsonargparse replaces the whole
+    dict with the keys a file gives, which --print_config then showed, and the run lacked the others."""
+    out, rest = [], iter(args)
+    for arg in rest:
+        out.append(arg)
+        path = next(rest, None) if arg in ("--config", "-c") else arg.partition("=")[2] \
+            if arg.startswith("--config=") else None
+        if arg in ("--config", "-c") and path is not None:
+            out.append(path)
+        section = load_yaml(Path(path)).get("model") if path is not None and Path(path).is_file() else None
+        for name, value in module_args.items() if isinstance(section, DictConfig) else ():
+            if isinstance(value, dict) and isinstance(section.get(name), DictConfig):
+                out += [f"--model.{name}", json.dumps(_filled_in(name, value, OmegaConf.to_container(section[name])))]
+    return out
+
+
 def _check_stage_of(ckpt_path: str, name: str, stages: dict[str, Stage]) -> None:
     """ConfigError when the checkpoint's hyperparameters are not all arguments of stage `name`'s module (Lightning
     would apply them before our code runs: jsonargparse's "does not accept option")."""
@@ -138,6 +166,7 @@ class RecipeCLI(LightningCLI):
                 raise ConfigError(f"--config {path} holds no options; expected a mapping of them, such as "
                                   f"'trainer: {{max_epochs: 2}}' (--print_config writes one)")
         module_args, data_args = self.stage.init_args(self.recipe)
+        args = _with_whole_dicts(args, module_args)
         trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
         defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
                     "model": module_args, "data": data_args, "run": self._run_section(self.recipe)}
@@ -214,14 +243,10 @@ class RecipeCLI(LightningCLI):
         config = self.config[self.subcommand]
         model_args, data_args = config.model.as_dict(), config.data.as_dict()
         for arg, value in self.stage.init_args(self.recipe)[0].items():
-            # a --config that names some keys of a dict argument (model: {model: {window_size: 8}}) replaces the
-            # whole dict (jsonargparse); the recipe fills in the rest, as for --model.model.window_size 8
+            # a dict given whole that names some keys (an inline --config or --model.model JSON; files: see
+            # `_with_whole_dicts`) replaces the whole dict in jsonargparse; the recipe fills in the rest
             if isinstance(value, dict) and isinstance(model_args.get(arg), dict):
-                for key in set(model_args[arg]) - set(value):  # a typo was SwinTransformerV2's TypeError
-                    near = difflib.get_close_matches(key, list(value), n=1)
-                    raise ConfigError(f"unknown key {key!r} in --model.{arg}" + (f"; did you mean {near[0]}?" if near
-                                      else f"; its keys: {', '.join(value)}"))
-                model_args[arg] = {**value, **model_args[arg]}
+                model_args[arg] = _filled_in(arg, value, model_args[arg])
         run = OmegaConf.from_dotlist([f"{key}={'null' if value is None else value}"  # YAML-typed values
                                       for key, value in leaves(config.run)])
         check_keys(run, self.recipe, "--run")
