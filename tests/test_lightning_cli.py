@@ -121,8 +121,8 @@ def test_a_config_file_naming_some_model_keys_keeps_the_recipes_others(tmp_path)
         assert result.returncode != 0
         assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-1000:]
     # --print_config shows the dict the run uses (before: the file's one key; the run filled in the rest)
-    result = run_script("finetune.lightning_cli", "fit", "-c", str(tmp_path / "some.yaml"), "--model.model.embed_dim=24",
-                        "--print_config")
+    result = run_script("finetune.lightning_cli", "fit", "-c", str(tmp_path / "some.yaml"),
+                        "--model.model.embed_dim=24", "--print_config")
     printed = OmegaConf.create(result.stdout).model.model
     assert result.returncode == 0 and printed.window_size == "abc" and printed.embed_dim == 24  # later options win
     recipe, others = load_config("pretrain").model, set(printed) - {"window_size", "embed_dim"}  # the first stage
@@ -135,7 +135,7 @@ def test_parser_errors_are_one_line(tmp_path):
     (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: [1\n")
     (tmp_path / "empty.yaml").write_text("")
     for args, line in (
-            (["--trainer.max_epochs=abc"], "error: --trainer.max_epochs abc: expected an integer or null (PROG fit --help"),
+            (["--trainer.max_epochs=abc"], "error: --trainer.max_epochs abc: expected an integer or null (PROG fit "),
             (["--data.batch_size=abc"], "error: --data.batch_size abc: expected an integer (PROG fit --help lists the"),
             (["--trainer.fast_dev_run=x"], "error: --trainer.fast_dev_run x: expected an integer, true or false ("),
             (["--bogus=1"], "error: unrecognized arguments: --bogus=1 (PROG fit --help lists the options)"),

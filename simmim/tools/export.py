@@ -219,7 +219,8 @@ def main(argv: list[str]) -> None:
               f"Swinv2Model.from_pretrained takes its encoder)")
         if simmim.norm_target_patch_size is not None:  # transformers' MIM loss compares with the pixels themselves
             print(f"note: the decoder was trained on locally normalized targets (norm_target_patch_size="
-                  f"{simmim.norm_target_patch_size}), which transformers' Swinv2ForMaskedImageModeling loss does not use")
+                  f"{simmim.norm_target_patch_size}), which the loss of transformers' Swinv2ForMaskedImageModeling "
+                  f"does not use")
         return
     model, config = encoder_for_export(ckpt, overrides)
     if cfg.format == "timm":
