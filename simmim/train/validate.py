@@ -62,7 +62,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "model.compile": (lambda v: v in (True, False, "auto"), "true, false or auto (true where training runs on CUDA)"),
     "model.attn_impl": (_one_of("fast", "reference", "flex"), "fast, reference or flex"),
     "simmim.mask_patch_size": (_positive, "an integer > 0"),
-    "simmim.mask_ratio": (_fraction, "a number in [0, 1)"),
+    "simmim.mask_ratio": (lambda v: 0 < v < 1, "a number in (0, 1), the share of mask patches hidden"),
     "simmim.mask_kind": (_one_of("random", "block"), "random or block"),
     "simmim.norm_target_patch_size": (_positive, "null or an integer > 0"),
     "data.img_size": (_positive, "an integer > 0"),
