@@ -183,12 +183,23 @@ def test_wandb_and_mlflow_runs_are_recorded_continued_and_replaced(tmp_path, off
     (own,) = build_loggers(cfg_with(f"logging.loggers=[{mine}]"), tmp_path)
     assert own.version == "mine" and json.loads(record.read_text()) == runs
 
-    other = f"sqlite:///{tmp_path / 'other.db'}"  # MLFLOW_TRACKING_URI set since: a store without that run
+    # MLFLOW_TRACKING_URI set since (a server): a run of its own there, and the run directory's again after
+    # (before: one record, so each change of store started a new run in it)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
     monkeypatch.setattr(loggers, "TRACKING_URI", other)
-    with pytest.warns(UserWarning, match=f"MLflow run {runs['mlflow']} of logger_runs.json cannot be continued in "
+    _, elsewhere = build_loggers(cfg, tmp_path)
+    assert elsewhere.run_id != runs["mlflow"]
+    assert json.loads(record.read_text()) == {**runs, f"mlflow {other}": elsewhere.run_id}
+    monkeypatch.setattr(loggers, "TRACKING_URI", None)
+    assert build_loggers(cfg, tmp_path)[1].run_id == runs["mlflow"]
+    monkeypatch.setattr(loggers, "TRACKING_URI", other)
+    assert build_loggers(cfg, tmp_path)[1].run_id == elsewhere.run_id
+    record.write_text(json.dumps({**runs, f"mlflow {other}": "0badc0ffee"}))  # a run the store does not have
+    with pytest.warns(UserWarning, match="MLflow run 0badc0ffee of logger_runs.json cannot be continued in "
                                          f"the tracking store {other} .*: logging to a new run"):
         _, mlflow = build_loggers(cfg, tmp_path)
-    assert mlflow.run_id != runs["mlflow"] and json.loads(record.read_text()) == {**runs, "mlflow": mlflow.run_id}
+    assert mlflow.run_id not in (elsewhere.run_id, runs["mlflow"])
+    assert json.loads(record.read_text()) == {**runs, f"mlflow {other}": mlflow.run_id}
 
     for broken in ("{", '{"wandb": 5, "mlflow": 7}', '{"wandb": "a/b c"}'):  # edited by hand
         record.write_text(broken)

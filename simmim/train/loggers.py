@@ -40,7 +40,8 @@ LOGGER_NAMES = ("tensorboard", "csv", "wandb", "mlflow")
 PROJECT = "swinv2-simmim"  # the wandb project / mlflow experiment of the named loggers
 
 
-RUNS_FILE = "logger_runs.json"  # {"wandb": run id, "mlflow": run id}: the runs every start continues
+RUNS_FILE = "logger_runs.json"  # {"wandb": run id, "mlflow": run id, "mlflow URI": run id}: the runs every start
+# continues ("mlflow": in the run directory's store, "mlflow URI": in the store of another tracking URI)
 TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")  # as the process started: MLflow sets it to the last run's
 
 
@@ -167,7 +168,7 @@ def _continue_runs(entries: list[tuple[str, type, dict]], path: Path) -> list[Lo
         if issubclass(cls, WandbLogger):
             _end_other_wandb_run(init_args.get("id") or init_args.get("version"))
         if cls is MLFlowLogger and not init_args.get("run_id"):
-            loggers.append(_mlflow_logger((class_path, init_args), runs))
+            loggers.append(_mlflow_logger((class_path, init_args), runs, path.parent))
         else:
             loggers.append(_instantiate((class_path, cls, init_args), "logging.loggers"))
     if runs != recorded:
@@ -186,22 +187,26 @@ def _end_other_wandb_run(run_id: str) -> None:
         wandb.finish()
 
 
-def _mlflow_logger(resolved: tuple[str, dict], runs: dict) -> MLFlowLogger:
-    """A `RunMLFlowLogger` on the run `runs` records, marked running again, or on a new run, recorded in `runs`."""
+def _mlflow_logger(resolved: tuple[str, dict], runs: dict, run_dir: Path) -> MLFlowLogger:
+    """A `RunMLFlowLogger` on the run `runs` records for its tracking store, marked running again, or on a new run,
+    recorded in `runs`. The store of the run directory (`_named`) is "mlflow" (wherever the folder has moved), any
+    other "mlflow URI": a run logged to a server for a while and then to its folder again continues in each."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     class_path, init_args = resolved
-    if runs.get("mlflow"):
-        logger = _instantiate((class_path, RunMLFlowLogger, {**init_args, "run_id": runs["mlflow"]}), "logging.loggers")
+    uri = init_args.get("tracking_uri")
+    key = "mlflow" if uri in (None, f"sqlite:///{(run_dir / 'mlflow.db').resolve()}") else f"mlflow {uri}"
+    if runs.get(key):
+        logger = _instantiate((class_path, RunMLFlowLogger, {**init_args, "run_id": runs[key]}), "logging.loggers")
         try:
-            logger.experiment.update_run(runs["mlflow"], status="RUNNING")
+            logger.experiment.update_run(runs[key], status="RUNNING")
             return logger
         except MlflowException as error:
-            rank_zero_warn(f"MLflow run {runs['mlflow']} of {RUNS_FILE} cannot be continued in the tracking store "
+            rank_zero_warn(f"MLflow run {runs[key]} of {RUNS_FILE} cannot be continued in the tracking store "
                            f"{mlflow.get_tracking_uri()} ({str(error).splitlines()[0]}): logging to a new run")
     logger = _instantiate((class_path, RunMLFlowLogger, init_args), "logging.loggers")
-    runs["mlflow"] = logger.run_id  # starts the run
+    runs[key] = logger.run_id  # starts the run
     return logger
 
 
