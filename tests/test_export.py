@@ -137,6 +137,26 @@ def test_hf_export_loads_in_transformers_and_matches(tmp_path, num_classes):
             torch.testing.assert_close(classifier(pixel_values=x).logits, model(x), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("pretrained", [None, [4, 4, 2, 1]])
+def test_hf_export_of_a_stage_with_a_one_by_one_window(tmp_path, pretrained):
+    """A 32 px model's last stage is 1x1 (window 1), and an encoder pretrained there hands on pretrained window 1:
+    transformers (and timm, and the official code) divide its CPB offsets by window - 1 = 0, and every output
+    after it was NaN, without a word. The export writes 2 there, whose divisor 1 is ours."""
+    import transformers
+    model, path = classifier_file(tmp_path, num_classes=0, img_size=32, pretrained_window_sizes=pretrained)
+    main([f"checkpoint={path}", "format=hf", f"out={tmp_path / 'hf'}"])
+    # the windows the encoder was built with: [4, 4, 2, 1] either way (the checkpoint's own, else its windows)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["pretrained_window_sizes"] == [4, 4, 2, 2]
+    assert timm_kwargs({**ENCODER_CFG, "img_size": 32, "pretrained_window_sizes": pretrained})[
+        "pretrained_window_sizes"] == ([0, 0, 0, 2] if pretrained is None else [4, 4, 2, 2])
+    hf = transformers.Swinv2Model.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = hf(pixel_values=x).last_hidden_state
+        assert torch.isfinite(theirs).all()
+        torch.testing.assert_close(theirs, model.forward_features(x).flatten(1, 2), rtol=0, atol=1e-4)
+
+
 def test_hf_export_of_a_pretraining_checkpoint(tmp_path):
     """Our SimMIM Lightning checkpoint goes out whole, as transformers' Swinv2ForMaskedImageModeling (before: the
     encoder alone, the mask token and decoder left behind): its reconstruction of a masked image is ours, and

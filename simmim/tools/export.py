@@ -77,13 +77,26 @@ def to_timm(state_dict: Mapping) -> dict:
     return out
 
 
+def portable_windows(config: Mapping) -> list[int]:
+    """`pretrained_window_sizes` for timm and transformers, which divide the CPB offsets by (pretrained window - 1)
+    or, for 0, (the stage's window - 1) with no guard: a stage whose divisor would be 0 (pretrained window 1, or
+    a 1x1 window, as the last stage of a 32 px model has) gets 2, whose divisor 1 is the one ours uses there (all
+    of its offsets are 0 with a 1x1 window; ours divides by at least 1), instead of NaN everywhere after it."""
+    cfg = {**model_defaults(), **config}
+    stages = len(cfg["depths"])
+    given = list(cfg["pretrained_window_sizes"] or [0] * stages)
+    windows = [min(cfg["window_size"], cfg["img_size"] // cfg["patch_size"] // 2 ** i) for i in range(stages)]
+    return [2 if (pretrained or window) <= 1 else pretrained for pretrained, window in zip(given, windows)]
+
+
 def timm_kwargs(config: Mapping) -> dict:
     """Arguments of `timm.models.swin_transformer_v2.SwinTransformerV2` for the same model."""
     _check_plain(config, "timm")
     keys = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths", "num_heads", "window_size",
-            "mlp_ratio", "qkv_bias", "pretrained_window_sizes")
+            "mlp_ratio", "qkv_bias")
     kwargs = {key: config[key] for key in keys if key in config}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+            "pretrained_window_sizes": portable_windows(config)}
 
 
 # ------------------------------------------------------------------------------------------ transformers
@@ -125,7 +138,7 @@ def hf_config(config: Mapping, num_classes: int = 0, simmim: bool = False) -> di
         "architectures": [architecture],
         **{theirs: cfg[ours] for ours, theirs in HF_CONFIG.items()},
         "depths": depths, "num_heads": list(cfg["num_heads"]),
-        "pretrained_window_sizes": list(cfg["pretrained_window_sizes"] or [0] * len(depths)),
+        "pretrained_window_sizes": portable_windows(cfg),
         "hidden_act": "gelu", "use_absolute_embeddings": False, "layer_norm_eps": 1e-5,
         "encoder_stride": cfg["patch_size"] * 2 ** (len(depths) - 1),
     }
@@ -229,4 +242,5 @@ def main(argv: list[str]) -> None:
               f"{', '.join(f'{k}={v!r}' for k, v in timm_kwargs(config).items())})")
     else:
         out = export_hf(model, config, cfg.out)
-        print(f"transformers folder: {out} (transformers.Swinv2Model.from_pretrained({str(out)!r}))")
+        name = "Swinv2ForImageClassification" if config.get("num_classes") else "Swinv2Model"
+        print(f"transformers folder: {out} (transformers.{name}.from_pretrained({str(out)!r}))")
