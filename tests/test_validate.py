@@ -132,6 +132,19 @@ def test_list_labels_that_are_not_class_indices(tmp_path):
             if label] == [3]
 
 
+@pytest.mark.parametrize("key, trained, recipe", [("norm_mode", "pre_norm", "res_post_norm"),
+                                                  ("position_bias", "linear_cpb", "log_cpb")])
+def test_finetune_refuses_a_model_that_reads_the_pretrained_weights_otherwise(tmp_path, key, trained, recipe):
+    """An encoder pretrained pre-norm (or with linear CPB) loaded into the recipe's res-post-norm (log-CPB)
+    classifier without an error: same shapes, another computation. Refused before the run directory is made."""
+    torch.save({"model": {"encoder.patch_embed.proj.weight": torch.zeros(32, 3, 4, 4)},
+                "config": {"model": {key: trained}}}, tmp_path / "encoder.pth")
+    with pytest.raises(ConfigError, match=rf"^model.{key}={recipe}: pretrained=.*encoder.pth was trained with "
+                                          rf"{key}={trained}, .* do not mean the same; set model.{key}={trained}$"):
+        finetune_script.main([f"output_dir={tmp_path}/runs", f"pretrained={tmp_path / 'encoder.pth'}"])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_labels_checked_against_num_classes_before_training(tmp_path):
     for name in ("a", "b", "c"):
         write_images(tmp_path / "data" / name, 4)

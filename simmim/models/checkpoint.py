@@ -434,7 +434,8 @@ def saved_simmim_config(ckpt: Mapping) -> dict:
     return {key: found[key] for key in keys if key in found}
 
 
-WEIGHTS_MEANING = ("norm_mode",)  # model keys that change what the same weights compute
+WEIGHTS_MEANING = ("norm_mode", "position_bias")  # model keys that change what the same weights compute (log_cpb
+# and linear_cpb have the same bias MLP)
 
 
 def model_config(ckpt: Mapping, overrides: Mapping | None = None) -> dict:
