@@ -145,6 +145,22 @@ def test_finetune_refuses_a_model_that_reads_the_pretrained_weights_otherwise(tm
     assert not (tmp_path / "runs").exists()
 
 
+def test_resume_from_a_checkpoint_of_another_stage_or_model_is_refused(tmp_path):
+    """resume=PATH of a fine-tuning checkpoint, or of another model: Lightning's state-dict error (hundreds of
+    key names) after the run directory had its config, CSV and TensorBoard folders. Now one line, nothing written."""
+    weight = torch.zeros(32, 3, 4, 4)
+    torch.save({"state_dict": {"model.patch_embed.proj.weight": weight}, "loops": {}}, tmp_path / "classifier.ckpt")
+    torch.save({"state_dict": {"simmim.encoder.patch_embed.proj.weight": weight}, "loops": {},
+                "hyper_parameters": {"model": {"embed_dim": 32, "num_heads": [2, 2, 4, 8]}}}, tmp_path / "other.ckpt")
+    for name, message in (("classifier.ckpt", "is a lightning-classifier checkpoint, not one of a pretraining run; "
+                                              "pass a .ckpt of this stage's run directory, or resume=auto"),
+                          ("other.ckpt", "it was trained with model.num_heads=[2, 2, 4, 8], this run asks for [2, 4, "
+                                         "8, 16]; give the model values of that run")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            pretrain.main([f"output_dir={tmp_path}/runs", f"resume={tmp_path / name}"])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_labels_checked_against_num_classes_before_training(tmp_path):
     for name in ("a", "b", "c"):
         write_images(tmp_path / "data" / name, 4)

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -310,6 +311,7 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
             raise ConfigError(f"resume={cfg.resume} cannot be resumed from ({problem}); pass another checkpoint or "
                               f"resume=auto")
         ckpt = str(cfg.resume)
+        _check_resumed_model(cfg, ckpt)
     else:
         if existing:
             raise ConfigError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run or "
@@ -324,10 +326,34 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
 def check_same_model(cfg: DictConfig, saved: Path, refusal: str, fix: str) -> None:
     """ConfigError (`refusal`: ..., `fix`) when the run directory config `saved` (if there is one) has another
     model than `cfg`: its checkpoints hold the weights of that model."""
-    if not saved.is_file():
-        return
-    before = _saved_config(saved)
-    for key in set(_leaf_keys(cfg.model)) - {"compile"}:  # compiling does not change the weights
-        old, new = OmegaConf.select(before.model, key), OmegaConf.select(cfg.model, key)
+    if saved.is_file():
+        _compare_models(_saved_config(saved).model, cfg, refusal, fix)
+
+
+def _compare_models(before: DictConfig, cfg: DictConfig, refusal: str, fix: str) -> None:
+    for key in (set(_leaf_keys(cfg.model)) & set(_leaf_keys(before))) - {"compile"}:  # compiling keeps the weights
+        old, new = OmegaConf.select(before, key), OmegaConf.select(cfg.model, key)
         if old != new:
             raise ConfigError(f"{refusal}: it was trained with model.{key}={old}, this run asks for {new}; {fix}")
+
+
+def _check_resumed_model(cfg: DictConfig, ckpt: str) -> None:
+    """ConfigError when resume=PATH is a Lightning checkpoint of the other stage, or of another model than cfg's
+    (Lightning's state-dict error listed hundreds of keys, after the run directory was written)."""
+    from simmim.models.checkpoint import detect_layout  # here: it imports this module
+
+    if Path(ckpt).is_dir():  # a DeepSpeed folder
+        return
+    checkpoint = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+    stage, layout = ("pretraining", "lightning-simmim") if "simmim" in cfg else ("fine-tuning", "lightning-classifier")
+    try:
+        found = detect_layout(checkpoint)
+    except ValueError:
+        found = "unrecognized"
+    if found != layout:
+        raise ConfigError(f"resume={ckpt} is a {found} checkpoint, not one of a {stage} run; pass a .ckpt of this "
+                          f"stage's run directory, or resume=auto")
+    saved = (checkpoint.get("hyper_parameters") or {}).get("model")
+    if isinstance(saved, Mapping):
+        _compare_models(OmegaConf.create(dict(saved)), cfg, f"cannot resume {ckpt}",
+                        "give the model values of that run, or start a new run without resume=PATH")
