@@ -151,6 +151,24 @@ def test_uint8_crops_reach_the_model_normalized_in_its_precision(tmp_path, preci
     assert -2.2 < seen[0].float().min() < 0 < seen[0].float().max() < 2.7  # ImageNet-normalized, not 0..255
 
 
+def test_saved_checkpoints_and_exports_are_readable_as_other_files(tmp_path, monkeypatch):
+    """mkstemp (checkpoints, encoder.pth, official exports) and safetensors (timm, transformers exports) made files
+    of mode 0600 under umask 022: a group sharing the cluster could not read them. Now as open() makes files."""
+    import simmim.train.checkpoint_io as checkpoint_io
+    from simmim.tools.export import _save_safetensors
+
+    monkeypatch.setattr(checkpoint_io, "UMASK", 0o027, raising=False)  # a group-readable umask (shared clusters)
+    before = os.umask(0o027)
+    try:
+        atomic_save({"step": 1}, tmp_path / "last.ckpt")
+        _save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors", {})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(before)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert modes == {"last.ckpt": "0o640", "w.safetensors": "0o640", "plain.txt": "0o640"}
+
+
 def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "ckpt.pth"
     atomic_save({"step": 1}, path)

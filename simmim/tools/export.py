@@ -33,7 +33,7 @@ from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights,
                                       simmim_from_checkpoint)
 from simmim.models.simmim import SimMIM
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
-from simmim.train.checkpoint_io import atomic_save
+from simmim.train.checkpoint_io import atomic_save, usual_permissions
 from simmim.train.config import ConfigError, model_defaults, model_section, options_from_argv
 
 __all__ = ["FORMATS", "to_timm", "to_hf", "hf_config", "timm_kwargs", "encoder_for_export", "export_timm",
@@ -166,6 +166,7 @@ def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+    usual_permissions(tmp)
     tmp.replace(path)
 
 

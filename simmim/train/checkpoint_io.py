@@ -11,6 +11,16 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
+UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it) and put back at once
+os.umask(UMASK)
+
+
+def usual_permissions(path: str | Path) -> None:
+    """The mode a plain open() gives a new file (0o666 less the umask): mkstemp and safetensors create files that
+    only their owner can read, which hid checkpoints and exports from the rest of a group on a shared cluster."""
+    os.chmod(path, 0o666 & ~UMASK)
+
+
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file.
     A full disk or quota is one OSError (ENOSPC / EDQUOT) naming the file and the fix (torch reports it as a
@@ -23,6 +33,7 @@ def atomic_save(obj, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException as error:
         written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
