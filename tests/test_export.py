@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY, randomize_, tiny_swinv2
 from simmim.models.checkpoint import (checkpoint_weights, detect_layout, encoder_from_checkpoint, load_pretrained,
-                                      read_checkpoint, simmim_from_checkpoint)
+                                      read_checkpoint, saved_simmim_config, simmim_from_checkpoint)
 from simmim.models.swinv2 import SwinTransformerV2
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.tools.export import encoder_for_export, hf_config, main, timm_kwargs, to_timm
@@ -163,11 +163,15 @@ def test_hf_export_of_a_pretraining_checkpoint(tmp_path):
     Swinv2Model takes the encoder from the same folder. Read back, it is the same SimMIM."""
     import transformers
     module = randomize_(SimMIMPretrainModule(model=ENCODER_CFG), seed=7)
-    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    masking = {"mask_patch_size": 16, "mask_ratio": 0.5, "mask_kind": "random"}
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+            "datamodule_hyper_parameters": masking}
     torch.save(ckpt, tmp_path / "last.ckpt")
     main([f"checkpoint={tmp_path / 'last.ckpt'}", "format=hf", f"out={tmp_path / 'hf'}"])
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
         "Swinv2ForMaskedImageModeling"]
+    # the masking settings travel along (reconstruct.py used its defaults for them: other masks)
+    assert saved_simmim_config(read_checkpoint(tmp_path / "hf")) == {**masking, "norm_target_patch_size": None}
     mim, info = transformers.Swinv2ForMaskedImageModeling.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     hf = transformers.Swinv2Model.from_pretrained(tmp_path / "hf").eval()
@@ -294,6 +298,11 @@ def test_out_names_the_format_our_readers_expect(tmp_path):
                                               f"{tmp_path / fix}$"):
             main([f"checkpoint={path}", f"format={fmt}", f"out={tmp_path / out}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(path).name])
+    (tmp_path / "fold").mkdir()  # was os.replace's IsADirectoryError, with overwrite=true too
+    for overwrite in ("false", "true"):
+        with pytest.raises(ConfigError, match=f"^out={tmp_path / 'fold'} is a folder; format=official writes a file, "
+                                              f"e.g. out={tmp_path / 'fold' / 'swinv2.pth'}$"):
+            main([f"checkpoint={path}", "format=official", f"out={tmp_path / 'fold'}", f"overwrite={overwrite}"])
 
 
 def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):

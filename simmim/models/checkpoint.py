@@ -167,7 +167,8 @@ def _key_from_hf(key: str) -> str:
 
 def read_hf_folder(folder: str | Path) -> dict:
     """A transformers Swinv2 folder (config.json, weights: `_hf_weights`) as `{"model": its state
-    dict, "config": {"model": our SwinTransformerV2 arguments from config.json}}`."""
+    dict, "config": {"model": our SwinTransformerV2 arguments from config.json, "simmim": its masking settings when
+    it has them (scripts/export.py writes them)}}`."""
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -188,7 +189,8 @@ def read_hf_folder(folder: str | Path) -> dict:
     model = {ours: config[theirs] for ours, theirs in HF_CONFIG.items() if theirs in config}
     if not any(model.get("pretrained_window_sizes") or []):  # zeros: the windows it was trained with (model_config)
         model.pop("pretrained_window_sizes", None)
-    return {"model": weights, "config": {"model": model}}
+    simmim = config.get("simmim")  # masking settings, as scripts/export.py writes them for a SimMIM model
+    return {"model": weights, "config": {"model": model, **({"simmim": simmim} if isinstance(simmim, dict) else {})}}
 
 
 def _hf_weights(folder: Path) -> dict:

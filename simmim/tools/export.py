@@ -180,13 +180,16 @@ def export_timm(model: SwinTransformerV2, config: Mapping, out: str | Path) -> P
     return out
 
 
-def export_hf(model: SwinTransformerV2 | SimMIM, config: Mapping, out: str | Path) -> Path:
+def export_hf(model: SwinTransformerV2 | SimMIM, config: Mapping, out: str | Path, simmim: Mapping = ()) -> Path:
     """Write `out/config.json` and `out/model.safetensors` for transformers' Swinv2 (a SimMIM model:
-    Swinv2ForMaskedImageModeling)."""
+    Swinv2ForMaskedImageModeling, with its masking settings `simmim` in config.json's `simmim`, which transformers
+    keeps and our reader reads back)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is a file; format=hf writes a folder (config.json, model.safetensors)")
     hf = hf_config(config, config.get("num_classes", 0), simmim=isinstance(model, SimMIM))
+    if simmim:
+        hf["simmim"] = dict(simmim)
     _save_safetensors(to_hf(model.state_dict()), out / "model.safetensors", {})
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return out
@@ -220,6 +223,9 @@ def main(argv: list[str]) -> None:
         wanted = ".safetensors (a safetensors file)" if cfg.format == "timm" else ".pth (a torch.save file)"
         raise ConfigError(f"out={cfg.out}: format={cfg.format} writes {wanted}; name it so, e.g. "
                           f"out={Path(cfg.out).with_suffix(wanted.split()[0])}")
+    if cfg.format != "hf" and Path(cfg.out).is_dir():  # was os.replace's IsADirectoryError
+        raise ConfigError(f"out={cfg.out} is a folder; format={cfg.format} writes a file, e.g. out="
+                          f"{Path(cfg.out) / ('swinv2.safetensors' if cfg.format == 'timm' else 'swinv2.pth')}")
     check_new_output(cfg.out, cfg.overwrite)
     overrides = OmegaConf.to_container(cfg.model)
     if cfg.format == "official":
@@ -228,7 +234,7 @@ def main(argv: list[str]) -> None:
     ckpt = read_checkpoint(cfg.checkpoint)
     if cfg.format == "hf" and has_simmim_decoder(ckpt):
         simmim, config = simmim_from_checkpoint(ckpt, overrides)
-        out = export_hf(simmim, config, cfg.out)
+        out = export_hf(simmim, config, cfg.out, saved_simmim_config(ckpt))
         print(f"transformers folder: {out} (transformers.Swinv2ForMaskedImageModeling.from_pretrained({str(out)!r}); "
               f"Swinv2Model.from_pretrained takes its encoder)")
         if simmim.norm_target_patch_size is not None:  # transformers' MIM loss compares with the pixels themselves
