@@ -305,6 +305,25 @@ def test_out_names_the_format_our_readers_expect(tmp_path):
             main([f"checkpoint={path}", "format=official", f"out={tmp_path / 'fold'}", f"overwrite={overwrite}"])
 
 
+def test_ema_weights_are_exported_when_asked(tmp_path, capsys):
+    """A fine-tuning checkpoint of train.ema_decay holds the live (model.*) and the EMA weights (ema.*): every
+    reader took the live ones without a word. The export says the EMA ones are there, and ema=true takes them."""
+    live, _ = classifier_file(tmp_path)
+    ema = randomize_(tiny_swinv2(num_classes=10), seed=6)
+    state = {**{f"model.{k}": v for k, v in live.state_dict().items()},
+             **{f"ema.{k}": v for k, v in ema.state_dict().items()}}
+    config = {**ENCODER_CFG, "num_classes": 10}
+    torch.save({"state_dict": state, "hyper_parameters": {"model": config}}, tmp_path / "last.ckpt")
+    for flag, expected in (("false", live), ("true", ema)):
+        main([f"checkpoint={tmp_path / 'last.ckpt'}", "format=official", f"out={tmp_path / flag}.pth", f"ema={flag}"])
+        exported = torch.load(tmp_path / f"{flag}.pth", weights_only=True)["model"]
+        assert all(torch.equal(exported[k], v) for k, v in expected.state_dict().items() if k in exported)
+    assert "note: the checkpoint also holds EMA weights (train.ema_decay); ema=true exports those" in (
+        capsys.readouterr().out)
+    with pytest.raises(ValueError, match=r"the checkpoint holds no EMA weights .*; drop ema=true"):
+        main([f"checkpoint={tmp_path / 'classifier.pth'}", "format=official", f"out={tmp_path / 'x.pth'}", "ema=true"])
+
+
 def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):
     """The official implementation's weights and outputs (tests/data/swinv2_official_w8_pt4.pt, window 8 over
     pretrained windows 4): exported with model.* keys, transformers reproduces the official logits, and so does

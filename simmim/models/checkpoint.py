@@ -39,7 +39,7 @@ from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
            "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
-           "SIMMIM_LAYOUTS", "HF_DECODER", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder"]
+           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
@@ -286,6 +286,17 @@ def detect_layout(ckpt: Mapping) -> str:
 
 def _from_lightning_simmim(ckpt: Mapping) -> dict:
     return _strip_prefix(ckpt["state_dict"], "simmim.encoder.")
+
+
+def ema_weights(ckpt: Mapping) -> dict:
+    """A fine-tuning checkpoint with its EMA weights (`ema.*`, train.ema_decay) in place of the live ones
+    (`model.*`), which every reader takes; ValueError when it holds none."""
+    state = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), Mapping) else {}
+    ema = {key: value for key, value in state.items() if key.startswith("ema.")}
+    if not ema:
+        raise ValueError("the checkpoint holds no EMA weights (ema.*: a fine-tuning run with train.ema_decay set); "
+                         "drop ema=true")
+    return {**ckpt, "state_dict": {"model." + key.removeprefix("ema."): value for key, value in ema.items()}}
 
 
 def _from_lightning_classifier(ckpt: Mapping) -> dict:

@@ -28,8 +28,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from simmim.cli import check_new_output
-from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights, has_simmim_decoder, hf_key,
-                                      load_pretrained, model_config, read_checkpoint, saved_simmim_config,
+from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights, ema_weights, has_simmim_decoder,
+                                      hf_key, load_pretrained, model_config, read_checkpoint, saved_simmim_config,
                                       simmim_from_checkpoint)
 from simmim.models.simmim import SimMIM
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
@@ -45,6 +45,7 @@ SCHEMA = {
     "format": None,           # required: timm | hf | official
     "out": None,              # required: a .safetensors file (timm), a folder (hf), a .pth file (official)
     "overwrite": False,       # replace an existing out (hf: its config.json and model.safetensors)
+    "ema": False,             # a fine-tuning checkpoint's EMA weights (train.ema_decay) instead of the live ones
     "model": model_section(),  # null: the checkpoint's value
 }
 # SwinTransformerV2 settings that neither timm's nor transformers' SwinV2 has: (argument, the value they build)
@@ -228,10 +229,14 @@ def main(argv: list[str]) -> None:
                           f"{Path(cfg.out) / ('swinv2.safetensors' if cfg.format == 'timm' else 'swinv2.pth')}")
     check_new_output(cfg.out, cfg.overwrite)
     overrides = OmegaConf.to_container(cfg.model)
-    if cfg.format == "official":
-        print(f"official layout: {export_official(cfg.checkpoint, overrides, cfg.out)}")
-        return
     ckpt = read_checkpoint(cfg.checkpoint)
+    if cfg.ema:
+        ckpt = ema_weights(ckpt)
+    elif any(key.startswith("ema.") for key in (ckpt.get("state_dict") or {})):
+        print("note: the checkpoint also holds EMA weights (train.ema_decay); ema=true exports those")
+    if cfg.format == "official":
+        print(f"official layout: {export_official(ckpt, overrides, cfg.out)}")
+        return
     if cfg.format == "hf" and has_simmim_decoder(ckpt):
         simmim, config = simmim_from_checkpoint(ckpt, overrides)
         out = export_hf(simmim, config, cfg.out, saved_simmim_config(ckpt))
