@@ -203,3 +203,20 @@ def test_log_cpb_transfers_to_a_larger_window():
             assert torch.equal(cpb_grid(block_f.attn)[shared, shared], cpb_grid(block_p.attn))
             assert not torch.equal(cpb_grid(block_n.attn)[shared, shared], cpb_grid(block_p.attn))
     assert windows == [(4, 8)] * 6 + [(2, 4)] * 2
+
+
+def test_a_file_without_windows_is_warned_about_where_the_tools_build_its_model():
+    """export and evaluate built an official / timm file (no config) with pretrained windows 0 without a word;
+    fine-tuning warned. Now model_config warns for them all, unless the windows are given."""
+    import warnings
+
+    from simmim.models.checkpoint import model_config
+
+    plain = {"model": tiny_swinv2().state_dict()}  # the official layout: no config
+    with pytest.warns(UserWarning, match=r"does not say which windows scale its CPB coordinates; .* give them as "
+                                         r"model.pretrained_window_sizes=\[...\]"):
+        model_config(plain, dict(TINY))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_config(plain, {**TINY, "pretrained_window_sizes": [4, 4, 4, 2]})
+        model_config({**plain, "config": {"model": dict(TINY)}})

@@ -24,6 +24,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,6 +469,10 @@ def model_config(ckpt: Mapping, overrides: Mapping | None = None) -> dict:
     config = resolve_model(saved, overrides or {})
     if config.get("pretrained_window_sizes") is None:
         config["pretrained_window_sizes"] = pretrained_window_sizes(ckpt)
+        if config["pretrained_window_sizes"] is None:  # official and timm files carry no config
+            warnings.warn("the checkpoint does not say which windows scale its CPB coordinates; if it was pretrained "
+                          "at other windows than it runs at, give them as model.pretrained_window_sizes=[...] (e.g. "
+                          "[12,12,12,6] for 192 px / window 12)", stacklevel=2)
     return config
 
 
