@@ -58,16 +58,21 @@ def test_other_ranks_neither_check_nor_take_the_lock(tmp_path, monkeypatch):
 def test_start_run_keeps_every_config_and_removes_stale_temporaries(tmp_path):
     cfg = load_config("pretrain")
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / ".last.ckpt.x1y2.tmp").write_bytes(b"")  # an interrupted atomic save
+    (tmp_path / "checkpoints" / ".last.ckpt.x1y2ab_9.tmp").write_bytes(b"")  # an interrupted atomic save
+    (tmp_path / "logger_runs.json.4711.tmp").write_bytes(b"")  # an interrupted record of the logger runs
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"keep")
-    with pytest.warns(UserWarning, match="removed 1 temporary files of an interrupted save"):
+    (tmp_path / "checkpoints" / "mynotes.tmp").write_text("a user's")  # not ours: kept (was deleted)
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / ".run.abcdefgh.tmp").write_text("wandb's")  # not in our folders: kept
+    with pytest.warns(UserWarning, match="removed 2 temporary files of an interrupted save"):
         lock = start_run(cfg, tmp_path)
     release_lock(lock)
     cfg.seed = 1
     start_run(cfg, tmp_path)
     release_lock(lock)
     copies = sorted(tmp_path.glob("config.*.yaml"))
-    assert [p.name for p in tmp_path.rglob("*.tmp")] == [] and (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == [".run.abcdefgh.tmp", "mynotes.tmp"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert "seed: 1" in (tmp_path / "config.yaml").read_text()
     assert len(copies) == 2 and "seed: 0" in copies[0].read_text() and "seed: 1" in copies[1].read_text()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import csv
 import os
+import re
 import socket
 import time
 import warnings
@@ -109,9 +110,16 @@ def release_lock(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+# the temporary files of our saves: atomic_save's mkstemp (`.<name>.<8 random characters>.tmp`), and the run record's
+# and the CSV log's `<name>.<pid>.tmp`
+OUR_TEMPORARIES = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|(logger_runs\.json|metrics\.csv)\.\d+\.tmp")
+
+
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporary files an interrupted atomic save leaves (`.<name>.*.tmp`, `<name>.<pid>.tmp`)."""
-    stale = [p for p in Path(run_dir).rglob("*.tmp") if p.is_file()]
+    """Delete the temporary files an interrupted save of ours leaves (`OUR_TEMPORARIES`) in the run directory and
+    its checkpoints/ and csv/ folders; other .tmp files (a user's, wandb's, mlflow's) stay."""
+    folders = (Path(run_dir), Path(run_dir) / "checkpoints", Path(run_dir) / "csv")
+    stale = [p for folder in folders for p in folder.glob("*.tmp") if p.is_file() and OUR_TEMPORARIES.fullmatch(p.name)]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
