@@ -35,17 +35,21 @@ def _raise_requeue_signal(signum: int, frame) -> None:
 
 
 def run_cli(main: Callable[[list[str]], None]) -> None:
-    """Run a script's main(argv); configuration and input errors, a full disk, Ctrl-C and SIGUSR1 (SLURM's requeue
-    signal: `simmim.train.trainer.requeue_job`) end it with one line on stderr."""
+    """Run a script's main(argv); configuration and input errors, a full disk, a read-only or forbidden path, Ctrl-C
+    and SIGUSR1 (SLURM's requeue signal: `simmim.train.trainer.requeue_job`) end it with one line on stderr."""
     found = signal.signal(signal.SIGUSR1, _raise_requeue_signal)
     try:
         main(sys.argv[1:])
     except (ConfigError, ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {_message(error)}")
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        fixes = {errno.ENOSPC: "", errno.EDQUOT: "", errno.EROFS: "; give a folder on a writable disk",
+                 errno.EACCES: "; give a path you may read or write, or change its permissions",
+                 errno.EPERM: "; give a path you may read or write, or change its permissions"}
+        if error.errno not in fixes:
             raise
-        sys.exit(f"error: {error.strerror}" + (f": {error.filename}" if error.filename else ""))
+        where = f": {error.filename}" if error.filename else ""
+        sys.exit(f"error: {error.strerror}{where}{fixes[error.errno]}")
     except KeyboardInterrupt:  # Ctrl-C outside training (which saves its step: SignalCheckpoint)
         print("stopped by Ctrl-C", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

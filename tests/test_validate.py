@@ -232,3 +232,26 @@ def test_an_error_raised_in_a_dataloader_worker_is_still_one_line(monkeypatch):
     with pytest.raises(SystemExit) as exit:
         run_cli(main)
     assert exit.value.code == "error: 101 files in a row failed to decode (last: x.jpg, one of 3)"
+
+
+def test_a_path_that_cannot_be_written_is_one_line(monkeypatch):
+    """output_dir on a read-only mount or where the user may not write was an OSError traceback."""
+    import errno
+
+    monkeypatch.setattr(sys, "argv", ["pretrain.py"])
+    for code, name, fix in ((errno.EROFS, "Read-only file system", "give a folder on a writable disk"),
+                            (errno.EACCES, "Permission denied", "give a path you may read or write, or change its")):
+        def main(argv, code=code, name=name):
+            raise OSError(code, name, "/mnt/ro/runs/r")
+        with pytest.raises(SystemExit) as exit:
+            run_cli(main)
+        assert exit.value.code.startswith(f"error: {name}: /mnt/ro/runs/r; {fix}")
+
+
+def test_a_folder_named_like_a_checkpoint_is_refused_at_start(tmp_path):
+    """checkpoints/last.ckpt made a folder: the start warned and trained, the first save failed an epoch later
+    (IsADirectoryError)."""
+    (tmp_path / "default" / "checkpoints" / "last.ckpt").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"checkpoints/last.ckpt is a folder that holds no DeepSpeed checkpoint, "
+                                          r"where the run saves its checkpoints; move it away"):
+        pretrain.main([f"output_dir={tmp_path}"])
