@@ -8,7 +8,9 @@ to one row per logged value: what a crashed run logged after its checkpoint is d
 """
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -56,15 +58,26 @@ class ExactResume(pl.Callback):
         random.seed(value)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if trainer.is_global_zero:
-            checkpoint["csv_rows"] = {logger.metrics_file: logger.saved_rows() for logger in _csv_loggers(trainer)}
+        if trainer.is_global_zero:  # by the path in the run directory: the folder may be moved or copied
+            checkpoint["csv_rows"] = {_in_run_dir(logger): logger.saved_rows() for logger in _csv_loggers(trainer)}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.is_global_zero and trainer.state.fn == TrainerFn.FITTING:  # validate / test replay no steps
+            ckpt = trainer.ckpt_path and Path(os.path.realpath(trainer.ckpt_path))
             for logger in _csv_loggers(trainer):
-                rows = checkpoint.get("csv_rows", {}).get(logger.metrics_file)
-                if rows is not None:  # None: a checkpoint of another run directory
+                run_dir = Path(logger.metrics_file).parent.parent
+                if not ckpt or ckpt.parent.parent != run_dir:  # a checkpoint of another run directory
+                    continue
+                saved = checkpoint.get("csv_rows", {})
+                rows = saved.get(_in_run_dir(logger), saved.get(logger.metrics_file))  # (absolute: older ones)
+                if rows is not None:
                     logger.rewind(rows, checkpoint["global_step"])
+
+
+def _in_run_dir(logger: AppendingCSVLogger) -> str:
+    """metrics.csv's path in the run directory (csv/metrics.csv)."""
+    path = Path(logger.metrics_file)
+    return str(path.relative_to(path.parent.parent))
 
 
 def _csv_loggers(trainer) -> list[AppendingCSVLogger]:
