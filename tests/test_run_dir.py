@@ -106,6 +106,21 @@ def test_metrics_csv_is_appended_to(tmp_path):
                                                                           ("1", "", "0.7")]
 
 
+def test_resume_auto_takes_the_highest_step_not_the_newest_file(tmp_path):
+    """A copy of a run folder that did not keep modification times (cp -r, rsync without -t) made the copy order
+    decide: the run went back to an earlier step checkpoint (or to best.ckpt). The highest step wins; of equal
+    steps (last.ckpt beside its step checkpoint), the newest."""
+    for name, step, mtime in (("step-00000030.ckpt", 30, 1), ("step-00000010.ckpt", 10, 3), ("best.ckpt", 20, 4),
+                              ("last.ckpt", 30, 2)):
+        torch.save({"state_dict": {}, "loops": {}, "global_step": step}, tmp_path / name)
+        os.utime(tmp_path / name, (mtime, mtime))
+    assert newest_good_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    (tmp_path / "last.ckpt").write_bytes(b"cut")  # a bad one newer than the chosen: named
+    os.utime(tmp_path / "last.ckpt", (5, 5))
+    with pytest.warns(UserWarning, match="last.ckpt cannot be resumed from"):
+        assert newest_good_checkpoint(tmp_path) == tmp_path / "step-00000030.ckpt"
+
+
 def test_broken_checkpoints_are_named_and_skipped(tmp_path):
     good, newer = tmp_path / "step-00000001.ckpt", tmp_path / "last.ckpt"
     torch.save({"state_dict": {"w": torch.ones(3)}, "loops": {}}, good)

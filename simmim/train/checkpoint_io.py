@@ -66,27 +66,35 @@ def checkpoint_problem(path: str | Path) -> str | None:
     """Why a Lightning checkpoint cannot be resumed from (truncated, corrupt, not a training checkpoint), or
     None when it can. Reads the pickled structure; the tensors stay on disk (mmap). DeepSpeed folders pass when they
     hold its `checkpoint/` folder."""
+    return _inspect(path)[0]
+
+
+def _inspect(path: str | Path) -> tuple[str | None, int]:
+    """(`checkpoint_problem`, its global step; -1 where unknown: a DeepSpeed folder, a bad file)."""
     path = Path(path)
     if path.is_dir():  # DeepSpeed saves a folder: <path>/checkpoint/ (its tag) and <path>/latest
-        return None if (path / "checkpoint").is_dir() else ("a folder, not a checkpoint file or a DeepSpeed "
-                                                             "checkpoint folder")
+        return (None if (path / "checkpoint").is_dir() else "a folder, not a checkpoint file or a DeepSpeed "
+                                                            "checkpoint folder"), -1
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # truncated zip, bad pickle, ...: any failure means it cannot be resumed
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}", -1
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
-        return "not a Lightning training checkpoint (no state_dict or loop state)"
-    return None
+        return "not a Lightning training checkpoint (no state_dict or loop state)", -1
+    return None, int(checkpoint.get("global_step", -1))
 
 
 def newest_good_checkpoint(folder: str | Path) -> Path | None:
-    """The newest (by modification time) resumable checkpoint in folder; every newer bad one is named in a
-    warning and skipped. None when there is none."""
+    """The resumable checkpoint in folder of the highest global step (a copy of the folder that did not keep the
+    modification times must not send the run back to an earlier one), the newest of those; every bad one newer
+    than it is named in a warning. None when there is none."""
     candidates = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        warnings.warn(f"checkpoint {path} cannot be resumed from ({problem}); trying the next newest",
-                      stacklevel=2)
-    return None
+    inspected = [(path, *_inspect(path)) for path in candidates]
+    good = [(step, -order, path) for order, (path, problem, step) in enumerate(inspected) if problem is None]
+    chosen = max(good)[2] if good else None
+    for path, problem, _ in inspected:
+        if path == chosen:
+            break
+        if problem is not None:
+            warnings.warn(f"checkpoint {path} cannot be resumed from ({problem}); trying the next newest", stacklevel=2)
+    return chosen

@@ -287,9 +287,10 @@ def _saved_config(path: Path) -> DictConfig:
 def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
     """The run directory and the checkpoint to resume from (None: a fresh run); writes nothing.
 
-    resume=auto continues from the newest checkpoint in `<run dir>/checkpoints/` that can be read (newer broken
-    ones are named in a warning); a fresh run refuses a directory that already holds checkpoints instead of
-    overwriting them; a resumed run must have the same model; a directory that a live run holds is refused.
+    resume=auto continues from the checkpoint of the highest step in `<run dir>/checkpoints/` that can be read
+    (newer broken ones are named in a warning); a fresh run refuses a directory that already holds checkpoints
+    instead of overwriting them; a resumed run must have the same model; a directory that a live run holds is
+    refused.
     """
     from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
     from simmim.train.run_dir import check_unlocked  # here: run_dir imports this module
