@@ -158,7 +158,8 @@ def test_an_unreadable_saved_config_is_one_line_and_left_as_it_is(tmp_path, text
     named with the fix, before anything is written (it used to be a YAML or omegaconf traceback)."""
     cfg = load_config("pretrain", overrides=[f"output_dir={tmp_path.parent}", f"run_name={tmp_path.name}"])
     (tmp_path / "checkpoints").mkdir()
-    torch.save({"state_dict": {"w": torch.ones(3)}, "loops": {}}, tmp_path / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": {"simmim.encoder.patch_embed.proj.weight": torch.ones(3)}, "loops": {}},
+               tmp_path / "checkpoints" / "last.ckpt")
     (tmp_path / "config.yaml").write_text(text)
     saved = re.escape(str(tmp_path / "config.yaml"))
     with pytest.raises(ConfigError, match=rf"cannot read {saved} \({reason}\).*put back a copy of it "

@@ -152,7 +152,11 @@ def test_resume_from_a_checkpoint_of_another_stage_or_model_is_refused(tmp_path)
     torch.save({"state_dict": {"model.patch_embed.proj.weight": weight}, "loops": {}}, tmp_path / "classifier.ckpt")
     torch.save({"state_dict": {"simmim.encoder.patch_embed.proj.weight": weight}, "loops": {},
                 "hyper_parameters": {"model": {"embed_dim": 32, "num_heads": [2, 2, 4, 8]}}}, tmp_path / "other.ckpt")
-    for name, message in (("classifier.ckpt", "is a lightning-classifier checkpoint, not one of a pretraining run; "
+    torch.save({"state_dict": {"simmim.encoder.patch_embed.proj.weight": weight}, "loops": {},
+                "hyper_parameters": {"model": {}, "base_lr": 0.1}}, tmp_path / "lr.ckpt")
+    for name, message in (("lr.ckpt", "it was trained with optim.base_lr=0.1, this run asks for 0.008; a resumed run "
+                                      "keeps the optimizer and lr schedule it saved"),  # the new lr was ignored
+                          ("classifier.ckpt", "is a lightning-classifier checkpoint, not one of a pretraining run; "
                                               "pass a .ckpt of this stage's run directory, or resume=auto"),
                           ("other.ckpt", "it was trained with model.num_heads=[2, 2, 4, 8], this run asks for [2, 4, "
                                          "8, 16]; give the model values of that run")):

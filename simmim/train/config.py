@@ -316,7 +316,6 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
             raise ConfigError(f"resume={cfg.resume} cannot be resumed from ({problem}); pass another checkpoint or "
                               f"resume=auto")
         ckpt = str(cfg.resume)
-        _check_resumed_model(cfg, ckpt)
     else:
         if existing:
             raise ConfigError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run or "
@@ -325,6 +324,7 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
     if ckpt is not None:
         check_same_model(cfg, run_dir / "config.yaml", f"cannot resume {ckpt}",
                          "drop the override or pass run_name=NEW to start another run")
+        _check_resumed_model(cfg, ckpt)
     return run_dir, ckpt
 
 
@@ -342,9 +342,14 @@ def _compare_models(before: DictConfig, cfg: DictConfig, refusal: str, fix: str)
             raise ConfigError(f"{refusal}: it was trained with model.{key}={old}, this run asks for {new}; {fix}")
 
 
+RESUME_TAKES = ("max_nonfinite_steps",)  # optim.* keys a resumed run applies; the others are its saved state
+
+
 def _check_resumed_model(cfg: DictConfig, ckpt: str) -> None:
-    """ConfigError when resume=PATH is a Lightning checkpoint of the other stage, or of another model than cfg's
-    (Lightning's state-dict error listed hundreds of keys, after the run directory was written)."""
+    """ConfigError when the checkpoint to resume is a Lightning checkpoint of the other stage, or of another model
+    than cfg's (Lightning's state-dict error listed hundreds of keys, after the run directory was written), or has
+    other optim.* values: the optimizer and the lr schedule come back as saved, so a new optim.base_lr was
+    ignored without a word (and warped the schedule a little)."""
     from simmim.models.checkpoint import detect_layout  # here: it imports this module
 
     if Path(ckpt).is_dir():  # a DeepSpeed folder
@@ -356,9 +361,16 @@ def _check_resumed_model(cfg: DictConfig, ckpt: str) -> None:
     except ValueError:
         found = "unrecognized"
     if found != layout:
-        raise ConfigError(f"resume={ckpt} is a {found} checkpoint, not one of a {stage} run; pass a .ckpt of this "
-                          f"stage's run directory, or resume=auto")
-    saved = (checkpoint.get("hyper_parameters") or {}).get("model")
-    if isinstance(saved, Mapping):
-        _compare_models(OmegaConf.create(dict(saved)), cfg, f"cannot resume {ckpt}",
-                        "give the model values of that run, or start a new run without resume=PATH")
+        article = "an" if found[0] in "aeiou" else "a"
+        raise ConfigError(f"cannot resume {ckpt}: it is {article} {found} checkpoint, not one of a {stage} run; pass "
+                          f"a .ckpt of this stage's run directory, or resume=auto")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if isinstance(hparams.get("model"), Mapping):
+        _compare_models(OmegaConf.create(dict(hparams["model"])), cfg, f"cannot resume {ckpt}",
+                        "give the model values of that run, or start a new run (another run_name, no resume=PATH)")
+    for key, value in OmegaConf.to_container(cfg.get("optim", OmegaConf.create())).items():
+        saved = hparams.get(key)
+        if key not in RESUME_TAKES and key in hparams and (list(saved) if isinstance(saved, tuple) else saved) != value:
+            raise ConfigError(f"cannot resume {ckpt}: it was trained with optim.{key}={saved}, this run asks for "
+                              f"{value}; a resumed run keeps the optimizer and lr schedule it saved: drop the override, "
+                              f"or pass run_name=NEW to start another run")
