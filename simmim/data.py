@@ -624,8 +624,10 @@ class EpochSampler(DistributedSampler):
     used as it is by Lightning, which would otherwise wrap it in a sampler that shuffles the order again.
     `epoch_fn`, when given, is asked for the epoch whenever an epoch's iteration starts, instead of set_epoch (the
     DataModule passes the trainer's current epoch: Lightning's set_epoch count runs one ahead after a resume from an
-    end-of-epoch checkpoint). `resume(epoch, count)` starts that epoch after its first `count` indices (a run
-    resumed mid-epoch); the length stays the epoch's, as Lightning counts the batches already done.
+    end-of-epoch checkpoint). `resume(epoch, count)` makes the next iteration that epoch, after its first `count`
+    indices (a resumed run; the length stays the epoch's, as Lightning counts the batches already done): not the
+    trainer's count, which, with DataLoader workers asking for indices before the epoch starts, is still the one
+    before after an end-of-epoch checkpoint (the resumed epoch was drawn as that one, without a word).
     """
 
     def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, fixed_epoch: int | None = None,
@@ -646,12 +648,13 @@ class EpochSampler(DistributedSampler):
         self.skip = (epoch, count)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.epoch_fn is not None and self.fixed_epoch is None:
-            self.epoch = self.epoch_fn()
-        indices = list(super().__iter__())
-        if self.skip[0] == self.epoch:
-            indices = indices[self.skip[1]:]
-        return iter([(index, self.epoch) for index in indices])
+        if self.skip[0] is not None:  # a resumed run's first epoch: the checkpoint's (see `resume`)
+            (self.epoch, count), self.skip = self.skip, (None, 0)
+        else:
+            count = 0
+            if self.epoch_fn is not None and self.fixed_epoch is None:
+                self.epoch = self.epoch_fn()
+        return iter([(index, self.epoch) for index in list(super().__iter__())[count:]])
 
 
 def fixed_subset(samples: FileList | Sequence[Sample], limit: int | None) -> FileList | list[Sample]:

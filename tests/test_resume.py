@@ -131,7 +131,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("workers, kill_at, broken, resumed_step", [
     (0, "step-00000003.ckpt", (), 3), (2, "step-00000006.ckpt", ("best", "last", "step-00000006"), 3),
-    (0, "last.ckpt", (), 4)])
+    (0, "last.ckpt", (), 4), (2, "last.ckpt", (), 4)])
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, workers, kill_at, broken, resumed_step,
                                                          uninterrupted):
     """The same weights with 0 and 2 workers (data randomness depends on (seed, epoch, index) only), the same k-NN
