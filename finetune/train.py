@@ -1,6 +1,6 @@
 """Fine-tune a pretrained SwinV2 encoder for classification, usually at a larger image and window size.
 
-    python scripts/finetune.py                                     # the demo: digits at 128 px / window 8
+    python scripts/finetune.py                                     # the demo: digits at 64 px / window 8
     python scripts/finetune.py pretrained=null run_name=scratch    # the same recipe from scratch
     python scripts/finetune.py recipe=base pretrained=runs/pretrain/base/encoder.pth data.root=/data/imagenet
 

@@ -97,7 +97,8 @@ def test_bad_stage_recipe_and_run_key_are_one_line(tmp_path):
                           (["--recipe", "nope"], "unknown pretrain recipe 'nope'"),
                           (["--run.outpt_dir=x"], "unknown key 'outpt_dir' in --run; did you mean output_dir?"),
                           (["--model.model.patch_size=2"], "--data.model_patch_size=4 disagrees with --model.model"),
-                          (["--data.img_size=32"], "--model.model.img_size 64 differs from --data.img_size 32"),
+                          (["--data.img_size=32", "--model.model.img_size=128"],  # both given: (--data.img_size
+                           "--model.model.img_size 128 differs from --data.img_size 32"),  # alone: the model follows)
                           (["--ckpt_path=/no.ckpt"], "--ckpt_path /no.ckpt cannot be read (FileNotFoundError: "),
                           ([f"--ckpt_path={__file__}"], f"--ckpt_path {__file__} cannot be read ("),
                           ([f"--ckpt_path={ckpt}", "--run.resume=/x.ckpt"],
@@ -127,6 +128,15 @@ def test_a_config_file_naming_some_model_keys_keeps_the_recipes_others(tmp_path)
     assert result.returncode == 0 and printed.window_size == "abc" and printed.embed_dim == 24  # later options win
     recipe, others = load_config("pretrain").model, set(printed) - {"window_size", "embed_dim"}  # the first stage
     assert len(others) > 20 and all(printed[key] == recipe[key] for key in others)
+
+
+def test_the_model_follows_data_img_size(tmp_path):
+    """--data.img_size 32 alone stopped at "--model.model.img_size 64 differs from --data.img_size 32; set
+    data.img_size", which the user had; the model follows it, as in the scripts. validate then stops at its missing
+    checkpoint, after the config passed every check."""
+    result = run_script("finetune.lightning_cli", "validate", "--data.img_size=32", "--data.mask_patch_size=8",
+                        f"--run.output_dir={tmp_path}")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: validate needs a checkpoint"), result.stderr
 
 
 def test_parser_errors_are_one_line(tmp_path):
