@@ -465,7 +465,10 @@ def build_sources(name: str, img_size: int, root: str | os.PathLike | None = Non
     if name == "digits":
         return _digits_samples(img_size)
     if name == "folder":
-        if root is None or not Path(root).is_dir():
+        if root is None:  # was "image folder None does not exist"
+            raise FileNotFoundError("the folder source needs data.root=<folder of images> (data.source=digits: the "
+                                    "embedded digits)")
+        if not Path(root).is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist; pass data.root=<folder of images>")
         root = Path(root)
         if (root / "train").is_dir() and (root / "val").is_dir():

@@ -252,7 +252,8 @@ def test_evaluate_errors_are_one_line(tmp_path, exported):
              (f"checkpoint={path}", "batch_size=0"): "error: batch_size=0: expected an integer >= 1\n",
              (f"checkpoint={path}", "model.img_size=abc"): "error: model.img_size=abc: expected an integer or null\n",
              (f"checkpoint={path}", "model.window_size=-4"): "error: model.window_size=-4: expected an integer > 0\n",
-             (f"checkpoint={path}", "data.source=folder"): "error: image folder None does not exist; pass data.root=",
+             (f"checkpoint={path}", "data.source=folder"): "error: the folder source needs data.root=<folder of "
+                                                            "images> (data.source=digits: the embedded digits)",
              (f"checkpoint={path}", "k="): "error: k=null: expected an integer, as the default 20\n",  # a TypeError
              ("checkpoint=123",): "error: checkpoint 123 does not exist",  # a TypeError: YAML's number
              (f"checkpoint=[{path},nope.pth]",): "error: checkpoint nope.pth does not exist",  # after the first

@@ -107,6 +107,16 @@ def test_unreadable_safetensors_is_one_clear_error(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match=r"cannot read .*bad.safetensors as safetensors"):
         read_checkpoint(tmp_path / "bad.safetensors")
+    # a file saved in one format and named for the other: said so with the name to give it (were the readers'
+    # "header too large" and "unpickling stack underflow")
+    torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "torch.safetensors")
+    with pytest.raises(ValueError, match=r"torch.safetensors is a torch.save file named .safetensors; rename it to "
+                                         r"torch.pth$"):
+        read_checkpoint(tmp_path / "torch.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "tensors.pth"))
+    with pytest.raises(ValueError, match=r"tensors.pth is a safetensors file named .pth; rename it to "
+                                         r"tensors.safetensors$"):
+        read_checkpoint(tmp_path / "tensors.pth")
 
 
 def test_timm_and_hf_refuse_settings_they_do_not_have():

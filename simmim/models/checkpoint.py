@@ -90,6 +90,9 @@ def read_checkpoint(source: str | Path | Mapping) -> dict:
         except pickle.UnpicklingError:
             ckpt = torch.load(source, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated zip (OSError, RuntimeError), bad pickle (KeyError, EOFError, ...)
+        if _looks_like_safetensors(source):
+            raise ValueError(f"{source} is a safetensors file named {Path(source).suffix or 'without a suffix'}; "
+                             f"rename it to {Path(source).with_suffix('.safetensors').name}") from None
         reason = str(error).splitlines()[0] if str(error) else ""
         raise ValueError(f"cannot read {source} as a PyTorch checkpoint ({type(error).__name__}: {reason}); pass a "
                          f"file written by torch.save, whole") from None
@@ -97,6 +100,13 @@ def read_checkpoint(source: str | Path | Mapping) -> dict:
         raise ValueError(f"{source} holds a {type(ckpt).__name__}, not a checkpoint dict; pass a state dict or a "
                          f"training checkpoint")
     return ckpt
+
+
+def _looks_like_safetensors(path: str | Path) -> bool:
+    """A safetensors file starts with the 8-byte little-endian length of its JSON header, then the header's '{'."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < Path(path).stat().st_size
 
 
 def read_safetensors(path: str | Path) -> dict:
@@ -109,6 +119,9 @@ def read_safetensors(path: str | Path) -> dict:
             tensors = {key: file.get_tensor(key) for key in file.keys()}
             metadata = file.metadata() or {}
     except (SafetensorError, OSError) as error:
+        if Path(path).read_bytes()[:2] == b"PK":  # a zip: what torch.save writes
+            raise ValueError(f"{path} is a torch.save file named .safetensors; rename it to "
+                             f"{Path(path).with_suffix('.pth').name}") from None
         raise ValueError(f"cannot read {path} as safetensors ({error}); pass a file written by "
                          f"safetensors.torch.save_file") from error
     if "config" in metadata:
