@@ -220,7 +220,8 @@ def _finish(trainer: pl.Trainer, module: SimMIMPretrainModule, cfg, run_dir: Pat
         return []
     encoder = module.export_encoder(run_dir / "encoder.pth", OmegaConf.to_container(cfg), state)
     pictures = next(c for c in trainer.callbacks if isinstance(c, ReconstructionPictures))
-    lines = [f"reconstructions: {pictures.last_path}", f"encoder: {encoder}"]
+    newest = pictures.last_path or max((run_dir / "reconstructions").glob("step_*.png"), default=None)  # a rerun
+    lines = [f"reconstructions: {newest or 'none'}", f"encoder: {encoder}"]  # of a finished run trains no step
     knn = [c for c in trainer.callbacks if isinstance(c, KNNMonitor)]
     if knn and (summary := knn_summary(knn[0].history)):
         lines.append(f"k-NN top-1 (val) by epoch: {summary}; plot: {run_dir / 'knn.png'}")
