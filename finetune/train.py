@@ -14,9 +14,9 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from finetune.module import ClassificationDataModule, SwinV2Classifier
 from simmim.data import LogSkipped
-from simmim.models.checkpoint import (WEIGHTS_MEANING, load_pretrained, pretrained_window_sizes, read_checkpoint,
-                                      saved_model_config)
-from simmim.train.config import ConfigError, model_defaults
+from simmim.models.checkpoint import (check_weights_meaning, load_pretrained, pretrained_window_sizes,
+                                      read_checkpoint)
+from simmim.train.config import ConfigError
 from simmim.train.stage import Stage, run_stage, section
 from simmim.train.validate import validate_labels
 
@@ -34,13 +34,7 @@ def read_pretrained(cfg) -> dict | None:
         raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
                           f"another checkpoint, or pretrained=null to train from scratch")
     checkpoint = read_checkpoint(cfg.pretrained)
-    saved = saved_model_config(checkpoint) or {}
-    for key in WEIGHTS_MEANING if saved else ():  # same shapes: the weights would load and compute something else
-        trained = saved.get(key, model_defaults()[key])
-        if cfg.model[key] != trained:
-            raise ConfigError(f"model.{key}={cfg.model[key]}: pretrained={cfg.pretrained} was trained with {key}="
-                              f"{trained}, and its weights load into a {cfg.model[key]} model without an error but "
-                              f"do not mean the same; set model.{key}={trained}")
+    check_weights_meaning(checkpoint, cfg.model, f"pretrained={cfg.pretrained}", "set model.{key}={trained}")
     if cfg.model.pretrained_window_sizes is None:
         windows = pretrained_window_sizes(checkpoint)
         if windows is None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from simmim.train.config import model_defaults, resolve_model
+from simmim.train.config import ConfigError, model_defaults, resolve_model
 from simmim.models.simmim import SimMIM
 from simmim.models.simmim import build_simmim
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
@@ -40,7 +40,7 @@ from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
            "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
-           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder"]
+           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
@@ -465,21 +465,27 @@ WEIGHTS_MEANING = ("norm_mode", "position_bias")  # model keys that change what 
 # and linear_cpb have the same bias MLP)
 
 
+def check_weights_meaning(ckpt: Mapping, model: Mapping, source: str, fix: str) -> None:
+    """ConfigError when `model` (SwinTransformerV2 arguments; None leaves a key to the checkpoint) sets a key of
+    `WEIGHTS_MEANING` otherwise than the checkpoint's saved config: same shapes, another computation, so the weights
+    would load without an error. `source` names the checkpoint; `fix` the way out, with {key} and {trained}."""
+    saved = saved_model_config(ckpt) or {}
+    for key in WEIGHTS_MEANING if saved else ():
+        trained, given = saved.get(key, model_defaults()[key]), model.get(key)
+        if given is not None and given != trained:
+            raise ConfigError(f"model.{key}={given}: {source} was trained with {key}={trained}, and its weights load "
+                              f"into a {given} model without an error but do not mean the same; "
+                              f"{fix.format(key=key, trained=trained)}")
+
+
 def model_config(ckpt: Mapping, overrides: Mapping | None = None) -> dict:
     """SwinTransformerV2 arguments for a checkpoint: its saved model config (constructor defaults for
     checkpoints without one) <- `overrides` (a model section: `variant`, then non-null keys). When no
     `pretrained_window_sizes` results, the windows the checkpoint was trained with are filled in, so an
     override of window_size or img_size transfers the Log-CPB as fine-tuning does. An override of a key in
-    `WEIGHTS_MEANING` against the saved config is a ValueError."""
-    saved = saved_model_config(ckpt) or {}
-    defaults = model_defaults()
-    for key in WEIGHTS_MEANING if saved else ():  # same shapes, other computation: the weights would load, and
-        trained, given = saved.get(key, defaults[key]), (overrides or {}).get(key)  # mean something else
-        if given is not None and given != trained:
-            raise ValueError(f"model.{key}={given}: the checkpoint was trained with {key}={trained}, and its "
-                             f"weights load into a {given} model without an error but do not mean the same; drop "
-                             f"model.{key}")
-    config = resolve_model(saved, overrides or {})
+    `WEIGHTS_MEANING` against the saved config is a ConfigError (`check_weights_meaning`)."""
+    check_weights_meaning(ckpt, overrides or {}, "the checkpoint", "drop model.{key}")
+    config = resolve_model(saved_model_config(ckpt) or {}, overrides or {})
     if config.get("pretrained_window_sizes") is None:
         config["pretrained_window_sizes"] = pretrained_window_sizes(ckpt)
         if config["pretrained_window_sizes"] is None:  # official and timm files carry no config
