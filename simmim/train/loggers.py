@@ -57,9 +57,13 @@ def _named(name: str, run_dir: Path, run_name: str) -> tuple[str, type, dict]:
     if TRACKING_URI:
         return name, MLFlowLogger, dict(experiment_name=PROJECT, run_name=run_name, tracking_uri=TRACKING_URI)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return name, MLFlowLogger, dict(experiment_name=PROJECT, run_name=run_name,
-                                    tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}",
+    return name, MLFlowLogger, dict(experiment_name=PROJECT, run_name=run_name, tracking_uri=_run_dir_store(run_dir),
                                     artifact_location=(run_dir / "mlruns").resolve().as_uri())
+
+
+def _run_dir_store(run_dir: Path) -> str:
+    """The tracking URI of the MLflow store in the run directory (a SQLite file)."""
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
 def _resolve(entry, key: str, default_module: str, base: type) -> tuple[str, type, dict]:
@@ -196,7 +200,7 @@ def _mlflow_logger(resolved: tuple[str, dict], runs: dict, run_dir: Path) -> MLF
 
     class_path, init_args = resolved
     uri = init_args.get("tracking_uri")
-    key = "mlflow" if uri in (None, f"sqlite:///{(run_dir / 'mlflow.db').resolve()}") else f"mlflow {uri}"
+    key = "mlflow" if uri in (None, _run_dir_store(run_dir)) else f"mlflow {uri}"
     if runs.get(key):
         logger = _instantiate((class_path, RunMLFlowLogger, {**init_args, "run_id": runs[key]}), "logging.loggers")
         try:
