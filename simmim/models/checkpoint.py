@@ -40,7 +40,7 @@ from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
            "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
-           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder"]
+           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning", "stage_windows", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
@@ -423,8 +423,13 @@ def pretrained_window_sizes(source: str | Path | Mapping) -> list[int] | None:
         return None
     if any(config.get("pretrained_window_sizes") or []):
         return list(config["pretrained_window_sizes"])
-    defaults = model_defaults()
-    cfg = {**defaults, **config}
+    return stage_windows(config)
+
+
+def stage_windows(config: Mapping) -> list[int]:
+    """The window each stage of a SwinTransformerV2 of these arguments uses: min(window_size, img_size / patch /
+    2^i), the stage's map when it is smaller."""
+    cfg = {**model_defaults(), **config}
     resolution = cfg["img_size"] // cfg["patch_size"]
     return [min(cfg["window_size"], resolution // 2 ** i) for i in range(len(cfg["depths"]))]
 

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from simmim.cli import check_new_output
 from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights, ema_weights, has_simmim_decoder,
                                       hf_key, load_pretrained, model_config, read_checkpoint, saved_simmim_config,
-                                      simmim_from_checkpoint)
+                                      simmim_from_checkpoint, stage_windows)
 from simmim.models.simmim import SimMIM
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 from simmim.train.checkpoint_io import atomic_save, usual_permissions
@@ -83,10 +83,8 @@ def portable_windows(config: Mapping) -> list[int]:
     or, for 0, (the stage's window - 1) with no guard: a stage whose divisor would be 0 (pretrained window 1, or
     a 1x1 window, as the last stage of a 32 px model has) gets 2, whose divisor 1 is the one ours uses there (all
     of its offsets are 0 with a 1x1 window; ours divides by at least 1), instead of NaN everywhere after it."""
-    cfg = {**model_defaults(), **config}
-    stages = len(cfg["depths"])
-    given = list(cfg["pretrained_window_sizes"] or [0] * stages)
-    windows = [min(cfg["window_size"], cfg["img_size"] // cfg["patch_size"] // 2 ** i) for i in range(stages)]
+    windows = stage_windows(config)
+    given = list(config.get("pretrained_window_sizes") or [0] * len(windows))
     return [2 if (pretrained or window) <= 1 else pretrained for pretrained, window in zip(given, windows)]
 
 
