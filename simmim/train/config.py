@@ -300,7 +300,7 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
     folder = run_dir / "checkpoints"
     existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
     for path in existing:  # the run saves its checkpoints under these names: it failed there after an epoch
-        if path.is_dir() and not (path / "checkpoint").is_dir():
+        if path.is_dir() and checkpoint_problem(path):  # (a DeepSpeed checkpoint is a folder)
             raise ConfigError(f"{path} is a folder that holds no DeepSpeed checkpoint, where the run saves its "
                               f"checkpoints; move it away (or pass run_name=NEW)")
     if cfg.resume == "auto":
