@@ -53,17 +53,6 @@ def _pop_option(args: list[str], name: str, default: str | None) -> str | None:
     return default
 
 
-def _config_files(args: list[str]) -> list[Path]:
-    """The files named by `--config PATH` / `-c PATH` / `--config=PATH`; FileNotFoundError for a name that is
-    neither a file nor inline YAML."""
-    values = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")]
-    values += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
-    for value in values:
-        if not Path(value).is_file() and not re.search(r"[:{\n]", value):
-            raise FileNotFoundError(f"--config {value}: no such file; pass a YAML file (--print_config writes one)")
-    return [Path(value) for value in values if Path(value).is_file()]
-
-
 def _filled_in(arg: str, recipe: dict, given: dict) -> dict:
     """The recipe's dict argument `arg` of the module with the keys `given` names; ConfigError for a key it does not
     have (a typo was SwinTransformerV2's TypeError)."""
@@ -74,21 +63,32 @@ def _filled_in(arg: str, recipe: dict, given: dict) -> dict:
     return {**recipe, **given}
 
 
-def _with_whole_dicts(args: list[str], module_args: dict) -> list[str]:
-    """args with `--model.ARG <the recipe's dict, the file's keys in it>` after each --config file that names some
-    keys of a dict argument of the module (`model: {model: {window_size: 8}}`): jsonargparse replaces the whole
-    dict with the keys a file gives, which --print_config then showed, and the run lacked the others."""
+def _read_config_files(args: list[str], module_args: dict) -> list[str]:
+    """args, each `--config PATH` / `-c PATH` / `--config=PATH` read: FileNotFoundError for a name that is neither a
+    file nor inline YAML, a YAML error as the file and line (jsonargparse: "<unicode string>"), an empty file or a
+    list refused (jsonargparse: "Unexpected config"); after a file that names some keys of a dict argument of the
+    module (`model: {model: {window_size: 8}}`), `--model.ARG <the recipe's dict with those keys>`: jsonargparse
+    replaces the whole dict with the keys a file gives, which --print_config then showed, and the run lacked the
+    others."""
     out, rest = [], iter(args)
     for arg in rest:
         out.append(arg)
-        path = next(rest, None) if arg in ("--config", "-c") else arg.partition("=")[2] \
+        value = next(rest, None) if arg in ("--config", "-c") else arg.partition("=")[2] \
             if arg.startswith("--config=") else None
-        if arg in ("--config", "-c") and path is not None:
-            out.append(path)
-        section = load_yaml(Path(path)).get("model") if path is not None and Path(path).is_file() else None
-        for name, value in module_args.items() if isinstance(section, DictConfig) else ():
-            if isinstance(value, dict) and isinstance(section.get(name), DictConfig):
-                out += [f"--model.{name}", json.dumps(_filled_in(name, value, OmegaConf.to_container(section[name])))]
+        if arg in ("--config", "-c") and value is not None:
+            out.append(value)
+        if value is None or not Path(value).is_file():
+            if value is not None and not re.search(r"[:{\n]", value):
+                raise FileNotFoundError(f"--config {value}: no such file; pass a YAML file (--print_config writes "
+                                        f"one)")
+            continue
+        if not isinstance(content := load_yaml(Path(value)), DictConfig) or not content:
+            raise ConfigError(f"--config {value} holds no options; expected a mapping of them, such as "
+                              f"'trainer: {{max_epochs: 2}}' (--print_config writes one)")
+        section = content.get("model")
+        for name, recipe in module_args.items() if isinstance(section, DictConfig) else ():
+            if isinstance(recipe, dict) and isinstance(section.get(name), DictConfig):
+                out += [f"--model.{name}", json.dumps(_filled_in(name, recipe, OmegaConf.to_container(section[name])))]
     return out
 
 
@@ -160,13 +160,8 @@ class RecipeCLI(LightningCLI):
             raise ConfigError(f"--ckpt_path {ckpt_path} cannot be read ({problem}); pass a checkpoint of a run")
         if ckpt_path is not None and not Path(ckpt_path).is_dir():
             _check_stage_of(ckpt_path, name, stages)
-        for path in _config_files(args):  # a YAML error as the file and line (jsonargparse: "<unicode string>")
-            # an empty file or a list: jsonargparse says "Unexpected config"
-            if not isinstance(content := load_yaml(path), DictConfig) or not content:
-                raise ConfigError(f"--config {path} holds no options; expected a mapping of them, such as "
-                                  f"'trainer: {{max_epochs: 2}}' (--print_config writes one)")
         module_args, data_args = self.stage.init_args(self.recipe)
-        args = _with_whole_dicts(args, module_args)
+        args = _read_config_files(args, module_args)
         trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
         defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
                     "model": module_args, "data": data_args, "run": self._run_section(self.recipe)}
@@ -244,7 +239,7 @@ class RecipeCLI(LightningCLI):
         model_args, data_args = config.model.as_dict(), config.data.as_dict()
         for arg, value in self.stage.init_args(self.recipe)[0].items():
             # a dict given whole that names some keys (an inline --config or --model.model JSON; files: see
-            # `_with_whole_dicts`) replaces the whole dict in jsonargparse; the recipe fills in the rest
+            # `_read_config_files`) replaces the whole dict in jsonargparse; the recipe fills in the rest
             if isinstance(value, dict) and isinstance(model_args.get(arg), dict):
                 model_args[arg] = _filled_in(arg, value, model_args[arg])
         run = OmegaConf.from_dotlist([f"{key}={'null' if value is None else value}"  # YAML-typed values
