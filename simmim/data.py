@@ -799,11 +799,11 @@ class ResumableDataModule(pl.LightningDataModule):
         torch.distributed.all_gather_object(states, state)
         return states
 
-    def _layout(self) -> dict:
-        """What this rank's place in an epoch's data is relative to: the ranks, data.batch_size (per rank),
-        data.num_workers and the training data the epoch's order is drawn over (`_train_data`)."""
+    def _layout(self, ranks: int | None = None) -> dict:
+        """What this rank's place in an epoch's data is relative to: the ranks (the trainer's), data.batch_size
+        (per rank), data.num_workers and the training data the epoch's order is drawn over (`_train_data`)."""
         hp = self.hparams
-        return {"ranks": self.trainer.world_size, "batch_size": hp.batch_size, "num_workers": hp.num_workers,
+        return {"ranks": ranks or self.trainer.world_size, "batch_size": hp.batch_size, "num_workers": hp.num_workers,
                 "train_data": self._train_data()}
 
     def _train_data(self) -> str:
@@ -818,10 +818,21 @@ class ResumableDataModule(pl.LightningDataModule):
         `EpochSampler`), on shards with the same ranks, workers and batch size (each reader has its own place in
         its shards); anything else would repeat or skip samples of the epoch, so it is refused with the fixes.
         Training data of another size (files added or removed since) is warned of: the user cannot fix that."""
-        saved = self._saved_layout
-        if not saved or self.trainer is None:
+        if self._saved_layout and self.trainer is not None:
+            self._check_saved_layout(self._saved_layout, self.trainer.world_size, Path(str(self.trainer.ckpt_path)))
+
+    def check_resume(self, ckpt_path: str | None, ranks: int) -> None:
+        """Before fit, for a run of `ranks` ranks: the check of `_check_layout` against the checkpoint to resume (a
+        Lightning .ckpt file), so that a refused resume writes nothing (Lightning's fit starts the loggers' files
+        before it restores the datamodule)."""
+        if ckpt_path is None or Path(ckpt_path).is_dir():  # a DeepSpeed folder: checked on restore
             return
-        now, ckpt = self._layout(), Path(str(self.trainer.ckpt_path))
+        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+        if saved := checkpoint.get(type(self).__qualname__, {}).get("layout"):
+            self._check_saved_layout(saved, ranks, Path(ckpt_path), warn=False)  # warned on restore
+
+    def _check_saved_layout(self, saved: dict, ranks: int, ckpt: Path, warn: bool = True) -> None:
+        now = self._layout(ranks)
         last = ckpt.parent / "last.ckpt"
         fix = (f"or resume from the end of an epoch (resume={last}, saved at each epoch's end)" if last.is_file() else
                "or start a new run (another run_name): no epoch of this one has ended yet")
@@ -838,7 +849,7 @@ class ResumableDataModule(pl.LightningDataModule):
                 f"data.num_workers={saved['num_workers']} x data.batch_size={saved['batch_size']}, this run has "
                 f"{now['ranks']} x {now['num_workers']} x {now['batch_size']}: each rank's workers hold their own "
                 f"place in their shards, so the epoch continues only with the same three; set them as saved, {fix}")
-        if saved.get("train_data", now["train_data"]) != now["train_data"]:
+        if warn and saved.get("train_data", now["train_data"]) != now["train_data"]:
             rank_zero_warn(  # every rank sees the same data
                 f"{ckpt} was saved in the middle of an epoch over {saved['train_data']}, the training data now has "
                 f"{now['train_data']}: the rest of that epoch follows another order, so some of its samples may come "
@@ -847,6 +858,7 @@ class ResumableDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self._saved_layout = state.get("layout")
+        self._check_layout()
         if state:  # Lightning's check for resumable loaders sees the DataLoaders only, not this restored position
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         if "shards" in state:
@@ -884,7 +896,6 @@ class ResumableDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
 
     def _train_loader(self, drop_last: bool) -> DataLoader:
-        self._check_layout()
         hp = self.hparams
         if self.shards is not None:
             return self.shards.loader(True, self.trainer, hp.batch_size, hp.num_workers, drop_last, self._pin_memory())

@@ -82,6 +82,11 @@ def kill_after(process: subprocess.Popen, path: Path, timeout: float = 240) -> N
     assert process.wait() == -signal.SIGKILL
 
 
+def files(folder: Path) -> dict:
+    """Every file under `folder` with its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
 
@@ -461,12 +466,14 @@ def test_a_mid_epoch_resume_with_other_images_per_batch_is_refused(tmp_path):
         warnings.simplefilter("ignore")
         pretrain_stage.main(args)  # 8 steps; step-00000006.ckpt: 2 of epoch 1's 4 batches done
         ckpts = tmp_path / "run" / "checkpoints"
+        before = files(tmp_path / "run")
         with pytest.raises(ValueError, match=rf"{ckpts / 'step-00000006.ckpt'} was saved in the middle of an epoch "
                                              rf"by 1 rank\(s\) x data.batch_size=8, this run has 1 x 4: the epoch "
                                              rf"continues only with 8 images per batch over all ranks; .* or resume "
                                              rf"from the end of an epoch \(resume={ckpts / 'last.ckpt'}"):
             pretrain_stage.main([*args, f"resume={ckpts / 'step-00000006.ckpt'}", "data.batch_size=4",
                                  "trainer.max_epochs=3"])
+        assert files(tmp_path / "run") == before  # no config.yaml of the refused start, no empty log files
         pretrain_stage.main([*args, f"resume={ckpts / 'last.ckpt'}", "data.batch_size=4", "trainer.max_epochs=3"])
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 8 + 4  # epoch 2: 4 batches of 4
 

@@ -12,7 +12,8 @@ import torch
 import simmim.pretrain as pretrain
 from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
 from simmim.train.config import ConfigError, load_config, prepare_run
-from simmim.train.run_dir import LOCK_NAME, AppendingCSVLogger, acquire_lock, release_lock, start_run
+from simmim.train.run_dir import (LOCK_NAME, AppendingCSVLogger, acquire_lock, release_lock, save_start_config,
+                                  start_run)
 
 HOST = socket.gethostname()
 
@@ -48,7 +49,7 @@ def test_other_ranks_neither_check_nor_take_the_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     cfg = load_config("pretrain", overrides=[f"output_dir={tmp_path.parent}", f"run_name={tmp_path.name}"])
     lock.write_text(f"{HOST} {os.getppid()}\n")  # a live process other than this one
-    assert prepare_run(cfg) == (tmp_path, None) and start_run(cfg, tmp_path) is None
+    assert prepare_run(cfg) == (tmp_path, None) and start_run(tmp_path) is None
     assert not list(tmp_path.glob("config*.yaml"))
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ConfigError, match="is in use by pid"):
@@ -65,10 +66,12 @@ def test_start_run_keeps_every_config_and_removes_stale_temporaries(tmp_path):
     (tmp_path / "wandb").mkdir()
     (tmp_path / "wandb" / ".run.abcdefgh.tmp").write_text("wandb's")  # not in our folders: kept
     with pytest.warns(UserWarning, match="removed 2 temporary files of an interrupted save"):
-        lock = start_run(cfg, tmp_path)
+        lock = start_run(tmp_path)
+    save_start_config(cfg, tmp_path)
     release_lock(lock)
     cfg.seed = 1
-    start_run(cfg, tmp_path)
+    start_run(tmp_path)
+    save_start_config(cfg, tmp_path)
     release_lock(lock)
     copies = sorted(tmp_path.glob("config.*.yaml"))
     assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == [".run.abcdefgh.tmp", "mynotes.tmp"]

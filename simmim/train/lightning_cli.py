@@ -272,10 +272,12 @@ class RecipeCLI(LightningCLI):
         self.datamodule.setup("fit")  # bad data paths fail here, before anything is written
         self.stage.check_data(self.datamodule, self.cfg)
         self.stage.setup(self.model, self.cfg, run_dir, ckpt_path is not None, self.prepared)
-        start_run(self.cfg, run_dir)  # the lock, the config and its dated copy
+        start_run(run_dir)  # the lock (the config is saved once the checkpoint is restored: RecordStart)
         self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
-        return make_trainer(self.cfg, run_dir, self.stage.monitor, self.stage.mode,
-                            self.stage.callbacks(self.cfg, run_dir, self.datamodule))
+        trainer = make_trainer(self.cfg, run_dir, self.stage.monitor, self.stage.mode,
+                               self.stage.callbacks(self.cfg, run_dir, self.datamodule))
+        self.datamodule.check_resume(ckpt_path, trainer.world_size)  # before fit writes the loggers' first files
+        return trainer
 
     def _validation_trainer(self) -> pl.Trainer:
         """validate: the checkpoint of --ckpt_path, else the newest of the run directory. Nothing is written (no

@@ -2,7 +2,8 @@
 
 `<run dir>/run.lock` names the host and pid of the process that writes the directory (rank 0 of a run). A second
 run is refused while that process lives; a lock left by a dead process on this host is taken over with a warning.
-Nothing is written before the caller has validated the config and the inputs (`start_run` comes after both).
+Nothing is written before the caller has validated the config and the inputs (`start_run` comes after both); a
+start is recorded (`save_start_config`) once the checkpoint it resumes has been restored.
 """
 from __future__ import annotations
 
@@ -133,18 +134,22 @@ def utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
 
 
-def start_run(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """Take over the run directory once the config and the inputs are valid: on rank 0 take the lock, remove stale
-    temporary files and write the resolved config to config.yaml and a dated copy `config.<UTC time>.yaml`
-    beside it (every start is kept). Returns the lock (None on other ranks)."""
+def start_run(run_dir: Path) -> Path | None:
+    """Take over the run directory once the config and the inputs are valid: on rank 0 take the lock and remove
+    stale temporary files. Returns the lock (None on other ranks)."""
     if launch_rank() != 0:
         return None
     run_dir = Path(run_dir)
     lock = acquire_lock(run_dir)
     remove_stale_temporaries(run_dir)
-    save_config(cfg, run_dir / f"config.{utc_stamp()}.yaml")
-    save_config(cfg, run_dir / "config.yaml")
     return lock
+
+
+def save_start_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config of this start as config.yaml and a dated copy `config.<UTC time>.yaml` beside it (every
+    start is kept)."""
+    save_config(cfg, Path(run_dir) / f"config.{utc_stamp()}.yaml")
+    save_config(cfg, Path(run_dir) / "config.yaml")
 
 
 def _write_csv(path: str, header: list[str], rows: list) -> None:

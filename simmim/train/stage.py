@@ -129,8 +129,9 @@ def fit(stage: Stage, cfg: DictConfig, prepared: Any = None) -> None:
     stage.check_data(data, cfg)
     module = stage.module(**module_args)
     stage.setup(module, cfg, run_dir, ckpt_path is not None, prepared)
-    start_run(cfg, run_dir)  # the lock, the config and its dated copy
+    start_run(run_dir)  # the lock (the config is saved once the checkpoint is restored: RecordStart)
     trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir, data))
+    data.check_resume(ckpt_path, trainer.world_size)  # before fit writes the loggers' first files
     with signal_exit_status():
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     lines = stage.finish(trainer, module, cfg, run_dir)

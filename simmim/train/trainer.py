@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from simmim.train.checkpoint_io import AtomicCheckpointIO
 from simmim.train.loggers import build_callbacks, build_loggers, log_recipe
 from simmim.train.resume import ExactResume
+from simmim.train.run_dir import save_start_config
 from simmim.train.speed import set_tf32
 from simmim.train.strategies import build_strategy
 
@@ -28,7 +29,7 @@ from simmim.train.strategies import build_strategy
 def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callbacks: list = ()) -> pl.Trainer:
     """A Trainer from `cfg.trainer` with the loggers and extra callbacks of the recipe (`build_loggers`,
     `build_callbacks`: TensorBoard and CSV under run_dir by default, both appended to by resumed and repeated
-    runs; `log_recipe` sends W&B and MLflow the recipe) that keeps the checkpoints of `checkpoint_callbacks`,
+    runs) that records the start (`RecordStart`) and keeps the checkpoints of `checkpoint_callbacks`,
     written atomically. `trainer.strategy` names are resolved by `simmim.train.strategies.build_strategy`.
     `trainer.tf32` is ours, not a Trainer argument: `simmim.train.speed.set_tf32`. In a SLURM job, Lightning's own
     requeue on SIGUSR1 (a checkpoint saved from inside its signal handler, mid-step, which resume=auto does not
@@ -40,12 +41,25 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
         default_root_dir=run_dir,
         logger=build_loggers(cfg, run_dir),
         callbacks=[*checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints", monitor, mode),
-                   ExactResume(cfg.seed), *callbacks, *build_callbacks(cfg)],
+                   ExactResume(cfg.seed), RecordStart(cfg, run_dir), *callbacks, *build_callbacks(cfg)],
         plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         **trainer_args)
     set_tf32(tf32, trainer.strategy.root_device)
-    log_recipe(trainer.loggers, cfg)
     return trainer
+
+
+class RecordStart(pl.Callback):
+    """Records a start of fit on rank 0: the resolved config (`save_start_config`) and the recipe sent to W&B and
+    MLflow (`log_recipe`). At fit start, after the checkpoint to resume is restored: a resume it refuses (the
+    data's mid-epoch layout: `simmim.data.ResumableDataModule._check_layout`) leaves the run directory as it was."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_start_config(self.cfg, self.run_dir)
+            log_recipe(trainer.loggers, self.cfg)
 
 
 def checkpoint_callbacks(cfg: DictConfig, folder: Path, monitor: str, mode: str) -> list[pl.Callback]:
