@@ -171,3 +171,29 @@ def test_an_unreadable_saved_config_is_one_line_and_left_as_it_is(tmp_path, text
     assert (tmp_path / "config.yaml").read_text() == text
     (tmp_path / "config.yaml").unlink()  # the fix the line names: the resume goes on without that check
     assert prepare_run(cfg) == (tmp_path, str(tmp_path / "checkpoints" / "last.ckpt"))
+
+
+def test_a_finetune_resume_with_another_pretrained_file_is_refused(tmp_path):
+    """A resumed fine-tuning run goes on from its own weights: another pretrained= file (it was accepted, and
+    config.yaml named it as the run's start) is refused; the same file by another path, or the file moved (its old
+    path gone), resumes."""
+    for name in ("a.pth", "b.pth"):
+        (tmp_path / name).write_bytes(b"weights")
+    run = tmp_path / "runs" / "ft"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {"model.patch_embed.proj.weight": torch.ones(3)}, "loops": {}},
+               run / "checkpoints" / "last.ckpt")
+
+    def cfg(pretrained):
+        return load_config("finetune", overrides=[f"output_dir={run.parent}", "run_name=ft", f"pretrained={pretrained}"])
+    save_start_config(cfg(tmp_path / "a.pth"), run)
+    with pytest.raises(ConfigError, match=rf"cannot resume .*last.ckpt: it was fine-tuned from pretrained="
+                                          rf"{tmp_path / 'a.pth'}, this run names {tmp_path / 'b.pth'}; a resumed run "
+                                          rf"goes on from its own weights: pass pretrained={tmp_path / 'a.pth'}, or "
+                                          rf"run_name=NEW"):
+        prepare_run(cfg(tmp_path / "b.pth"))
+    with pytest.raises(ConfigError, match="it was fine-tuned from pretrained=.*a.pth, this run names None"):
+        prepare_run(cfg("null"))
+    assert prepare_run(cfg(tmp_path / "." / "a.pth"))[1] == str(run / "checkpoints" / "last.ckpt")
+    (tmp_path / "a.pth").rename(tmp_path / "moved.pth")
+    assert prepare_run(cfg(tmp_path / "moved.pth"))[1] == str(run / "checkpoints" / "last.ckpt")

@@ -322,10 +322,27 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
                               f"run_name=NEW to start another")
         ckpt = None
     if ckpt is not None:
+        _check_same_pretrained(cfg, run_dir / "config.yaml", ckpt)
         check_same_model(cfg, run_dir / "config.yaml", f"cannot resume {ckpt}",
                          "drop the override or pass run_name=NEW to start another run")
         _check_resumed_model(cfg, ckpt)
     return run_dir, ckpt
+
+
+def _check_same_pretrained(cfg: DictConfig, saved: Path, ckpt: str) -> None:
+    """ConfigError when a fine-tuning run resumes with another `pretrained` file than its latest start named (while
+    that one is still there: a moved file may be named anew): its weights come from the checkpoint, so the new
+    file would only be named in config.yaml, as if the run had been fine-tuned from it."""
+    if "pretrained" not in cfg or not saved.is_file():
+        return
+    before, now = _saved_config(saved).get("pretrained"), cfg.pretrained
+    if before == now or (before and now and Path(before).exists() and Path(now).exists()
+                         and os.path.samefile(before, now)):
+        return
+    if before is None or Path(before).exists():
+        raise ConfigError(f"cannot resume {ckpt}: it was fine-tuned from pretrained={before}, this run names "
+                          f"{now}; a resumed run goes on from its own weights: pass pretrained={before}, or "
+                          f"run_name=NEW to fine-tune from {now} in another run")
 
 
 def check_same_model(cfg: DictConfig, saved: Path, refusal: str, fix: str) -> None:
