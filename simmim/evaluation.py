@@ -81,6 +81,7 @@ def linear_probe_top1(train_features: torch.Tensor, train_labels: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------------ monitor
+FEW_VAL_IMAGES = 20  # below this, the k-NN monitor's top-1 is noise (`knn_monitor` warns)
 ONE_LABEL = ("k-NN monitor off: the training images have a single label (give the folder class subfolders, the list "
              "file labels or the shards .cls files), or set eval.knn_every_n_epochs=0")
 
@@ -222,5 +223,9 @@ def knn_monitor(cfg, train_set: Dataset, val_set: Dataset, plot_path: str | Path
     if labels is not None and len(np.unique(labels)) < 2:
         rank_zero_warn(ONE_LABEL)
         return []
+    if len(val_set) < FEW_VAL_IMAGES:
+        rank_zero_warn(f"the k-NN monitor measures {len(val_set)} held-out image(s): its top-1 moves in steps of "
+                       f"1/{len(val_set)}, more noise than signal; give more images (2 % of a folder or list are "
+                       f"held out) or data.val_shards, or set eval.knn_every_n_epochs=0")
     return [KNNMonitor(train_set, val_set, cfg.eval.knn_every_n_epochs, cfg.eval.knn_k, cfg.eval.knn_temperature,
                        cfg.data.batch_size, cfg.data.num_workers, plot_path)]

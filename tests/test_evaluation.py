@@ -1,6 +1,7 @@
 """k-NN and linear probe (simmim.evaluation), the k-NN monitor callback and scripts/evaluate.py."""
 import json
 import math
+import warnings
 
 import cv2
 import numpy as np
@@ -152,8 +153,20 @@ def test_monitor_of_a_listed_source_without_labels_is_off_from_the_start():
     unlabeled = ImageDataset([(np.zeros((8, 8), np.uint8), 0)] * 5, eval_transform(32))
     with pytest.warns(UserWarning, match="k-NN monitor off: the training images have a single label"):
         assert knn_monitor(cfg, unlabeled, unlabeled, "knn.png") == []  # no monitor: nothing is embedded
-    labeled = ImageDataset([(np.zeros((8, 8), np.uint8), i % 2) for i in range(4)], eval_transform(32))
-    assert [type(m) for m in knn_monitor(cfg, labeled, labeled, "knn.png")] == [KNNMonitor]
+    labeled = ImageDataset([(np.zeros((8, 8), np.uint8), i % 2) for i in range(20)], eval_transform(32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [type(m) for m in knn_monitor(cfg, labeled, labeled, "knn.png")] == [KNNMonitor]
+
+
+def test_monitor_of_a_few_held_out_images_warns():
+    """A folder of 60 images holds out 1 (2 %): its k-NN top-1 is 0 or 1 (was: no word of it)."""
+    cfg = load_config("pretrain")
+    train = ImageDataset([(np.zeros((8, 8), np.uint8), i % 2) for i in range(59)], eval_transform(32))
+    val = ImageDataset([(np.zeros((8, 8), np.uint8), 1)], eval_transform(32))
+    with pytest.warns(UserWarning, match=r"the k-NN monitor measures 1 held-out image\(s\): its top-1 moves in steps "
+                                         r"of 1/1, .*or set eval.knn_every_n_epochs=0"):
+        assert [type(m) for m in knn_monitor(cfg, train, val, "knn.png")] == [KNNMonitor]
 
 
 def test_plot_accepts_rows_without_measurements(tmp_path):
