@@ -15,6 +15,7 @@ from simmim.pretrain import SimMIMPretrainModule
 from simmim.models.swinv2 import SwinTransformerV2
 
 import simmim.tools.extract_features as extract_features
+from simmim.tools.extract_features import output_path
 
 MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
              drop_path_rate=0.0)
@@ -71,16 +72,17 @@ def test_digits_from_a_lightning_checkpoint_to_pt(tmp_path, pretrained, capsys):
     assert features["pooled"].std(dim=0).mean() > 1e-3  # images give different features
 
 
-def test_folder_from_an_exported_encoder_to_npy(tmp_path, pretrained):
+def test_folder_from_an_exported_encoder_to_npy(tmp_path, pretrained, monkeypatch):
+    """data.root relative to the working directory: the saved paths are absolute (they were relative to it)."""
     module, encoder = pretrained
+    monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     for name in ("cat", "dog"):
         (tmp_path / "images" / name).mkdir(parents=True)
         for i in range(3):
             cv2.imwrite(str(tmp_path / "images" / name / f"{i}.png"), rng.integers(0, 256, (40, 48, 3), np.uint8))
     exported = module.export_encoder(tmp_path / "encoder.pth", {"model": MODEL})
-    extract_features.main([f"checkpoint={exported}", f"data.root={tmp_path / 'images'}", "format=npy",
-                           f"out={tmp_path / 'features'}", *FAST])
+    extract_features.main([f"checkpoint={exported}", "data.root=images", "format=npy", "out=features", *FAST])
 
     out = tmp_path / "features"
     paths = (out / "paths.txt").read_text().splitlines()
@@ -136,6 +138,22 @@ def test_fine_tuned_checkpoint_and_model_overrides(tmp_path, pretrained):
         extract_features.main([f"checkpoint={ckpt}", "device=gpu0"])
     with pytest.raises(FileNotFoundError, match="image folder .*nowhere does not exist"):
         extract_features.main([f"checkpoint={ckpt}", f"data.root={tmp_path / 'nowhere'}", *FAST])
+
+
+def test_where_features_are_written(tmp_path):
+    """format=pt adds .pt to out (it replaced a suffix: out=feats_0.5 wrote feats_0.pt) and writes into a folder
+    out as features.pt (it wrote <folder>.pt beside it); format=npy refuses a .pt file name (it made a folder so
+    named)."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.npy").write_bytes(b"")
+    assert output_path(str(tmp_path / "feats_0.5"), "pt") == tmp_path / "feats_0.5.pt"
+    assert output_path(str(tmp_path / "f.pt"), "pt") == tmp_path / "f.pt"
+    assert output_path(str(tmp_path / "folder"), "pt") == tmp_path / "folder" / "features.pt"
+    assert output_path(str(tmp_path / "folder"), "npy") == tmp_path / "folder"
+    for out in ("f.pt", "file.npy"):
+        with pytest.raises(ConfigError, match=rf"out=.*{out}: format=npy writes a folder of .npy files; pass "
+                                              rf"out=FOLDER, or format=pt for one .pt file"):
+            output_path(str(tmp_path / out), "npy")
 
 
 def test_help_and_one_line_errors(capsys):

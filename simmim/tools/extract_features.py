@@ -19,11 +19,13 @@ Saved, for N images:
 - maps (maps=true only): the stage maps themselves, per stage (N, C_i, H_i, W_i), for dense probes;
 - labels (N,), paths (file paths; digits:INDEX for the digits), splits ("train" / "val" per image), and
   feature_info, model (the encoder's arguments), checkpoint, layout.
-format=pt writes one torch file `out` (.pt added); format=npy writes a folder `out` with pooled.npy,
-stage{i}.npy, map{i}.npy, labels.npy, paths.txt, splits.txt and meta.json.
+format=pt writes one torch file `out` (.pt added; `out`/features.pt when out is a folder); format=npy writes a
+folder `out` with pooled.npy, stage{i}.npy, map{i}.npy, labels.npy, paths.txt, splits.txt and meta.json. File
+paths are saved absolute.
 Arguments are key=value:
 """
 import json
+import os
 from pathlib import Path
 
 
@@ -66,7 +68,7 @@ def samples_of(cfg, img_size: int) -> tuple[list, list[str], list[str]]:
     if cfg.data.source == "digits":  # the digits source lists each split in digits_split order
         train_ids, val_ids = ([f"digits:{i}" for i in part] for part in digits_split())
     else:
-        train_ids, val_ids = [path for path, _ in train], [path for path, _ in val]
+        train_ids, val_ids = ([os.path.abspath(path) for path, _ in part] for part in (train, val))
     parts = {"train": (train, train_ids), "val": (val, val_ids)}
     chosen = ["train", "val"] if cfg.data.split == "all" else [cfg.data.split]
     return ([s for name in chosen for s in parts[name][0]], [i for name in chosen for i in parts[name][1]],
@@ -92,13 +94,25 @@ def encode(encoder, loader: DataLoader, device: torch.device, keep_maps: bool) -
     return features
 
 
+def output_path(out: str, fmt: str) -> Path:
+    """Where `save` writes: the .pt file (out, .pt added; out/features.pt for a folder), or the npy folder."""
+    out = Path(out)
+    if fmt == "npy":
+        if out.suffix == ".pt" or out.is_file():
+            raise ConfigError(f"out={out}: format=npy writes a folder of .npy files; pass out=FOLDER, or format=pt "
+                              f"for one .pt file")
+        return out
+    if out.is_dir():
+        return out / "features.pt"
+    return out if out.suffix == ".pt" else out.with_name(f"{out.name}.pt")
+
+
 def save(features: dict, out: Path, fmt: str) -> Path:
-    """One .pt file, or a folder of .npy arrays, paths.txt, splits.txt and meta.json."""
+    """One .pt file `out`, or a folder `out` of .npy arrays, paths.txt, splits.txt and meta.json."""
     if fmt == "pt":
-        path = out.with_suffix(".pt")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(features, path)
-        return path
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(features, out)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     arrays = {"pooled": features["pooled"], "labels": features["labels"],
               **{f"stage{i}": s for i, s in enumerate(features["stages"])},
@@ -124,7 +138,8 @@ def main(argv: list[str]) -> None:
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
     check_loader_options(cfg)
-    check_new_output(Path(cfg.out).with_suffix(".pt") if cfg.format == "pt" else cfg.out, cfg.overwrite)
+    out = output_path(cfg.out, cfg.format)
+    check_new_output(out, cfg.overwrite)
     device = resolve_device(cfg.device)
     encoder, model, report = encoder_from_checkpoint(cfg.checkpoint, OmegaConf.to_container(cfg.model))
     samples, ids, splits = samples_of(cfg, model["img_size"])
@@ -133,7 +148,7 @@ def main(argv: list[str]) -> None:
     features = encode(encoder, loader, device, cfg.maps)
     features.update(paths=ids, splits=splits, feature_info=encoder.feature_info, model=model,
                     checkpoint=str(cfg.checkpoint), layout=report.layout)
-    path = save(features, Path(cfg.out), cfg.format)
+    path = save(features, out, cfg.format)
     shapes = ", ".join(str(tuple(s.shape)) for s in features["stages"])
     print(f"{report.layout} checkpoint, {len(report.loaded)} tensors loaded\n{len(ids)} images: pooled "
           f"{tuple(features['pooled'].shape)}, stages {shapes}\nfeatures: {path}")
