@@ -295,6 +295,15 @@ def test_export_does_not_write_over_an_existing_out_unless_told(tmp_path):
         main([f"checkpoint={path}", "format=hf", f"out={tmp_path / 'hf'}", "model.drop_path_rate=0.3"])
     assert (tmp_path / "hf" / "config.json").read_text() == config
 
+    # overwrite=true of a folder that save_pretrained wrote in shards: the old weights go (they stayed beside the
+    # new model.safetensors), the user's other files stay
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict(zip("ab", shards))}))
+    for name in [*shards, "pytorch_model.bin", "README.md"]:
+        (tmp_path / "hf" / name).write_bytes(b"old")
+    main([f"checkpoint={path}", "format=hf", f"out={tmp_path / 'hf'}", "overwrite=true"])
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
 
 def test_out_names_the_format_our_readers_expect(tmp_path):
     """The readers go by the suffix: a timm export named .pth, or an official one named .safetensors, could not be

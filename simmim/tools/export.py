@@ -44,7 +44,7 @@ SCHEMA = {
     "checkpoint": None,       # required: any checkpoint simmim.models.checkpoint reads
     "format": None,           # required: timm | hf | official
     "out": None,              # required: a .safetensors file (timm), a folder (hf), a .pth file (official)
-    "overwrite": False,       # replace an existing out (hf: its config.json and model.safetensors)
+    "overwrite": False,       # replace an existing out (hf: its config.json and weights, sharded ones too)
     "ema": False,             # a fine-tuning checkpoint's EMA weights (train.ema_decay) instead of the live ones
     "model": model_section(),  # null: the checkpoint's value
 }
@@ -191,7 +191,22 @@ def export_hf(model: SwinTransformerV2 | SimMIM, config: Mapping, out: str | Pat
         hf["simmim"] = dict(simmim)
     _save_safetensors(to_hf(model.state_dict()), out / "model.safetensors", {})
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for stale in _other_hf_weights(out):
+        stale.unlink()
     return out
+
+
+def _other_hf_weights(folder: Path) -> list[Path]:
+    """The weight files of an earlier save_pretrained in `folder` that are not model.safetensors (which replaces
+    them): pytorch_model.bin, and the .index.json files of sharded weights with the shards they list."""
+    found = [folder / "pytorch_model.bin"]
+    for index in (folder / "model.safetensors.index.json", folder / "pytorch_model.bin.index.json"):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):  # none, or unreadable: the index alone goes
+            shards = set()
+        found += [index, *(folder / name for name in sorted(shards) if "/" not in name)]
+    return [path for path in found if path.is_file()]
 
 
 def export_official(source, overrides: Mapping | None, out: str | Path) -> Path:
