@@ -358,3 +358,38 @@ def test_official_checkpoint_through_hf_gives_the_official_logits(tmp_path):
         torch.testing.assert_close(logits, official["logits"], rtol=0, atol=1e-4)
         model, _ = encoder_for_export(tmp_path / "hf")  # and back: the folder read by us
         torch.testing.assert_close(model.eval()(official["input"]), official["logits"], rtol=0, atol=1e-4)
+
+
+def test_timm_hub_folder_is_read(tmp_path):
+    """A timm Hub folder (config.json with `architecture`, model.safetensors; was "model_type None"): the model comes
+    from its model_args (newer timm writes them), and the features are timm's."""
+    fixture = timm_fixture()
+    kwargs = fixture["kwargs"]
+    (tmp_path / "hub").mkdir()
+    save_file(fixture["state_dict"], str(tmp_path / "hub" / "model.safetensors"))
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({
+        "architecture": "swinv2_tiny_window8_256", "num_classes": kwargs["num_classes"], "model_args": kwargs,
+        "pretrained_cfg": {"input_size": [3, kwargs["img_size"], kwargs["img_size"]], "classifier": "head.fc"}}))
+    encoder, config, report = encoder_from_checkpoint(tmp_path / "hub")
+    encoder.eval()
+    assert report.layout == "timm" and not report.missing and config["pretrained_window_sizes"] == [4, 4, 4, 2]
+    with torch.no_grad():
+        features = encoder.forward_head(encoder.forward_features(fixture["input"]), pre_logits=True)
+    torch.testing.assert_close(features, fixture["features"], rtol=0, atol=1e-4)
+
+
+def test_timm_architecture_names_give_the_paper_models():
+    """Older Hub folders hold no model_args: the architecture's name and the input size give the model."""
+    from simmim.models.checkpoint import timm_folder_model
+
+    config = {"architecture": "swinv2_base_window12to16_192to256", "num_classes": 1000,
+              "pretrained_cfg": {"input_size": [3, 256, 256]}}
+    assert timm_folder_model(config) == {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
+                                         "img_size": 256, "window_size": 16, "num_classes": 1000,
+                                         "pretrained_window_sizes": [12, 12, 12, 6]}
+    model = timm_folder_model({"architecture": "swinv2_large_window12_192", "num_classes": 0})
+    assert (model["embed_dim"], model["img_size"], model["window_size"]) == (192, 192, 12)
+    assert "pretrained_window_sizes" not in model  # the windows it runs at (filled in by model_config)
+    with pytest.raises(ValueError, match=r"config.json is a timm model folder of architecture 'swinv2_cr_tiny_384'; "
+                                         r"only timm's swinv2_\{tiny,small,base,large\}_window\* models"):
+        timm_folder_model({"architecture": "swinv2_cr_tiny_384"})

@@ -8,7 +8,8 @@ Accepted checkpoints (detected by `detect_layout`, converted to our parameter na
 - `official-simmim`: microsoft/SimMIM, `{"model": {"encoder.*", "decoder.*"}}`
 - `official-swinv2`: microsoft/Swin-Transformer classification, `{"model": {plain keys, "head.*"}}`
 - `timm`: a timm SwinV2 state dict (bare or under "state_dict" / "model"): patch merging at the start of the
-  next stage (`layers.{i+1}.downsample`) and the classifier as `head.fc`.
+  next stage (`layers.{i+1}.downsample`) and the classifier as `head.fc`; also a timm Hub folder (config.json
+  naming the `architecture`, model.safetensors or pytorch_model.bin: `timm_folder_model`).
 - `hf`: transformers' Swinv2 (`Swinv2Model`, `Swinv2ForImageClassification`, `Swinv2ForMaskedImageModeling`):
   a folder as `save_pretrained` writes it (config.json, model.safetensors or pytorch_model.bin, also sharded;
   the model arguments come from config.json), or its state dict alone. The masked-image-modeling model is a
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from simmim.train.config import ConfigError, model_defaults, resolve_model
 from simmim.models.simmim import SimMIM
 from simmim.models.simmim import build_simmim
-from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
+from simmim.models.swinv2 import DERIVED_BUFFERS, VARIANTS, SwinTransformerV2
 
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
@@ -182,14 +183,17 @@ def _key_from_hf(key: str) -> str:
 def read_hf_folder(folder: str | Path) -> dict:
     """A transformers Swinv2 folder (config.json, weights: `_hf_weights`) as `{"model": its state
     dict, "config": {"model": our SwinTransformerV2 arguments from config.json, "simmim": its masking settings when
-    it has them (scripts/export.py writes them)}}`."""
+    it has them (scripts/export.py writes them)}}`; a timm Hub folder (its config.json names an `architecture`) by
+    `_read_timm_folder`."""
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
     except ValueError as error:
         raise ValueError(f"cannot read {folder / 'config.json'} ({error}); pass a folder written by "
                          f"transformers' save_pretrained") from None
-    if config.get("model_type") != "swinv2":
+    if isinstance(config, dict) and "architecture" in config and "model_type" not in config:
+        return {"model": _hf_weights(folder), "config": {"model": timm_folder_model(config, folder / "config.json")}}
+    if not isinstance(config, dict) or config.get("model_type") != "swinv2":
         raise ValueError(f"{folder / 'config.json'} has model_type {config.get('model_type')!r}; pass a transformers "
                          f"Swinv2 folder (model_type swinv2)")
     if config.get("use_absolute_embeddings"):
@@ -205,6 +209,34 @@ def read_hf_folder(folder: str | Path) -> dict:
         model.pop("pretrained_window_sizes", None)
     simmim = config.get("simmim")  # masking settings, as scripts/export.py writes them for a SimMIM model
     return {"model": weights, "config": {"model": model, **({"simmim": simmim} if isinstance(simmim, dict) else {})}}
+
+
+TIMM_ARCHITECTURE = re.compile(r"swinv2_(tiny|small|base|large)_window(\d+)(?:to(\d+))?_(\d+)(?:to(\d+))?$")
+TIMM_MODEL_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "window_size",
+                   "mlp_ratio", "qkv_bias", "pretrained_window_sizes")  # timm's names, the same as ours
+
+
+def timm_folder_model(config: Mapping, where: Path | str = "config.json") -> dict:
+    """Our SwinTransformerV2 arguments for a timm Hub folder's config.json: the paper size, window and image size
+    its `architecture` names (swinv2_base_window12to16_192to256: base at window 16 and 256 px, pretrained at window
+    12 and 192 px, so its CPB windows are [12, 12, 12, 6]), the input size of its `pretrained_cfg`, its
+    `num_classes`, then its `model_args` (newer timm writes the arguments the model was built with)."""
+    name = str(config["architecture"])
+    match = TIMM_ARCHITECTURE.match(name)
+    if match is None:
+        raise ValueError(f"{where} is a timm model folder of architecture {name!r}; only timm's swinv2_{{tiny,small,"
+                         f"base,large}}_window* models are this SwinV2 (swinv2_cr_* is another design)")
+    variant, window, window_to, size, size_to = match.groups()
+    input_size = (config.get("pretrained_cfg") or {}).get("input_size") or [int(size_to or size)]
+    model = {**{key: list(value) if isinstance(value, tuple) else value for key, value in VARIANTS[variant].items()},
+             "img_size": int(input_size[-1]), "window_size": int(window_to or window),
+             "num_classes": int(config.get("num_classes", 0))}
+    if window_to:
+        model["pretrained_window_sizes"] = stage_windows({**model, "img_size": int(size), "window_size": int(window)})
+    model.update({key: value for key, value in (config.get("model_args") or {}).items() if key in TIMM_MODEL_ARGS})
+    if not any(model.get("pretrained_window_sizes") or []):  # timm's zeros: the windows it runs at
+        model.pop("pretrained_window_sizes", None)
+    return model
 
 
 def _hf_weights(folder: Path) -> dict:
