@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from finetune.module import ClassificationDataModule, SwinV2Classifier
 from simmim.data import LogSkipped
 from simmim.models.checkpoint import (check_weights_meaning, load_pretrained, pretrained_window_sizes,
-                                      read_checkpoint)
+                                      read_checkpoint, stage_windows)
 from simmim.train.config import ConfigError
 from simmim.train.stage import Stage, run_stage, section
 from simmim.train.validate import validate_labels
@@ -54,7 +54,9 @@ def load_weights(module: SwinV2Classifier, cfg, run_dir: Path, resuming: bool, c
     """The pretrained weights into a fresh run (a resumed run has its own); the confusion matrix goes to run_dir."""
     module.hparams.confusion_matrix_path = str(run_dir / "confusion_matrix.png")
     if checkpoint is not None and not resuming:
-        print(f"loaded {cfg.pretrained}\n{load_pretrained(module.model, checkpoint)}")
+        print(f"loaded {cfg.pretrained}\n{load_pretrained(module.model, checkpoint)}\nLog-CPB windows: pretrained "
+              f"{list(cfg.model.pretrained_window_sizes or stage_windows(cfg.model))} -> now "
+              f"{stage_windows(cfg.model)} (per stage)")
 
 
 def check_labels(data: ClassificationDataModule, cfg) -> None:

@@ -26,6 +26,7 @@ def test_pretrain_then_finetune_at_a_larger_window(tmp_path, capsys):
     assert list(saved.model.pretrained_window_sizes) == [4, 4, 4, 2]  # from the pretraining run's config
     assert saved.model.window_size == 8 and saved.model.img_size == 64
     assert "held-out top-1" in printed and "reinitialized" in printed
+    assert "Log-CPB windows: pretrained [4, 4, 4, 2] -> now [8, 8, 4, 2] (per stage)" in printed
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "confusion_matrix.png").is_file()
 
     # the fine-tuned model started from the pretrained encoder: blocks equal before training moved them
