@@ -818,8 +818,10 @@ class ResumableDataModule(pl.LightningDataModule):
         `EpochSampler`), on shards with the same ranks, workers and batch size (each reader has its own place in
         its shards); anything else would repeat or skip samples of the epoch, so it is refused with the fixes.
         Training data of another size (files added or removed since) is warned of: the user cannot fix that."""
-        if self._saved_layout and self.trainer is not None:
+        set_up = getattr(self, "train_set", None) is not None or self.shards is not None
+        if self._saved_layout and self.trainer is not None and set_up:
             self._check_saved_layout(self._saved_layout, self.trainer.world_size, Path(str(self.trainer.ckpt_path)))
+            self._saved_layout = None  # checked: on restore (set up by then), else when the train loader is made
 
     def check_resume(self, ckpt_path: str | None, ranks: int) -> None:
         """Before fit, for a run of `ranks` ranks: the check of `_check_layout` against the checkpoint to resume (a
@@ -896,6 +898,7 @@ class ResumableDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
 
     def _train_loader(self, drop_last: bool) -> DataLoader:
+        self._check_layout()
         hp = self.hparams
         if self.shards is not None:
             return self.shards.loader(True, self.trainer, hp.batch_size, hp.num_workers, drop_last, self._pin_memory())

@@ -478,6 +478,10 @@ class ShardImages(IterableDataset):
         keep = len(urls) if limit is None else min(int(np.searchsorted(np.cumsum(counts), limit)) + 1, len(urls))
         self.samples = ShardDataset(urls[:keep], counts[:keep], make_item, decode, skipped, shuffle=False)
 
+    def __len__(self) -> int:
+        """The samples its shards hold (as counted when listed)."""
+        return sum(self.samples.counts)
+
     def __iter__(self):
         for *item, _worker, _position in self.samples:
             yield tuple(item)
