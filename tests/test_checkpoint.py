@@ -139,7 +139,14 @@ def test_width_mismatch_names_first_key_and_shapes():
         load_pretrained(tiny_swinv2(), ckpt)
     assert str(error.value).startswith(
         "checkpoint does not match the model: patch_embed.proj.weight is (32, 3, 4, 4) in the checkpoint but "
-        "(16, 3, 4, 4) in the model; build the model with the pretraining config")
+        "(16, 3, 4, 4) in the model; the checkpoint's weights are of model.embed_dim=32 (this model: 16); set those")
+    base = {"patch_embed.proj.weight": torch.zeros(128, 3, 4, 4),  # the weights of SwinV2-B, as far as the hint reads
+            **{f"layers.{i}.blocks.{j}.attn.logit_scale": torch.zeros(heads, 1, 1) for i, (depth, heads) in
+               enumerate(zip((2, 2, 18, 2), (4, 8, 16, 32))) for j in range(depth)}}
+    with pytest.raises(ValueError, match=r"are of model.embed_dim=128 \(this model: 16\), model.depths=\[2, 2, 18, 2\] "
+                                         r"\(this model: \[2, 2, 2, 2\]\), model.num_heads=\[4, 8, 16, 32\] \(this "
+                                         r"model: \[2, 2, 4, 8\]\); set model.variant=base$"):
+        load_pretrained(tiny_swinv2(), {"model": base})
 
 
 def test_depth_mismatch_is_reported_and_strict_raises():

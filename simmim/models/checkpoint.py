@@ -28,6 +28,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -385,14 +386,55 @@ def checkpoint_weights(ckpt: Mapping) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _shape_error(key: str, ours: torch.Size, theirs: torch.Size) -> ValueError:
+def _shape_error(key: str, ours: torch.Size, theirs: torch.Size, hint: str = MISMATCH_HINT) -> ValueError:
     return ValueError(f"checkpoint does not match the model: {key} is {tuple(theirs)} in the checkpoint but "
-                      f"{tuple(ours)} in the model; {MISMATCH_HINT}")
+                      f"{tuple(ours)} in the model; {hint}")
 
 
-def _keys_error(missing: list[str], unexpected: list[str]) -> ValueError:
+def _keys_error(missing: list[str], unexpected: list[str], hint: str = MISMATCH_HINT) -> ValueError:
     return ValueError(f"checkpoint does not match the model: {len(missing)} missing keys {missing[:3]}, "
-                      f"{len(unexpected)} unexpected keys {unexpected[:3]}; {MISMATCH_HINT}")
+                      f"{len(unexpected)} unexpected keys {unexpected[:3]}; {hint}")
+
+
+def weights_model(weights: Mapping) -> dict:
+    """What a SwinV2 state dict (our names) says of its model's arguments: embed_dim, in_chans and patch_size (the
+    patch embedding), depths (blocks per stage) and num_heads (per stage, from its first block's attention)."""
+    found = {}
+    proj = weights.get("patch_embed.proj.weight")
+    if proj is not None and proj.dim() == 4:
+        found.update(embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[2])
+    blocks: dict[int, int] = {}
+    for key in weights:
+        if match := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key):
+            blocks[int(match[1])] = max(blocks.get(int(match[1]), 0), int(match[2]) + 1)
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        return found
+    found["depths"] = [blocks[i] for i in range(len(blocks))]
+    heads = []
+    for i in range(len(blocks)):
+        attn = f"layers.{i}.blocks.0.attn."
+        heads += [weights[attn + name].shape[axis] for name, axis in HEADS_AXIS if attn + name in weights][:1]
+    if len(heads) == len(blocks):
+        found["num_heads"] = heads
+    return found
+
+
+HEADS_AXIS = (("logit_scale", 0), ("cpb_mlp.2.weight", 0), ("relative_position_bias_table", 1))  # where heads show
+
+
+def mismatch_hint(weights: Mapping, target: Mapping) -> str:
+    """The fix for weights that do not fit a model: the arguments the checkpoint's weights hold and the model's
+    differ in (`weights_model`), with the paper size they make; the generic hint when they agree."""
+    theirs, ours = weights_model(weights), weights_model(target)
+    differ = [f"model.{key}={theirs[key]} (this model: {ours[key]})" for key in theirs
+              if key in ours and theirs[key] != ours[key]]
+    if not differ:
+        return MISMATCH_HINT
+    variant = next((name for name, args in VARIANTS.items() if all(
+        theirs.get(key) == (list(value) if isinstance(value, tuple) else value) for key, value in args.items()
+        if key in ("embed_dim", "depths", "num_heads"))), None)
+    return (f"the checkpoint's weights are of {', '.join(differ)}; set "
+            + (f"model.variant={variant}" if variant else "those"))
 
 
 def load_pretrained(model: SwinTransformerV2, source: str | Path | Mapping, strict: bool = True) -> LoadReport:
@@ -421,10 +463,10 @@ def load_pretrained(model: SwinTransformerV2, source: str | Path | Mapping, stri
         elif is_head:
             report.reinitialized.append(key)
         else:
-            raise _shape_error(key, ours.shape, weights[key].shape)
+            raise _shape_error(key, ours.shape, weights[key].shape, mismatch_hint(weights, target))
     report.unexpected = [key for key in weights if key not in target and not key.startswith(HEAD_PREFIX)]
     if strict and (report.missing or report.unexpected):
-        raise _keys_error(report.missing, report.unexpected)
+        raise _keys_error(report.missing, report.unexpected, mismatch_hint(weights, target))
     model.load_state_dict(usable, strict=False)
     report.loaded = list(usable)
     return report
@@ -561,10 +603,11 @@ def simmim_from_checkpoint(source: str | Path | Mapping, overrides: Mapping | No
     else:
         weights = ckpt["model"]
     target = simmim.state_dict()
+    hint = partial(mismatch_hint, _strip_prefix(weights, "encoder."), _strip_prefix(target, "encoder."))
     for key, value in weights.items():
         if key in target and value.shape != target[key].shape:
-            raise _shape_error(key, target[key].shape, value.shape)
+            raise _shape_error(key, target[key].shape, value.shape, hint())
     result = simmim.load_state_dict(weights, strict=False)  # derived buffers are dropped by the encoder's hook
     if result.missing_keys or result.unexpected_keys:
-        raise _keys_error(result.missing_keys, result.unexpected_keys)
+        raise _keys_error(result.missing_keys, result.unexpected_keys, hint())
     return simmim, config
