@@ -61,8 +61,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SOURCES = ("folder", "list", "digits", "shards")
 VAL_HOLDOUT = 0.02  # fraction of a folder / list held out for validation when it has no val split
+VAL_FOLDERS = ("val", "validation")  # the validation folder beside root/train/ (a train / validation layout)
 DIGITS_VAL_FRACTION = 0.2
 CHECK_CHUNK = 256  # files per thread-pool task when checking that images decode
+LIST_CHECK = 1000  # listed files checked to exist when a list is read
 MAX_REPLACEMENTS = 100  # a sample whose file and this many replacements all fail to decode is an error
 SKIP_WARN_EVERY = 1000  # warn at the first undecodable file and then at every this many
 EXIF_SEARCH = 1 << 18  # bytes at the start of a JPEG searched for its EXIF segment (it precedes the image data)
@@ -356,18 +358,32 @@ class FileList:
 
 
 def _image_files(folder: str | os.PathLike) -> list[str]:
-    """Image files under folder (recursive, following links), sorted, as paths relative to folder (plain
-    strings: pathlib objects would cost minutes for millions of files)."""
-    files = []
+    """Image files under folder (recursive, following links, each folder once), sorted, as paths relative to
+    folder (plain strings: pathlib objects would cost minutes for millions of files)."""
+    files, listed, again = [], set(), []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in listed:  # a link to a folder listed already (a loop: a link to a folder above it)
+            dirnames.clear()
+            again.append(dirpath)
+            continue
+        listed.add(real)
         dirnames.sort()
         relative = os.path.relpath(dirpath, folder)
         files += [name if relative == "." else os.path.join(relative, name) for name in sorted(filenames)
                   if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if again:
+        rank_zero_warn(f"{len(again)} linked folder(s) under {folder} lead to a folder listed already (first: "
+                       f"{again[0]} -> {os.path.realpath(again[0])}): its images are listed once, where first found")
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
                                 f"point root at a folder that holds images (subfolders are searched)")
     return files
+
+
+def _subfolders(folder: Path) -> list[str]:
+    """The names of folder's first-level folders (links to folders too), hidden ones (.name) left out."""
+    return [entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith(".")]
 
 
 def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[FileList, list[str]]:
@@ -380,6 +396,11 @@ def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[Fil
     if classes is None:
         classes = [] if None in tops else sorted(set(tops))
         folders = sorted(set(tops) - {None})
+        if empty := sorted(set(_subfolders(folder)) - set(folders)) if classes else []:
+            rank_zero_warn(f"{len(empty)} folder(s) of {folder} hold no images ({', '.join(empty[:3])}"
+                           f"{', ...' if len(empty) > 3 else ''}): they are no class; labels number the {len(classes)} "
+                           f"folders with images ({', '.join(f'{n}={i}' for i, n in enumerate(classes[:4]))}"
+                           f"{', ...' if len(classes) > 4 else ''})")
         if None in tops and folders:  # a stray file at the top costs every class folder its label
             rank_zero_warn(f"{tops.count(None)} image(s) at the top of {folder} (first: {files[tops.index(None)]}) "
                            f"beside {len(folders)} subfolder(s) ({', '.join(folders[:3])}"
@@ -397,11 +418,11 @@ def _list_samples(list_file: Path) -> FileList:
     if not list_file.is_file():
         raise FileNotFoundError(f"image list {list_file} does not exist; pass data.list_file=<text file with one image "
                                 f"path and an optional label per line>")
-    paths, labels = [], []
+    paths, labels, unlabeled = [], [], []
     with open(list_file, "rb") as lines:
         for number, raw in enumerate(lines, 1):
             try:
-                line = raw.decode("utf-8").strip()
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()  # -sig: a BOM (Notepad, Excel)
             except UnicodeDecodeError as error:
                 raise ValueError(f"{list_file} line {number}: not UTF-8 text ({error.reason}); save the list as "
                                  f"UTF-8") from None
@@ -418,9 +439,29 @@ def _list_samples(list_file: Path) -> FileList:
                                  f"(an integer from 0 to 999999999); write 'path' or 'path index'")
             paths.append(os.path.join(list_file.parent, labeled[1] if index else line))
             labels.append(int(word) if index else 0)
+            if not index:
+                unlabeled.append(number)
     if not paths:
         raise ValueError(f"image list {list_file} names no images; write one image path per line")
-    return FileList(paths, labels)
+    if unlabeled and len(unlabeled) < len(paths):
+        raise ValueError(f"{list_file} line {unlabeled[0]} has no label while {len(paths) - len(unlabeled)} other "
+                         f"line(s) have one ({len(unlabeled)} without); give every line a class index, or none")
+    samples = FileList(paths, labels)
+    _check_listed_files(samples, list_file)
+    return samples
+
+
+def _check_listed_files(samples: FileList, list_file: Path) -> None:
+    """FileNotFoundError when none of up to LIST_CHECK listed files (seed-0 random) exists, a warning when some do
+    not: a list's relative paths are relative to its folder, not to the working directory."""
+    tried = np.random.default_rng(0).permutation(len(samples))[:LIST_CHECK]
+    missing = [samples.path(int(i)) for i in tried if not os.path.isfile(samples.path(int(i)))]
+    rule = "a list's relative paths are relative to the list file's folder"
+    if len(missing) == len(tried):
+        raise FileNotFoundError(f"none of {len(tried)} files of {list_file} tried exists (first: {missing[0]}); {rule}")
+    if missing:
+        rank_zero_warn(f"{len(missing)} of {len(tried)} files of {list_file} tried do not exist (first: {missing[0]}): "
+                       f"they will be skipped as unreadable; {rule}")
 
 
 def _hold_out(samples: FileList, where: str) -> tuple[FileList, FileList]:
@@ -471,10 +512,15 @@ def build_sources(name: str, img_size: int, root: str | os.PathLike | None = Non
         if not Path(root).is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist; pass data.root=<folder of images>")
         root = Path(root)
-        if (root / "train").is_dir() and (root / "val").is_dir():
+        val = next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
+        if (root / "train").is_dir() and val is not None:
             train, classes = _folder_samples(root / "train")
-            splits = train, _folder_samples(root / "val", classes)[0]
+            splits = train, _folder_samples(val, classes)[0]
         else:
+            if (root / "train").is_dir():  # e.g. train/ and test/: the split folders would be the classes
+                rank_zero_warn(f"{root} has a train/ folder but no {' or '.join(f'{n}/' for n in VAL_FOLDERS)} "
+                               f"beside it, so its folders ({', '.join(sorted(_subfolders(root))[:4])}) are taken as "
+                               f"classes; for a train / validation layout name the validation folder val/")
             splits = _hold_out(_folder_samples(root)[0], str(root))
     elif name == "list":
         if list_file is None:

@@ -290,6 +290,38 @@ def test_folder_with_train_and_val_subfolders(tmp_path):
         build_sources("folder", 32, root=tmp_path)
 
 
+def test_folder_layouts_that_would_label_wrongly_are_named(tmp_path):
+    """train/ + validation/ is a train / validation layout (its folders were two classes, validation images mixed
+    into training); train/ + test/ is warned of; a class folder without images is named (the classes after it
+    were renumbered without a word); a link back up the tree lists its images once (each was listed ~40 times,
+    some under another class)."""
+    for split in ("train", "validation"):
+        for cls in ("a", "b"):
+            write_png(tmp_path / "tv" / split / cls / "0.png", color_image())
+    train, val = build_sources("folder", 32, root=tmp_path / "tv")
+    assert [label for _, label in train] == [0, 1] and all("/validation/" in path for path, _ in val)
+    (tmp_path / "tv" / "validation").rename(tmp_path / "tv" / "test")
+    with pytest.warns(UserWarning, match=r"tv has a train/ folder but no val/ or validation/ beside it, so its folders "
+                                         r"\(test, train\) are taken as classes"):
+        build_sources("folder", 32, root=tmp_path / "tv")
+
+    for cls in ("a", "c"):
+        for i in range(3):
+            write_png(tmp_path / "classes" / cls / f"{i}.png", color_image(i))
+    (tmp_path / "classes" / "b").mkdir()
+    (tmp_path / "classes" / "b" / "x.gif").write_bytes(b"GIF89a")
+    with pytest.warns(UserWarning, match=r"1 folder\(s\) of .*classes hold no images \(b\): they are no class; labels "
+                                         r"number the 2 folders with images \(a=0, c=1\)"):
+        build_sources("folder", 32, root=tmp_path / "classes")
+
+    (tmp_path / "classes" / "a" / "up").symlink_to("..")
+    with pytest.warns(UserWarning, match=r"1 linked folder\(s\) under .*classes lead to a folder listed already \(first: "
+                                         r".*classes/a/up -> .*classes\)"):
+        train, val = build_sources("folder", 32, root=tmp_path / "classes")
+    labels = {path.removeprefix(str(tmp_path / "classes")): label for path, label in [*train, *val]}
+    assert labels == {f"/{cls}/{i}.png": "ac".index(cls) for cls in "ac" for i in range(3)}
+
+
 def test_folder_images_at_top_level_get_label_zero(tmp_path):
     for i in range(3):
         write_png(tmp_path / f"{i}.png", color_image(i))
@@ -307,12 +339,37 @@ def test_list_source(tmp_path):
     write_truncated_jpg(tmp_path / "imgs" / "cut.jpg")
     list_file = tmp_path / "lists" / "train.txt"
     list_file.parent.mkdir()
-    list_file.write_text(f"# path label\n../imgs/a.png 3\n\n../imgs/my b.png\t7\n  {absolute}\n../imgs/cut.jpg 1\n")
+    list_file.write_text(f"\ufeff# path label\n../imgs/a.png 3\n\n../imgs/my b.png\t7\n  {absolute} 0\n"
+                         f"../imgs/cut.jpg 1\n")  # with a byte order mark, as Notepad and Excel save (was a path)
     with pytest.warns(UserWarning, match="skipped 1 unreadable images of 4"):
         train, val = build_sources("list", 32, list_file=list_file, verify=True)
     labels = {path.split("/")[-1]: label for path, label in [*train, *val]}
     assert labels == {"a.png": 3, "my b.png": 7, "c.png": 0} and len(val) == 1
     assert all(ImageDataset(train, eval_transform(32))[i][0].shape == (3, 32, 32) for i in range(len(train)))
+
+    # a list without labels: all 0; a line without a label among labeled ones is refused (it was class 0, silently)
+    list_file.write_text(f"\ufeff../imgs/a.png\n{absolute}\n")
+    assert [label for _, label in build_sources("list", 32, list_file=list_file)[0]] == [0]
+    list_file.write_text(f"../imgs/a.png 3\n../imgs/my b.png 7\n{absolute}\n")
+    with pytest.raises(ValueError, match=r"train.txt line 3 has no label while 2 other line\(s\) have one \(1 without\); "
+                                         r"give every line a class index, or none"):
+        build_sources("list", 32, list_file=list_file)
+
+
+def test_listed_files_that_do_not_exist_are_found_when_the_list_is_read(tmp_path, monkeypatch):
+    """Paths relative to the working directory (a list's are relative to its folder): none exists is one line at
+    setup (was "101 files in a row failed to decode" in training); some missing are warned of."""
+    write_png(tmp_path / "imgs" / "a.png", color_image(1))
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "cwd.txt").write_text("imgs/a.png 0\nimgs/b.png 1\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"none of 2 files of .*cwd.txt tried exists \(first: .*lists/imgs/\w.png"
+                                                r"\); a list's relative paths are relative to the list file's folder"):
+        build_sources("list", 32, list_file="lists/cwd.txt")
+    (tmp_path / "some.txt").write_text("imgs/a.png 0\nimgs/gone.png 1\n")
+    with pytest.warns(UserWarning, match=r"1 of 2 files of some.txt tried do not exist \(first: .*gone.png\): they will "
+                                         r"be skipped as unreadable"):
+        build_sources("list", 32, list_file="some.txt")
 
 
 def test_clear_errors(tmp_path):

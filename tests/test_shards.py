@@ -607,7 +607,8 @@ def test_make_shards_leaves_out_a_listed_file_that_is_missing(tmp_path, capsys):
     (tmp_path / "elsewhere.txt").write_text("".join(f"{line}\n" for line in lines))  # relative to another folder
     (tmp_path / "lists").mkdir()
     (tmp_path / "elsewhere.txt").rename(tmp_path / "lists" / "list.txt")
-    with pytest.raises(FileNotFoundError, match=r"none of 6 files tried exists \(first: .*lists/images/\w+.jpg\); a "
+    with pytest.raises(FileNotFoundError, match=r"none of 7 files of .*list.txt tried exists \(first: .*lists/images/\w+"
+                                                r".jpg\); a "
                                                 r"list's relative paths are relative to the list file's folder"):
         make_shards.main([f"list_file={tmp_path / 'lists' / 'list.txt'}", f"out={tmp_path / 'out2'}"])  # was: 0 samples
     with pytest.raises(ConfigError, match=r"out=.*images/shards is inside root=.*images: its train/ and val/"):
