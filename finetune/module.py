@@ -118,6 +118,16 @@ class SwinV2Classifier(pl.LightningModule):
             self.model.head.train(mode)
         return self
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A label outside model.num_classes stops the run with one line (streamed shards' labels are first seen
+        here; listed sources are checked at start: `finetune.train.check_labels`); on the host, no device sync."""
+        labels, classes = batch[1], self.model.num_classes
+        if torch.is_tensor(labels) and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+            bad = int(labels[(labels < 0) | (labels >= classes)][0])
+            raise ValueError(f"model.num_classes={classes}: the data has label {bad}, expected 0..{classes - 1}; set "
+                             f"model.num_classes to the number of classes of the data, or fix its labels")
+        return batch
+
     # -- training
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -48,6 +48,7 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 READ_BUFFER = 1 << 20
 READ_RETRIES, RETRY_WAIT = 5, 1.0  # a shard whose read fails is read again up to 5 times, 1, 2, ... 16 s later
 SHARD_INDEX = "shardindex.json"  # {"shardlist": [{"url": NAME, "nsamples": N}, ...]} (the wids index format)
+PACKING = "make_shards.json"  # scripts/make_shards.py's record of a directory's packing ("bytes" once complete)
 
 
 def shard_urls(spec: str, key: str = "data.shards") -> list[str]:
@@ -67,6 +68,7 @@ def shard_urls(spec: str, key: str = "data.shards") -> list[str]:
             urls = sorted(fs.unstrip_protocol(p) if "://" in spec else p for p in fs.glob(path.rstrip("/") + "/*.tar"))
             if not urls:
                 raise FileNotFoundError(f"no .tar shards in {key}={spec}; make them with scripts/make_shards.py")
+            _check_packed(fs, path.rstrip("/") + "/" + PACKING, f"{key}={spec}", len(urls))
             return urls
         if not fs.exists(path):
             raise FileNotFoundError(f"{key}={spec} does not exist; give a directory of .tar shards, a brace "
@@ -78,6 +80,20 @@ def shard_urls(spec: str, key: str = "data.shards") -> list[str]:
         raise ValueError(f"{key}={spec} cannot be read ({type(error).__name__}: {error}); credentials and the "
                          f"endpoint come from the usual environment of its fsspec library (s3fs: AWS_* variables, "
                          f"~/.aws)") from error
+
+
+def _check_packed(fs, record: str, where: str, found: int) -> None:
+    """ValueError when the directory's make_shards.json says its packing has not completed (a kill, a full disk):
+    training on the shards written so far would leave the rest out without a word."""
+    try:
+        with fs.open(record) as file:
+            packing = json.load(file)
+    except (OSError, ValueError):  # none (shards of another tool), or unreadable: nothing to check
+        return
+    if isinstance(packing, dict) and "bytes" not in packing and packing.get("per_shard"):
+        planned = -(-int(packing.get("files", 0)) // int(packing["per_shard"]))
+        raise ValueError(f"{where}: scripts/make_shards.py has not finished packing it ({found} of {planned} shards "
+                         f"written, by {record}); run the same make_shards.py command again to complete it")
 
 
 def _filesystem(spec: str, key: str):
@@ -169,6 +185,16 @@ def shard_counts(urls: list[str]) -> list[int]:
     return [known[url.rsplit("/", 1)[-1]] for url in urls]
 
 
+def _member_suffixes(url: str, samples: int = 20) -> str:
+    """The suffixes of the first samples' files of a shard, for a message: "suffixes 0001.jpg, 0002.jpg"."""
+    found = []
+    for sample in _raw_samples(url, partial(_unreadable, url), 0):
+        found += [key for key in sample if not key.startswith("__") and key not in found]
+        if (samples := samples - 1) == 0:
+            break
+    return f"suffixes {', '.join(found[:6])}{', ...' if len(found) > 6 else ''}" if found else "no files"
+
+
 def _reason(error: Exception) -> str:
     """`ReadError: unexpected end of data`: the type and first argument (webdataset appends the stream and more)."""
     return f"{type(error).__name__}: {error.args[0] if error.args else ''}"
@@ -199,6 +225,18 @@ def _unreadable(url: str, error: Exception) -> bool:
 
 def _image_key(sample: dict) -> str | None:
     return next((suffix for suffix in IMAGE_SUFFIXES if suffix in sample), None)
+
+
+def _label(sample: dict) -> int:
+    """The sample's .cls as an integer class index (0 without one); ValueError naming the sample otherwise."""
+    if "cls" not in sample:
+        return 0
+    try:
+        return int(sample["cls"])
+    except ValueError:
+        raise ValueError(f"{sample['__url__']}: {sample['__key__']}.cls holds {bytes(sample['cls'])[:40]!r}, not an "
+                         f"integer class index; write class indices (0, 1, ...) in .cls (scripts/make_shards.py "
+                         f"numbers class folders), or pack the shards without .cls") from None
 
 
 def balanced_groups(counts: list[int], num_groups: int) -> list[list[int]]:
@@ -260,9 +298,9 @@ class ShardDataset(IterableDataset):
         for position, sample in enumerate(self._stream(group, worker), 1):
             if position <= skip:
                 continue
+            label = _label(sample)  # not a decoding failure: a wrong .cls is the collection's, one line
             try:
                 image = self.decode(sample[_image_key(sample)])
-                label = int(sample["cls"]) if "cls" in sample else 0
             except (OSError, ValueError) as error:
                 self._warn(ValueError(f"{sample['__url__']}: {sample['__key__']}: {error}"))
                 owed += 1  # replaced by the next good sample
@@ -420,6 +458,10 @@ class ShardSource:
                      f"data.shards={self.shards}: the held-out last shard is")
             raise ValueError(f"{named} {shards} validation shard(s) for {ranks} ranks, which each validate on shards "
                              f"of their own; give data.val_shards at least {ranks} shards (make_shards.py shard_mb=)")
+        if not sum(self.train_set.counts):
+            raise ValueError(f"data.shards={self.shards} holds no samples with an image (KEY.{', KEY.'.join(IMAGE_SUFFIXES)}"
+                             f"); its first shard has {_member_suffixes(self.train_set.urls[0])}; a sample's key ends at "
+                             f"the first dot of its file names (img.0001.jpg: key img, suffix 0001.jpg)")
         if batch_size is not None and ShardLoader(self.train_set, batch_size, num_workers).num_batches == 0:
             raise ValueError(f"the training shards give no full batch of data.batch_size={batch_size} per epoch: "
                              f"{sum(self.train_set.counts)} samples over {readers} readers (ranks x data.num_workers), "

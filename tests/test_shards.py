@@ -857,3 +857,45 @@ def test_finetune_datamodule_streams_labeled_shards(tmp_path):
         assert len(batches) == 3 and len({int(x) for _, y in batches for x in y}) == 12 <= total
         assert dm.state_dict()["shards"]["ranks"][0]["batches"] == 3
         assert [len(y) for _, y in dm.val_dataloader()] == [3]
+
+
+def test_shards_the_run_cannot_use_are_one_line_at_start(tmp_path):
+    """A packing make_shards.py did not finish (it trained on the shards written so far, without a word); shards
+    whose file names hold more dots (img.0001.jpg: no KEY.jpg samples; was "no full batch of data.batch_size");
+    a .cls that is no class index (each sample counted undecodable, then "is the storage failing?")."""
+    def setup(folder):
+        SimMIMDataModule(source="shards", shards=str(folder), img_size=16, batch_size=2, mask_patch_size=8,
+                         model_patch_size=4).setup("fit")
+
+    numbered_shards(tmp_path / "cut", [3, 3])
+    (tmp_path / "cut" / "make_shards.json").write_text(json.dumps({"files": 12, "per_shard": 3, "left_out": {}}))
+    with pytest.raises(ValueError, match=r"data.shards=.*cut: scripts/make_shards.py has not finished packing it \(2 of "
+                                         r"4 shards written, by .*make_shards.json\); run the same make_shards.py "):
+        setup(tmp_path / "cut")
+    write_shard(tmp_path / "dots" / "a.tar", [(f"img.{i:04d}", {"jpg": jpeg(i)}) for i in range(4)])
+    write_shard(tmp_path / "dots" / "b.tar", [(f"img.{i:04d}", {"jpg": jpeg(i)}) for i in range(4, 6)])
+    with pytest.raises(ValueError, match=r"holds no samples with an image \(KEY.jpg, KEY.jpeg, KEY.png, KEY.webp\); its "
+                                         r"first shard has suffixes 0000.jpg, 0001.jpg, 0002.jpg, 0003.jpg; a sample's "
+                                         r"key ends at the first dot"):
+        setup(tmp_path / "dots")
+    for name, start in (("a", 0), ("b", 4)):
+        write_shard(tmp_path / "words" / f"{name}.tar",
+                    [(f"s{i}", {"jpg": jpeg(i), "cls": b"cat"}) for i in range(start, start + 4)])
+    data = dataset(shard_urls(str(tmp_path / "words")), shuffle=False)
+    with pytest.raises(ValueError, match=r"a.tar: s0.cls holds b'cat', not an integer class index; write class "
+                                         r"indices"):
+        next(iter(data))
+
+
+def test_finetuning_stops_at_a_streamed_label_outside_num_classes(tmp_path):
+    """A shard's .cls of 4 with model.num_classes=3: one line naming both (was torchmetrics' traceback)."""
+    from finetune.train import main as finetune
+
+    numbered_shards(tmp_path / "train", [4, 4])
+    numbered_shards(tmp_path / "val", [2])
+    with pytest.raises(ValueError, match=r"model.num_classes=3: the data has label [3-7], expected 0..2; set "
+                                         r"model.num_classes to the number of classes of the data"):
+        finetune([f"output_dir={tmp_path}", "pretrained=null", "data.source=shards", f"data.shards={tmp_path / 'train'}",
+                  f"data.val_shards={tmp_path / 'val'}", "model.num_classes=3", "data.img_size=32",
+                  "model.embed_dim=16", "data.batch_size=2", "data.num_workers=0", "trainer.max_epochs=1",
+                  "trainer.enable_progress_bar=false"])

@@ -40,7 +40,7 @@ from webdataset import TarWriter
 
 from simmim.cli import check_output_folder
 from simmim.data import FileList, build_sources, read_image
-from simmim.shards import IMAGE_SUFFIXES, SHARD_INDEX
+from simmim.shards import IMAGE_SUFFIXES, PACKING, SHARD_INDEX
 from simmim.train.config import ConfigError, options_from_argv
 
 QUALITY = 90  # the default JPEG quality of resized copies
@@ -54,7 +54,6 @@ SCHEMA = {
     "short_side": None,  # store images resized to this short side (JPEG), when theirs is longer; null: as they are
     "quality": QUALITY,  # JPEG quality of the resized images
 }
-SETTINGS = "make_shards.json"  # the settings a split directory was packed with
 SIZE_SAMPLE = 1000  # files whose sizes estimate the mean file size
 
 
@@ -124,10 +123,10 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
     shards = plan(samples, shard_bytes)
     settings = {"short_side": short_side, "quality": quality if short_side is not None else None}
     packing = {"files": len(samples), "per_shard": len(shards[0]) if shards else 0, "fingerprint": fingerprint(samples)}
-    record = json.loads((out / SETTINGS).read_text()) if (out / SETTINGS).exists() else None
+    record = json.loads((out / PACKING).read_text()) if (out / PACKING).exists() else None
     started = any(out.glob(f"{prefix}-*.tar"))
     if record is None and started:  # whose packing nothing records (written before this one is, so not ours)
-        raise ConfigError(f"{out} holds {prefix}-*.tar files but no {SETTINGS}: not shards of this command, whose "
+        raise ConfigError(f"{out} holds {prefix}-*.tar files but no {PACKING}: not shards of this command, whose "
                           f"contents a rerun could check; give a new out=, or move those files away")
     record = {**settings, **packing, "left_out": {}, **(record or {})}
     if (record["short_side"], record["quality"]) != (settings["short_side"], settings["quality"]):
@@ -141,7 +140,7 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
     record.update(packing)  # a record without shards beside it (all deleted) describes an earlier packing
     if not started:
         record.pop("bytes", None)
-    _write_json(out / SETTINGS, record)
+    _write_json(out / PACKING, record)
     paths = [out / f"{prefix}-{i:06d}.tar" for i in range(len(shards))]
     done = record.get("bytes", {})  # shard sizes when the packing completed: a shard cut or replaced since is redone
     todo = [i for i, path in enumerate(paths)
@@ -156,7 +155,7 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
                 if left_out:
                     record["left_out"][path.name] = left_out
                 if left_out or stale:
-                    _write_json(out / SETTINGS, record)
+                    _write_json(out / PACKING, record)
                 _tmp(path).replace(path)
                 bar.update()
         except BaseException:  # Ctrl-C, a full disk: the queued shards are not started (leaving the pool would
@@ -165,7 +164,7 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
                 _tmp(paths[i]).unlink(missing_ok=True)
             raise
     record["bytes"] = {path.name: path.stat().st_size for path in paths}
-    _write_json(out / SETTINGS, record)
+    _write_json(out / PACKING, record)
     left_out = record["left_out"]
     _write_json(out / SHARD_INDEX, {
         "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
@@ -174,7 +173,7 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
     if left_out:
         files = [file for names in left_out.values() for file in names]
         print(f"{prefix}: left out {len(files)} of {len(samples)} files that cannot be read or decoded (first: "
-              f"{files[0]}; all are listed in {out / SETTINGS})")
+              f"{files[0]}; all are listed in {out / PACKING})")
     return paths
 
 
