@@ -66,6 +66,8 @@ DIGITS_VAL_FRACTION = 0.2
 CHECK_CHUNK = 256  # files per thread-pool task when checking that images decode
 LIST_CHECK = 1000  # listed files checked to exist when a list is read
 MAX_REPLACEMENTS = 100  # a sample whose file and this many replacements all fail to decode is an error
+FEW_FILES = ("; a folder or list of few images holds out few for validation (2 %, at least one): remove the "
+             "unreadable files, or give more images")
 SKIP_WARN_EVERY = 1000  # warn at the first undecodable file and then at every this many
 EXIF_SEARCH = 1 << 18  # bytes at the start of a JPEG searched for its EXIF segment (it precedes the image data)
 
@@ -486,11 +488,12 @@ def _drop_unreadable(splits: tuple[FileList, ...], where: str) -> tuple[FileList
         warnings.warn(f"skipped {int((~flags).sum())} unreadable images of {len(paths)} under {where} "
                       f"(first: {bad})", stacklevel=3)
     kept, start = [], 0
-    for split in splits:
+    for name, split in zip(("train", "validation"), splits):
         ok = flags[start:start + len(split)]
         start += len(split)
         if not ok.any():
-            raise ValueError(f"no readable images under {where}; all {len(split)} files of a split failed to decode")
+            raise ValueError(f"no readable images in the {name} split of {where}: all {len(split)} of its files failed "
+                             f"to decode (first: {split.path(0)}){FEW_FILES if len(split) <= 2 else ''}")
         kept.append(split.subset(np.flatnonzero(ok)))
     return tuple(kept)
 
@@ -509,6 +512,9 @@ def build_sources(name: str, img_size: int, root: str | os.PathLike | None = Non
         if root is None:  # was "image folder None does not exist"
             raise FileNotFoundError("the folder source needs data.root=<folder of images> (data.source=digits: the "
                                     "embedded digits)")
+        if Path(root).is_file():
+            raise FileNotFoundError(f"data.root={root} is a file; pass a folder of images (a file that lists images: "
+                                    f"data.source=list data.list_file={root})")
         if not Path(root).is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist; pass data.root=<folder of images>")
         root = Path(root)
@@ -630,6 +636,9 @@ class ImageDataset(Dataset):
             except (OSError, ValueError) as error:
                 self.skipped.add(error)
                 index = int(np.random.default_rng([index, attempt]).integers(len(self.samples)))
+        if len(self.samples) <= MAX_REPLACEMENTS:  # each file tried: all failed
+            raise ValueError(f"none of the {len(self.samples)} file(s) of a split decodes (last tried: {image})"
+                             f"{FEW_FILES if len(self.samples) <= 2 else ''}")
         raise ValueError(f"{MAX_REPLACEMENTS + 1} files in a row failed to decode (last: {image}, one of "
                          f"{len(self.samples)}); most of the data is unreadable, check it (data.verify=true lists what "
                          f"decodes at setup)")

@@ -1,6 +1,7 @@
 import os
 import time
 import warnings
+from pathlib import Path
 
 import albumentations as A
 import cv2
@@ -248,12 +249,27 @@ def test_folder_source_lists_without_decoding_and_replaces_bad_files_when_read(t
 
 
 def test_every_file_bad_is_a_clear_error(tmp_path):
-    for i in range(3):
-        write_truncated_jpg(tmp_path / f"{i}.jpg")
-    train, _ = build_sources("folder", 32, root=tmp_path)
-    with pytest.raises(ValueError, match="files in a row failed to decode"), warnings.catch_warnings():
+    """Every file of a split unreadable: a small split (the one image a 20-image folder holds out) is named so,
+    with and without data.verify (it said "101 files in a row failed", trying the one file 101 times)."""
+    for i in range(120):
+        write_truncated_jpg(tmp_path / "many" / f"{i}.jpg")
+    train, _ = build_sources("folder", 32, root=tmp_path / "many")
+    with pytest.raises(ValueError, match="101 files in a row failed to decode"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ImageDataset(train, eval_transform(32))[0]
+    for i in range(20):
+        write_png(tmp_path / "few" / f"{i:02d}.png", color_image(i))
+    _, val = build_sources("folder", 32, root=tmp_path / "few")
+    write_truncated_jpg(Path(val.path(0)))  # the one image held out (the split does not depend on the files)
+    with pytest.raises(ValueError, match=r"none of the 1 file\(s\) of a split decodes \(last tried: .*\); a folder or list "
+                                         r"of few images holds out few for validation"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ImageDataset(val, eval_transform(32))[0]
+    with pytest.raises(ValueError, match=r"no readable images in the validation split of .*few: all 1 of its files "
+                                         r"failed to decode \(first: .*\); a folder or list of few images"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_sources("folder", 32, root=tmp_path / "few", verify=True)
 
 
 def test_skip_counter_counts_over_workers():

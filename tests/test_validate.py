@@ -1,6 +1,7 @@
 """Bad values end in one line naming the key, the value and what is expected, before anything runs."""
 import re
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -127,9 +128,12 @@ def test_list_labels_that_are_not_class_indices(tmp_path):
     with pytest.raises(ValueError, match=r"list.txt line 3: not UTF-8 text \(invalid start byte\); save the list"):
         build_sources("list", 8, list_file=tmp_path / "list.txt")
     (tmp_path / "1 2.png").write_bytes((tmp_path / "1.png").read_bytes())  # a path whose last word is a number
-    (tmp_path / "list.txt").write_text("0.png 0\n1 2.png\n1 2.png 3\n")
-    assert [label for _, label in sum(map(list, build_sources("list", 8, list_file=tmp_path / "list.txt")), [])
-            if label] == [3]
+    (tmp_path / "list.txt").write_text("0.png 0\n1 2.png 3\n2.png 1\n")
+    assert sorted(label for _, label in sum(map(list, build_sources("list", 8, list_file=tmp_path / "list.txt")), [])
+                  ) == [0, 1, 3]
+    (tmp_path / "list.txt").write_text("0.png\n1 2.png\n")  # no labels: "1 2.png" is the path, not "1" labeled
+    assert sorted(Path(path).name for path, _ in sum(map(list, build_sources("list", 8, list_file=tmp_path /
+                                                                              "list.txt")), [])) == ["0.png", "1 2.png"]
 
 
 @pytest.mark.parametrize("key, trained, recipe", [("norm_mode", "pre_norm", "res_post_norm"),
@@ -219,6 +223,22 @@ def test_a_data_key_of_another_source_is_refused():
     assert cfg.data.source == "shards"
     with pytest.raises(ConfigError, match=r"^data.root=/r is read by data.source=folder only, and data.source=shards"):
         load_config("finetune", "base", ["data.source=shards", "data.shards=/s", "data.root=/r"])
+    with pytest.raises(ConfigError, match=r"^data.source=Folder: expected one of folder, list, digits, shards$"):
+        load_config("pretrain", overrides=["data.source=Folder", "data.root=/r"])  # was: "data.root is read by ..."
+
+
+def test_a_data_location_of_the_wrong_kind_is_named(tmp_path):
+    """data.root a file (was "does not exist"), data.shards an http folder (was "invalid header")."""
+    from simmim.shards import shard_urls
+
+    (tmp_path / "images.txt").write_text("a.jpg\n")
+    with pytest.raises(FileNotFoundError, match=r"data.root=.*images.txt is a file; pass a folder of images \(a file "
+                                                r"that lists images: data.source=list data.list_file=.*images.txt\)"):
+        build_sources("folder", 32, root=tmp_path / "images.txt")
+    for spec in ("http://127.0.0.1:9/train/", "http://127.0.0.1:9/train"):
+        with pytest.raises(ValueError, match=r"looks like an http folder, which cannot be listed; give its shards as a "
+                                             r"brace pattern \(http://127.0.0.1:9/train/train-\{000000..000099\}.tar\)"):
+            shard_urls(spec)
 
 
 def test_an_error_raised_in_a_dataloader_worker_is_still_one_line(monkeypatch):

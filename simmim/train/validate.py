@@ -230,7 +230,12 @@ SOURCE_KEYS = {"root": "folder", "list_file": "list", "shards": "shards", "val_s
 
 
 def check_source_keys(data: DictConfig) -> None:
-    """ConfigError for a `SOURCE_KEYS` key set while data.source names another source (a run's or a tool's)."""
+    """ConfigError for a data.source that is none, and for a `SOURCE_KEYS` key set while data.source names another
+    source (a run's or a tool's)."""
+    from simmim.data import SOURCES  # here: the data module (OpenCV, albumentations) is not needed to validate
+
+    if data.get("source") not in SOURCES:
+        raise _fail("data.source", data.get("source"), f"one of {', '.join(SOURCES)}")
     for key, source in SOURCE_KEYS.items():
         value = data.get(key)
         if value is not None and data.source != source:
