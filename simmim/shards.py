@@ -47,6 +47,7 @@ __all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "split
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 READ_BUFFER = 1 << 20
 READ_RETRIES, RETRY_WAIT = 5, 1.0  # a shard whose read fails is read again up to 5 times, 1, 2, ... 16 s later
+HTTP_TIMEOUT = 120.0  # seconds an http(s) shard's server may take to connect, or to send the next bytes
 SHARD_INDEX = "shardindex.json"  # {"shardlist": [{"url": NAME, "nsamples": N}, ...]} (the wids index format)
 PACKING = "make_shards.json"  # scripts/make_shards.py's record of a directory's packing ("bytes" once complete)
 
@@ -129,10 +130,16 @@ def _not_listed(fs, urls: list[str]) -> list[str]:
 
 def _open(url: str):
     """A binary stream of url, read through a 1 MiB buffer (tarfile reads in small pieces); http(s) is streamed
-    (no range requests)."""
+    (no range requests), a server silent for HTTP_TIMEOUT seconds fails the read."""
     if "://" not in url:
         return open(url, "rb", buffering=READ_BUFFER)
-    stream = fsspec.open(url, "rb", **({"block_size": 0} if url.startswith(("http://", "https://")) else {})).open()
+    options = {}
+    if url.startswith(("http://", "https://")):  # aiohttp waits for a stalled server forever; then it is retried
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=HTTP_TIMEOUT, sock_read=HTTP_TIMEOUT)
+        options = {"block_size": 0, "client_kwargs": {"timeout": timeout}}
+    stream = fsspec.open(url, "rb", **options).open()
     return io.BufferedReader(stream, buffer_size=READ_BUFFER)
 
 
@@ -216,6 +223,9 @@ def _reraise(error: Exception) -> bool:
 
 
 def _unreadable(url: str, error: Exception) -> bool:
+    if isinstance(error, TimeoutError):  # fsspec's FSTimeoutError: asyncio's, which is TimeoutError
+        raise ValueError(f"shard {url} cannot be read: its server sent nothing for {HTTP_TIMEOUT:g} s; check the "
+                         f"address, the network and the server") from error
     if isinstance(error, FileNotFoundError):  # over http(s), where a brace pattern is not checked at start
         cause = _first_cause(error)  # fsspec's http gives FileNotFoundError for any failed request
         if cause is None or getattr(cause, "status", None) in (404, 410):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import types
 import warnings
 from pathlib import Path
@@ -318,6 +319,47 @@ class _DroppingHandler(_QuietHandler):
         self.wfile.write(data[:len(data) // 2])
         self.wfile.flush()
         self.close_connection = True
+
+
+class _StallingHandler(_QuietHandler):
+    """Serves files, but the first GET of each name in `stall` sends the headers and a quarter of the file, then
+    nothing for 10 s (a stalled server)."""
+
+    stall: set = set()
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        if name not in self.stall:
+            return super().do_GET()
+        self.stall.discard(name)
+        data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:len(data) // 4])
+        self.wfile.flush()
+        time.sleep(10)
+        self.close_connection = True
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_http_server_fails_the_read_which_is_retried(tmp_path, monkeypatch):
+    """A server that stops sending mid-shard hung the run without a word (aiohttp has no read timeout)."""
+    monkeypatch.setattr(shards, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(shards, "HTTP_TIMEOUT", 1.0)
+    numbered_shards(tmp_path / "shards", [6])
+    monkeypatch.setattr(_StallingHandler, "stall", {"part-000.tar"})
+    with serving(tmp_path, _StallingHandler) as root:
+        url = f"{root}/shards/part-000.tar"
+        data = ShardDataset([url], [6], label_item, decode_image, SkipCounter(), shuffle=False)
+        started = time.monotonic()
+        with pytest.warns(UserWarning, match=r"reading http://.*part-000.tar failed after \d samples .*retry 1 of"):
+            labels = [item[0] for item in data]
+        assert labels == list(range(6)) and time.monotonic() - started < 8
+        monkeypatch.setattr(_StallingHandler, "stall", {"part-000.tar"})  # counted at start: one line, no retry
+        with pytest.raises(ValueError, match=r"shard http://.*part-000.tar cannot be read: its server sent nothing for "
+                                             r"1 s; check the address, the network and the server"):
+            shard_counts([url])
 
 
 def test_a_shard_whose_read_fails_is_read_again_from_where_it_stopped(tmp_path, monkeypatch):
