@@ -118,6 +118,12 @@ class SwinV2Classifier(pl.LightningModule):
             self.model.head.train(mode)
         return self
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Label i's class name (a folder source's class folders) under `class_names`, for exports and readers."""
+        names = getattr(self.trainer.datamodule, "class_names", None) if self._trainer is not None else None
+        if names:
+            checkpoint["class_names"] = list(names)
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """A label outside model.num_classes stops the run with one line (streamed shards' labels are first seen
         here; listed sources are checked at start: `finetune.train.check_labels`); on the host, no device sync."""
@@ -261,6 +267,11 @@ class ClassificationDataModule(ResumableDataModule):
                                                         hp.labels_per_class, hp.seed, **augment)
         self.train_set.skipped = self.val_set.skipped = self.skipped
         self.train_set.seed = hp.seed
+
+    @property
+    def class_names(self) -> list[str]:
+        """Label i's class name: a folder source's class folders (set up), else [] (labels are the names)."""
+        return list(getattr(getattr(self.train_set, "samples", None), "classes", []))
 
     def device_augment(self, images: torch.Tensor) -> torch.Tensor:
         """Random erasing (`random_erasing` > 0) of a normalized train batch on the device, seeded by (seed, the

@@ -327,7 +327,8 @@ class FileList:
     by page as it reads them (pytorch/pytorch#13246); here the paths are one byte buffer plus offsets.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int]):
+    def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int], classes: Sequence[str] = ()):
+        self.classes = list(classes)  # label i's class name (a folder source's class folders), else []
         encoded = [os.fsencode(path) for path in paths]
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(path) for path in encoded], out=self.offsets[1:])
@@ -351,7 +352,7 @@ class FileList:
         """The samples at `indices` (int array), in that order."""
         indices = np.asarray(indices, dtype=np.int64)
         starts, lengths = self.offsets[indices], self.offsets[indices + 1] - self.offsets[indices]
-        subset = FileList([], [])
+        subset = FileList([], [], self.classes)
         subset.offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum(lengths, out=subset.offsets[1:])
         subset.data = self.data[np.repeat(starts - subset.offsets[:-1], lengths) + np.arange(subset.offsets[-1])]
@@ -413,7 +414,7 @@ def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[Fil
         raise ValueError(f"{folder / stray[0]} is outside the train class folders; "
                          f"give train and val the same class folders")
     labels = [index[top] for top in tops] if classes else [0] * len(files)
-    return FileList([os.path.join(folder, f) for f in files], labels), classes
+    return FileList([os.path.join(folder, f) for f in files], labels, classes), classes
 
 
 def _list_samples(list_file: Path) -> FileList:
@@ -752,14 +753,15 @@ def _labeled_sets(img_size: int, limit: int | None, listed: Sequence | None = No
                  for urls, counts, skipped in shards)
 
 
-def labels_per_class_subset(samples: Sequence[Sample], per_class: int, seed: int = 0) -> list[Sample]:
+def labels_per_class_subset(samples: FileList | Sequence[Sample], per_class: int,
+                            seed: int = 0) -> FileList | list[Sample]:
     """`per_class` samples of each label (all of a label that has fewer), drawn by `seed`, in their given order."""
     if per_class < 1:
         raise ValueError(f"data.labels_per_class={per_class} must be >= 1, or null for every label")
-    labels = np.array([label for _, label in samples])
+    labels = samples.labels if isinstance(samples, FileList) else np.array([label for _, label in samples])
     rng = np.random.default_rng(seed)
-    keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)])
-    return [samples[i] for i in np.sort(keep)]
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]))
+    return samples.subset(keep) if isinstance(samples, FileList) else [samples[i] for i in keep]
 
 
 def labeled_datasets(source: str = "digits", img_size: int = 64, root: str | os.PathLike | None = None,

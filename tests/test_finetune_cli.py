@@ -104,3 +104,32 @@ def test_every_finetune_recipe_resolves_and_builds_on_meta():
     assert (base.optim.base_lr, base.optim.layer_decay, base.optim.warmup_epochs, base.trainer.max_epochs) == (1.25e-3, 0.75, 20, 100)
     with pytest.raises(ConfigError, match=r"unknown key 'train.mixupp' .*did you mean train.mixup"):
         load_config("finetune", "default", ["train.mixupp=0.5"])
+
+
+@pytest.mark.slow
+def test_class_folder_names_reach_the_checkpoint_and_the_exports(tmp_path):
+    """Fine-tuned on class folders: the checkpoint records label i's folder name, and the exports carry it (they
+    wrote LABEL_i into transformers' id2label); through the official layout and back too."""
+    import json
+
+    import cv2
+    import numpy as np
+
+    from simmim.models.checkpoint import class_names, read_checkpoint
+    from simmim.tools.export import main as export
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "fox"):
+        for i in range(4):
+            (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(tmp_path / "images" / name / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), np.uint8))
+    finetune_script.main([f"output_dir={tmp_path}", "run_name=f", "pretrained=null", "data.source=folder",
+                          f"data.root={tmp_path / 'images'}", "model.num_classes=3", *SMALL])
+    ckpt = tmp_path / "f" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["class_names"] == ["cat", "dog", "fox"]
+    export([f"checkpoint={ckpt}", "format=hf", f"out={tmp_path / 'hf'}"])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "fox"} and config["label2id"]["fox"] == 2
+    export([f"checkpoint={tmp_path / 'hf'}", "format=official", f"out={tmp_path / 'official.pth'}"])
+    export([f"checkpoint={tmp_path / 'official.pth'}", "format=timm", f"out={tmp_path / 'timm.safetensors'}"])
+    assert class_names(read_checkpoint(tmp_path / "timm.safetensors")) == ["cat", "dog", "fox"]

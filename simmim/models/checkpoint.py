@@ -42,7 +42,8 @@ from simmim.models.swinv2 import DERIVED_BUFFERS, VARIANTS, SwinTransformerV2
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
            "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
-           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning", "stage_windows", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder"]
+           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning", "stage_windows", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder",
+           "class_names"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
@@ -209,7 +210,11 @@ def read_hf_folder(folder: str | Path) -> dict:
     if not any(model.get("pretrained_window_sizes") or []):  # zeros: the windows it was trained with (model_config)
         model.pop("pretrained_window_sizes", None)
     simmim = config.get("simmim")  # masking settings, as scripts/export.py writes them for a SimMIM model
-    return {"model": weights, "config": {"model": model, **({"simmim": simmim} if isinstance(simmim, dict) else {})}}
+    labels = config.get("id2label") or {}
+    names = [str(labels.get(str(i), labels.get(i, ""))) for i in range(len(labels))]
+    named = names and not all(name == f"LABEL_{i}" for i, name in enumerate(names))  # transformers' defaults
+    return {"model": weights, "config": {"model": model, **({"simmim": simmim} if isinstance(simmim, dict) else {}),
+                                         **({"class_names": names} if named else {})}}
 
 
 TIMM_ARCHITECTURE = re.compile(r"swinv2_(tiny|small|base|large)_window(\d+)(?:to(\d+))?_(\d+)(?:to(\d+))?$")
@@ -526,6 +531,14 @@ def saved_model_config(ckpt: Mapping) -> dict | None:
     holder = ckpt.get("hyper_parameters") if "state_dict" in ckpt else ckpt.get("config")
     config = holder.get("model") if isinstance(holder, Mapping) else None
     return dict(config) if isinstance(config, Mapping) else None
+
+
+def class_names(ckpt: Mapping) -> list[str]:
+    """Label i's class name where a checkpoint records them: a fine-tuning run on class folders (`class_names`),
+    our exports (`config.class_names`), a transformers folder's id2label; [] otherwise."""
+    config = ckpt.get("config")
+    names = ckpt.get("class_names") or (config.get("class_names") if isinstance(config, Mapping) else None)
+    return [str(name) for name in names or []]
 
 
 def saved_simmim_config(ckpt: Mapping) -> dict:

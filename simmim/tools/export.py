@@ -28,9 +28,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from simmim.cli import check_new_output
-from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights, ema_weights, has_simmim_decoder,
-                                      hf_key, load_pretrained, model_config, read_checkpoint, saved_simmim_config,
-                                      simmim_from_checkpoint, stage_windows)
+from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights, class_names, ema_weights,
+                                      has_simmim_decoder, hf_key, load_pretrained, model_config, read_checkpoint,
+                                      saved_simmim_config, simmim_from_checkpoint, stage_windows)
 from simmim.models.simmim import SimMIM
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 from simmim.train.checkpoint_io import atomic_save, usual_permissions
@@ -123,9 +123,10 @@ def to_hf(state_dict: Mapping) -> dict:
     return out
 
 
-def hf_config(config: Mapping, num_classes: int = 0, simmim: bool = False) -> dict:
+def hf_config(config: Mapping, num_classes: int = 0, simmim: bool = False, names: list[str] = ()) -> dict:
     """config.json of transformers' Swinv2 for the same model (`model_type` swinv2): Swinv2Model, with
-    num_classes Swinv2ForImageClassification, with simmim Swinv2ForMaskedImageModeling."""
+    num_classes Swinv2ForImageClassification (id2label: `names`, else LABEL_i), with simmim
+    Swinv2ForMaskedImageModeling."""
     _check_plain(config, "transformers")
     defaults = model_defaults()
     cfg = {**defaults, **config}
@@ -142,8 +143,9 @@ def hf_config(config: Mapping, num_classes: int = 0, simmim: bool = False) -> di
         "encoder_stride": cfg["patch_size"] * 2 ** (len(depths) - 1),
     }
     if num_classes:
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_classes)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(num_classes)}
+        labels = list(names) if len(names) == num_classes else [f"LABEL_{i}" for i in range(num_classes)]
+        hf["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        hf["label2id"] = {name: i for i, name in enumerate(labels)}
     return hf
 
 
@@ -169,24 +171,26 @@ def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
     tmp.replace(path)
 
 
-def export_timm(model: SwinTransformerV2, config: Mapping, out: str | Path) -> Path:
+def export_timm(model: SwinTransformerV2, config: Mapping, out: str | Path, names: list[str] = ()) -> Path:
     """Write timm's state dict of `model` as safetensors; the metadata holds the timm arguments (`timm_kwargs`)
-    and our model config (`config`, so our readers rebuild the model without model.* keys)."""
+    and our model config (`config`, so our readers rebuild the model without model.* keys) with the class
+    `names` where known."""
     kwargs = timm_kwargs(config)
     out = Path(out)
-    _save_safetensors(to_timm(model.state_dict()), out,
-                      {"timm_kwargs": json.dumps(kwargs), "config": json.dumps({"model": dict(config)})})
+    ours = {"model": dict(config), **({"class_names": list(names)} if names else {})}
+    _save_safetensors(to_timm(model.state_dict()), out, {"timm_kwargs": json.dumps(kwargs), "config": json.dumps(ours)})
     return out
 
 
-def export_hf(model: SwinTransformerV2 | SimMIM, config: Mapping, out: str | Path, simmim: Mapping = ()) -> Path:
+def export_hf(model: SwinTransformerV2 | SimMIM, config: Mapping, out: str | Path, simmim: Mapping = (),
+              names: list[str] = ()) -> Path:
     """Write `out/config.json` and `out/model.safetensors` for transformers' Swinv2 (a SimMIM model:
     Swinv2ForMaskedImageModeling, with its masking settings `simmim` in config.json's `simmim`, which transformers
     keeps and our reader reads back)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is a file; format=hf writes a folder (config.json, model.safetensors)")
-    hf = hf_config(config, config.get("num_classes", 0), simmim=isinstance(model, SimMIM))
+    hf = hf_config(config, config.get("num_classes", 0), simmim=isinstance(model, SimMIM), names=names)
     if simmim:
         hf["simmim"] = dict(simmim)
     _save_safetensors(to_hf(model.state_dict()), out / "model.safetensors", {})
@@ -218,7 +222,8 @@ def export_official(source, overrides: Mapping | None, out: str | Path) -> Path:
         payload = {"model": simmim.state_dict(), "config": {"model": config, "simmim": saved_simmim_config(ckpt)}}
     else:
         model, config = encoder_for_export(ckpt, overrides)
-        payload = {"model": model.state_dict(), "config": {"model": config}}
+        names = class_names(ckpt)
+        payload = {"model": model.state_dict(), "config": {"model": config, **({"class_names": names} if names else {})}}
     atomic_save(payload, out)
     return Path(out)
 
@@ -262,10 +267,10 @@ def main(argv: list[str]) -> None:
         return
     model, config = encoder_for_export(ckpt, overrides)
     if cfg.format == "timm":
-        out = export_timm(model, config, cfg.out)
+        out = export_timm(model, config, cfg.out, class_names(ckpt))
         print(f"timm state dict: {out}\nload it into timm.models.swin_transformer_v2.SwinTransformerV2("
               f"{', '.join(f'{k}={v!r}' for k, v in timm_kwargs(config).items())})")
     else:
-        out = export_hf(model, config, cfg.out)
+        out = export_hf(model, config, cfg.out, names=class_names(ckpt))
         name = "Swinv2ForImageClassification" if config.get("num_classes") else "Swinv2Model"
         print(f"transformers folder: {out} (transformers.{name}.from_pretrained({str(out)!r}))")
