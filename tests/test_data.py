@@ -401,7 +401,7 @@ def test_clear_errors(tmp_path):
         build_sources("list", 32, list_file=tmp_path / "comments.txt")
     write_truncated_jpg(tmp_path / "bad" / "cut.jpg")
     write_truncated_jpg(tmp_path / "bad" / "cut2.jpg")
-    with pytest.raises(ValueError, match="no readable images under .*bad"), pytest.warns(UserWarning):
+    with pytest.raises(ValueError, match="no readable images in the train split of .*bad"), pytest.warns(UserWarning):
         build_sources("folder", 32, root=tmp_path / "bad", verify=True)
     with pytest.raises(ValueError, match="unknown data source 'imagenet'"):
         build_sources("imagenet", 32)
