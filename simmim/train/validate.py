@@ -229,13 +229,11 @@ def _check_trainer(trainer: dict, here: bool) -> None:
 SOURCE_KEYS = {"root": "folder", "list_file": "list", "shards": "shards", "val_shards": "shards"}
 
 
-def check_source_keys(data: DictConfig) -> None:
-    """ConfigError for a data.source that is none, and for a `SOURCE_KEYS` key set while data.source names another
-    source (a run's or a tool's)."""
-    from simmim.data import SOURCES  # here: the data module (OpenCV, albumentations) is not needed to validate
-
-    if data.get("source") not in SOURCES:
-        raise _fail("data.source", data.get("source"), f"one of {', '.join(SOURCES)}")
+def check_source_keys(data: DictConfig, sources: tuple[str, ...] = ()) -> None:
+    """ConfigError for a data.source that is none of `sources` (when given: a run's; tools have their own), and
+    for a `SOURCE_KEYS` key set while data.source names another source (a run's or a tool's)."""
+    if sources and data.get("source") not in sources:
+        raise _fail("data.source", data.get("source"), f"one of {', '.join(sources)}")
     for key, source in SOURCE_KEYS.items():
         value = data.get(key)
         if value is not None and data.source != source:
@@ -245,7 +243,9 @@ def check_source_keys(data: DictConfig) -> None:
 
 def _check_relations(cfg: DictConfig) -> None:
     model = cfg.model
-    check_source_keys(cfg.data)
+    from simmim.data import SOURCES  # here: validating needs no OpenCV or albumentations until a run's data
+
+    check_source_keys(cfg.data, SOURCES)
     if len(model.depths) != len(model.num_heads):
         raise ConfigError(f"model.depths={_show(list(model.depths))} and model.num_heads="
                           f"{_show(list(model.num_heads))}: expected one value per stage in each")
