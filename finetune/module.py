@@ -23,6 +23,7 @@ from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
 from simmim.train.speed import CompileTime, compile_encoder
 from simmim.train.strategies import shards_parameters
+from simmim.models.checkpoint import PROBE_BN_EPS
 from simmim.models.swinv2 import SwinTransformerV2, encoder_args
 
 
@@ -90,7 +91,7 @@ class SwinV2Classifier(pl.LightningModule):
         num_classes = self.model.num_classes
         if linear_probe:
             self.model.requires_grad_(False)
-            self.model.head = nn.Sequential(nn.BatchNorm1d(self.model.num_features, affine=False, eps=1e-6),
+            self.model.head = nn.Sequential(nn.BatchNorm1d(self.model.num_features, affine=False, eps=PROBE_BN_EPS),
                                             nn.Linear(self.model.num_features, num_classes))
             nn.init.trunc_normal_(self.model.head[1].weight, std=0.01)
             nn.init.zeros_(self.model.head[1].bias)
@@ -196,7 +197,8 @@ class SwinV2Classifier(pl.LightningModule):
             self.log("val/top1_ema", self.val_top1_ema)
 
     def on_validation_epoch_end(self) -> None:
-        self.last_confusion = self.val_confusion.compute().cpu()
+        if not self.trainer.sanity_checking:  # a few batches of the untrained model: not the run's result
+            self.last_confusion = self.val_confusion.compute().cpu()
         self.val_confusion.reset()
 
     def save_confusion_matrix(self, path: str | Path) -> Path:

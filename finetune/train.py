@@ -35,8 +35,13 @@ def read_pretrained(cfg) -> dict | None:
                           f"another checkpoint, or pretrained=null to train from scratch")
     checkpoint = read_checkpoint(cfg.pretrained)
     check_weights_meaning(checkpoint, cfg.model, f"pretrained={cfg.pretrained}", "set model.{key}={trained}")
-    if cfg.model.pretrained_window_sizes is None:
-        windows = pretrained_window_sizes(checkpoint)
+    windows = pretrained_window_sizes(checkpoint)
+    given = cfg.model.pretrained_window_sizes
+    if given is not None and windows is not None and list(given) != windows:
+        raise ConfigError(f"model.pretrained_window_sizes={list(given)}: pretrained={cfg.pretrained} was trained at "
+                          f"windows {windows}, which scale its Log-CPB coordinates; drop the override (they are read "
+                          f"from the checkpoint)")
+    if given is None:
         if windows is None:
             rank_zero_warn(f"{cfg.pretrained} does not say which windows it was pretrained with; set "
                            f"model.pretrained_window_sizes=[...] (e.g. [12,12,12,6] for 192 px / window 12) for the "
@@ -69,7 +74,12 @@ def check_labels(data: ClassificationDataModule, cfg) -> None:
 
 def held_out_top1(trainer: pl.Trainer, module, cfg, run_dir: Path) -> list[str]:
     top1 = trainer.callback_metrics.get("val/top1")
-    return [f"held-out top-1 (last validation): {f'{float(top1):.4f}' if top1 is not None else 'none (no validation ran)'}"]
+    if top1 is not None:
+        return [f"held-out top-1 (last validation): {float(top1):.4f}"]
+    best = next((c.best_model_score for c in trainer.checkpoint_callbacks if c.monitor == "val/top1"), None)
+    if best is not None:  # a rerun of a finished run validates nothing: the best its checkpoints recorded
+        return [f"held-out top-1: no validation in this start; the run's best: {float(best):.4f} (best.ckpt)"]
+    return ["held-out top-1 (last validation): none (no validation ran)"]
 
 
 def stage() -> Stage:

@@ -37,6 +37,13 @@ def test_pretrain_then_finetune_at_a_larger_window(tmp_path, capsys):
     moved = (ckpt["state_dict"][f"model.{key}"] - pretrained[f"encoder.{key}"]).abs().max()
     assert moved < 1e-3  # two AdamW steps at lr <= 8e-5 from the pretrained weights (a fresh init is ~0.05 away)
 
+    # windows other than those the encoder was trained at would scale its Log-CPB coordinates wrongly: refused
+    with pytest.raises(ConfigError, match=r"model.pretrained_window_sizes=\[8, 8, 8, 8\]: pretrained=.*encoder.pth was "
+                                          r"trained at windows \[4, 4, 4, 2\], which scale its Log-CPB coordinates"):
+        finetune_script.main([f"output_dir={tmp_path}/ft", "run_name=w", f"pretrained={encoder}",
+                              "model.pretrained_window_sizes=[8,8,8,8]", *SMALL])
+    assert not (tmp_path / "ft" / "w").exists()
+
 
 @pytest.mark.slow
 def test_finetune_from_a_transformers_folder(tmp_path, capsys):
@@ -133,3 +140,40 @@ def test_class_folder_names_reach_the_checkpoint_and_the_exports(tmp_path):
     export([f"checkpoint={tmp_path / 'hf'}", "format=official", f"out={tmp_path / 'official.pth'}"])
     export([f"checkpoint={tmp_path / 'official.pth'}", "format=timm", f"out={tmp_path / 'timm.safetensors'}"])
     assert class_names(read_checkpoint(tmp_path / "timm.safetensors")) == ["cat", "dog", "fox"]
+
+
+@pytest.mark.slow
+def test_epochs_without_validation_are_saved_and_reruns_say_what_the_run_has(tmp_path, capsys):
+    """Validation every 3rd epoch (recipe few_labels: every 10th): last.ckpt still comes at each epoch's end (it
+    came only after a validation: a 2-epoch run saved nothing), and no confusion matrix of the sanity check's
+    untrained model is written. A rerun of the finished run prints the best held-out top-1 it recorded (was "none");
+    one with EMA switched on, or fewer epochs than it trained, is one line (was a traceback); other augmentation
+    settings are named in a warning."""
+    args = [f"output_dir={tmp_path}", "run_name=f", "pretrained=null", *SMALL]
+    finetune_script.main([*args, "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=3"])
+    assert torch.load(tmp_path / "f" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert not (tmp_path / "f" / "confusion_matrix.png").exists()
+
+    args[1] = "run_name=g"
+    finetune_script.main([*args, "trainer.max_epochs=3"])
+    capsys.readouterr()
+    finetune_script.main([*args, "trainer.max_epochs=3"])
+    assert "held-out top-1: no validation in this start; the run's best: " in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"cannot resume .*last.ckpt: it was trained with train.ema_decay=None, this "
+                                          r"run asks for 0.99; its EMA weights are saved only when it had them"):
+        finetune_script.main([*args, "trainer.max_epochs=3", "train.ema_decay=0.99"])
+    with pytest.raises(ConfigError, match=r"cannot resume .*last.ckpt: it is at epoch 2 \(counted from 0\), past "
+                                          r"trainer.max_epochs=1; pass trainer.max_epochs=2 or more"):
+        finetune_script.main([*args, "trainer.max_epochs=1"])
+    with pytest.warns(UserWarning, match=r"resuming .*last.ckpt with other settings than it was trained with: "
+                                         r"data.randaug_ops 0 -> 2, train.label_smoothing 0.1 -> 0.2; the rest of "):
+        finetune_script.main([*args, "trainer.max_epochs=3", "data.randaug_ops=2", "train.label_smoothing=0.2"])
+
+
+def test_a_fine_tune_into_a_pretraining_run_directory_says_so(tmp_path):
+    """run_name of a pretraining run: the stage is named first, with the fix (was a chain of model differences
+    ending in "pass ... resume=auto", which was in use)."""
+    pretrain.main([f"output_dir={tmp_path}", "run_name=p", "logging.recon_every_n_steps=0", *SMALL])
+    with pytest.raises(ConfigError, match=r"it is a lightning-simmim checkpoint, not one of a fine-tuning run; "
+                                          r".*p is a run directory of that stage: give this run another run_name"):
+        finetune_script.main([f"output_dir={tmp_path}", "run_name=p", "pretrained=null", *SMALL])

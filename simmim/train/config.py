@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -322,10 +323,10 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
                               f"run_name=NEW to start another")
         ckpt = None
     if ckpt is not None:
+        _check_resumed_model(cfg, ckpt)  # first: a checkpoint of the other stage is named as such
         _check_same_pretrained(cfg, run_dir / "config.yaml", ckpt)
         check_same_model(cfg, run_dir / "config.yaml", f"cannot resume {ckpt}",
                          "drop the override or pass run_name=NEW to start another run")
-        _check_resumed_model(cfg, ckpt)
     return run_dir, ckpt
 
 
@@ -362,6 +363,27 @@ def _compare_models(before: DictConfig, cfg: DictConfig, refusal: str, fix: str)
 RESUME_TAKES = ("max_nonfinite_steps",)  # optim.* keys a resumed run applies; the others are its saved state
 
 
+RESUME_MAY_CHANGE = ("root", "list_file", "shards", "val_shards", "num_workers", "pin_memory", "verify", "batch_size")
+
+
+def _warn_changed_settings(cfg: DictConfig, checkpoint: dict, ckpt: str) -> None:
+    """A warning naming the data.* and train.* values a resumed run trains on that differ from those its checkpoint
+    was trained with (augmentation, mixup, ...): the rest of the run differs from the one interrupted. Where the data
+    is and how it is read (`RESUME_MAY_CHANGE`; data.batch_size is checked mid-epoch by the datamodule) may change."""
+    saved = {**{f"data.{k}": v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items()},
+             **{f"train.{k}": v for k, v in (checkpoint.get("hyper_parameters") or {}).items()}}
+    changed = []
+    for section in ("data", "train"):
+        for key, value in OmegaConf.to_container(cfg.get(section, OmegaConf.create())).items():
+            before = saved.get(f"{section}.{key}", value)
+            before = list(before) if isinstance(before, tuple) else before
+            if key not in RESUME_MAY_CHANGE and before != value:
+                changed.append(f"{section}.{key} {before} -> {value}")
+    if changed:
+        warnings.warn(f"resuming {ckpt} with other settings than it was trained with: {', '.join(changed)}; the rest "
+                      f"of the run trains with these (give the old values to continue it as it was)", stacklevel=3)
+
+
 def _check_resumed_model(cfg: DictConfig, ckpt: str) -> None:
     """ConfigError when the checkpoint to resume is a Lightning checkpoint of the other stage, or of another model
     than cfg's (Lightning's state-dict error listed hundreds of keys, after the run directory was written), or has
@@ -379,12 +401,25 @@ def _check_resumed_model(cfg: DictConfig, ckpt: str) -> None:
         found = "unrecognized"
     if found != layout:
         article = "an" if found[0] in "aeiou" else "a"
-        raise ConfigError(f"cannot resume {ckpt}: it is {article} {found} checkpoint, not one of a {stage} run; pass "
-                          f"a .ckpt of this stage's run directory, or resume=auto")
+        where = ("pass a .ckpt of this stage's run directory, or resume=auto" if cfg.resume not in (None, "auto") else
+                 f"{Path(ckpt).parent.parent} is a run directory of that stage: give this run another run_name")
+        raise ConfigError(f"cannot resume {ckpt}: it is {article} {found} checkpoint, not one of a {stage} run; "
+                          f"{where}")
     hparams = checkpoint.get("hyper_parameters") or {}
     if isinstance(hparams.get("model"), Mapping):
         _compare_models(OmegaConf.create(dict(hparams["model"])), cfg, f"cannot resume {ckpt}",
                         "give the model values of that run, or start a new run (another run_name, no resume=PATH)")
+    if "train" in cfg and (hparams.get("ema_decay") is None) != (cfg.train.ema_decay is None) and "model" in hparams:
+        raise ConfigError(f"cannot resume {ckpt}: it was trained with train.ema_decay={hparams.get('ema_decay')}, this "
+                          f"run asks for {cfg.train.ema_decay}; its EMA weights are saved only when it had them: give "
+                          f"train.ema_decay {'a value' if hparams.get('ema_decay') is not None else 'as null'} as it "
+                          f"was, or pass run_name=NEW to start another run")
+    epoch, max_epochs = checkpoint.get("epoch", 0), cfg.trainer.get("max_epochs")
+    if max_epochs not in (None, -1) and epoch > max_epochs:  # Lightning's MisconfigurationException, in the fit
+        raise ConfigError(f"cannot resume {ckpt}: it is at epoch {epoch} (counted from 0), past trainer.max_epochs="
+                          f"{max_epochs}; pass trainer.max_epochs={epoch} or more (at {epoch} the run ends at once), "
+                          f"or run_name=NEW to start another run")
+    _warn_changed_settings(cfg, checkpoint, ckpt)
     for key, value in OmegaConf.to_container(cfg.get("optim", OmegaConf.create())).items():
         saved = hparams.get(key)
         if key not in RESUME_TAKES and key in hparams and (list(saved) if isinstance(saved, tuple) else saved) != value:

@@ -63,14 +63,15 @@ class RecordStart(pl.Callback):
 
 
 def checkpoint_callbacks(cfg: DictConfig, folder: Path, monitor: str, mode: str) -> list[pl.Callback]:
-    """best.ckpt (by `monitor`), last.ckpt (every epoch), step-<step>.ckpt every `cfg.every_n_steps` steps,
+    """best.ckpt (by `monitor`), last.ckpt (at every epoch's end, validated or not: with check_val_every_n_epoch
+    > 1 Lightning would save it only after a validation), step-<step>.ckpt every `cfg.every_n_steps` steps,
     time-<step>.ckpt every `cfg.every_minutes` minutes, sigterm-, sigusr1- or sigint-<step>.ckpt when SIGTERM,
     SIGUSR1 or Ctrl-C stops the run (the newest `cfg.keep_last` of each). (Lightning's own `save_last=True` copies
     only the checkpoints it saves, so with a monitor last.ckpt would be the best.) A resumed run overwrites a
     checkpoint of the same step."""
     common = dict(dirpath=folder, auto_insert_metric_name=False, enable_version_counter=False)
     callbacks = [ModelCheckpoint(filename="best", monitor=monitor, mode=mode, **common),
-                 ModelCheckpoint(filename="last", **common)]
+                 ModelCheckpoint(filename="last", save_on_train_epoch_end=True, **common)]
     if cfg.every_n_steps:
         callbacks.append(PeriodicCheckpoint(folder, "step", cfg.keep_last, every_n_train_steps=cfg.every_n_steps))
     if cfg.every_minutes:
