@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
 from simmim.train.config import ConfigError, as_list
@@ -40,7 +41,7 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
     found = signal.signal(signal.SIGUSR1, _raise_requeue_signal)
     try:
         main(sys.argv[1:])
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, ValueError, FileNotFoundError, MisconfigurationException) as error:
         sys.exit(f"error: {_message(error)}")
     except OSError as error:
         fixes = {errno.ENOSPC: "", errno.EDQUOT: "", errno.EROFS: "; give a folder on a writable disk",

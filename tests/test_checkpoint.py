@@ -227,3 +227,31 @@ def test_a_file_without_windows_is_warned_about_where_the_tools_build_its_model(
         warnings.simplefilter("error")
         model_config(plain, {**TINY, "pretrained_window_sizes": [4, 4, 4, 2]})
         model_config({**plain, "config": {"model": dict(TINY)}})
+
+
+def test_a_linear_probe_head_is_read_as_the_linear_it_computes():
+    """A linear probe's head is BatchNorm1d (no affine) + Linear: every reader took no head from it (exports wrote
+    num_classes=0 without a word); folded into one Linear, the encoder with it gives the probe's logits."""
+    from finetune.module import SwinV2Classifier
+
+    probe = SwinV2Classifier(model=dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                        window_size=4, num_classes=3, drop_path_rate=0.0), linear_probe=True)
+    generator = torch.Generator().manual_seed(0)
+    probe.model.head[0].running_mean.copy_(torch.randn(32, generator=generator))
+    probe.model.head[0].running_var.copy_(torch.rand(32, generator=generator) + 0.5)
+    probe.eval()
+    ckpt = {"state_dict": probe.state_dict(), "hyper_parameters": dict(probe.hparams)}
+    model = tiny_swinv2(img_size=32, depths=(2, 2), num_heads=(2, 4), num_classes=3).eval()
+    report = load_pretrained(model, ckpt)
+    assert "head.weight" in report.loaded and not report.reinitialized
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), probe(x), rtol=0, atol=1e-5)
+
+
+def test_a_mismatch_of_attention_kind_names_model_attn_mode():
+    """Dot-product attention against cosine weights (recipe ablation_dot_attention on a cosine encoder): the
+    unexpected logit scales named model.attn_mode (the hint named embed_dim, depths, num_heads)."""
+    with pytest.raises(ValueError, match=r"unexpected keys .*logit_scale.*; the checkpoint's weights are of "
+                                         r"model.attn_mode=cosine \(this model: dot\); set those"):
+        load_pretrained(tiny_swinv2(attn_mode="dot"), lightning_ckpt(pretrain_module()))

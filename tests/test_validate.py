@@ -44,6 +44,12 @@ from simmim.train.validate import validate_labels
     ("trainer.accelerator=gpu", "trainer.accelerator=gpu but no CUDA GPU is visible here"),
     ("trainer.devices=0", "trainer.devices=0: expected an integer > 0, -1 (every device), a list of device indices"),
     ("trainer.devices=-2", "trainer.devices=-2: expected an integer > 0, -1 (every device)"),  # were Lightning's
+    ("trainer.devices=abc", "trainer.devices=abc: expected an integer > 0, -1 (every device)"),  # TypeError, run dir
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0: expected a fraction of the epoch's batches in "
+                                     "(0, 1] or a number of batches >= 1"),  # a ZeroDivisionError after a step
+    ("trainer.limit_train_batches=-1", "trainer.limit_train_batches=-1: expected a fraction of the epoch's batches "
+                                       "in [0, 1] or a number of batches >= 0"),  # Lightning's, after the logs
+    ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches=1.5: expected a fraction"),
     ("trainer.max_time=abc", "trainer.max_time=abc: expected days:hours:minutes:seconds (02:12:00:00)"),  # tracebacks
     ("optim.betas=[0.9]", "optim.betas=[0.9]: expected two numbers in [0, 1), e.g. [0.9, 0.999]"),  # an IndexError
     ("run_name=null", "run_name=null: expected a name for the run's folder"),  # was a run folder named None
@@ -256,6 +262,19 @@ def test_an_error_raised_in_a_dataloader_worker_is_still_one_line(monkeypatch):
     with pytest.raises(SystemExit) as exit:
         run_cli(main)
     assert exit.value.code == "error: 101 files in a row failed to decode (last: x.jpg, one of 3)"
+
+
+def test_a_lightning_configuration_error_is_one_line(monkeypatch):
+    """Lightning's MisconfigurationException (a Trainer value it refuses in the fit) was a traceback."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    def main(argv):
+        raise MisconfigurationException("`limit_train_batches` must be in [0.0, 1.0] or an int")
+
+    monkeypatch.setattr(sys, "argv", ["finetune.py"])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(main)
+    assert exit.value.code == "error: `limit_train_batches` must be in [0.0, 1.0] or an int"
 
 
 def test_a_path_that_cannot_be_written_is_one_line(monkeypatch):

@@ -352,7 +352,24 @@ def ema_weights(ckpt: Mapping) -> dict:
 
 
 def _from_lightning_classifier(ckpt: Mapping) -> dict:
-    return _strip_prefix(ckpt["state_dict"], "model.")
+    return _fold_probe_head(_strip_prefix(ckpt["state_dict"], "model."))
+
+
+PROBE_BN_EPS = 1e-6  # the eps of a linear probe's BatchNorm1d (finetune.module.SwinV2Classifier)
+
+
+def _fold_probe_head(weights: dict) -> dict:
+    """A linear probe's head, BatchNorm1d without affine then Linear (`head.0`, `head.1`), as the one Linear it
+    computes in eval mode (`head.weight`, `head.bias`, as every other layout's head): W / s and b - W mu / s, with
+    s = sqrt(running_var + eps)."""
+    if "head.1.weight" not in weights or "head.0.running_var" not in weights:
+        return weights
+    linear = weights["head.1.weight"]
+    scale = (weights["head.0.running_var"].double() + PROBE_BN_EPS).rsqrt()
+    weight = linear.double() * scale
+    bias = weights["head.1.bias"].double() - weight @ weights["head.0.running_mean"].double()
+    return {**{key: value for key, value in weights.items() if not key.startswith("head.")},
+            "head.weight": weight.to(linear.dtype), "head.bias": bias.to(linear.dtype)}
 
 
 def _from_simmim(ckpt: Mapping) -> dict:
@@ -403,7 +420,8 @@ def _keys_error(missing: list[str], unexpected: list[str], hint: str = MISMATCH_
 
 def weights_model(weights: Mapping) -> dict:
     """What a SwinV2 state dict (our names) says of its model's arguments: embed_dim, in_chans and patch_size (the
-    patch embedding), depths (blocks per stage) and num_heads (per stage, from its first block's attention)."""
+    patch embedding), depths (blocks per stage), attn_mode (cosine attention has a logit scale) and num_heads (per
+    stage, from its first block's attention)."""
     found = {}
     proj = weights.get("patch_embed.proj.weight")
     if proj is not None and proj.dim() == 4:
@@ -415,6 +433,7 @@ def weights_model(weights: Mapping) -> dict:
     if not blocks or sorted(blocks) != list(range(len(blocks))):
         return found
     found["depths"] = [blocks[i] for i in range(len(blocks))]
+    found["attn_mode"] = "cosine" if any(key.endswith("attn.logit_scale") for key in weights) else "dot"
     heads = []
     for i in range(len(blocks)):
         attn = f"layers.{i}.blocks.0.attn."

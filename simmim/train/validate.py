@@ -210,8 +210,17 @@ def _check_trainer(trainer: dict, here: bool) -> None:
     devices = trainer.get("devices")
     if isinstance(devices, str) and devices.lstrip("-").isdigit():  # the Lightning CLI passes "2" as a string
         devices = int(devices)
-    if type(devices) is int and devices < 1 and devices != -1:
+    if (type(devices) is int and devices < 1 and devices != -1
+            or isinstance(devices, str) and devices != "auto" and not re.fullmatch(r"\d+(,\d+)*,?", devices)):
         raise _fail("trainer.devices", devices, "an integer > 0, -1 (every device), a list of device indices or auto")
+    for name, least in (("limit_train_batches", 0), ("limit_val_batches", 0), ("limit_test_batches", 0),
+                        ("val_check_interval", 1)):
+        value = trainer.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not (value >= least if isinstance(value, int) else 0 < value <= 1 if least else 0 <= value <= 1):
+            raise _fail(f"trainer.{name}", value, f"a fraction of the epoch's batches in {'(0' if least else '[0'}, "
+                                                  f"1] or a number of batches >= {least}")
     if not here:
         return
     accelerator = str(trainer.get("accelerator", "auto"))
