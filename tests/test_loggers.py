@@ -218,3 +218,15 @@ def test_wandb_and_mlflow_runs_are_recorded_continued_and_replaced(tmp_path, off
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert len(build_loggers(cfg, tmp_path)) == 2 and not record.exists()
+
+
+def test_an_mlflow_server_that_does_not_answer_is_one_line(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI of a server that is down: one line naming it and the fixes (was MLflow's traceback of
+    80 lines, after its retries: 4 minutes by default; none here)."""
+    monkeypatch.setattr(loggers, "TRACKING_URI", "http://127.0.0.1:1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = load_config("pretrain", overrides=["logging.loggers=[mlflow]"])
+    with pytest.raises(ValueError, match=r"^MLflow cannot start a run in the tracking store http://127.0.0.1:1 \(API "
+                                         r"request to .* failed.*\); check MLFLOW_TRACKING_URI or the mlflow logger's "
+                                         r"tracking_uri, or leave mlflow out of logging.loggers$"):
+        build_loggers(cfg, tmp_path)

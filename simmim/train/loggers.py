@@ -210,7 +210,12 @@ def _mlflow_logger(resolved: tuple[str, dict], runs: dict, run_dir: Path) -> MLF
             rank_zero_warn(f"MLflow run {runs[key]} of {RUNS_FILE} cannot be continued in the tracking store "
                            f"{mlflow.get_tracking_uri()} ({str(error).splitlines()[0]}): logging to a new run")
     logger = _instantiate((class_path, RunMLFlowLogger, init_args), "logging.loggers")
-    runs[key] = logger.run_id  # starts the run
+    try:
+        runs[key] = logger.run_id  # starts the run
+    except MlflowException as error:  # a server that does not answer: after MLflow's retries (minutes)
+        raise ValueError(f"MLflow cannot start a run in the tracking store {mlflow.get_tracking_uri()} "
+                         f"({str(error).splitlines()[0][:200]}); check MLFLOW_TRACKING_URI or the mlflow logger's "
+                         f"tracking_uri, or leave mlflow out of logging.loggers") from None
     return logger
 
 
