@@ -77,6 +77,16 @@ def test_unknown_recipe_and_keys_name_near_matches():
     assert cfg.trainer.fast_dev_run is True
 
 
+def test_a_runs_saved_config_is_a_recipe(tmp_path):
+    """recipe=<run dir>/config.yaml gives the config that run resolved (was "unknown key 'recipe'")."""
+    from simmim.train.config import save_config
+
+    for stage, recipe in (("pretrain", "base"), ("finetune", "few_labels")):
+        cfg = load_config(stage, recipe, ["trainer.max_epochs=3", "run_name=mine"])
+        save_config(cfg, tmp_path / stage / "config.yaml")
+        assert load_config(stage, str(tmp_path / stage / "config.yaml")) == cfg
+
+
 def test_every_recipe_resolves_and_builds_on_meta():
     from simmim.models.simmim import build_simmim
 

@@ -178,12 +178,13 @@ def stage_schema(stage: str) -> DictConfig:
 def load_config(stage: str, recipe: str = "default", overrides: DictConfig | list[str] | None = None,
                 here: bool = True) -> DictConfig:
     """Merge default <- recipe <- overrides, reject unknown keys, return the resolved config (here: see
-    `check_config`)."""
+    `check_config`). A recipe may be a run's saved config.yaml: the same run again."""
     schema = stage_schema(stage)
     layers = [schema]
-    recipe_path = _recipe_path(stage, recipe)
+    recipe_path, made_from = _recipe_path(stage, recipe), None
     if recipe != "default":
         recipe_cfg = load_yaml(recipe_path)
+        made_from = recipe_cfg.pop("recipe", None)  # a run's config.yaml, given as a recipe: what it was made from
         check_keys(recipe_cfg, schema, f"recipe {recipe_path}")
         layers.append(recipe_cfg)
     if overrides is not None:
@@ -195,7 +196,7 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
     if variant is not None:  # schema <- the variant's widths, depths, heads <- recipe <- command line
         layers.insert(1, OmegaConf.create({"model": variant_model(variant)}))
     cfg = OmegaConf.merge(*layers)
-    cfg.recipe = Path(recipe).stem
+    cfg.recipe = made_from or Path(recipe).stem
     OmegaConf.resolve(cfg)
     check_config(cfg, schema, here)
     return cfg
