@@ -10,13 +10,14 @@ model.pretrained_window_sizes, read from the checkpoint's saved config when not 
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 from finetune.module import ClassificationDataModule, SwinV2Classifier
 from simmim.data import LogSkipped
 from simmim.models.checkpoint import (check_weights_meaning, load_pretrained, pretrained_window_sizes,
                                       read_checkpoint, stage_windows)
-from simmim.train.config import ConfigError
+from simmim.train.config import ConfigError, checkpoint_to_resume
 from simmim.train.stage import Stage, run_stage, section
 from simmim.train.validate import validate_labels
 
@@ -31,6 +32,14 @@ def read_pretrained(cfg) -> dict | None:
                           f"folder); pass a checkpoint file in it (a pretraining run directory holds encoder.pth), "
                           f"or pretrained=null to train from scratch")
     if not Path(cfg.pretrained).exists():
+        if (resumed := checkpoint_to_resume(cfg)) is not None:  # its weights come from there: so can its windows
+            saved = torch.load(resumed, map_location="cpu", mmap=True, weights_only=False)
+            windows = ((saved.get("hyper_parameters") or {}).get("model") or {}).get("pretrained_window_sizes")
+            if cfg.model.pretrained_window_sizes is None and windows is not None:
+                cfg.model.pretrained_window_sizes = list(windows)
+            rank_zero_warn(f"pretrained={cfg.pretrained} no longer exists; this run resumes {resumed}, which holds "
+                           f"the weights and the Log-CPB windows it goes on from")
+            return None
         raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
                           f"another checkpoint, or pretrained=null to train from scratch")
     checkpoint = read_checkpoint(cfg.pretrained)

@@ -177,3 +177,21 @@ def test_a_fine_tune_into_a_pretraining_run_directory_says_so(tmp_path):
     with pytest.raises(ConfigError, match=r"it is a lightning-simmim checkpoint, not one of a fine-tuning run; "
                                           r".*p is a run directory of that stage: give this run another run_name"):
         finetune_script.main([f"output_dir={tmp_path}", "run_name=p", "pretrained=null", *SMALL])
+
+
+@pytest.mark.slow
+def test_a_resume_goes_on_when_the_pretrained_file_is_gone(tmp_path, capsys):
+    """The encoder a run was fine-tuned from, moved or deleted: the resume (whose weights and windows come from its
+    checkpoint) goes on with a warning; it stopped at "pretrained=... does not exist"."""
+    pretrain.main([f"output_dir={tmp_path}/pre", "run_name=p", "logging.recon_every_n_steps=0", *SMALL])
+    encoder = tmp_path / "pre" / "p" / "encoder.pth"
+    args = [f"output_dir={tmp_path}/ft", "run_name=f", f"pretrained={encoder}", *SMALL]
+    finetune_script.main(args)
+    encoder.unlink()
+    with pytest.warns(UserWarning, match=r"pretrained=.*encoder.pth no longer exists; this run resumes .*last.ckpt, "
+                                         r"which holds the weights and the Log-CPB windows it goes on from"):
+        finetune_script.main([*args, "trainer.max_epochs=2"])
+    ckpt = torch.load(tmp_path / "ft" / "f" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["model"]["pretrained_window_sizes"] == [4, 4, 4, 2]
+    with pytest.raises(ConfigError, match="does not exist; run scripts/pretrain.py first"):  # a fresh run needs it
+        finetune_script.main([*args[:1], "run_name=g", *args[2:]])

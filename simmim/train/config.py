@@ -294,7 +294,7 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
     instead of overwriting them; a resumed run must have the same model; a directory that a live run holds is
     refused.
     """
-    from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
+    from simmim.train.checkpoint_io import checkpoint_problem
     from simmim.train.run_dir import check_unlocked  # here: run_dir imports this module
 
     run_dir = Path(cfg.output_dir) / str(cfg.run_name)
@@ -306,11 +306,10 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
             raise ConfigError(f"{path} is a folder that holds no DeepSpeed checkpoint, where the run saves its "
                               f"checkpoints; move it away (or pass run_name=NEW)")
     if cfg.resume == "auto":
-        ckpt = newest_good_checkpoint(folder) if existing else None
+        ckpt = checkpoint_to_resume(cfg) if existing else None
         if existing and ckpt is None:
             raise ConfigError(f"no checkpoint in {folder} can be resumed from (see the warnings above); pass "
                               f"resume=PATH of a good one, or run_name=NEW to start another run")
-        ckpt = None if ckpt is None else str(ckpt)
     elif cfg.resume:
         if not Path(cfg.resume).exists():
             raise ConfigError(f"resume={cfg.resume} does not exist; pass a .ckpt file, resume=auto or resume=null")
@@ -345,6 +344,18 @@ def _check_same_pretrained(cfg: DictConfig, saved: Path, ckpt: str) -> None:
         raise ConfigError(f"cannot resume {ckpt}: it was fine-tuned from pretrained={before}, this run names "
                           f"{now}; a resumed run goes on from its own weights: pass pretrained={before}, or "
                           f"run_name=NEW to fine-tune from {now} in another run")
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint `prepare_run` would resume from (resume=PATH, or the run directory's with resume=auto), None
+    for a fresh run; unchecked."""
+    from simmim.train.checkpoint_io import newest_good_checkpoint
+
+    folder = Path(cfg.output_dir) / str(cfg.run_name) / "checkpoints"
+    if cfg.resume == "auto":
+        found = newest_good_checkpoint(folder) if folder.is_dir() else None
+        return None if found is None else str(found)
+    return str(cfg.resume) if cfg.resume and Path(cfg.resume).exists() else None
 
 
 def check_same_model(cfg: DictConfig, saved: Path, refusal: str, fix: str) -> None:
