@@ -759,6 +759,9 @@ def labels_per_class_subset(samples: FileList | Sequence[Sample], per_class: int
     if per_class < 1:
         raise ValueError(f"data.labels_per_class={per_class} must be >= 1, or null for every label")
     labels = samples.labels if isinstance(samples, FileList) else np.array([label for _, label in samples])
+    if per_class > (most := int(np.unique(labels, return_counts=True)[1].max())):
+        rank_zero_warn(f"data.labels_per_class={per_class}: no class has more than {most} training images; every "
+                       f"image is used")
     rng = np.random.default_rng(seed)
     keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]))
     return samples.subset(keep) if isinstance(samples, FileList) else [samples[i] for i in keep]

@@ -617,6 +617,9 @@ def test_labels_per_class_draws_the_same_subset_for_a_seed():
     few = [(f"a{i}", 0) for i in range(3)] + [("b", 1)]
     picked = labels_per_class_subset(few, 2)  # a class with fewer images than asked keeps them all
     assert [label for _, label in picked] == [0, 0, 1] and set(picked) <= set(few)
+    with pytest.warns(UserWarning, match=r"data.labels_per_class=5: no class has more than 3 training images; every "
+                                         r"image is used"):
+        assert len(labels_per_class_subset(few, 5)) == 4
     train, val = labeled_datasets("digits", img_size=16, labels_per_class=3, seed=2)
     assert len(train) == 30 and len(val) == 360
     with pytest.raises(ValueError, match="data.labels_per_class=0 must be >= 1"):
