@@ -637,9 +637,9 @@ class ImageDataset(Dataset):
             except (OSError, ValueError) as error:
                 self.skipped.add(error)
                 index = int(np.random.default_rng([index, attempt]).integers(len(self.samples)))
-        if len(self.samples) <= MAX_REPLACEMENTS:  # each file tried: all failed
-            raise ValueError(f"none of the {len(self.samples)} file(s) of a split decodes (last tried: {image})"
-                             f"{FEW_FILES if len(self.samples) <= 2 else ''}")
+        if len(self.samples) <= MAX_REPLACEMENTS:  # a small split: its files were tried about all
+            raise ValueError(f"{MAX_REPLACEMENTS + 1} tries over the {len(self.samples)} file(s) of a split all failed "
+                             f"to decode (last: {image}){FEW_FILES if len(self.samples) <= 2 else ''}")
         raise ValueError(f"{MAX_REPLACEMENTS + 1} files in a row failed to decode (last: {image}, one of "
                          f"{len(self.samples)}); most of the data is unreadable, check it (data.verify=true lists what "
                          f"decodes at setup)")
@@ -763,7 +763,8 @@ def labels_per_class_subset(samples: FileList | Sequence[Sample], per_class: int
         rank_zero_warn(f"data.labels_per_class={per_class}: no class has more than {most} training images; every "
                        f"image is used")
     rng = np.random.default_rng(seed)
-    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]))
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == label))[:per_class]
+                                   for label in np.unique(labels)]))
     return samples.subset(keep) if isinstance(samples, FileList) else [samples[i] for i in keep]
 
 

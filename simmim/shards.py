@@ -472,9 +472,10 @@ class ShardSource:
             raise ValueError(f"{named} {shards} validation shard(s) for {ranks} ranks, which each validate on shards "
                              f"of their own; give data.val_shards at least {ranks} shards (make_shards.py shard_mb=)")
         if not sum(self.train_set.counts):
-            raise ValueError(f"data.shards={self.shards} holds no samples with an image (KEY.{', KEY.'.join(IMAGE_SUFFIXES)}"
-                             f"); its first shard has {_member_suffixes(self.train_set.urls[0])}; a sample's key ends at "
-                             f"the first dot of its file names (img.0001.jpg: key img, suffix 0001.jpg)")
+            images = ", ".join(f"KEY.{suffix}" for suffix in IMAGE_SUFFIXES)
+            raise ValueError(f"data.shards={self.shards} holds no samples with an image ({images}); its first shard "
+                             f"has {_member_suffixes(self.train_set.urls[0])}; a sample's key ends at the first dot of "
+                             f"its file names (img.0001.jpg: key img, suffix 0001.jpg)")
         if batch_size is not None and ShardLoader(self.train_set, batch_size, num_workers).num_batches == 0:
             raise ValueError(f"the training shards give no full batch of data.batch_size={batch_size} per epoch: "
                              f"{sum(self.train_set.counts)} samples over {readers} readers (ranks x data.num_workers), "

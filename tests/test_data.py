@@ -261,7 +261,8 @@ def test_every_file_bad_is_a_clear_error(tmp_path):
         write_png(tmp_path / "few" / f"{i:02d}.png", color_image(i))
     _, val = build_sources("folder", 32, root=tmp_path / "few")
     write_truncated_jpg(Path(val.path(0)))  # the one image held out (the split does not depend on the files)
-    with pytest.raises(ValueError, match=r"none of the 1 file\(s\) of a split decodes \(last tried: .*\); a folder or list "
+    with pytest.raises(ValueError, match=r"101 tries over the 1 file\(s\) of a split all failed to decode \(last: .*\); "
+                                         r"a folder or list "
                                          r"of few images holds out few for validation"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ImageDataset(val, eval_transform(32))[0]

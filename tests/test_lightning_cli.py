@@ -63,7 +63,8 @@ def test_both_stages_through_the_cli(tmp_path):
     assert OmegaConf.load(run / "config.yaml").resume == str(other)
 
     out = cli("fit", "--stage", "finetune", *FAST, "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]",
-              f"--run.output_dir={tmp_path}/ft", f"--run.pretrained={run / 'encoder.pth'}", cwd=tmp_path)
+              f"--run.output_dir={tmp_path}/ft", f"--run.pretrained={run / 'encoder.pth'}",
+              "--trainer.val_check_interval=2", cwd=tmp_path)  # a validation at step 2: its confusion matrix
     assert "reinitialized" in out  # the pretrained weights were loaded (the head is new)
     saved = OmegaConf.load(tmp_path / "ft" / "default" / "config.yaml")
     assert list(saved.model.pretrained_window_sizes) == [4, 4, 4, 2]  # Log-CPB handoff from the saved config

@@ -42,8 +42,9 @@ from simmim.models.swinv2 import DERIVED_BUFFERS, VARIANTS, SwinTransformerV2
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
            "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
-           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning", "stage_windows", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder",
-           "class_names"]
+           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning", "stage_windows",
+           "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder", "class_names", "timm_folder_model",
+           "weights_model"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
@@ -185,8 +186,8 @@ def _key_from_hf(key: str) -> str:
 def read_hf_folder(folder: str | Path) -> dict:
     """A transformers Swinv2 folder (config.json, weights: `_hf_weights`) as `{"model": its state
     dict, "config": {"model": our SwinTransformerV2 arguments from config.json, "simmim": its masking settings when
-    it has them (scripts/export.py writes them)}}`; a timm Hub folder (its config.json names an `architecture`) by
-    `_read_timm_folder`."""
+    it has them (scripts/export.py writes them)}}`; a timm Hub folder's (its config.json names an `architecture`)
+    model comes from `timm_folder_model`."""
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -196,7 +197,8 @@ def read_hf_folder(folder: str | Path) -> dict:
     if isinstance(config, dict) and "architecture" in config and "model_type" not in config:
         return {"model": _hf_weights(folder), "config": {"model": timm_folder_model(config, folder / "config.json")}}
     if not isinstance(config, dict) or config.get("model_type") != "swinv2":
-        raise ValueError(f"{folder / 'config.json'} has model_type {config.get('model_type')!r}; pass a transformers "
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise ValueError(f"{folder / 'config.json'} has model_type {found!r}; pass a transformers "
                          f"Swinv2 folder (model_type swinv2)")
     if config.get("use_absolute_embeddings"):
         raise ValueError(f"{folder / 'config.json'} has use_absolute_embeddings=true, which SwinV2 does not use and "

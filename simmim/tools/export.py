@@ -223,7 +223,8 @@ def export_official(source, overrides: Mapping | None, out: str | Path) -> Path:
     else:
         model, config = encoder_for_export(ckpt, overrides)
         names = class_names(ckpt)
-        payload = {"model": model.state_dict(), "config": {"model": config, **({"class_names": names} if names else {})}}
+        payload = {"model": model.state_dict(),
+                   "config": {"model": config, **({"class_names": names} if names else {})}}
     atomic_save(payload, out)
     return Path(out)
 
