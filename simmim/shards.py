@@ -57,6 +57,9 @@ def shard_urls(spec: str, key: str = "data.shards") -> list[str]:
     (whose shards must all exist; not checked over http(s), which cannot list) or one shard."""
     fs, path = _filesystem(spec, key)
     http = spec.startswith(("http://", "https://"))
+    if http and "{" not in spec and (spec.endswith("/") or "." not in spec.rsplit("/", 1)[-1]):
+        raise ValueError(f"{key}={spec} looks like an http folder, which cannot be listed; give its shards as a brace "
+                         f"pattern ({spec.rstrip('/')}/train-{{000000..000099}}.tar) or one .tar URL")
     try:
         if "{" in spec:
             urls = list(braceexpand(spec))
@@ -65,9 +68,6 @@ def shard_urls(spec: str, key: str = "data.shards") -> list[str]:
                 raise FileNotFoundError(f"{key}={spec}: {len(missing)} of its {len(urls)} shards do not exist "
                                         f"(first: {missing[0]}); fix the pattern's range")
             return urls
-        if http and (spec.endswith("/") or "." not in spec.rsplit("/", 1)[-1]):
-            raise ValueError(f"{key}={spec} looks like an http folder, which cannot be listed; give its shards as a "
-                             f"brace pattern ({spec.rstrip('/')}/train-{{000000..000099}}.tar) or one .tar URL")
         if not http and fs.isdir(path):
             urls = sorted(fs.unstrip_protocol(p) if "://" in spec else p for p in fs.glob(path.rstrip("/") + "/*.tar"))
             if not urls:

@@ -242,8 +242,9 @@ def test_a_data_location_of_the_wrong_kind_is_named(tmp_path):
                                                 r"that lists images: data.source=list data.list_file=.*images.txt\)"):
         build_sources("folder", 32, root=tmp_path / "images.txt")
     for spec in ("http://127.0.0.1:9/train/", "http://127.0.0.1:9/train"):
-        with pytest.raises(ValueError, match=r"looks like an http folder, which cannot be listed; give its shards as a "
-                                             r"brace pattern \(http://127.0.0.1:9/train/train-\{000000..000099\}.tar\)"):
+        with pytest.raises(ValueError, match=rf"^data.shards={spec} looks like an http folder, which cannot be listed; "
+                                             r"give its shards as a brace pattern \(http://127.0.0.1:9/train/train-"
+                                             r"\{000000..000099\}.tar\) or one .tar URL$"):
             shard_urls(spec)
 
 
