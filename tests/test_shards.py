@@ -302,43 +302,25 @@ def test_corrupt_samples_are_skipped_counted_and_replaced(tmp_path):
     assert labels == [0, 1, 2, 3, 3, 4, 5, 0]  # the bad one replaced by the next good one; png without .cls -> 0
 
 
-class _DroppingHandler(_QuietHandler):
-    """Serves files, but the first GET of each name in `drop` sends half of the file and closes the connection."""
+class _CuttingHandler(_QuietHandler):
+    """Serves files, but the first GET of each name in `cut` sends the headers and the first `part` of the file,
+    then nothing for `pause` seconds, and closes the connection: a dropped connection, or a stalled server."""
 
-    drop: set = set()
+    cut: set = set()
+    part, pause = 0.5, 0.0
 
     def do_GET(self):
         name = self.path.rsplit("/", 1)[-1]
-        if name not in self.drop:
+        if name not in self.cut:
             return super().do_GET()
-        self.drop.discard(name)
+        self.cut.discard(name)
         data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data[:len(data) // 2])
+        self.wfile.write(data[:int(len(data) * self.part)])
         self.wfile.flush()
-        self.close_connection = True
-
-
-class _StallingHandler(_QuietHandler):
-    """Serves files, but the first GET of each name in `stall` sends the headers and a quarter of the file, then
-    nothing for 10 s (a stalled server)."""
-
-    stall: set = set()
-
-    def do_GET(self):
-        name = self.path.rsplit("/", 1)[-1]
-        if name not in self.stall:
-            return super().do_GET()
-        self.stall.discard(name)
-        data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data[:len(data) // 4])
-        self.wfile.flush()
-        time.sleep(10)
+        time.sleep(self.pause)
         self.close_connection = True
 
 
@@ -348,15 +330,17 @@ def test_a_stalled_http_server_fails_the_read_which_is_retried(tmp_path, monkeyp
     monkeypatch.setattr(shards, "RETRY_WAIT", 0.01)
     monkeypatch.setattr(shards, "HTTP_TIMEOUT", 1.0)
     numbered_shards(tmp_path / "shards", [6])
-    monkeypatch.setattr(_StallingHandler, "stall", {"part-000.tar"})
-    with serving(tmp_path, _StallingHandler) as root:
+    monkeypatch.setattr(_CuttingHandler, "cut", {"part-000.tar"})
+    monkeypatch.setattr(_CuttingHandler, "part", 0.25)
+    monkeypatch.setattr(_CuttingHandler, "pause", 10.0)
+    with serving(tmp_path, _CuttingHandler) as root:
         url = f"{root}/shards/part-000.tar"
         data = ShardDataset([url], [6], label_item, decode_image, SkipCounter(), shuffle=False)
         started = time.monotonic()
         with pytest.warns(UserWarning, match=r"reading http://.*part-000.tar failed after \d samples .*retry 1 of"):
             labels = [item[0] for item in data]
         assert labels == list(range(6)) and time.monotonic() - started < 8
-        monkeypatch.setattr(_StallingHandler, "stall", {"part-000.tar"})  # counted at start: one line, no retry
+        monkeypatch.setattr(_CuttingHandler, "cut", {"part-000.tar"})  # counted at start: one line, no retry
         with pytest.raises(ValueError, match=r"shard http://.*part-000.tar cannot be read: its server sent nothing for "
                                              r"1 s; check the address, the network and the server"):
             shard_counts([url])
@@ -368,8 +352,8 @@ def test_a_shard_whose_read_fails_is_read_again_from_where_it_stopped(tmp_path, 
         write_shard(tmp_path / "shards" / f"part-{i:03d}.tar",
                     [(f"s{n:05d}", {"jpg": jpeg(n, (384, 512, 3)), "cls": str(n).encode()})
                      for n in range(12 * i, 12 * i + 12)])
-    monkeypatch.setattr(_DroppingHandler, "drop", {"part-000.tar", "part-001.tar"})
-    with serving(tmp_path, _DroppingHandler) as root:
+    monkeypatch.setattr(_CuttingHandler, "cut", {"part-000.tar", "part-001.tar"})
+    with serving(tmp_path, _CuttingHandler) as root:
         urls = [f"{root}/shards/part-{i:03d}.tar" for i in range(2)]
         data = ShardDataset(urls, [12, 12], label_item, decode_image, SkipCounter(), shuffle=False)
         with pytest.warns(UserWarning) as warned:
