@@ -125,16 +125,6 @@ class SwinV2Classifier(pl.LightningModule):
         if names:
             checkpoint["class_names"] = list(names)
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """A label outside model.num_classes stops the run with one line (streamed shards' labels are first seen
-        here; listed sources are checked at start: `finetune.train.check_labels`); on the host, no device sync."""
-        labels, classes = batch[1], self.model.num_classes
-        if torch.is_tensor(labels) and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
-            bad = int(labels[(labels < 0) | (labels >= classes)][0])
-            raise ValueError(f"model.num_classes={classes}: the data has label {bad}, expected 0..{classes - 1}; set "
-                             f"model.num_classes to the number of classes of the data, or fix its labels")
-        return batch
-
     # -- training
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -269,6 +259,18 @@ class ClassificationDataModule(ResumableDataModule):
                                                         hp.labels_per_class, hp.seed, **augment)
         self.train_set.skipped = self.val_set.skipped = self.skipped
         self.train_set.seed = hp.seed
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A label outside the classifier's classes (model.num_classes) stops the run with one line (streamed shards'
+        labels are first seen here; listed sources are checked at start: `finetune.train.check_labels`); on the
+        host, before the transfer."""
+        model = getattr(self.trainer.lightning_module, "model", None) if self.trainer is not None else None
+        labels, classes = batch[1], getattr(model, "num_classes", 0)
+        if classes and torch.is_tensor(labels) and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+            bad = int(labels[(labels < 0) | (labels >= classes)][0])
+            raise ValueError(f"model.num_classes={classes}: the data has label {bad}, expected 0..{classes - 1}; set "
+                             f"model.num_classes to the number of classes of the data, or fix its labels")
+        return batch
 
     @property
     def class_names(self) -> list[str]:

@@ -880,7 +880,9 @@ class ResumableDataModule(pl.LightningDataModule):
         its shards); anything else would repeat or skip samples of the epoch, so it is refused with the fixes.
         Training data of another size (files added or removed since) is warned of: the user cannot fix that."""
         set_up = getattr(self, "train_set", None) is not None or self.shards is not None
-        if self._saved_layout and self.trainer is not None and set_up:
+        state = getattr(self.trainer, "state", None)  # validate reads no training position
+        fitting = self.trainer is not None and getattr(state, "fn", "fit") == "fit"
+        if self._saved_layout and fitting and set_up:
             self._check_saved_layout(self._saved_layout, self.trainer.world_size, Path(str(self.trainer.ckpt_path)))
             self._saved_layout = None  # checked: on restore (set up by then), else when the train loader is made
 

@@ -190,3 +190,18 @@ def test_validate_needs_a_checkpoint_and_test_predict_are_not_offered(tmp_path):
         assert result.returncode != 0
         assert message in result.stderr.strip().splitlines()[-1], result.stderr[-1000:]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_validate_takes_the_image_size_of_the_checkpoint(tmp_path):
+    """validate --ckpt_path of a 32 px fine-tune, without --data.img_size: the data follows the checkpoint's model
+    (it stopped at "--model.model.img_size 32 differs from --data.img_size 64")."""
+    import finetune.train as finetune_script
+
+    finetune_script.main([f"output_dir={tmp_path}", "run_name=f", "pretrained=null", "data.img_size=32",
+                          "model.embed_dim=16", "trainer.max_steps=1", "trainer.limit_val_batches=1",
+                          "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=8"])
+    out = cli("validate", "--stage", "finetune", "--ckpt_path", str(tmp_path / "f" / "checkpoints" / "last.ckpt"),
+              "--run.pretrained", "null", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+              "--data.num_workers=0", cwd=tmp_path)
+    assert "val/top1" in out and "on_before_batch_transfer" not in out  # nor Lightning's warning of two hooks

@@ -254,10 +254,12 @@ class RecipeCLI(LightningCLI):
             if cfg.resume not in ("auto", config.ckpt_path):
                 raise ConfigError(f"--ckpt_path {config.ckpt_path} and --run.resume {cfg.resume} disagree; give one")
             cfg.resume = config.ckpt_path
-        model = model_args.get("model")
-        if isinstance(model, dict) and model.get("img_size") == self.recipe.model.img_size != data_args.get(
-                "img_size", self.recipe.data.img_size):  # the model follows --data.img_size, as in the scripts
-            model["img_size"] = data_args["img_size"]
+        model, data_size = model_args.get("model"), data_args.get("img_size", self.recipe.data.img_size)
+        if isinstance(model, dict) and model.get("img_size") == self.recipe.model.img_size != data_size:
+            model["img_size"] = data_args["img_size"]  # the model follows --data.img_size, as in the scripts
+        elif (isinstance(model, dict) and config.ckpt_path and data_size == self.recipe.data.img_size
+              and model.get("img_size") not in (None, data_size)):
+            data_args["img_size"] = model["img_size"]  # the data follows the --ckpt_path model's (it was refused)
         self.cfg = self.stage.recipe_from_init_args(cfg, model_args, data_args)
         check_config(self.cfg, stage_schema(self.stage.name))
         self.prepared = self.stage.prepare(self.cfg)
