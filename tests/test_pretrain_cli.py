@@ -123,3 +123,13 @@ def test_missing_data_folder_fails_before_training(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match=str(tmp_path / "nowhere")):
         pretrain.main(fast_args(tmp_path, "data.source=folder", f"data.root={tmp_path / 'nowhere'}"))
     assert not (tmp_path / "demo" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_masking_names_it(tmp_path):
+    """simmim.mask_ratio changed on a resume: the rest of the run masks otherwise, named in a warning (was silent;
+    data.* and train.* values were named already)."""
+    pretrain.main(fast_args(tmp_path, "eval.knn_every_n_epochs=0"))
+    with pytest.warns(UserWarning, match=r"resuming .*last.ckpt with other settings than it was trained with: "
+                                         r"simmim.mask_ratio 0.6 -> 0.5; the rest of the run"):
+        pretrain.main(fast_args(tmp_path, "eval.knn_every_n_epochs=0", "simmim.mask_ratio=0.5"))

@@ -379,13 +379,15 @@ RESUME_MAY_CHANGE = ("root", "list_file", "shards", "val_shards", "num_workers",
 
 
 def _warn_changed_settings(cfg: DictConfig, checkpoint: dict, ckpt: str) -> None:
-    """A warning naming the data.* and train.* values a resumed run trains on that differ from those its checkpoint
-    was trained with (augmentation, mixup, ...): the rest of the run differs from the one interrupted. Where the data
-    is and how it is read (`RESUME_MAY_CHANGE`; data.batch_size is checked mid-epoch by the datamodule) may change."""
-    saved = {**{f"data.{k}": v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items()},
-             **{f"train.{k}": v for k, v in (checkpoint.get("hyper_parameters") or {}).items()}}
+    """A warning naming the data.*, train.* and simmim.* values a resumed run trains on that differ from those its
+    checkpoint was trained with (augmentation, mixup, masking, ...): the rest of the run differs from the one
+    interrupted. Where the data is and how it is read (`RESUME_MAY_CHANGE`; data.batch_size is checked mid-epoch by
+    the datamodule) may change. (The module's and the datamodule's hyperparameters use the keys' own names.)"""
+    data, module = (checkpoint.get(name) or {} for name in ("datamodule_hyper_parameters", "hyper_parameters"))
+    saved = {**{f"data.{k}": v for k, v in data.items()}, **{f"train.{k}": v for k, v in module.items()},
+             **{f"simmim.{k}": v for k, v in {**data, **module}.items()}}
     changed = []
-    for section in ("data", "train"):
+    for section in ("data", "train", "simmim"):
         for key, value in OmegaConf.to_container(cfg.get(section, OmegaConf.create())).items():
             before = saved.get(f"{section}.{key}", value)
             before = list(before) if isinstance(before, tuple) else before
