@@ -188,7 +188,7 @@ def read_image(path: str | os.PathLike, min_short: int = 0, min_area: int = 0) -
 
 
 def decode_image(data: bytes | np.ndarray, name: str = "image", min_short: int = 0, min_area: int = 0) -> np.ndarray:
-    """Decode encoded image bytes to uint8 (H, W, 3) RGB, EXIF orientation applied.
+    """Decode encoded image bytes to uint8 (H, W, 3) RGB, EXIF orientation applied (JPEG, PNG, WebP).
 
     JPEGs are decoded by libjpeg-turbo (simplejpeg) at 1/2, 1/4 or 1/8 scale (DCT scaling: the inverse DCT,
     upsampling and color conversion shrink, the entropy decoding does not) when the result still has a short
@@ -203,7 +203,7 @@ def decode_image(data: bytes | np.ndarray, name: str = "image", min_short: int =
         image = _decode_jpeg(data, name, min_short, min_area)
     if image is None:
         image = _decode_cv2(data, name)
-    return _orient(image, _exif_orientation(data) if data[:2].tobytes() == b"\xff\xd8" else 1)
+    return _orient(image, _exif_orientation(data))
 
 
 def _decode_jpeg(data: np.ndarray, name: str, min_short: int, min_area: int) -> np.ndarray | None:
@@ -227,6 +227,11 @@ def _decode_cv2(data: np.ndarray, name: str) -> np.ndarray:
     except cv2.error:
         image = None
     if image is None:
+        width, height = (int.from_bytes(data[i:i + 4].tobytes(), "big") for i in (16, 20))  # a PNG's IHDR
+        limit = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))  # OpenCV's, default 2^30
+        if data[:8].tobytes() == b"\x89PNG\r\n\x1a\n" and width * height > limit:
+            raise ValueError(f"cannot decode image {name}: it is {width}x{height} pixels, above OpenCV's limit of "
+                             f"{limit}; resize it, or raise the limit (environment variable OPENCV_IO_MAX_IMAGE_PIXELS)")
         raise ValueError(f"cannot decode image {name}: the file is corrupt, truncated or not an image")
     if image.dtype == np.uint16:
         image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
@@ -243,24 +248,46 @@ def _decode_cv2(data: np.ndarray, name: str) -> np.ndarray:
 
 
 def _exif_orientation(data: np.ndarray) -> int:
-    """The EXIF orientation (1..8) of a JPEG's APP1 segment, 1 when it has none."""
-    raw, pos = data[:EXIF_SEARCH].tobytes(), 2
-    while pos + 4 <= len(raw) and raw[pos] == 0xFF:
-        marker, length = raw[pos + 1], int.from_bytes(raw[pos + 2:pos + 4], "big")
-        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
-            return 1
-        segment = raw[pos + 4:pos + 2 + length]
-        if marker == 0xE1 and segment[:6] == b"Exif\0\0":
-            tiff = segment[6:]
-            order = "little" if tiff[:2] == b"II" else "big"
-            ifd = int.from_bytes(tiff[4:8], order)
-            for i in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
-                entry = tiff[ifd + 2 + 12 * i:ifd + 14 + 12 * i]
-                if int.from_bytes(entry[:2], order) == 0x0112:
-                    value = int.from_bytes(entry[8:10], order)
-                    return value if 1 <= value <= 8 else 1
-            return 1
-        pos += 2 + length
+    """The EXIF orientation (1..8) of a JPEG (APP1 segment), PNG (eXIf chunk) or WebP (EXIF chunk) in its first
+    EXIF_SEARCH bytes; 1 when it has none (other formats: their decoder's)."""
+    raw = data[:EXIF_SEARCH].tobytes()
+    if raw[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 4 <= len(raw) and raw[pos] == 0xFF:
+            marker, length = raw[pos + 1], int.from_bytes(raw[pos + 2:pos + 4], "big")
+            if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
+                return 1
+            segment = raw[pos + 4:pos + 2 + length]
+            if marker == 0xE1 and segment[:6] == b"Exif\0\0":
+                return _tiff_orientation(segment[6:])
+            pos += 2 + length
+    elif raw[:8] == b"\x89PNG\r\n\x1a\n":  # chunks: length (big-endian), type, data, CRC
+        pos = 8
+        while pos + 8 <= len(raw):
+            length, kind = int.from_bytes(raw[pos:pos + 4], "big"), raw[pos + 4:pos + 8]
+            if kind == b"eXIf":
+                return _tiff_orientation(raw[pos + 8:pos + 8 + length])
+            pos += 12 + length
+    elif raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":  # chunks: type, length (little-endian), data padded to even
+        pos = 12
+        while pos + 8 <= len(raw):
+            kind, length = raw[pos:pos + 4], int.from_bytes(raw[pos + 4:pos + 8], "little")
+            if kind == b"EXIF":
+                tiff = raw[pos + 8:pos + 8 + length]
+                return _tiff_orientation(tiff[6:] if tiff[:6] == b"Exif\0\0" else tiff)
+            pos += 8 + length + length % 2
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of EXIF's TIFF structure (IFD0), 1 when absent or out of 1..8."""
+    order = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    for i in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+        entry = tiff[ifd + 2 + 12 * i:ifd + 14 + 12 * i]
+        if int.from_bytes(entry[:2], order) == 0x0112:
+            value = int.from_bytes(entry[8:10], order)
+            return value if 1 <= value <= 8 else 1
     return 1
 
 

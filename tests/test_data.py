@@ -625,3 +625,34 @@ def test_labels_per_class_draws_the_same_subset_for_a_seed():
     assert len(train) == 30 and len(val) == 360
     with pytest.raises(ValueError, match="data.labels_per_class=0 must be >= 1"):
         labels_per_class_subset(full, 0)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_exif_orientation_of_png_and_webp_is_applied(fmt):
+    """PNG (eXIf chunk) and WebP (EXIF chunk) files with an EXIF orientation came out as stored; Pillow's
+    exif_transpose is the reference."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    for orientation in (3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        Image.fromarray(color_image(3, (20, 30, 3))).save(buffer, format=fmt, exif=exif.tobytes(), lossless=True)
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).convert("RGB"))
+        out = decode_image(buffer.getvalue())
+        assert out.shape == expected.shape and np.array_equal(out, expected), orientation
+
+
+def test_a_png_above_opencvs_pixel_limit_is_named_so(tmp_path):
+    """A valid 34000 x 32000 PNG was "corrupt, truncated or not an image" (OpenCV refuses above 2^30 pixels)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 34000, 32000, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (tmp_path / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"big.png: it is 34000x32000 pixels, above OpenCV's limit of 1073741824; "
+                                         r"resize it, or raise the limit \(environment variable "):
+        read_image(tmp_path / "big.png")
