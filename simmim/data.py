@@ -231,7 +231,8 @@ def _decode_cv2(data: np.ndarray, name: str) -> np.ndarray:
         limit = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))  # OpenCV's, default 2^30
         if data[:8].tobytes() == b"\x89PNG\r\n\x1a\n" and width * height > limit:
             raise ValueError(f"cannot decode image {name}: it is {width}x{height} pixels, above OpenCV's limit of "
-                             f"{limit}; resize it, or raise the limit (environment variable OPENCV_IO_MAX_IMAGE_PIXELS)")
+                             f"{limit}; resize it, or raise the limit (environment variable "
+                             f"OPENCV_IO_MAX_IMAGE_PIXELS)")
         raise ValueError(f"cannot decode image {name}: the file is corrupt, truncated or not an image")
     if image.dtype == np.uint16:
         image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)

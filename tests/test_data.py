@@ -261,7 +261,8 @@ def test_every_file_bad_is_a_clear_error(tmp_path):
         write_png(tmp_path / "few" / f"{i:02d}.png", color_image(i))
     _, val = build_sources("folder", 32, root=tmp_path / "few")
     write_truncated_jpg(Path(val.path(0)))  # the one image held out (the split does not depend on the files)
-    with pytest.raises(ValueError, match=r"101 tries over the 1 file\(s\) of a split all failed to decode \(last: .*\); "
+    with pytest.raises(ValueError, match=r"101 tries over the 1 file\(s\) of a split all failed to decode "
+                                         r"\(last: .*\); "
                                          r"a folder or list "
                                          r"of few images holds out few for validation"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -332,7 +333,8 @@ def test_folder_layouts_that_would_label_wrongly_are_named(tmp_path):
         build_sources("folder", 32, root=tmp_path / "classes")
 
     (tmp_path / "classes" / "a" / "up").symlink_to("..")
-    with pytest.warns(UserWarning, match=r"1 linked folder\(s\) under .*classes lead to a folder listed already \(first: "
+    with pytest.warns(UserWarning, match=r"1 linked folder\(s\) under .*classes lead to a folder listed already "
+                                         r"\(first: "
                                          r".*classes/a/up -> .*classes\)"):
         train, val = build_sources("folder", 32, root=tmp_path / "classes")
     labels = {path.removeprefix(str(tmp_path / "classes")): label for path, label in [*train, *val]}
@@ -368,7 +370,8 @@ def test_list_source(tmp_path):
     list_file.write_text(f"\ufeff../imgs/a.png\n{absolute}\n")
     assert [label for _, label in build_sources("list", 32, list_file=list_file)[0]] == [0]
     list_file.write_text(f"../imgs/a.png 3\n../imgs/my b.png 7\n{absolute}\n")
-    with pytest.raises(ValueError, match=r"train.txt line 3 has no label while 2 other line\(s\) have one \(1 without\); "
+    with pytest.raises(ValueError, match=r"train.txt line 3 has no label while 2 other line\(s\) have one "
+                                         r"\(1 without\); "
                                          r"give every line a class index, or none"):
         build_sources("list", 32, list_file=list_file)
 
@@ -380,11 +383,13 @@ def test_listed_files_that_do_not_exist_are_found_when_the_list_is_read(tmp_path
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "cwd.txt").write_text("imgs/a.png 0\nimgs/b.png 1\n")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"none of 2 files of .*cwd.txt tried exists \(first: .*lists/imgs/\w.png"
+    with pytest.raises(FileNotFoundError, match=r"none of 2 files of .*cwd.txt tried exists \(first: "
+                                                r".*lists/imgs/\w.png"
                                                 r"\); a list's relative paths are relative to the list file's folder"):
         build_sources("list", 32, list_file="lists/cwd.txt")
     (tmp_path / "some.txt").write_text("imgs/a.png 0\nimgs/gone.png 1\n")
-    with pytest.warns(UserWarning, match=r"1 of 2 files of some.txt tried do not exist \(first: .*gone.png\): they will "
+    with pytest.warns(UserWarning, match=r"1 of 2 files of some.txt tried do not exist \(first: .*gone.png\): "
+                                         r"they will "
                                          r"be skipped as unreadable"):
         build_sources("list", 32, list_file="some.txt")
 

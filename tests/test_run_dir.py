@@ -185,7 +185,8 @@ def test_a_finetune_resume_with_another_pretrained_file_is_refused(tmp_path):
                run / "checkpoints" / "last.ckpt")
 
     def cfg(pretrained):
-        return load_config("finetune", overrides=[f"output_dir={run.parent}", "run_name=ft", f"pretrained={pretrained}"])
+        return load_config("finetune", overrides=[f"output_dir={run.parent}", "run_name=ft",
+                                                  f"pretrained={pretrained}"])
     save_start_config(cfg(tmp_path / "a.pth"), run)
     with pytest.raises(ConfigError, match=rf"cannot resume .*last.ckpt: it was fine-tuned from pretrained="
                                           rf"{tmp_path / 'a.pth'}, this run names {tmp_path / 'b.pth'}; a resumed run "

@@ -633,9 +633,9 @@ def test_make_shards_leaves_out_a_listed_file_that_is_missing(tmp_path, capsys):
     (tmp_path / "elsewhere.txt").write_text("".join(f"{line}\n" for line in lines))  # relative to another folder
     (tmp_path / "lists").mkdir()
     (tmp_path / "elsewhere.txt").rename(tmp_path / "lists" / "list.txt")
-    with pytest.raises(FileNotFoundError, match=r"none of 7 files of .*list.txt tried exists \(first: .*lists/images/\w+"
-                                                r".jpg\); a "
-                                                r"list's relative paths are relative to the list file's folder"):
+    with pytest.raises(FileNotFoundError, match=r"none of 7 files of .*list.txt tried exists \(first: .*lists/"
+                                                r"images/\w+.jpg\); a list's relative paths are relative to the list "
+                                                r"file's folder"):
         make_shards.main([f"list_file={tmp_path / 'lists' / 'list.txt'}", f"out={tmp_path / 'out2'}"])  # was: 0 samples
     with pytest.raises(ConfigError, match=r"out=.*images/shards is inside root=.*images: its train/ and val/"):
         make_shards.main([f"root={tmp_path / 'images'}", f"out={tmp_path / 'images' / 'shards'}"])
@@ -895,12 +895,14 @@ def test_shards_the_run_cannot_use_are_one_line_at_start(tmp_path):
 
     numbered_shards(tmp_path / "cut", [3, 3])
     (tmp_path / "cut" / "make_shards.json").write_text(json.dumps({"files": 12, "per_shard": 3, "left_out": {}}))
-    with pytest.raises(ValueError, match=r"data.shards=.*cut: scripts/make_shards.py has not finished packing it \(2 of "
+    with pytest.raises(ValueError, match=r"data.shards=.*cut: scripts/make_shards.py has not finished packing it "
+                                         r"\(2 of "
                                          r"4 shards written, by .*make_shards.json\); run the same make_shards.py "):
         setup(tmp_path / "cut")
     write_shard(tmp_path / "dots" / "a.tar", [(f"img.{i:04d}", {"jpg": jpeg(i)}) for i in range(4)])
     write_shard(tmp_path / "dots" / "b.tar", [(f"img.{i:04d}", {"jpg": jpeg(i)}) for i in range(4, 6)])
-    with pytest.raises(ValueError, match=r"holds no samples with an image \(KEY.jpg, KEY.jpeg, KEY.png, KEY.webp\); its "
+    with pytest.raises(ValueError, match=r"holds no samples with an image \(KEY.jpg, KEY.jpeg, KEY.png, KEY.webp\); "
+                                         r"its "
                                          r"first shard has suffixes 0000.jpg, 0001.jpg, 0002.jpg, 0003.jpg; a sample's "
                                          r"key ends at the first dot"):
         setup(tmp_path / "dots")
@@ -921,7 +923,8 @@ def test_finetuning_stops_at_a_streamed_label_outside_num_classes(tmp_path):
     numbered_shards(tmp_path / "val", [2])
     with pytest.raises(ValueError, match=r"model.num_classes=3: the data has label [3-7], expected 0..2; set "
                                          r"model.num_classes to the number of classes of the data"):
-        finetune([f"output_dir={tmp_path}", "pretrained=null", "data.source=shards", f"data.shards={tmp_path / 'train'}",
+        finetune([f"output_dir={tmp_path}", "pretrained=null", "data.source=shards",
+                  f"data.shards={tmp_path / 'train'}",
                   f"data.val_shards={tmp_path / 'val'}", "model.num_classes=3", "data.img_size=32",
                   "model.embed_dim=16", "data.batch_size=2", "data.num_workers=0", "trainer.max_epochs=1",
                   "trainer.enable_progress_bar=false"])
