@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from finetune.module import ClassificationDataModule, SwinV2Classifier
 from simmim.data import LogSkipped
 from simmim.models.checkpoint import (check_weights_meaning, load_pretrained, pretrained_window_sizes,
-                                      read_checkpoint, stage_windows)
+                                      read_checkpoint, saved_model_config, stage_windows)
 from simmim.train.config import ConfigError, checkpoint_to_resume
 from simmim.train.stage import Stage, run_stage, section
 from simmim.train.validate import validate_labels
@@ -33,8 +33,8 @@ def read_pretrained(cfg) -> dict | None:
                           f"or pretrained=null to train from scratch")
     if not Path(cfg.pretrained).exists():
         if (resumed := checkpoint_to_resume(cfg)) is not None:  # its weights come from there: so can its windows
-            saved = torch.load(resumed, map_location="cpu", mmap=True, weights_only=False)
-            windows = ((saved.get("hyper_parameters") or {}).get("model") or {}).get("pretrained_window_sizes")
+            saved = torch.load(resumed, map_location="cpu", mmap=True, weights_only=False)  # the tensors stay on disk
+            windows = (saved_model_config(saved) or {}).get("pretrained_window_sizes")
             if cfg.model.pretrained_window_sizes is None and windows is not None:
                 cfg.model.pretrained_window_sizes = list(windows)
             rank_zero_warn(f"pretrained={cfg.pretrained} no longer exists; this run resumes {resumed}, which holds "
