@@ -7,10 +7,10 @@
 Arguments are key=value, as for scripts/pretrain.py. Log-CPB transfer: the model is built with
 model.pretrained_window_sizes, read from the checkpoint's saved config when not given.
 """
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
 from finetune.module import ClassificationDataModule, SwinV2Classifier
@@ -32,13 +32,15 @@ def read_pretrained(cfg) -> dict | None:
                           f"folder); pass a checkpoint file in it (a pretraining run directory holds encoder.pth), "
                           f"or pretrained=null to train from scratch")
     if not Path(cfg.pretrained).exists():
-        if (resumed := checkpoint_to_resume(cfg)) is not None:  # its weights come from there: so can its windows
-            saved = torch.load(resumed, map_location="cpu", mmap=True, weights_only=False)  # the tensors stay on disk
-            windows = (saved_model_config(saved) or {}).get("pretrained_window_sizes")
+        with warnings.catch_warnings():  # a bad newer checkpoint is named by prepare_run, which looks again
+            warnings.simplefilter("ignore")
+            resumed = checkpoint_to_resume(cfg)
+        if resumed is not None:  # its weights come from there: so can its windows
+            windows = (saved_model_config(resumed.checkpoint or {}) or {}).get("pretrained_window_sizes")
             if cfg.model.pretrained_window_sizes is None and windows is not None:
                 cfg.model.pretrained_window_sizes = list(windows)
-            rank_zero_warn(f"pretrained={cfg.pretrained} no longer exists; this run resumes {resumed}, which holds "
-                           f"the weights and the Log-CPB windows it goes on from")
+            rank_zero_warn(f"pretrained={cfg.pretrained} no longer exists; this run resumes {resumed.path}, which "
+                           f"holds the weights and the Log-CPB windows it goes on from")
             return None
         raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
                           f"another checkpoint, or pretrained=null to train from scratch")

@@ -28,7 +28,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import albumentations as A
 import cv2
@@ -45,6 +45,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 from masking import build_mask_generator
 from simmim.augment import RandAugment
 from simmim.workers import stop_signal_shield
+
+if TYPE_CHECKING:
+    from simmim.train.checkpoint_io import Resumable
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
@@ -914,15 +917,14 @@ class ResumableDataModule(pl.LightningDataModule):
             self._check_saved_layout(self._saved_layout, self.trainer.world_size, Path(str(self.trainer.ckpt_path)))
             self._saved_layout = None  # checked: on restore (set up by then), else when the train loader is made
 
-    def check_resume(self, ckpt_path: str | None, ranks: int) -> None:
-        """Before fit, for a run of `ranks` ranks: the check of `_check_layout` against the checkpoint to resume (a
-        Lightning .ckpt file), so that a refused resume writes nothing (Lightning's fit starts the loggers' files
-        before it restores the datamodule)."""
-        if ckpt_path is None or Path(ckpt_path).is_dir():  # a DeepSpeed folder: checked on restore
+    def check_resume(self, resume: Resumable | None, ranks: int) -> None:
+        """Before fit, for a run of `ranks` ranks: the check of `_check_layout` against the checkpoint to resume
+        (`prepare_run`'s), so that a refused resume writes nothing (Lightning's fit starts the loggers' files before
+        it restores the datamodule)."""
+        if resume is None or resume.checkpoint is None:  # a DeepSpeed folder: checked on restore
             return
-        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-        if saved := checkpoint.get(type(self).__qualname__, {}).get("layout"):
-            self._check_saved_layout(saved, ranks, Path(ckpt_path), warn=False)  # warned on restore
+        if saved := resume.checkpoint.get(type(self).__qualname__, {}).get("layout"):
+            self._check_saved_layout(saved, ranks, Path(resume.path), warn=False)  # warned on restore
 
     def _check_saved_layout(self, saved: dict, ranks: int, ckpt: Path, warn: bool = True) -> None:
         now = self._layout(ranks)

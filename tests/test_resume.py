@@ -616,3 +616,23 @@ def test_resume_drops_the_csv_rows_logged_after_its_checkpoint(tmp_path):
     assert [(int(row["step"]), bool(row["loss"])) for row in rows] == [
         (0, True), (1, True), (0, False), (2, True), (3, True), (4, True), (5, True)]  # validate's row: step 0
     assert rows[:2] == [{**row, "val": ""} for row in first[:2]]  # step 1's row was written after the checkpoint
+
+
+@pytest.mark.timeout(300)
+def test_the_checks_before_a_resume_read_each_checkpoint_once(tmp_path, monkeypatch):
+    """Before Lightning loads the checkpoint to resume, our checks (which checkpoint is good, its stage and model,
+    the settings it was trained with, the mid-epoch layout) read each checkpoint of the run once: the one resumed
+    was read three times (its pickle each time: a record of every tensor, the 3B model's optimizer states too)."""
+    args = [f"output_dir={tmp_path}", "run_name=r", *ARGS, "data.num_workers=0", "trainer.max_steps=4",
+            "eval.knn_every_n_epochs=0"]
+    pretrain_in_process(monkeypatch, args)  # leaves step-00000003.ckpt, last.ckpt and best.ckpt
+    reads, load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(str(f))  # Lightning's load passes an open file, ours the path
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    pretrain_in_process(monkeypatch, [*args, "trainer.max_steps=5"])
+    ours = [read for read in reads if read.endswith(".ckpt")]
+    assert str(tmp_path / "r" / "checkpoints" / "last.ckpt") in ours and len(set(ours)) == len(ours), ours

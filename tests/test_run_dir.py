@@ -117,11 +117,11 @@ def test_resume_auto_takes_the_highest_step_not_the_newest_file(tmp_path):
                               ("last.ckpt", 30, 2)):
         torch.save({"state_dict": {}, "loops": {}, "global_step": step}, tmp_path / name)
         os.utime(tmp_path / name, (mtime, mtime))
-    assert newest_good_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    assert newest_good_checkpoint(tmp_path).path == str(tmp_path / "last.ckpt")
     (tmp_path / "last.ckpt").write_bytes(b"cut")  # a bad one newer than the chosen: named
     os.utime(tmp_path / "last.ckpt", (5, 5))
     with pytest.warns(UserWarning, match="last.ckpt cannot be resumed from"):
-        assert newest_good_checkpoint(tmp_path) == tmp_path / "step-00000030.ckpt"
+        assert newest_good_checkpoint(tmp_path).path == str(tmp_path / "step-00000030.ckpt")
 
 
 def test_broken_checkpoints_are_named_and_skipped(tmp_path):
@@ -135,7 +135,7 @@ def test_broken_checkpoints_are_named_and_skipped(tmp_path):
     assert checkpoint_problem(tmp_path / "encoder.ckpt") == "not a Lightning training checkpoint (no state_dict " \
                                                             "or loop state)"
     with pytest.warns(UserWarning, match=f"checkpoint {newer} cannot be resumed from"):
-        assert newest_good_checkpoint(tmp_path) == good
+        assert newest_good_checkpoint(tmp_path).path == str(good)
 
     good.unlink()
     cfg = load_config("pretrain", overrides=[f"output_dir={tmp_path.parent}", f"run_name={tmp_path.name}"])
@@ -170,7 +170,7 @@ def test_an_unreadable_saved_config_is_one_line_and_left_as_it_is(tmp_path, text
         prepare_run(cfg)
     assert (tmp_path / "config.yaml").read_text() == text
     (tmp_path / "config.yaml").unlink()  # the fix the line names: the resume goes on without that check
-    assert prepare_run(cfg) == (tmp_path, str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert prepare_run(cfg)[1].path == str(tmp_path / "checkpoints" / "last.ckpt")
 
 
 def test_a_finetune_resume_with_another_pretrained_file_is_refused(tmp_path):
@@ -195,6 +195,6 @@ def test_a_finetune_resume_with_another_pretrained_file_is_refused(tmp_path):
         prepare_run(cfg(tmp_path / "b.pth"))
     with pytest.raises(ConfigError, match="it was fine-tuned from pretrained=.*a.pth, this run names None"):
         prepare_run(cfg("null"))
-    assert prepare_run(cfg(tmp_path / "." / "a.pth"))[1] == str(run / "checkpoints" / "last.ckpt")
+    assert prepare_run(cfg(tmp_path / "." / "a.pth"))[1].path == str(run / "checkpoints" / "last.ckpt")
     (tmp_path / "a.pth").rename(tmp_path / "moved.pth")
-    assert prepare_run(cfg(tmp_path / "moved.pth"))[1] == str(run / "checkpoints" / "last.ckpt")
+    assert prepare_run(cfg(tmp_path / "moved.pth"))[1].path == str(run / "checkpoints" / "last.ckpt")

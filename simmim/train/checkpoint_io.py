@@ -6,6 +6,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -62,39 +63,60 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why a Lightning checkpoint cannot be resumed from (truncated, corrupt, not a training checkpoint), or
-    None when it can. Reads the pickled structure; the tensors stay on disk (mmap). DeepSpeed folders pass when they
-    hold its `checkpoint/` folder."""
-    return _inspect(path)[0]
+class Resumable(NamedTuple):
+    """A checkpoint a run can resume from: its path, and its contents read with the tensors left on disk (mmap;
+    None for a DeepSpeed folder), which the checks before a resume read instead of loading it again."""
+    path: str
+    checkpoint: dict | None
 
 
-def _inspect(path: str | Path) -> tuple[str | None, int]:
-    """(`checkpoint_problem`, its global step; -1 where unknown: a DeepSpeed folder, a bad file)."""
+def read_resumable(path: str | Path) -> Resumable:
+    """The checkpoint at path, or ValueError saying why it cannot be resumed from (truncated, corrupt, not a
+    training checkpoint). Reads the pickled structure; the tensors stay on disk (mmap). DeepSpeed folders pass when
+    they hold its `checkpoint/` folder."""
     path = Path(path)
     if path.is_dir():  # DeepSpeed saves a folder: <path>/checkpoint/ (its tag) and <path>/latest
-        return (None if (path / "checkpoint").is_dir() else "a folder, not a checkpoint file or a DeepSpeed "
-                                                            "checkpoint folder"), -1
+        if not (path / "checkpoint").is_dir():
+            raise ValueError("a folder, not a checkpoint file or a DeepSpeed checkpoint folder")
+        return Resumable(str(path), None)
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # truncated zip, bad pickle, ...: any failure means it cannot be resumed
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}", -1
+        raise ValueError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}") \
+            from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
-        return "not a Lightning training checkpoint (no state_dict or loop state)", -1
-    return None, int(checkpoint.get("global_step", -1))
+        raise ValueError("not a Lightning training checkpoint (no state_dict or loop state)")
+    return Resumable(str(path), checkpoint)
 
 
-def newest_good_checkpoint(folder: str | Path) -> Path | None:
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (`read_resumable`), or None when it can."""
+    try:
+        read_resumable(path)
+    except ValueError as problem:
+        return str(problem)
+    return None
+
+
+def newest_good_checkpoint(folder: str | Path) -> Resumable | None:
     """The resumable checkpoint in folder of the highest global step (a copy of the folder that did not keep the
-    modification times must not send the run back to an earlier one), the newest of those; every bad one newer
-    than it is named in a warning. None when there is none."""
+    modification times must not send the run back to an earlier one; a DeepSpeed folder counts as step -1), the
+    newest of those; every bad one newer than it is named in a warning. None when there is none."""
     candidates = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    inspected = [(path, *_inspect(path)) for path in candidates]
-    good = [(step, -order, path) for order, (path, problem, step) in enumerate(inspected) if problem is None]
-    chosen = max(good)[2] if good else None
-    for path, problem, _ in inspected:
-        if path == chosen:
+    chosen, best, problems = None, -2, {}
+    for path in candidates:
+        try:
+            found = read_resumable(path)
+        except ValueError as problem:
+            problems[path] = problem
+            continue
+        step = -1 if found.checkpoint is None else int(found.checkpoint.get("global_step", -1))
+        if step > best:  # strictly higher: of equal steps the newest (the first seen) stays
+            chosen, best = found, step
+    for path in candidates:
+        if chosen is not None and str(path) == chosen.path:
             break
-        if problem is not None:
-            warnings.warn(f"checkpoint {path} cannot be resumed from ({problem}); trying the next newest", stacklevel=2)
+        if path in problems:
+            warnings.warn(f"checkpoint {path} cannot be resumed from ({problems[path]}); trying the next newest",
+                          stacklevel=2)
     return chosen

@@ -13,11 +13,11 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from simmim.models.swinv2 import VARIANTS, SwinTransformerV2
+from simmim.train.checkpoint_io import Resumable, checkpoint_problem, newest_good_checkpoint, read_resumable
 
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # a link to the top-level recipes/ in a checkout
@@ -286,15 +286,15 @@ def _saved_config(path: Path) -> DictConfig:
                       f"delete it to skip that check")
 
 
-def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
-    """The run directory and the checkpoint to resume from (None: a fresh run); writes nothing.
+def prepare_run(cfg: DictConfig) -> tuple[Path, Resumable | None]:
+    """The run directory and the checkpoint to resume from (None: a fresh run), read once for the checks here and
+    the datamodule's (`check_resume`); writes nothing.
 
     resume=auto continues from the checkpoint of the highest step in `<run dir>/checkpoints/` that can be read
     (newer broken ones are named in a warning); a fresh run refuses a directory that already holds checkpoints
     instead of overwriting them; a resumed run must have the same model; a directory that a live run holds is
     refused.
     """
-    from simmim.train.checkpoint_io import checkpoint_problem
     from simmim.train.run_dir import check_unlocked  # here: run_dir imports this module
 
     run_dir = Path(cfg.output_dir) / str(cfg.run_name)
@@ -306,28 +306,29 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
             raise ConfigError(f"{path} is a folder that holds no DeepSpeed checkpoint, where the run saves its "
                               f"checkpoints; move it away (or pass run_name=NEW)")
     if cfg.resume == "auto":
-        ckpt = checkpoint_to_resume(cfg) if existing else None
-        if existing and ckpt is None:
+        resume = checkpoint_to_resume(cfg) if existing else None
+        if existing and resume is None:
             raise ConfigError(f"no checkpoint in {folder} can be resumed from (see the warnings above); pass "
                               f"resume=PATH of a good one, or run_name=NEW to start another run")
     elif cfg.resume:
         if not Path(cfg.resume).exists():
             raise ConfigError(f"resume={cfg.resume} does not exist; pass a .ckpt file, resume=auto or resume=null")
-        if problem := checkpoint_problem(cfg.resume):
+        try:
+            resume = read_resumable(cfg.resume)
+        except ValueError as problem:
             raise ConfigError(f"resume={cfg.resume} cannot be resumed from ({problem}); pass another checkpoint or "
-                              f"resume=auto")
-        ckpt = str(cfg.resume)
+                              f"resume=auto") from None
     else:
         if existing:
             raise ConfigError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run or "
                               f"run_name=NEW to start another")
-        ckpt = None
-    if ckpt is not None:
-        _check_resumed_model(cfg, ckpt)  # first: a checkpoint of the other stage is named as such
-        _check_same_pretrained(cfg, run_dir / "config.yaml", ckpt)
-        check_same_model(cfg, run_dir / "config.yaml", f"cannot resume {ckpt}",
+        resume = None
+    if resume is not None:
+        _check_resumed_model(cfg, resume)  # first: a checkpoint of the other stage is named as such
+        _check_same_pretrained(cfg, run_dir / "config.yaml", resume.path)
+        check_same_model(cfg, run_dir / "config.yaml", f"cannot resume {resume.path}",
                          "drop the override or pass run_name=NEW to start another run")
-    return run_dir, ckpt
+    return run_dir, resume
 
 
 def _check_same_pretrained(cfg: DictConfig, saved: Path, ckpt: str) -> None:
@@ -346,16 +347,16 @@ def _check_same_pretrained(cfg: DictConfig, saved: Path, ckpt: str) -> None:
                           f"run_name=NEW to fine-tune from {now} in another run")
 
 
-def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+def checkpoint_to_resume(cfg: DictConfig) -> Resumable | None:
     """The checkpoint `prepare_run` would resume from (resume=PATH, or the run directory's with resume=auto), None
-    for a fresh run; unchecked."""
-    from simmim.train.checkpoint_io import newest_good_checkpoint
-
+    for a fresh run or one that cannot be read (`prepare_run` says why); not checked against cfg."""
     folder = Path(cfg.output_dir) / str(cfg.run_name) / "checkpoints"
     if cfg.resume == "auto":
-        found = newest_good_checkpoint(folder) if folder.is_dir() else None
-        return None if found is None else str(found)
-    return str(cfg.resume) if cfg.resume and Path(cfg.resume).exists() else None
+        return newest_good_checkpoint(folder) if folder.is_dir() else None
+    try:
+        return read_resumable(cfg.resume) if cfg.resume and Path(cfg.resume).exists() else None
+    except ValueError:
+        return None
 
 
 def check_same_model(cfg: DictConfig, saved: Path, refusal: str, fix: str) -> None:
@@ -398,16 +399,16 @@ def _warn_changed_settings(cfg: DictConfig, checkpoint: dict, ckpt: str) -> None
                       f"of the run trains with these (give the old values to continue it as it was)", stacklevel=3)
 
 
-def _check_resumed_model(cfg: DictConfig, ckpt: str) -> None:
+def _check_resumed_model(cfg: DictConfig, resume: Resumable) -> None:
     """ConfigError when the checkpoint to resume is a Lightning checkpoint of the other stage, or of another model
     than cfg's (Lightning's state-dict error listed hundreds of keys, after the run directory was written), or has
     other optim.* values: the optimizer and the lr schedule come back as saved, so a new optim.base_lr was
     ignored without a word (and warped the schedule a little)."""
     from simmim.models.checkpoint import detect_layout  # here: it imports this module
 
-    if Path(ckpt).is_dir():  # a DeepSpeed folder
+    ckpt, checkpoint = resume
+    if checkpoint is None:  # a DeepSpeed folder
         return
-    checkpoint = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
     stage, layout = ("pretraining", "lightning-simmim") if "simmim" in cfg else ("fine-tuning", "lightning-classifier")
     try:
         found = detect_layout(checkpoint)

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
+from simmim.train.checkpoint_io import Resumable, newest_good_checkpoint, read_resumable
 from simmim.train.config import (ConfigError, check_config, check_keys, check_same_model, leaves, load_config,
                                  load_yaml, prepare_run, stage_schema)
 from simmim.train.run_dir import start_run
@@ -92,10 +91,12 @@ def _read_config_files(args: list[str], module_args: dict) -> list[str]:
     return out
 
 
-def _check_stage_of(ckpt_path: str, name: str, stages: dict[str, Stage]) -> None:
+def _check_stage_of(resume: Resumable, name: str, stages: dict[str, Stage]) -> None:
     """ConfigError when the checkpoint's hyperparameters are not all arguments of stage `name`'s module (Lightning
     would apply them before our code runs: jsonargparse's "does not accept option")."""
-    saved = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters") or {}
+    if resume.checkpoint is None:  # a DeepSpeed folder
+        return
+    ckpt_path, saved = resume.path, resume.checkpoint.get("hyper_parameters") or {}
     saved = [key for key in saved if not key.startswith("_")]  # e.g. the CLI's _instantiator
     def takes(stage: Stage) -> bool:
         return set(saved) <= set(inspect.signature(stage.module.__init__).parameters)
@@ -156,10 +157,13 @@ class RecipeCLI(LightningCLI):
         self.stage = stages[name]
         self.recipe = load_config(name, _pop_option(args, "recipe", "default"))
         ckpt_path = _pop_option(list(args), "ckpt_path", None)  # Lightning reads its hyperparameters first
-        if ckpt_path is not None and (problem := checkpoint_problem(ckpt_path)):
-            raise ConfigError(f"--ckpt_path {ckpt_path} cannot be read ({problem}); pass a checkpoint of a run")
-        if ckpt_path is not None and not Path(ckpt_path).is_dir():
-            _check_stage_of(ckpt_path, name, stages)
+        if ckpt_path is not None:
+            try:
+                resume = read_resumable(ckpt_path)
+            except ValueError as problem:
+                raise ConfigError(f"--ckpt_path {ckpt_path} cannot be read ({problem}); pass a checkpoint of a run") \
+                    from None
+            _check_stage_of(resume, name, stages)
         module_args, data_args = self.stage.init_args(self.recipe)
         args = _read_config_files(args, module_args)
         trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
@@ -269,23 +273,25 @@ class RecipeCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         if self.subcommand == "validate":
             return self._validation_trainer()
-        run_dir, ckpt_path = prepare_run(self.cfg)
+        run_dir, resume = prepare_run(self.cfg)
         self.run_dir = run_dir
         self.datamodule.setup("fit")  # bad data paths fail here, before anything is written
         self.stage.check_data(self.datamodule, self.cfg)
-        self.stage.setup(self.model, self.cfg, run_dir, ckpt_path is not None, self.prepared)
+        self.stage.setup(self.model, self.cfg, run_dir, resume is not None, self.prepared)
         start_run(run_dir)  # the lock (the config is saved once the checkpoint is restored: RecordStart)
-        self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
+        self.config_init[self.subcommand]["ckpt_path"] = resume and resume.path
         trainer = make_trainer(self.cfg, run_dir, self.stage.monitor, self.stage.mode,
                                self.stage.callbacks(self.cfg, run_dir, self.datamodule))
-        self.datamodule.check_resume(ckpt_path, trainer.world_size)  # before fit writes the loggers' first files
+        self.datamodule.check_resume(resume, trainer.world_size)  # before fit writes the loggers' first files
         return trainer
 
     def _validation_trainer(self) -> pl.Trainer:
         """validate: the checkpoint of --ckpt_path, else the newest of the run directory. Nothing is written (no
         lock, config copy, logger or picture): the run may be training in that directory."""
         run_dir = Path(self.cfg.output_dir) / str(self.cfg.run_name)
-        ckpt = self.config.validate.ckpt_path or newest_good_checkpoint(run_dir / "checkpoints")
+        ckpt = self.config.validate.ckpt_path
+        if ckpt is None and (newest := newest_good_checkpoint(run_dir / "checkpoints")) is not None:
+            ckpt = newest.path
         if ckpt is None:
             raise ConfigError(f"validate needs a checkpoint: --ckpt_path PATH, or --run.output_dir and --run.run_name "
                               f"of a run that has one ({run_dir / 'checkpoints'} has none)")

@@ -121,19 +121,19 @@ def run_stage(stage: Stage, argv: list[str], usage: str) -> None:
 def fit(stage: Stage, cfg: DictConfig, prepared: Any = None) -> None:
     """Run a stage from its resolved recipe (after `stage.prepare`): run directory, data, module, Trainer, fit, then
     the stage's finish."""
-    run_dir, ckpt_path = prepare_run(cfg)
+    run_dir, resume = prepare_run(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     module_args, data_args = stage.init_args(cfg)
     data = stage.datamodule(**data_args)
     data.setup("fit")  # bad data paths fail here, before anything is written
     stage.check_data(data, cfg)
     module = stage.module(**module_args)
-    stage.setup(module, cfg, run_dir, ckpt_path is not None, prepared)
+    stage.setup(module, cfg, run_dir, resume is not None, prepared)
     start_run(run_dir)  # the lock (the config is saved once the checkpoint is restored: RecordStart)
     trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir, data))
-    data.check_resume(ckpt_path, trainer.world_size)  # before fit writes the loggers' first files
+    data.check_resume(resume, trainer.world_size)  # before fit writes the loggers' first files
     with signal_exit_status():
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=resume and resume.path)
     lines = stage.finish(trainer, module, cfg, run_dir)
     if trainer.is_global_zero:
         print("\n".join([f"run directory: {run_dir}", *lines]))
