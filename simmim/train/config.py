@@ -325,19 +325,21 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, Resumable | None]:
         resume = None
     if resume is not None:
         _check_resumed_model(cfg, resume)  # first: a checkpoint of the other stage is named as such
-        _check_same_pretrained(cfg, run_dir / "config.yaml", resume.path)
-        check_same_model(cfg, run_dir / "config.yaml", f"cannot resume {resume.path}",
-                         "drop the override or pass run_name=NEW to start another run")
+        if (run_dir / "config.yaml").is_file():
+            saved = _saved_config(run_dir / "config.yaml")
+            _check_same_pretrained(cfg, saved, resume.path)
+            _compare_models(saved.model, cfg, f"cannot resume {resume.path}",
+                            "drop the override or pass run_name=NEW to start another run")
     return run_dir, resume
 
 
-def _check_same_pretrained(cfg: DictConfig, saved: Path, ckpt: str) -> None:
+def _check_same_pretrained(cfg: DictConfig, saved: DictConfig, ckpt: str) -> None:
     """ConfigError when a fine-tuning run resumes with another `pretrained` file than its latest start named (while
     that one is still there: a moved file may be named anew): its weights come from the checkpoint, so the new
     file would only be named in config.yaml, as if the run had been fine-tuned from it."""
-    if "pretrained" not in cfg or not saved.is_file():
+    if "pretrained" not in cfg:
         return
-    before, now = _saved_config(saved).get("pretrained"), cfg.pretrained
+    before, now = saved.get("pretrained"), cfg.pretrained
     if before == now or (before and now and Path(before).exists() and Path(now).exists()
                          and os.path.samefile(before, now)):
         return
