@@ -31,6 +31,11 @@ from simmim.train.validate import validate_labels
     ("simmim.mask_ratio=1.5", "simmim.mask_ratio=1.5: expected a number in (0, 1)"),
     ("simmim.mask_ratio=0", "simmim.mask_ratio=0: expected a number in (0, 1), the share of mask patches hidden"),
     ("simmim.mask_kind=blocks", "simmim.mask_kind=blocks: expected random or block"),
+    ("simmim.norm_target_patch_size=46", "simmim.norm_target_patch_size=46: expected null or an odd window of "
+                                         "pixels >= 3, e.g. 47"),  # a ValueError at the first step, after the lock
+    ("simmim.norm_target_patch_size=1", "simmim.norm_target_patch_size=1: expected null or an odd window"),  # NaN
+    ("optim.schedule=step", "optim.schedule=step: expected cosine or multistep"),
+    ("model.compile=always", "model.compile=always: expected true, false or auto (true where training runs on CUDA)"),
     ("optim.betas=[0.9,2]", "optim.betas=[0.9, 2]: expected two numbers in [0, 1)"),
     ("optim.base_lr=fast", "optim.base_lr=fast: expected a number, as the default 0.008"),
     ("model.qkv_bias=1", "model.qkv_bias=1: expected true or false"),

@@ -30,6 +30,15 @@ class SwinTransformerV2ForSimMIM(SwinTransformerV2):
         return self.forward_tokens(tokens).permute(0, 3, 1, 2)
 
 
+NORM_WINDOW_RULE = "an odd window of pixels >= 3, e.g. 47 (the official recipes)"
+
+
+def is_norm_window(window) -> bool:
+    """Whether `window` can be the normalized targets' window (`NORM_WINDOW_RULE`): centred on its pixel, with
+    more than that pixel (a window of 1 has no variance: the targets are NaN)."""
+    return isinstance(window, int) and not isinstance(window, bool) and window >= 3 and window % 2 == 1
+
+
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over each pixel's window x window neighbourhood, pixels inside the image only; the box is separable,
     so two 1-D passes (2 x window reads per pixel instead of window^2). (B, C, H, W) -> (B, C, H, W)."""
@@ -47,8 +56,8 @@ def _box_count(size: int, window: int) -> torch.Tensor:
 def local_stats(x: torch.Tensor, window: int = 47) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (unbiased variance + 1e-6) of each pixel's `window` x `window` neighbourhood, counting only
     pixels inside the image, as the official SimMIM release does. (B, C, H, W) -> two (B, C, H, W)."""
-    if window % 2 != 1:
-        raise ValueError(f"norm target window must be odd, got {window}; use e.g. 47")
+    if not is_norm_window(window):
+        raise ValueError(f"norm target window {window}: expected {NORM_WINDOW_RULE}")
     mean, mean_sq = _box_mean(x, window), _box_mean(x ** 2, window)
     count = (_box_count(x.shape[-2], window)[:, None] * _box_count(x.shape[-1], window)).to(x.device, x.dtype)
     var = ((mean_sq - mean ** 2) * (count / (count - 1))).clamp(min=0.0)

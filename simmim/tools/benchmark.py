@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from masking import build_mask_generator
 from simmim.train.config import ConfigError, as_list, options_from_argv
 from simmim.tools.memory import peak_memory
-from simmim.models.simmim import build_simmim
+from simmim.models.simmim import NORM_WINDOW_RULE, build_simmim, is_norm_window
 from simmim.train.optim import make_adamw, param_groups
 from simmim.cli import resolve_device
 from simmim.models.swinv2 import VARIANTS
@@ -267,10 +267,8 @@ def main(argv: list[str]) -> None:
     for key, low in (("steps", 1), ("warmup", 0), ("batch_size", 1), ("threads", 0)):
         if opts[key] < low:
             raise ConfigError(f"{key}={opts[key]}: expected an integer >= {low}")
-    if opts.norm_target is not None and not (type(opts.norm_target) is int and opts.norm_target > 0
-                                             and opts.norm_target % 2):
-        raise ConfigError(f"norm_target={opts.norm_target}: expected an odd window in pixels (47), or null (raw "
-                          f"pixels)")
+    if opts.norm_target is not None and not is_norm_window(opts.norm_target):
+        raise ConfigError(f"norm_target={opts.norm_target}: expected {NORM_WINDOW_RULE}, or null (raw pixels)")
     if Path(opts.out).is_dir():
         raise ConfigError(f"out={opts.out} is a folder; pass the path of a .json file to write")
     device = resolve_device(opts.device)

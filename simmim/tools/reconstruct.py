@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from simmim.models.checkpoint import read_checkpoint, saved_simmim_config, simmim_from_checkpoint
+from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
 from masking import build_mask_generator
 from simmim.train.config import ConfigError, as_list, model_section, options_from_argv
 from simmim.data import _image_files, eval_transform, read_image
@@ -108,9 +109,8 @@ def main(argv: list[str]) -> None:
     if cfg.max_images < 1:
         raise ConfigError(f"max_images={cfg.max_images}: expected an integer >= 1")
     size = cfg.norm_target_patch_size
-    if size is not None and not (isinstance(size, int) and size > 0 and size % 2):
-        raise ConfigError(f"norm_target_patch_size={size}: expected an odd window in pixels, e.g. 47 (the official "
-                          f"recipes), or null (the checkpoint's)")
+    if size is not None and not is_norm_window(size):
+        raise ConfigError(f"norm_target_patch_size={size}: expected {NORM_WINDOW_RULE}, or null (the checkpoint's)")
     out = Path(cfg.out)
     if out.is_dir() or not cv2.haveImageWriter(str(out)):
         raise ConfigError(f"out={out}: expected a picture file to write, e.g. out=reconstructions.png")

@@ -36,6 +36,9 @@ def scaled_lr(lr: float, total_batch: int) -> float:
     return lr * total_batch / 512
 
 
+SCHEDULES = ("cosine", "multistep")  # after the warmup: cosine to min_lr, or x gamma at each milestone
+
+
 def lr_at_step(step: int, *, peak_lr: float, warmup_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
                schedule: str = "cosine", milestone_steps: Iterable[int] = (), gamma: float = 0.1) -> float:
     """Per-step lr: linear warmup warmup_lr -> peak_lr, then cosine to min_lr or multistep decay by gamma."""
@@ -46,7 +49,7 @@ def lr_at_step(step: int, *, peak_lr: float, warmup_lr: float, min_lr: float, wa
         return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
     if schedule == "multistep":
         return peak_lr * gamma ** sum(step >= m for m in milestone_steps)
-    raise ValueError(f"unknown lr schedule {schedule!r}; use cosine or multistep")
+    raise ValueError(f"unknown lr schedule {schedule!r}; use {' or '.join(SCHEDULES)}")
 
 
 def make_adamw(groups: list[dict], lr: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool = True,

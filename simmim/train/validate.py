@@ -14,8 +14,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from masking import KINDS
+from simmim.augment import MAX_MAGNITUDE
+from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
+from simmim.models.swinv2 import ATTN_IMPLS, ATTN_MODES, NORM_MODES, POSITION_BIASES
 from simmim.train.config import ConfigError, leaves, model_defaults
 from simmim.train.loggers import check_loggers_and_callbacks
+from simmim.train.optim import SCHEDULES
+from simmim.train.speed import COMPILE_VALUES
 
 
 def _positive(v) -> bool:
@@ -34,8 +40,10 @@ def _probability(v) -> bool:  # [0, 1]
     return 0 <= v <= 1
 
 
-def _one_of(*choices):
-    return lambda v: v in choices
+def _choice(choices: tuple) -> tuple[typing.Callable, str]:
+    """The rule of a value that must be one of `choices` (an owner's tuple)."""
+    names = [str(c).lower() for c in choices]
+    return (lambda v: v in choices), ", ".join(names[:-1]) + f" or {names[-1]}"
 
 
 # key -> (check of the value, or of each element of a list value; what is expected)
@@ -54,24 +62,24 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "model.drop_rate": (_fraction, "a number in [0, 1)"),
     "model.attn_drop_rate": (_fraction, "a number in [0, 1)"),
     "model.drop_path_rate": (_fraction, "a number in [0, 1)"),
-    "model.norm_mode": (_one_of("res_post_norm", "pre_norm"), "res_post_norm or pre_norm"),
-    "model.attn_mode": (_one_of("cosine", "dot"), "cosine or dot"),
-    "model.position_bias": (_one_of("log_cpb", "linear_cpb", "table", "none"), "log_cpb, linear_cpb, table or none"),
+    "model.norm_mode": _choice(NORM_MODES),
+    "model.attn_mode": _choice(ATTN_MODES),
+    "model.position_bias": _choice(POSITION_BIASES),
     "model.extra_norm_every": (_at_least(0), "an integer >= 0"),
     "model.sequential_attn_chunk": (_positive, "an integer > 0"),
-    "model.compile": (lambda v: v in (True, False, "auto"), "true, false or auto (true where training runs on CUDA)"),
-    "model.attn_impl": (_one_of("fast", "reference", "flex"), "fast, reference or flex"),
+    "model.compile": (_choice(COMPILE_VALUES)[0], f"{_choice(COMPILE_VALUES)[1]} (true where training runs on CUDA)"),
+    "model.attn_impl": _choice(ATTN_IMPLS),
     "simmim.mask_patch_size": (_positive, "an integer > 0"),
     "simmim.mask_ratio": (lambda v: 0 < v < 1, "a number in (0, 1), the share of mask patches hidden"),
-    "simmim.mask_kind": (_one_of("random", "block"), "random or block"),
-    "simmim.norm_target_patch_size": (_positive, "null or an integer > 0"),
+    "simmim.mask_kind": _choice(KINDS),
+    "simmim.norm_target_patch_size": (is_norm_window, f"null or {NORM_WINDOW_RULE}"),
     "data.img_size": (_positive, "an integer > 0"),
     "data.batch_size": (_positive, "an integer > 0 (images per device)"),
     "data.num_workers": (_at_least(0), "an integer >= 0"),
     "data.random_erasing": (_probability, "a number in [0, 1] (0: off)"),
     "data.shuffle_buffer": (_positive, "an integer > 0 (samples; 1: no shuffling)"),
     "data.randaug_ops": (_at_least(0), "an integer >= 0 (0: off)"),
-    "data.randaug_magnitude": (lambda v: 0 <= v <= 10, "a number in [0, 10]"),
+    "data.randaug_magnitude": (lambda v: 0 <= v <= MAX_MAGNITUDE, f"a number in [0, {MAX_MAGNITUDE:g}]"),
     "data.randaug_magnitude_std": (_at_least(0), "a number >= 0"),
     "data.labels_per_class": (_positive, "null (every label) or an integer > 0"),
     "optim.base_lr": (_positive, "a number > 0"),
@@ -81,7 +89,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "optim.betas": (_fraction, "two numbers in [0, 1)"),
     "optim.eps": (_positive, "a number > 0"),
     "optim.warmup_epochs": (_at_least(0), "a number >= 0"),
-    "optim.schedule": (_one_of("cosine", "multistep"), "cosine or multistep"),
+    "optim.schedule": _choice(SCHEDULES),
     "optim.milestones": (_at_least(0), "a list of epochs >= 0"),
     "optim.gamma": (_positive, "a number > 0"),
     "optim.max_nonfinite_steps": (_positive, "an integer > 0"),
