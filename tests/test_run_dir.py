@@ -56,11 +56,33 @@ def test_other_ranks_neither_check_nor_take_the_lock(tmp_path, monkeypatch):
         prepare_run(cfg)
 
 
+@pytest.mark.timeout(120)
+def test_saves_killed_before_their_rename_leave_temporaries_the_next_start_removes(tmp_path):
+    """A process killed inside a save of config.yaml, metrics.csv or a checkpoint leaves its temporary file; the
+    next start removes each (config.yaml's were named otherwise and stayed for good), the saved files untouched."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_text("kept")
+    saves = ["save_config(OmegaConf.create({'seed': 1}), run / 'config.yaml')",
+             "_write_csv(str(run / 'metrics.csv'), ['step'], [[1]])",
+             "atomic_save({'w': 1}, run / 'checkpoints' / 'last.ckpt')"]
+    for save in saves:  # killed at the rename: os.replace ends the process at once, as SIGKILL would
+        code = (f"import os, pathlib; from omegaconf import OmegaConf; from simmim.train.config import save_config; "
+                f"from simmim.train.run_dir import _write_csv; from simmim.train.checkpoint_io import atomic_save; "
+                f"run = pathlib.Path({str(tmp_path)!r}); os.replace = lambda *a: os._exit(9); {save}")
+        assert subprocess.run([sys.executable, "-c", code], timeout=100).returncode == 9
+    left = sorted(p.name for p in tmp_path.rglob("*.tmp"))
+    assert len(left) == 3 and all(name.startswith((".config.yaml.", ".metrics.csv.", ".last.ckpt.")) for name in left)
+    with pytest.warns(UserWarning, match="removed 3 temporary files of an interrupted save"):
+        release_lock(start_run(tmp_path))
+    assert not list(tmp_path.rglob("*.tmp")) and (tmp_path / "config.yaml").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["config.yaml"]
+
+
 def test_start_run_keeps_every_config_and_removes_stale_temporaries(tmp_path):
     cfg = load_config("pretrain")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / ".last.ckpt.x1y2ab_9.tmp").write_bytes(b"")  # an interrupted atomic save
-    (tmp_path / "logger_runs.json.4711.tmp").write_bytes(b"")  # an interrupted record of the logger runs
+    (tmp_path / ".logger_runs.json.4z2mq0ab.tmp").write_bytes(b"")  # an interrupted record of the logger runs
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"keep")
     (tmp_path / "checkpoints" / "mynotes.tmp").write_text("a user's")  # not ours: kept (was deleted)
     (tmp_path / "wandb").mkdir()

@@ -33,7 +33,7 @@ from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights,
                                       saved_simmim_config, simmim_from_checkpoint, stage_windows)
 from simmim.models.simmim import SimMIM
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
-from simmim.train.checkpoint_io import atomic_save, usual_permissions
+from simmim.train.checkpoint_io import atomic_save, written_atomically
 from simmim.train.config import ConfigError, model_defaults, model_section, options_from_argv
 
 __all__ = ["FORMATS", "to_timm", "to_hf", "hf_config", "timm_kwargs", "encoder_for_export", "export_timm",
@@ -164,11 +164,8 @@ def encoder_for_export(source, overrides: Mapping | None = None) -> tuple[SwinTr
 def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
-    usual_permissions(tmp)
-    tmp.replace(path)
+    with written_atomically(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
 
 
 def export_timm(model: SwinTransformerV2, config: Mapping, out: str | Path, names: list[str] = ()) -> Path:

@@ -41,6 +41,7 @@ from webdataset import TarWriter
 from simmim.cli import check_output_folder
 from simmim.data import FileList, build_sources, read_image
 from simmim.shards import IMAGE_SUFFIXES, PACKING, SHARD_INDEX
+from simmim.train.checkpoint_io import written_atomically
 from simmim.train.config import ConfigError, options_from_argv
 
 QUALITY = 90  # the default JPEG quality of resized copies
@@ -182,9 +183,9 @@ def _tmp(path: Path) -> Path:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    """value as JSON in path, through a .tmp file renamed into place."""
-    _tmp(path).write_text(json.dumps(value, indent=1) + "\n")
-    _tmp(path).replace(path)
+    """value as JSON in path, written atomically."""
+    with written_atomically(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1) + "\n")
 
 
 def main(argv: list[str]) -> None:

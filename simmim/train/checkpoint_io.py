@@ -1,12 +1,15 @@
-"""Checkpoint files that a crash cannot leave half-written."""
+"""Files that a crash cannot leave half-written (checkpoints, configs, logs, exports), and the checkpoints a run
+can resume from."""
 from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -22,29 +25,43 @@ def usual_permissions(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~UMASK)
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file.
-    A full disk or quota is one OSError (ENOSPC / EDQUOT) naming the file and the fix (torch reports it as a
-    RuntimeError about zip positions)."""
+# the name of written_atomically's temporary files: `.<name>.<mkstemp's 8 random characters>.tmp`
+TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+@contextmanager
+def written_atomically(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside path (`TEMPORARY_NAME`) for the block to write; when the block ends, it is synced to
+    disk, given the usual permissions and renamed onto path, so a crash leaves the old file or the new one, never
+    half of one; when the block fails, it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         usual_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException as error:
-        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if full := _disk_full(error):
-            raise OSError(full.errno, f"{os.strerror(full.errno).lower()} for {path}: the disk filled after "
-                                      f"{written / 2**20:.0f} MiB of it; free space or pass output_dir= on another "
-                                      f"disk, then run the same command again (the checkpoints already saved are "
-                                      f"kept)") from error
         raise
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save through `written_atomically`. A full disk or quota is one OSError (ENOSPC / EDQUOT) naming the
+    file and the fix (torch reports it as a RuntimeError about zip positions)."""
+    with written_atomically(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except BaseException as error:
+            if full := _disk_full(error):
+                raise OSError(full.errno, f"{os.strerror(full.errno).lower()} for {path}: the disk filled after "
+                                          f"{tmp.stat().st_size / 2**20:.0f} MiB of it; free space or pass "
+                                          f"output_dir= on another disk, then run the same command again (the "
+                                          f"checkpoints already saved are kept)") from error
+            raise
 
 
 def _disk_full(error: BaseException | None) -> OSError | None:

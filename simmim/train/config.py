@@ -17,7 +17,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from simmim.models.swinv2 import VARIANTS, SwinTransformerV2
-from simmim.train.checkpoint_io import Resumable, checkpoint_problem, newest_good_checkpoint, read_resumable
+from simmim.train.checkpoint_io import (Resumable, checkpoint_problem, newest_good_checkpoint, read_resumable,
+                                        written_atomically)
 
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # a link to the top-level recipes/ in a checkout
@@ -265,10 +266,8 @@ def resolve_model(base: Mapping, overrides: Mapping) -> dict:
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # one per process: every rank of a run writes it
-    tmp.write_text(OmegaConf.to_yaml(cfg))
-    tmp.replace(path)
+    with written_atomically(path) as tmp:  # every rank of a run writes it, each to a temporary file of its own
+        tmp.write_text(OmegaConf.to_yaml(cfg))
 
 
 def _saved_config(path: Path) -> DictConfig:

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
+from simmim.train.checkpoint_io import written_atomically
 from simmim.train.config import ConfigError
 from simmim.train.run_dir import AppendingCSVLogger, launch_rank, utc_stamp
 
@@ -176,9 +177,8 @@ def _continue_runs(entries: list[tuple[str, type, dict]], path: Path) -> list[Lo
         else:
             loggers.append(_instantiate((class_path, cls, init_args), "logging.loggers"))
     if runs != recorded:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(runs, indent=1) + "\n")
-        os.replace(tmp, path)
+        with written_atomically(path) as tmp:
+            tmp.write_text(json.dumps(runs, indent=1) + "\n")
     return loggers
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import csv
 import os
-import re
 import socket
 import time
 import warnings
@@ -22,6 +21,7 @@ from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
+from simmim.train.checkpoint_io import TEMPORARY_NAME, written_atomically
 from simmim.train.config import ConfigError, save_config
 
 LOCK_NAME = "run.lock"
@@ -111,16 +111,11 @@ def release_lock(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-# the temporary files of our saves: atomic_save's mkstemp (`.<name>.<8 random characters>.tmp`), and the run record's
-# and the CSV log's `<name>.<pid>.tmp`
-OUR_TEMPORARIES = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|(logger_runs\.json|metrics\.csv)\.\d+\.tmp")
-
-
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporary files an interrupted save of ours leaves (`OUR_TEMPORARIES`) in the run directory and
+    """Delete the temporary files an interrupted save of ours leaves (`TEMPORARY_NAME`) in the run directory and
     its checkpoints/ and csv/ folders; other .tmp files (a user's, wandb's, mlflow's) stay."""
     folders = (Path(run_dir), Path(run_dir) / "checkpoints", Path(run_dir) / "csv")
-    stale = [p for folder in folders for p in folder.glob("*.tmp") if p.is_file() and OUR_TEMPORARIES.fullmatch(p.name)]
+    stale = [p for folder in folders for p in folder.glob("*.tmp") if p.is_file() and TEMPORARY_NAME.fullmatch(p.name)]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
@@ -154,12 +149,10 @@ def save_start_config(cfg: DictConfig, run_dir: Path) -> None:
 
 def _write_csv(path: str, header: list[str], rows: list) -> None:
     """Write a CSV file (header, then rows: lists or dicts) to a temporary file and rename it into place."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with written_atomically(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows([row.get(key, "") for key in header] if isinstance(row, dict) else row for row in rows)
-    os.replace(tmp, path)
 
 
 class _AppendingWriter(ExperimentWriter):
