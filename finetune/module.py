@@ -3,7 +3,6 @@ accuracy and a confusion-matrix picture."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -190,12 +189,6 @@ class SwinV2Classifier(pl.LightningModule):
         if not self.trainer.sanity_checking:  # a few batches of the untrained model: not the run's result
             self.last_confusion = self.val_confusion.compute().cpu()
         self.val_confusion.reset()
-
-    def save_confusion_matrix(self, path: str | Path) -> Path:
-        """Write the last validation's confusion matrix as a PNG heatmap; returns the path."""
-        if self.last_confusion is None:
-            raise RuntimeError("no confusion matrix yet: run a validation (trainer.fit or trainer.validate) first")
-        return save_figure(confusion_matrix_figure(self.last_confusion.numpy()), path)
 
     def on_fit_end(self) -> None:
         """The last validation's confusion matrix to `confusion_matrix_path` and to every logger that takes

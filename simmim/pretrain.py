@@ -117,18 +117,27 @@ class SimMIMPretrainModule(pl.LightningModule):
 
 
 class ThroughputMonitor(pl.Callback):
-    """Logs train/images_per_s over all devices, measured from one batch start to the next."""
+    """Logs train/images_per_s over all devices at every step, measured from the previous batch's end: the wait
+    for the data counts, so an input pipeline that cannot keep up shows. The first batch of an epoch or after a
+    validation is measured from its own start (not the workers' start or the validation)."""
 
     def __init__(self):
-        self._start = None
+        self._last = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._last = None
+
+    def on_validation_end(self, trainer, pl_module):
+        self._last = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
+        self._last = time.perf_counter() if self._last is None else self._last
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        seconds = time.perf_counter() - self._start
-        images = batch[0].shape[0] * trainer.world_size
-        pl_module.log("train/images_per_s", images / seconds, prog_bar=True)
+        now = time.perf_counter()
+        pl_module.log("train/images_per_s", batch[0].shape[0] * trainer.world_size / (now - self._last),
+                      prog_bar=True)
+        self._last = now
 
 
 def unnormalize(x: torch.Tensor) -> torch.Tensor:

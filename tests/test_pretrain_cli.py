@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 import simmim.pretrain as pretrain
 from conftest import run_script
 from simmim.models.swinv2 import VARIANTS
-from simmim.train.config import ConfigError, available_recipes, load_config
+from simmim.train.config import ConfigError, available_recipes, leaves, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,3 +133,22 @@ def test_a_resume_with_other_masking_names_it(tmp_path):
     with pytest.warns(UserWarning, match=r"resuming .*last.ckpt with other settings than it was trained with: "
                                          r"simmim.mask_ratio 0.6 -> 0.5; the rest of the run"):
         pretrain.main(fast_args(tmp_path, "eval.knn_every_n_epochs=0", "simmim.mask_ratio=0.5"))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_size_recipes_are_the_base_recipe_at_another_size(stage):
+    """Each size recipe is its own readable file; this keeps them from drifting apart: tiny ... huge differ from
+    base only in the variant's widths, depths and heads and the drop path rate; giant also in how it fits
+    (batch, precision, strategy, devices; for fine-tuning its 640 px / window 40)."""
+    base = load_config(stage, "base", here=False)
+    sized = {"model.variant", "model.embed_dim", "model.depths", "model.num_heads", "model.extra_norm_every",
+             "model.drop_path_rate", "recipe", "run_name"}
+    fits = {"data.batch_size", "trainer.precision", "trainer.strategy", "trainer.devices", "model.use_checkpoint",
+            "model.sequential_attn", "model.sequential_attn_chunk",
+            *(("data.img_size", "model.img_size", "model.window_size") if stage == "finetune" else ())}
+    for name, allowed in (("tiny", sized), ("small", sized), ("large", sized), ("huge", sized),
+                          ("giant", sized | fits)):
+        cfg = load_config(stage, name, here=False)
+        before, now = (dict(leaves(OmegaConf.to_container(c))) for c in (base, cfg))
+        differ = {key for key in {*before, *now} if before.get(key) != now.get(key)}
+        assert differ <= allowed, (name, sorted(differ - allowed))

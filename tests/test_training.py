@@ -12,7 +12,7 @@ import torch
 
 from simmim.cli import run_cli
 from simmim.data import SimMIMDataModule, normalize_images
-from simmim.pretrain import SimMIMPretrainModule
+from simmim.pretrain import SimMIMPretrainModule, ThroughputMonitor
 from simmim.train.checkpoint_io import atomic_save
 from simmim.train.config import load_config
 from simmim.train.optim import adamw_per_step_schedule, lr_at_step, param_groups
@@ -271,3 +271,36 @@ def test_sigusr1_outside_training_is_one_line_and_requeues_the_slurm_job(capsys,
                      "requeueable); submit the job again to continue the run, or let it be requeued: #SBATCH --requeue")
     assert capsys.readouterr().err.splitlines() == lines
     assert (slurm_job.read_text() if slurm_job.exists() else "") == ("requeue 4242\n" if rank == 0 else "")
+
+
+@pytest.mark.timeout(120)
+def test_logged_throughput_counts_the_wait_for_the_data(tmp_path):
+    """train/images_per_s from one batch's end to the next's: a loader that takes 50 ms per image shows as at most
+    20 images/s (it was measured from batch start to end, the model's time only, hundreds here)."""
+    class SlowData(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, index):
+            time.sleep(0.05)
+            return torch.zeros(2), 0
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.rates = torch.nn.Linear(2, 1), []
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def on_train_batch_end(self, *args):  # after the callbacks' hooks
+            self.rates.append(float(self.trainer.callback_metrics["train/images_per_s"]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = Model()
+    pl.Trainer(max_epochs=1, callbacks=[ThroughputMonitor()], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path).fit(
+        model, torch.utils.data.DataLoader(SlowData(), batch_size=1))
+    assert len(model.rates) == 6 and all(rate <= 20 for rate in model.rates[1:]), model.rates

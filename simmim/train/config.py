@@ -22,7 +22,6 @@ from simmim.train.checkpoint_io import (Resumable, checkpoint_problem, newest_go
 
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # a link to the top-level recipes/ in a checkout
-RUN_KEYS = ("recipe", "print_config", "help")  # command-line keys that steer the script, not the run
 
 
 class ConfigError(ValueError):
@@ -234,7 +233,7 @@ def _key_lines(node: dict, prefix: str = "") -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------------------------------ tool scripts
+# ------------------------------------------------------------------------------------ SwinTransformerV2 arguments
 def variant_model(variant: str) -> dict:
     """The paper's widths, depths and heads of a variant, as a `model` section (lists, not tuples)."""
     if variant not in VARIANTS:
@@ -377,7 +376,7 @@ def _compare_models(before: DictConfig, cfg: DictConfig, refusal: str, fix: str)
 RESUME_TAKES = ("max_nonfinite_steps",)  # optim.* keys a resumed run applies; the others are its saved state
 
 
-RESUME_MAY_CHANGE = ("root", "list_file", "shards", "val_shards", "num_workers", "pin_memory", "verify", "batch_size")
+RESUME_MAY_CHANGE = ("root", "list_file", "shards", "val_shards", "num_workers", "verify", "batch_size")
 
 
 def _warn_changed_settings(cfg: DictConfig, checkpoint: dict, ckpt: str) -> None:
