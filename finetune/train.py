@@ -17,7 +17,8 @@ from finetune.module import ClassificationDataModule, SwinV2Classifier
 from simmim.data import LogSkipped
 from simmim.models.checkpoint import (check_weights_meaning, load_pretrained, pretrained_window_sizes,
                                       read_checkpoint, saved_model_config, stage_windows)
-from simmim.train.config import ConfigError, checkpoint_to_resume
+from simmim.train.config import ConfigError
+from simmim.train.resume import checkpoint_to_resume
 from simmim.train.stage import Stage, run_stage, section
 from simmim.train.validate import validate_labels
 

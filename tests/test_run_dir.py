@@ -11,7 +11,8 @@ import torch
 
 import simmim.pretrain as pretrain
 from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
-from simmim.train.config import ConfigError, load_config, prepare_run
+from simmim.train.config import ConfigError, load_config
+from simmim.train.resume import prepare_run
 from simmim.train.run_dir import (LOCK_NAME, AppendingCSVLogger, acquire_lock, release_lock, save_start_config,
                                   start_run)
 

@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from simmim.train.checkpoint_io import Resumable, newest_good_checkpoint, read_resumable
-from simmim.train.config import (ConfigError, check_config, check_keys, check_same_model, leaves, load_config,
-                                 load_yaml, prepare_run, stage_schema)
+from simmim.train.config import ConfigError, check_config, check_keys, leaves, load_config, load_yaml, stage_schema
+from simmim.train.resume import check_same_model, prepare_run
 from simmim.train.run_dir import start_run
 from simmim.train.stage import Stage, self_and_parents, plain
 from simmim.train.trainer import make_trainer

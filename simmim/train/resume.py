@@ -1,4 +1,5 @@
-"""What a resumed run needs, beyond Lightning's checkpoint, to replay the uninterrupted run exactly.
+"""Resuming a run: which checkpoint it continues from and whether it may (`prepare_run`), and what it needs,
+beyond Lightning's checkpoint, to replay the uninterrupted run exactly (`ExactResume`).
 
 The data's randomness depends only on (seed, epoch, index) (`simmim.data`); the model's (drop path, dropout,
 Mixup) comes from the global generators, which `ExactResume` reseeds before every training batch from
@@ -10,14 +11,20 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.trainer.states import TrainerFn
 
-from simmim.train.run_dir import AppendingCSVLogger
+from simmim.models.checkpoint import detect_layout
+from simmim.train.checkpoint_io import Resumable, checkpoint_problem, newest_good_checkpoint, read_resumable
+from simmim.train.config import ConfigError, dotted_keys
+from simmim.train.run_dir import AppendingCSVLogger, check_unlocked
 
 
 def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
@@ -82,3 +89,192 @@ def _in_run_dir(logger: AppendingCSVLogger) -> str:
 
 def _csv_loggers(trainer) -> list[AppendingCSVLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, AppendingCSVLogger)]
+
+
+def _saved_config(path: Path) -> DictConfig:
+    """A run directory's config.yaml (what its latest start resolved), with its model section."""
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as error:  # YAML syntax and the like
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    else:
+        if isinstance(saved, DictConfig) and isinstance(saved.get("model"), DictConfig):
+            return saved
+        reason = "it has no model section"  # an empty file, a list, a mapping without it
+    raise ConfigError(f"cannot read {path} ({reason}), the config of the run's latest start that a resume checks "
+                      f"its model against: put back a copy of it (config.<time>.yaml beside it, one per start) or "
+                      f"delete it to skip that check")
+
+
+def prepare_run(cfg: DictConfig) -> tuple[Path, Resumable | None]:
+    """The run directory and the checkpoint to resume from (None: a fresh run), read once for the checks here and
+    the datamodule's (`check_resume`); writes nothing.
+
+    resume=auto continues from the checkpoint of the highest step in `<run dir>/checkpoints/` that can be read
+    (newer broken ones are named in a warning); a fresh run refuses a directory that already holds checkpoints
+    instead of overwriting them; a resumed run must have the same model; a directory that a live run holds is
+    refused.
+    """
+    run_dir = Path(cfg.output_dir) / str(cfg.run_name)
+    check_unlocked(run_dir)
+    folder = run_dir / "checkpoints"
+    existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    for path in existing:  # the run saves its checkpoints under these names: it failed there after an epoch
+        if path.is_dir() and checkpoint_problem(path):  # (a DeepSpeed checkpoint is a folder)
+            raise ConfigError(f"{path} is a folder that holds no DeepSpeed checkpoint, where the run saves its "
+                              f"checkpoints; move it away (or pass run_name=NEW)")
+    if cfg.resume == "auto":
+        resume = checkpoint_to_resume(cfg) if existing else None
+        if existing and resume is None:
+            raise ConfigError(f"no checkpoint in {folder} can be resumed from (see the warnings above); pass "
+                              f"resume=PATH of a good one, or run_name=NEW to start another run")
+    elif cfg.resume:
+        if not Path(cfg.resume).exists():
+            raise ConfigError(f"resume={cfg.resume} does not exist; pass a .ckpt file, resume=auto or resume=null")
+        try:
+            resume = read_resumable(cfg.resume)
+        except ValueError as problem:
+            raise ConfigError(f"resume={cfg.resume} cannot be resumed from ({problem}); pass another checkpoint or "
+                              f"resume=auto") from None
+    else:
+        if existing:
+            raise ConfigError(f"{run_dir} already holds checkpoints; pass resume=auto to continue that run or "
+                              f"run_name=NEW to start another")
+        resume = None
+    if resume is not None:
+        _check_resumed_model(cfg, resume)  # first: a checkpoint of the other stage is named as such
+        if (run_dir / "config.yaml").is_file():
+            saved = _saved_config(run_dir / "config.yaml")
+            _check_same_pretrained(cfg, saved, resume.path)
+            _compare_models(saved.model, cfg, f"cannot resume {resume.path}",
+                            "drop the override or pass run_name=NEW to start another run")
+    return run_dir, resume
+
+
+def _check_same_pretrained(cfg: DictConfig, saved: DictConfig, ckpt: str) -> None:
+    """ConfigError when a fine-tuning run resumes with another `pretrained` file than its latest start named (while
+    that one is still there: a moved file may be named anew): its weights come from the checkpoint, so the new
+    file would only be named in config.yaml, as if the run had been fine-tuned from it."""
+    if "pretrained" not in cfg:
+        return
+    before, now = saved.get("pretrained"), cfg.pretrained
+    if before == now or (before and now and Path(before).exists() and Path(now).exists()
+                         and os.path.samefile(before, now)):
+        return
+    if before is None or Path(before).exists():
+        raise ConfigError(f"cannot resume {ckpt}: it was fine-tuned from pretrained={before}, this run names "
+                          f"{now}; a resumed run goes on from its own weights: pass pretrained={before}, or "
+                          f"run_name=NEW to fine-tune from {now} in another run")
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> Resumable | None:
+    """The checkpoint `prepare_run` would resume from (resume=PATH, or the run directory's with resume=auto), None
+    for a fresh run or one that cannot be read (`prepare_run` says why); not checked against cfg."""
+    folder = Path(cfg.output_dir) / str(cfg.run_name) / "checkpoints"
+    if cfg.resume == "auto":
+        return newest_good_checkpoint(folder) if folder.is_dir() else None
+    try:
+        return read_resumable(cfg.resume) if cfg.resume and Path(cfg.resume).exists() else None
+    except ValueError:
+        return None
+
+
+def check_same_model(cfg: DictConfig, saved: Path, refusal: str, fix: str) -> None:
+    """ConfigError (`refusal`: ..., `fix`) when the run directory config `saved` (if there is one) has another
+    model than `cfg`: its checkpoints hold the weights of that model."""
+    if saved.is_file():
+        _compare_models(_saved_config(saved).model, cfg, refusal, fix)
+
+
+def _compare_models(before: DictConfig, cfg: DictConfig, refusal: str, fix: str) -> None:
+    for key in (set(dotted_keys(cfg.model)) & set(dotted_keys(before))) - {"compile"}:  # compiling keeps the weights
+        old, new = OmegaConf.select(before, key), OmegaConf.select(cfg.model, key)
+        if old != new:
+            raise ConfigError(f"{refusal}: it was trained with model.{key}={old}, this run asks for {new}; {fix}")
+
+
+RESUME_TAKES = ("max_nonfinite_steps",)  # optim.* keys a resumed run applies; the others are its saved state
+
+
+RESUME_MAY_CHANGE = ("root", "list_file", "shards", "val_shards", "num_workers", "verify", "batch_size")
+
+
+def _warn_changed_settings(cfg: DictConfig, checkpoint: dict, ckpt: str) -> None:
+    """A warning naming the data.*, train.* and simmim.* values a resumed run trains on that differ from those its
+    checkpoint was trained with (augmentation, mixup, masking, ...): the rest of the run differs from the one
+    interrupted. Where the data is and how it is read (`RESUME_MAY_CHANGE`; data.batch_size is checked mid-epoch by
+    the datamodule) may change. (The module's and the datamodule's hyperparameters use the keys' own names.)"""
+    data, module = (checkpoint.get(name) or {} for name in ("datamodule_hyper_parameters", "hyper_parameters"))
+    saved = {**{f"data.{k}": v for k, v in data.items()}, **{f"train.{k}": v for k, v in module.items()},
+             **{f"simmim.{k}": v for k, v in {**data, **module}.items()}}
+    changed = []
+    for section in ("data", "train", "simmim"):
+        for key, value in OmegaConf.to_container(cfg.get(section, OmegaConf.create())).items():
+            before = saved.get(f"{section}.{key}", value)
+            before = list(before) if isinstance(before, tuple) else before
+            if key not in RESUME_MAY_CHANGE and before != value:
+                changed.append(f"{section}.{key} {before} -> {value}")
+    if changed:
+        warnings.warn(f"resuming {ckpt} with other settings than it was trained with: {', '.join(changed)}; the rest "
+                      f"of the run trains with these (give the old values to continue it as it was)", stacklevel=3)
+
+
+def _check_resumed_model(cfg: DictConfig, resume: Resumable) -> None:
+    """ConfigError when the checkpoint to resume cannot continue as cfg asks (each check below says what it
+    refuses); a warning naming the data, training and masking values that differ (`_warn_changed_settings`)."""
+    if resume.checkpoint is None:  # a DeepSpeed folder
+        return
+    _check_stage(cfg, resume)
+    hparams = resume.checkpoint.get("hyper_parameters") or {}
+    if isinstance(hparams.get("model"), Mapping):
+        _compare_models(OmegaConf.create(dict(hparams["model"])), cfg, f"cannot resume {resume.path}",
+                        "give the model values of that run, or start a new run (another run_name, no resume=PATH)")
+    _check_ema(cfg, hparams, resume.path)
+    _check_epoch(cfg, resume.checkpoint.get("epoch", 0), resume.path)
+    _warn_changed_settings(cfg, resume.checkpoint, resume.path)
+    _check_optim(cfg, hparams, resume.path)
+
+
+def _check_stage(cfg: DictConfig, resume: Resumable) -> None:
+    """A checkpoint of the other stage (or none of ours) is named as such (Lightning's state-dict error listed
+    hundreds of keys, after the run directory was written)."""
+    stage, layout = ("pretraining", "lightning-simmim") if "simmim" in cfg else ("fine-tuning", "lightning-classifier")
+    try:
+        found = detect_layout(resume.checkpoint)
+    except ValueError:
+        found = "unrecognized"
+    if found != layout:
+        article = "an" if found[0] in "aeiou" else "a"
+        where = ("pass a .ckpt of this stage's run directory, or resume=auto" if cfg.resume not in (None, "auto") else
+                 f"{Path(resume.path).parent.parent} is a run directory of that stage: give this run another run_name")
+        raise ConfigError(f"cannot resume {resume.path}: it is {article} {found} checkpoint, not one of a {stage} run; "
+                          f"{where}")
+
+
+def _check_ema(cfg: DictConfig, hparams: Mapping, ckpt: str) -> None:
+    """EMA switched on or off: its weights are saved only by a run that had them."""
+    if "train" in cfg and (hparams.get("ema_decay") is None) != (cfg.train.ema_decay is None) and "model" in hparams:
+        raise ConfigError(f"cannot resume {ckpt}: it was trained with train.ema_decay={hparams.get('ema_decay')}, this "
+                          f"run asks for {cfg.train.ema_decay}; its EMA weights are saved only when it had them: give "
+                          f"train.ema_decay {'a value' if hparams.get('ema_decay') is not None else 'as null'} as it "
+                          f"was, or pass run_name=NEW to start another run")
+
+
+def _check_epoch(cfg: DictConfig, epoch: int, ckpt: str) -> None:
+    """A checkpoint past trainer.max_epochs (Lightning's MisconfigurationException, in the fit)."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs not in (None, -1) and epoch > max_epochs:
+        raise ConfigError(f"cannot resume {ckpt}: it is at epoch {epoch} (counted from 0), past trainer.max_epochs="
+                          f"{max_epochs}; pass trainer.max_epochs={epoch} or more (at {epoch} the run ends at once), "
+                          f"or run_name=NEW to start another run")
+
+
+def _check_optim(cfg: DictConfig, hparams: Mapping, ckpt: str) -> None:
+    """Other optim.* values than saved (but `RESUME_TAKES`): the optimizer and the lr schedule come back as saved,
+    so a new optim.base_lr was ignored without a word (and warped the schedule a little)."""
+    for key, value in OmegaConf.to_container(cfg.get("optim", OmegaConf.create())).items():
+        saved = hparams.get(key)
+        if key not in RESUME_TAKES and key in hparams and (list(saved) if isinstance(saved, tuple) else saved) != value:
+            raise ConfigError(f"cannot resume {ckpt}: it was trained with optim.{key}={saved}, this run asks for "
+                              f"{value}; a resumed run keeps the optimizer and lr schedule it saved: drop the override, "
+                              f"or pass run_name=NEW to start another run")

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from simmim.train.config import ConfigError, config_from_argv, prepare_run
+from simmim.train.config import ConfigError, config_from_argv
+from simmim.train.resume import prepare_run
 from simmim.train.run_dir import start_run
 from simmim.train.trainer import make_trainer, signal_exit_status
 
