@@ -17,7 +17,7 @@ from finetune.mixup import Mixup, soft_target_cross_entropy
 from simmim.augment import random_erasing
 from simmim.data import (LabeledItem, ResumableDataModule, SkipCounter, eval_transform, finetune_transform,
                          labeled_datasets)
-from simmim.tools.plot import confusion_matrix_figure, figure_to_rgb, save_figure
+from simmim.plots import confusion_matrix_figure, figure_to_rgb, save_figure
 from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
 from simmim.train.speed import CompileTime, compile_encoder

@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from simmim.plots import knn_history_figure, save_figure
 from simmim.train.strategies import root_params_gathered
 from simmim.workers import stop_signal_shield
 
@@ -185,31 +186,7 @@ def knn_summary(history: Sequence[dict]) -> str:
 
 def plot_knn_history(history: Sequence[dict], path: str | Path) -> Path:
     """A PNG of the losses (left axis) and k-NN top-1 (right axis) per epoch from `KNNMonitor.history`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def series(key):
-        rows = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
-        return [r[0] for r in rows], [r[1] for r in rows]
-
-    figure, loss_axis = plt.subplots(figsize=(6, 3.5), dpi=120)
-    for key, label, color in (("train_loss", "train loss", "tab:blue"), ("val_loss", "val loss", "tab:cyan")):
-        loss_axis.plot(*series(key), marker="o", markersize=3, color=color, label=label)
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("SimMIM loss (L1, masked pixels)")
-    knn_axis = loss_axis.twinx()
-    knn_axis.plot(*series("knn_top1"), marker="s", markersize=4, color="tab:red", label="k-NN top-1 (val)")
-    knn_axis.set_ylabel("k-NN top-1")
-    lines = loss_axis.get_lines() + knn_axis.get_lines()
-    loss_axis.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(knn_history_figure(history), path)
 
 
 def knn_monitor(cfg, train_set: Dataset, val_set: Dataset, plot_path: str | Path) -> list[KNNMonitor]:

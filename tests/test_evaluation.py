@@ -175,6 +175,21 @@ def test_plot_accepts_rows_without_measurements(tmp_path):
     assert plot_knn_history(history, tmp_path / "sub" / "plot.png").stat().st_size > 1000
 
 
+@pytest.mark.timeout(60)
+def test_the_knn_plot_leaves_matplotlibs_backend_as_it_was(tmp_path):
+    """Pretraining in a notebook drew knn.png through pyplot after switching matplotlib to Agg: the notebook's
+    own figures stopped showing. The backend chosen before is the backend after."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        plot_knn_history([{"epoch": 0, "train_loss": 1.0, "val_loss": 0.9, "knn_top1": 0.5}], tmp_path / "plot.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
 # ------------------------------------------------------------------------------------------------ the script
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

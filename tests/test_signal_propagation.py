@@ -11,7 +11,7 @@ import simmim.tools.signal_propagation as signal_propagation
 from conftest import run_script
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.config import ConfigError
-from simmim.tools.plot import COLORS
+from simmim.plots import COLORS
 
 # deep and narrow: 2 + 12 blocks at width 16-32, 32 px digits
 DEEP = ["model.embed_dim=16", "model.depths=[2,12]", "model.num_heads=[2,4]", "model.img_size=32",
@@ -113,7 +113,7 @@ def bgr(color: str) -> tuple[int, int, int]:
 
 
 def test_line_plot_puts_larger_values_higher():
-    from simmim.tools.plot import figure_to_rgb, line_plot
+    from simmim.plots import figure_to_rgb, line_plot
 
     image = figure_to_rgb(line_plot({"up": ([0, 1, 2], [1.0, 10.0, 100.0])}, log_y=True))
     assert image.shape == (540, 960, 3)

@@ -12,7 +12,8 @@ import finetune.train as finetune_script
 import simmim.pretrain as pretrain
 from simmim.cli import run_cli
 from simmim.data import build_sources
-from simmim.train.config import ConfigError, load_config, model_section, options_from_argv
+from simmim.models.arguments import model_section
+from simmim.train.config import ConfigError, load_config, options_from_argv
 from simmim.train.validate import validate_labels
 
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from simmim.train.config import ConfigError, model_defaults, resolve_model
-from simmim.models.simmim import SimMIM
-from simmim.models.simmim import build_simmim
+from simmim.errors import ConfigError
+from simmim.models.arguments import model_defaults, resolve_model
+from simmim.models.simmim import SimMIM, build_simmim
 from simmim.models.swinv2 import DERIVED_BUFFERS, VARIANTS, SwinTransformerV2
 
 __all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",

@@ -31,7 +31,8 @@ from simmim.cli import check_loader_options, check_values, checkpoint_paths, res
 from simmim.evaluation import knn_top1, linear_probe_top1, pooled_features
 from simmim.models.checkpoint import encoder_from_checkpoint
 from simmim.models.swinv2 import SwinTransformerV2
-from simmim.train.config import ConfigError, model_section, options_from_argv
+from simmim.models.arguments import model_section
+from simmim.train.config import ConfigError, options_from_argv
 
 SCHEMA = {
     "checkpoint": None,          # required: a path or [a,b,...]: our .ckpt / encoder.pth, official SimMIM / SwinV2

@@ -35,7 +35,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from simmim.models.checkpoint import encoder_from_checkpoint
-from simmim.train.config import ConfigError, model_section, options_from_argv
+from simmim.models.arguments import model_section
+from simmim.train.config import ConfigError, options_from_argv
 from simmim.data import ImageDataset, build_sources, digits_split, eval_transform
 from simmim.cli import check_loader_options, check_new_output, resolve_device
 

@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import MaskGenerator
-from simmim.train.config import ConfigError, model_section, options_from_argv, resolve_model
+from simmim.models.arguments import model_section, resolve_model
+from simmim.train.config import ConfigError, options_from_argv
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.strategies import DEEPSPEED_STAGES, build_strategy
 

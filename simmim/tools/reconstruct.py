@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from simmim.models.checkpoint import read_checkpoint, saved_simmim_config, simmim_from_checkpoint
 from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
 from masking import build_mask_generator
-from simmim.train.config import ConfigError, as_list, model_section, options_from_argv
+from simmim.models.arguments import model_section
+from simmim.train.config import ConfigError, as_list, options_from_argv
 from simmim.data import _image_files, eval_transform, read_image
 from simmim.pretrain import reconstruction_grid
 from simmim.cli import check_new_output, resolve_device

@@ -35,12 +35,12 @@ from omegaconf import OmegaConf
 
 from simmim.models.checkpoint import encoder_from_checkpoint
 from masking import build_mask_generator
-from simmim.train.config import (ConfigError, as_list, load_config, model_section, options_from_argv,
-                           resolve_model)
+from simmim.models.arguments import model_section, resolve_model
+from simmim.train.config import ConfigError, as_list, load_config, options_from_argv
 from simmim.data import SOURCES, ImageDataset, build_sources, eval_transform
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import param_groups
-from simmim.tools.plot import line_plot, save_figure
+from simmim.plots import line_plot, save_figure
 from simmim.cli import check_output_folder, check_values, checkpoint_paths, resolve_device
 
 SCHEMA = {

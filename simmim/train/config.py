@@ -14,15 +14,12 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from simmim.models.swinv2 import VARIANTS, SwinTransformerV2
+from simmim.errors import ConfigError
+from simmim.models.arguments import variant_model
 from simmim.train.checkpoint_io import written_atomically
 
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # a link to the top-level recipes/ in a checkout
-
-
-class ConfigError(ValueError):
-    """A recipe or command-line problem, with the fix in its message."""
 
 
 def available_recipes(stage: str) -> list[str]:
@@ -228,37 +225,6 @@ def _key_lines(node: dict, prefix: str = "") -> list[str]:
         else:
             lines.append(f"  {prefix}{key}={value}")
     return lines
-
-
-# ------------------------------------------------------------------------------------ SwinTransformerV2 arguments
-def variant_model(variant: str) -> dict:
-    """The paper's widths, depths and heads of a variant, as a `model` section (lists, not tuples)."""
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown model.variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in VARIANTS[variant].items()}
-
-
-def model_section() -> dict:
-    """A `model` section naming `variant` and every SwinTransformerV2 argument, all null: the schema of the tool
-    scripts, whose model comes from a checkpoint or a recipe and where null keeps that value."""
-    return {"variant": None, **dict.fromkeys(model_defaults())}
-
-
-def model_defaults() -> dict:
-    """SwinTransformerV2's arguments but norm_layer, with their defaults: {"img_size": 224, "depths": (2, 2, 6, 2),
-    ...}."""
-    return {name: p.default for name, p in inspect.signature(SwinTransformerV2).parameters.items()
-            if name != "norm_layer"}
-
-
-def resolve_model(base: Mapping, overrides: Mapping) -> dict:
-    """SwinTransformerV2 arguments: base (a recipe's or checkpoint's model section) <- the widths, depths and heads
-    of overrides["variant"] <- the other non-null overrides. Keys that are not arguments (variant) are dropped."""
-    names = set(model_section()) - {"variant"}
-    variant = overrides.get("variant")
-    merged = {**base, **(variant_model(variant) if variant else {}),
-              **{k: v for k, v in overrides.items() if v is not None and k != "variant"}}
-    return {k: list(v) if isinstance(v, (tuple, ListConfig)) else v for k, v in merged.items() if k in names}
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -18,7 +18,8 @@ from masking import KINDS
 from simmim.augment import MAX_MAGNITUDE
 from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
 from simmim.models.swinv2 import ATTN_IMPLS, ATTN_MODES, NORM_MODES, POSITION_BIASES
-from simmim.train.config import ConfigError, leaves, model_defaults
+from simmim.models.arguments import model_defaults
+from simmim.train.config import ConfigError, leaves
 from simmim.train.loggers import check_loggers_and_callbacks
 from simmim.train.optim import SCHEDULES
 from simmim.train.speed import COMPILE_VALUES

@@ -1,4 +1,5 @@
-"""Figures drawn with matplotlib: line plots of curves (signal propagation) and the confusion matrix.
+"""Figures drawn with matplotlib: line plots of curves (signal propagation), the k-NN monitor's history and the
+confusion matrix.
 
 Figures are built on matplotlib's object API with the Agg canvas, so nothing touches pyplot's global state or
 needs a display. `save_figure` writes a PNG; `figure_to_rgb` gives the pixels for loggers.
@@ -12,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["COLORS", "line_plot", "confusion_matrix_figure", "figure_to_rgb", "save_figure"]
+__all__ = ["COLORS", "line_plot", "knn_history_figure", "confusion_matrix_figure", "figure_to_rgb", "save_figure"]
 
 # matplotlib's default cycle (tab10), in the order the series are drawn
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -47,6 +48,27 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, 
     axes.set(title=title, xlabel=x_label, ylabel=y_label + (" (log scale)" if log_y else ""))
     axes.grid(True, color="0.9")
     axes.legend(loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+def knn_history_figure(history: Sequence[Mapping]) -> Figure:
+    """The losses (left axis) and k-NN top-1 (right axis) per epoch of `KNNMonitor.history` rows (epoch,
+    train_loss, val_loss, knn_top1; None where not measured)."""
+    def series(key):
+        rows = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    figure = _figure(720, 420)
+    loss_axis = figure.add_subplot()
+    for key, label, color in (("train_loss", "train loss", "tab:blue"), ("val_loss", "val loss", "tab:cyan")):
+        loss_axis.plot(*series(key), marker="o", markersize=3, color=color, label=label)
+    loss_axis.set(xlabel="epoch", ylabel="SimMIM loss (L1, masked pixels)")
+    knn_axis = loss_axis.twinx()
+    knn_axis.plot(*series("knn_top1"), marker="s", markersize=4, color="tab:red", label="k-NN top-1 (val)")
+    knn_axis.set_ylabel("k-NN top-1")
+    lines = loss_axis.get_lines() + knn_axis.get_lines()
+    loss_axis.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
     figure.tight_layout()
     return figure
 
