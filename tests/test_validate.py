@@ -96,15 +96,39 @@ def test_device_indices_on_the_cpu_and_plans_for_other_machines():
     assert list(cfg.trainer.devices) == [0, 1]
 
 
+def test_runs_that_cannot_start_as_launched_are_one_line(monkeypatch):
+    """Found by starting 2-rank runs: under torchrun with trainer.devices left at 1 each process trained alone in
+    the same run directory (rank 1 ended in a traceback); trainer.num_nodes=2 on one machine waited forever; FSDP
+    and trainer.devices=-1 on the CPU were tracebacks from every rank."""
+    for overrides, message in ((["trainer.devices=-1"], "trainer.devices=-1: expected a number of processes on the "
+                                                        "CPU (-1, every device, counts GPUs), e.g. trainer.devices=2"),
+                               (["trainer.strategy=fsdp_grad_op"], "trainer.strategy=fsdp_grad_op needs GPUs"),
+                               (["trainer.num_nodes=2"], "trainer.num_nodes=2 but this process was not started on "
+                                                         "several nodes")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+            load_config("pretrain", overrides=["trainer.accelerator=cpu", *overrides])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun --nproc-per-node=2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^trainer.devices=1: expected the 2 processes per node torchrun started "
+                                          r"\(--nproc-per-node=2\): set trainer.devices=2$"):
+        load_config("pretrain", overrides=["trainer.accelerator=cpu"])
+    assert load_config("pretrain", overrides=["trainer.accelerator=cpu", "trainer.devices=2"]).trainer.devices == 2
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("NODE_RANK", "1")  # started on each node by hand, as Lightning reads it
+    assert load_config("pretrain", overrides=["trainer.accelerator=cpu", "trainer.num_nodes=2"]).trainer.num_nodes == 2
+    monkeypatch.delenv("NODE_RANK")  # printing a run's config checks nothing against this machine (a login node)
+    assert pretrain.main(["recipe=giant", "trainer.accelerator=cpu", "trainer.num_nodes=4", "print_config=true"]) is None
+
+
 def test_good_values_pass():
     assert load_config("pretrain", overrides=["trainer.max_time={hours: 60}"]).trainer.max_time.hours == 60
     cfg = load_config("pretrain", overrides=["trainer.devices=auto", "trainer.precision=16", "resume=null",
                                              "optim.base_lr=1", "trainer.max_steps=10", "trainer.max_time=null",
                                              "trainer.val_check_interval=0.5", "eval.knn_max_images=100"])
     assert cfg.optim.base_lr == 1 and cfg.trainer.precision == 16
-    for recipe in ("tiny", "giant"):
-        load_config("pretrain", recipe)
-        load_config("finetune", recipe)
+    for stage in ("pretrain", "finetune"):
+        load_config(stage, "tiny")
+        load_config(stage, "giant", here=torch.cuda.is_available())  # FSDP: refused on a machine without GPUs
 
 
 def test_recipe_syntax_error_and_output_dir_file(tmp_path):

@@ -125,13 +125,14 @@ def parse_cli(argv: list[str]) -> tuple[str, DictConfig, bool]:
 
 def config_from_argv(stage: str, argv: list[str], usage: str, here: bool = True) -> tuple[DictConfig, bool] | None:
     """A script's (resolved config, print_config) from `recipe=NAME key=value ...`; None after printing the
-    usage, the recipes and every key for --help. here=False: the run is not for this machine (no check of its
-    accelerator and devices against what this machine has)."""
+    usage, the recipes and every key for --help. here=False, or print_config=true: the run is not for this machine
+    (no check of its accelerator, devices and launcher against what this machine has: a GPU recipe prints on a login
+    node)."""
     if {"-h", "--help", "help"} & set(argv):
         print(usage + "\n" + describe_keys(stage))
         return None
     recipe, overrides, print_config = parse_cli(argv)
-    return load_config(stage, recipe, overrides, here), print_config
+    return load_config(stage, recipe, overrides, here and not print_config), print_config
 
 
 def as_list(value) -> list[str]:

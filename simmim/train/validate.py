@@ -7,6 +7,7 @@ default is null) and, for `trainer.*`, from `pytorch_lightning.Trainer`'s annota
 from __future__ import annotations
 
 import collections.abc
+import os
 import re
 import typing
 from pathlib import Path
@@ -240,6 +241,35 @@ def _check_trainer(trainer: dict, here: bool) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible here; use "
                           f"trainer.accelerator=cpu (or auto) or run on a machine with a GPU")
+    if on_cpu and devices == -1:  # Lightning's TypeError
+        raise _fail("trainer.devices", devices, "a number of processes on the CPU (-1, every device, counts GPUs), "
+                                                "e.g. trainer.devices=2")
+    strategy = trainer.get("strategy", "auto")
+    if on_cpu and isinstance(strategy, str) and strategy.startswith("fsdp"):  # FSDP's RuntimeError on every rank
+        raise ConfigError(f"trainer.strategy={strategy} needs GPUs (FSDP shards the model over CUDA devices); on the "
+                          f"CPU use trainer.strategy=ddp or ddp_zero1")
+    _check_launcher(devices, trainer.get("num_nodes", 1))
+
+
+def _check_launcher(devices, num_nodes) -> None:
+    """Under torchrun, trainer.devices must be the processes it started per node (else each trains alone, all in
+    one run directory); several nodes need a launcher that starts the run on each (else the first process waits
+    for the others forever)."""
+    from lightning_fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    per_node = (devices if type(devices) is int and devices > 0 else len(devices) if isinstance(devices, list) else
+                len([d for d in devices.split(",") if d]) if isinstance(devices, str) and devices != "auto" else None)
+    started = os.environ.get("LOCAL_WORLD_SIZE")
+    if TorchElasticEnvironment.detect() and started and per_node is not None and per_node != int(started):
+        raise _fail("trainer.devices", devices, f"the {started} processes per node torchrun started "
+                                                f"(--nproc-per-node={started}): set trainer.devices={started}")
+    launched = SLURMEnvironment.detect() or TorchElasticEnvironment.detect() or LSFEnvironment.detect()
+    if type(num_nodes) is int and num_nodes > 1 and not launched and "NODE_RANK" not in os.environ:
+        raise ConfigError(f"trainer.num_nodes={num_nodes} but this process was not started on several nodes (no "
+                          f"SLURM job step, torchrun, LSF or NODE_RANK): its first process would wait for the others "
+                          f"forever; start it on every node (srun, or torchrun --nnodes={num_nodes} on each, or "
+                          f"NODE_RANK, MASTER_ADDR and MASTER_PORT set on each: README, Scaling out), or set "
+                          f"trainer.num_nodes=1")
 
 
 # data.* keys read by one source only: set with another source they would be ignored (data.shards=... without
