@@ -917,10 +917,13 @@ class ResumableDataModule(pl.LightningDataModule):
             self._check_saved_layout(self._saved_layout, self.trainer.world_size, Path(str(self.trainer.ckpt_path)))
             self._saved_layout = None  # checked: on restore (set up by then), else when the train loader is made
 
-    def check_resume(self, resume: Resumable | None, ranks: int) -> None:
-        """Before fit, for a run of `ranks` ranks: the check of `_check_layout` against the checkpoint to resume
-        (`prepare_run`'s), so that a refused resume writes nothing (Lightning's fit starts the loggers' files before
-        it restores the datamodule)."""
+    def check_fit(self, resume: Resumable | None, ranks: int) -> None:
+        """Before fit, for a run of `ranks` ranks, what the loaders or the restore would refuse, so that a refused
+        start writes nothing (Lightning's fit starts the loggers' files before it makes the loaders or restores the
+        datamodule): shards for every reader (`ShardSource.split`), and the checkpoint to resume (`prepare_run`'s)
+        against the layout (`_check_layout`)."""
+        if self.shards is not None:
+            self.shards.split(0, ranks, self.hparams.num_workers, self.hparams.batch_size)
         if resume is None or resume.checkpoint is None:  # a DeepSpeed folder: checked on restore
             return
         if saved := resume.checkpoint.get(type(self).__qualname__, {}).get("layout"):
@@ -985,7 +988,7 @@ class ResumableDataModule(pl.LightningDataModule):
         """Set up the shards source (`shard_source`) with the stage's (train, val) items and transforms, at the
         position a checkpoint restored."""
         self.shards = shard_source(self.hparams, items, transforms, self.skipped)
-        self.shards.split(self.trainer, self.hparams.num_workers, self.hparams.batch_size)
+        self.shards.split(*self._rank_of_ranks(), self.hparams.num_workers, self.hparams.batch_size)
         if self._shards_state:
             self.shards.load_state_dict(self._shards_state)
         self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
@@ -1017,6 +1020,10 @@ class ResumableDataModule(pl.LightningDataModule):
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch
+
+    def _rank_of_ranks(self) -> tuple[int, int]:
+        """(rank, world size) of this process: the trainer's, (0, 1) outside one."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def _ranks(self) -> dict:
         """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""

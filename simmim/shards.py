@@ -455,11 +455,11 @@ class ShardSource:
         self.val_set = ShardDataset(val, shard_counts(val), items[1], decodes[1], skipped, seed=seed, shuffle=False)
         self.train_loader, self._pending = None, None
 
-    def split(self, trainer, num_workers: int, batch_size: int | None = None) -> None:
-        """Give the datasets the trainer's rank (none: one process); every reader (ranks x workers) needs a
-        training shard, every rank a validation shard, and with batch_size, the epoch a full batch."""
+    def split(self, rank: int, world_size: int, num_workers: int, batch_size: int | None = None) -> None:
+        """Give the datasets this process's rank of world_size; every reader (ranks x workers) needs a training
+        shard, every rank a validation shard, and with batch_size, the epoch a full batch."""
         for dataset in (self.train_set, self.val_set):
-            dataset.rank, dataset.world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+            dataset.rank, dataset.world_size = rank, world_size
         readers = self.train_set.world_size * max(num_workers, 1)
         if len(self.train_set.urls) < readers:
             raise ValueError(f"data.shards={self.shards} has {len(self.train_set.urls)} training shards for "
@@ -484,7 +484,8 @@ class ShardSource:
 
     def loader(self, train: bool, trainer, batch_size: int, num_workers: int, drop_last: bool = True,
                pin_memory: bool = False) -> ShardLoader:
-        self.split(trainer, num_workers, batch_size if train and drop_last else None)
+        self.split(*((trainer.global_rank, trainer.world_size) if trainer else (0, 1)), num_workers,
+                   batch_size if train and drop_last else None)
         if not train:  # every rank reads all of its validation samples, from at least one shard
             workers = min(num_workers, len(self.val_set.urls) // self.val_set.world_size)
             loader = ShardLoader(self.val_set, batch_size, workers, drop_last=False, pin_memory=pin_memory,

@@ -915,6 +915,23 @@ def test_shards_the_run_cannot_use_are_one_line_at_start(tmp_path):
         next(iter(data))
 
 
+def test_shards_too_few_for_the_runs_ranks_are_refused_before_fit(tmp_path):
+    """Set up before the Trainer exists, the shards were checked for one process: with 2 ranks the refusal came in
+    the fit, after config.yaml, a dated copy and a TensorBoard file were written. `check_fit` checks them for the
+    run's ranks first."""
+    numbered_shards(tmp_path / "train", [4, 4, 4])
+    numbered_shards(tmp_path / "val", [2])
+    data = SimMIMDataModule(source="shards", shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"),
+                            img_size=16, batch_size=2, mask_patch_size=8, model_patch_size=4, num_workers=2)
+    data.setup("fit")
+    data.check_fit(None, 1)
+    with pytest.raises(ValueError, match=r"has 3 training shards for 4 readers \(ranks x data.num_workers\)"):
+        data.check_fit(None, 2)
+    data.hparams.num_workers = 1
+    with pytest.raises(ValueError, match=r"data.val_shards=.*val has 1 validation shard\(s\) for 2 ranks"):
+        data.check_fit(None, 2)
+
+
 def test_finetuning_stops_at_a_streamed_label_outside_num_classes(tmp_path):
     """A shard's .cls of 4 with model.num_classes=3: one line naming both (was torchmetrics' traceback)."""
     from finetune.train import main as finetune

@@ -282,7 +282,7 @@ class RecipeCLI(LightningCLI):
         self.config_init[self.subcommand]["ckpt_path"] = resume and resume.path
         trainer = make_trainer(self.cfg, run_dir, self.stage.monitor, self.stage.mode,
                                self.stage.callbacks(self.cfg, run_dir, self.datamodule))
-        self.datamodule.check_resume(resume, trainer.world_size)  # before fit writes the loggers' first files
+        self.datamodule.check_fit(resume, trainer.world_size)  # before fit writes the loggers' first files
         return trainer
 
     def _validation_trainer(self) -> pl.Trainer:

@@ -24,7 +24,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from simmim.models.checkpoint import detect_layout
 from simmim.train.checkpoint_io import Resumable, checkpoint_problem, newest_good_checkpoint, read_resumable
 from simmim.train.config import ConfigError, dotted_keys
-from simmim.train.run_dir import AppendingCSVLogger, check_unlocked
+from simmim.train.run_dir import AppendingCSVLogger, check_unlocked, utc_stamp
 
 
 def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
@@ -108,7 +108,7 @@ def _saved_config(path: Path) -> DictConfig:
 
 def prepare_run(cfg: DictConfig) -> tuple[Path, Resumable | None]:
     """The run directory and the checkpoint to resume from (None: a fresh run), read once for the checks here and
-    the datamodule's (`check_resume`); writes nothing.
+    the datamodule's (`check_fit`); writes nothing.
 
     resume=auto continues from the checkpoint of the highest step in `<run dir>/checkpoints/` that can be read
     (newer broken ones are named in a warning); a fresh run refuses a directory that already holds checkpoints
@@ -149,6 +149,32 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, Resumable | None]:
             _compare_models(saved.model, cfg, f"cannot resume {resume.path}",
                             "drop the override or pass run_name=NEW to start another run")
     return run_dir, resume
+
+
+def set_aside_later_checkpoints(run_dir: Path, resume: Resumable | None) -> list[Path]:
+    """Move the run's checkpoints of later steps than the one it resumes (left by the branch a resume=PATH of an
+    earlier checkpoint leaves; resume=auto would go back to them at the next start) to
+    `checkpoints/superseded-<time>/`, named in a warning; returns their old paths. For rank 0, once the start's
+    checks have passed."""
+    if resume is None or resume.checkpoint is None:  # a fresh run, a DeepSpeed folder
+        return []
+    step, later = int(resume.checkpoint.get("global_step", -1)), []
+    for path in sorted((Path(run_dir) / "checkpoints").glob("*.ckpt")):
+        try:
+            checkpoint = read_resumable(path).checkpoint
+        except ValueError:  # a broken one: named by every resume=auto
+            continue
+        if checkpoint is not None and int(checkpoint.get("global_step", -1)) > step:
+            later.append(path)
+    if later:
+        aside = Path(run_dir) / "checkpoints" / f"superseded-{utc_stamp()}"
+        aside.mkdir()
+        for path in later:
+            path.rename(aside / path.name)
+        warnings.warn(f"resuming {resume.path} (step {step}): {', '.join(p.name for p in later)} of later steps belong "
+                      f"to the branch this run leaves (resume=auto would go back to them); moved to {aside}",
+                      stacklevel=2)
+    return later
 
 
 def _check_same_pretrained(cfg: DictConfig, saved: DictConfig, ckpt: str) -> None:

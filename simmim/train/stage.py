@@ -132,7 +132,7 @@ def fit(stage: Stage, cfg: DictConfig, prepared: Any = None) -> None:
     stage.setup(module, cfg, run_dir, resume is not None, prepared)
     start_run(run_dir)  # the lock (the config is saved once the checkpoint is restored: RecordStart)
     trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir, data))
-    data.check_resume(resume, trainer.world_size)  # before fit writes the loggers' first files
+    data.check_fit(resume, trainer.world_size)  # before fit writes the loggers' first files
     with signal_exit_status():
         trainer.fit(module, datamodule=data, ckpt_path=resume and resume.path)
     lines = stage.finish(trainer, module, cfg, run_dir)
