@@ -636,3 +636,25 @@ def test_the_checks_before_a_resume_read_each_checkpoint_once(tmp_path, monkeypa
     pretrain_in_process(monkeypatch, [*args, "trainer.max_steps=5"])
     ours = [read for read in reads if read.endswith(".ckpt")]
     assert str(tmp_path / "r" / "checkpoints" / "last.ckpt") in ours and len(set(ours)) == len(ours), ours
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_run_resumed_after_a_signal_resumes_again_from_its_step_checkpoints(tmp_path, monkeypatch):
+    """A signal checkpoint is saved as the next batch starts, when Lightning has counted that batch as fetched: the
+    resumed run carried that count into every later checkpoint, and a run resumed from one of them skipped the
+    validation at its epoch's end (found by resuming twice after Ctrl-C). SIGTERM after step 2, the same command,
+    then a copy resumed from that run's step-5 checkpoint: metrics.csv as the run never stopped."""
+    args = [f"output_dir={tmp_path}", *ARGS, "data.num_workers=0", "checkpoint.every_n_steps=1",
+            "checkpoint.keep_last=20"]
+    pretrain_in_process(monkeypatch, ["run_name=whole", *args])
+    with pytest.raises(SystemExit) as stopped:
+        pretrain_in_process(monkeypatch, ["run_name=stopped", *args], SignalAt(2, 1, signal.SIGTERM))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    pretrain_in_process(monkeypatch, ["run_name=stopped", *args])
+    shutil.copytree(tmp_path / "stopped", tmp_path / "again")
+    for path in (tmp_path / "again" / "checkpoints").iterdir():  # as if killed after step 5
+        if not path.name.startswith("step-") or int(path.stem[5:]) > 5:
+            path.unlink()
+    pretrain_in_process(monkeypatch, ["run_name=again", *args])
+    assert logged(metrics(tmp_path / "again")) == logged(metrics(tmp_path / "whole"))

@@ -118,6 +118,7 @@ class SignalCheckpoint(pl.Callback):
     def __init__(self, folder: Path, keep_last: int):
         self.folder, self.keep_last = Path(folder), keep_last
         self.received, self._ctrl_c, self._step, self._found, self._rank_zero = 0, False, 0, {}, True
+        self._saving = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.received, self._ctrl_c, self._rank_zero = 0, False, trainer.is_global_zero
@@ -164,6 +165,16 @@ class SignalCheckpoint(pl.Callback):
                 os.write(2, b"\nCtrl-C: stopping after this step and saving it; Ctrl-C again stops at once, unsaved\n")
         self.received = max(self.received, signum)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """The signal checkpoint as saved between two batches: it is saved as the next one starts, which Lightning
+        has counted as fetched already; with that count the resumed run's later checkpoints were a batch ahead, and
+        a run resumed from one of them skipped its epoch's end (validation, best.ckpt, last.ckpt)."""
+        if self._saving:
+            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+            for counts in (progress["total"], progress["current"]):
+                counts["ready"] = counts["completed"]
+            progress["is_last_batch"] = False  # the batch done is not the epoch's last: the next one started
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         if trainer.global_step == self._step:  # the first batch, or gradients still accumulating: no new step
             return
@@ -174,7 +185,11 @@ class SignalCheckpoint(pl.Callback):
             return
         name = signal.Signals(signum).name.lower()
         path = self.folder / f"{name}-{trainer.global_step:08d}.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)  # every rank: sharded strategies gather the state
+        self._saving = True
+        try:
+            trainer.save_checkpoint(path, weights_only=False)  # every rank: sharded strategies gather the state
+        finally:
+            self._saving = False
         if trainer.is_global_zero:
             keep_newest(self.folder, name, self.keep_last)
             print(f"stopped by {self.SIGNALS[signum]} after step {trainer.global_step}: saved {path}; the same "
