@@ -25,6 +25,7 @@ from conftest import jpeg
 import simmim.train.trainer
 from simmim import pretrain as pretrain_stage
 from simmim.tools import make_shards
+from simmim.train.checkpoint_io import newest_good_checkpoint
 from simmim.train.resume import ExactResume
 from simmim.train.run_dir import AppendingCSVLogger
 
@@ -658,3 +659,25 @@ def test_a_run_resumed_after_a_signal_resumes_again_from_its_step_checkpoints(tm
             path.unlink()
     pretrain_in_process(monkeypatch, ["run_name=again", *args])
     assert logged(metrics(tmp_path / "again")) == logged(metrics(tmp_path / "whole"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_resume_of_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, monkeypatch):
+    """resume=PATH of an earlier step left the later checkpoints of the branch it leaves in checkpoints/; stopped by
+    SIGTERM, the next resume=auto went back to them (the highest step) and dropped the new branch's steps without a
+    word (found in a 2-rank run). They move to checkpoints/superseded-<time>/ when the run starts."""
+    args = [f"output_dir={tmp_path}", "run_name=r", *ARGS, "data.num_workers=0", "checkpoint.every_n_steps=1",
+            "checkpoint.keep_last=20", "trainer.max_steps=6"]
+    pretrain_in_process(monkeypatch, args)
+    folder = tmp_path / "r" / "checkpoints"
+    later = sorted(p.name for p in folder.glob("*.ckpt") if p.name not in ("step-00000001.ckpt", "step-00000002.ckpt"))
+    assert {"last.ckpt", "best.ckpt", "step-00000006.ckpt"} <= set(later)
+    with pytest.raises(SystemExit):
+        pretrain_in_process(monkeypatch, [*args, f"resume={folder / 'step-00000002.ckpt'}"],
+                            SignalAt(3, 1, signal.SIGTERM))
+    aside = list(folder.glob("superseded-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == later
+    assert newest_good_checkpoint(folder).path == str(folder / "sigterm-00000003.ckpt")
+    pretrain_in_process(monkeypatch, args)  # the new branch goes on to its end
+    assert int(torch.load(folder / "last.ckpt", weights_only=False)["global_step"]) == 6

@@ -32,8 +32,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from simmim.train.checkpoint_io import Resumable, newest_good_checkpoint, read_resumable
 from simmim.train.config import ConfigError, check_config, check_keys, leaves, load_config, load_yaml, stage_schema
 from simmim.train.resume import check_same_model, prepare_run
-from simmim.train.run_dir import start_run
-from simmim.train.stage import Stage, self_and_parents, plain
+from simmim.train.stage import Stage, plain, self_and_parents, start_fit
 from simmim.train.trainer import make_trainer
 
 SUBCOMMANDS = ("fit", "validate")  # the stages have no test or predict step
@@ -277,13 +276,8 @@ class RecipeCLI(LightningCLI):
         self.run_dir = run_dir
         self.datamodule.setup("fit")  # bad data paths fail here, before anything is written
         self.stage.check_data(self.datamodule, self.cfg)
-        self.stage.setup(self.model, self.cfg, run_dir, resume is not None, self.prepared)
-        start_run(run_dir)  # the lock (the config is saved once the checkpoint is restored: RecordStart)
         self.config_init[self.subcommand]["ckpt_path"] = resume and resume.path
-        trainer = make_trainer(self.cfg, run_dir, self.stage.monitor, self.stage.mode,
-                               self.stage.callbacks(self.cfg, run_dir, self.datamodule))
-        self.datamodule.check_fit(resume, trainer.world_size)  # before fit writes the loggers' first files
-        return trainer
+        return start_fit(self.stage, self.cfg, run_dir, resume, self.model, self.datamodule, self.prepared)
 
     def _validation_trainer(self) -> pl.Trainer:
         """validate: the checkpoint of --ckpt_path, else the newest of the run directory. Nothing is written (no

@@ -15,8 +15,9 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from simmim.train.checkpoint_io import Resumable
 from simmim.train.config import ConfigError, config_from_argv
-from simmim.train.resume import prepare_run
+from simmim.train.resume import prepare_run, set_aside_later_checkpoints
 from simmim.train.run_dir import start_run
 from simmim.train.trainer import make_trainer, signal_exit_status
 
@@ -119,6 +120,21 @@ def run_stage(stage: Stage, argv: list[str], usage: str) -> None:
     fit(stage, cfg, prepared)
 
 
+def start_fit(stage: Stage, cfg: DictConfig, run_dir: Path, resume: Resumable | None, module: pl.LightningModule,
+              data: pl.LightningDataModule, prepared: Any) -> pl.Trainer:
+    """A start's steps once its data is set up and checked, shared by the scripts and the Lightning CLI: the stage's
+    setup of the module, the run directory's lock, the Trainer, what fit would refuse for the run's ranks (checked
+    before fit writes the loggers' first files; the config is saved once the checkpoint is restored: RecordStart),
+    then, on rank 0, the checkpoints of a branch the resume leaves set aside."""
+    stage.setup(module, cfg, run_dir, resume is not None, prepared)
+    start_run(run_dir)
+    trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir, data))
+    data.check_fit(resume, trainer.world_size)
+    if trainer.is_global_zero:
+        set_aside_later_checkpoints(run_dir, resume)
+    return trainer
+
+
 def fit(stage: Stage, cfg: DictConfig, prepared: Any = None) -> None:
     """Run a stage from its resolved recipe (after `stage.prepare`): run directory, data, module, Trainer, fit, then
     the stage's finish."""
@@ -129,10 +145,7 @@ def fit(stage: Stage, cfg: DictConfig, prepared: Any = None) -> None:
     data.setup("fit")  # bad data paths fail here, before anything is written
     stage.check_data(data, cfg)
     module = stage.module(**module_args)
-    stage.setup(module, cfg, run_dir, resume is not None, prepared)
-    start_run(run_dir)  # the lock (the config is saved once the checkpoint is restored: RecordStart)
-    trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir, data))
-    data.check_fit(resume, trainer.world_size)  # before fit writes the loggers' first files
+    trainer = start_fit(stage, cfg, run_dir, resume, module, data, prepared)
     with signal_exit_status():
         trainer.fit(module, datamodule=data, ckpt_path=resume and resume.path)
     lines = stage.finish(trainer, module, cfg, run_dir)

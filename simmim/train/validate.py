@@ -244,8 +244,8 @@ def _check_trainer(trainer: dict, here: bool) -> None:
     if on_cpu and devices == -1:  # Lightning's TypeError
         raise _fail("trainer.devices", devices, "a number of processes on the CPU (-1, every device, counts GPUs), "
                                                 "e.g. trainer.devices=2")
-    strategy = trainer.get("strategy", "auto")
-    if on_cpu and isinstance(strategy, str) and strategy.startswith("fsdp"):  # FSDP's RuntimeError on every rank
+    strategy = trainer.get("strategy", "auto")  # (accelerator=auto: a GPU recipe, read on a machine without one)
+    if accelerator == "cpu" and isinstance(strategy, str) and strategy.startswith("fsdp"):  # FSDP's RuntimeError
         raise ConfigError(f"trainer.strategy={strategy} needs GPUs (FSDP shards the model over CUDA devices); on the "
                           f"CPU use trainer.strategy=ddp or ddp_zero1")
     _check_launcher(devices, trainer.get("num_nodes", 1))
