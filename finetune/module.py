@@ -173,16 +173,23 @@ class SwinV2Classifier(pl.LightningModule):
 
     # -- validation
     def validation_step(self, batch, batch_idx):
+        """Metrics of the batch's own images (`val_batch_own`: not the padding of a split over several ranks); the
+        model still sees the whole batch, as every rank runs the same forward passes."""
         x, y = batch
-        logits = self(x)
+        data = getattr(self.trainer, "datamodule", None)
+        own = data.val_batch_own(batch_idx, len(y)) if hasattr(data, "val_batch_own") else len(y)
+        logits, ema_logits = self(x)[:own], (self.ema(x)[:own] if self.ema is not None else None)
+        if own == 0:  # only padding: the last batch of a rank
+            return
+        y = y[:own]
         self.val_top1(logits, y)
         self.val_top5(logits, y)
         self.val_confusion.update(logits.argmax(dim=1), y)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True, batch_size=own)
         self.log("val/top1", self.val_top1, prog_bar=True)
         self.log("val/top5", self.val_top5)
-        if self.ema is not None:
-            self.val_top1_ema(self.ema(x), y)
+        if ema_logits is not None:
+            self.val_top1_ema(ema_logits, y)
             self.log("val/top1_ema", self.val_top1_ema)
 
     def on_validation_epoch_end(self) -> None:

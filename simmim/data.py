@@ -1008,6 +1008,17 @@ class ResumableDataModule(pl.LightningDataModule):
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
 
+    def val_batch_own(self, batch_idx: int, size: int) -> int:
+        """How many images at the start of this rank's validation batch `batch_idx` (of `size`) are the split's
+        own: over several ranks the sampler pads the split to a multiple of them with its first images (every rank
+        then runs as many batches), which the metrics must not count twice. Rank r's k-th image is the padded
+        order's k * ranks + r-th, padding from the split's length on; shards are not padded."""
+        if self.shards is not None or self.trainer is None or self.trainer.world_size == 1:
+            return size
+        ranks, rank = self.trainer.world_size, self.trainer.global_rank
+        own = -(-(len(self.val_set) - rank) // ranks)  # k with k * ranks + rank < len(val_set)
+        return max(0, min(size, own - batch_idx * self.hparams.batch_size))
+
     def _pin_memory(self) -> bool:
         """hparams.pin_memory, or when None: whether the trainer (or, outside one, this machine) uses CUDA."""
         return uses_cuda(self.trainer) if self.hparams.pin_memory is None else self.hparams.pin_memory

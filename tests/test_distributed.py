@@ -7,6 +7,7 @@ not agree), and validation is off. The masks come from (seed, epoch, index) and 
 the same number of patches in every image, so the mean of the two ranks' losses is the loss of the whole batch.
 """
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -112,6 +113,23 @@ def test_two_rank_batches_hold_the_one_rank_batch():
     for step in range(2):
         merged = halves[0][step * 4:(step + 1) * 4] + halves[1][step * 4:(step + 1) * 4]
         assert sorted(merged) == sorted(one[step * 8:(step + 1) * 8])
+
+
+@pytest.mark.parametrize("images, ranks, batch_size", [(79, 2, 8), (80, 2, 8), (17, 3, 4), (5, 4, 2), (9, 8, 1)])
+def test_validation_counts_every_image_once_over_ranks(images, ranks, batch_size):
+    """The validation sampler pads the split to a multiple of the ranks with its first images (every rank runs the
+    same batches): 79 images on 2 ranks scored top-1 over 80, one image twice. `val_batch_own` keeps each rank's
+    own images: over the ranks, every image once."""
+    counted = []
+    for rank in range(ranks):
+        order = [index for index, _ in EpochSampler(images, shuffle=False, fixed_epoch=0, num_replicas=ranks,
+                                                    rank=rank)]
+        data = SimpleNamespace(shards=None, val_set=range(images), hparams=SimpleNamespace(batch_size=batch_size),
+                               trainer=SimpleNamespace(world_size=ranks, global_rank=rank))
+        for batch_idx, start in enumerate(range(0, len(order), batch_size)):
+            batch = order[start:start + batch_size]
+            counted += batch[:SimMIMDataModule.val_batch_own(data, batch_idx, len(batch))]
+    assert sorted(counted) == list(range(images))
 
 
 def test_ddp_two_ranks_match_one_process(one_process, tmp_path):
