@@ -19,6 +19,7 @@ from simmim.models.checkpoint import (check_weights_meaning, load_pretrained, pr
                                       read_checkpoint, saved_model_config, stage_windows)
 from simmim.train.config import ConfigError
 from simmim.train.resume import checkpoint_to_resume
+from simmim.train.run_dir import launch_rank
 from simmim.train.stage import Stage, run_stage, section
 from simmim.train.validate import validate_labels
 
@@ -71,9 +72,11 @@ def load_weights(module: SwinV2Classifier, cfg, run_dir: Path, resuming: bool, c
     """The pretrained weights into a fresh run (a resumed run has its own); the confusion matrix goes to run_dir."""
     module.hparams.confusion_matrix_path = str(run_dir / "confusion_matrix.png")
     if checkpoint is not None and not resuming:
-        print(f"loaded {cfg.pretrained}\n{load_pretrained(module.model, checkpoint)}\nLog-CPB windows: pretrained "
-              f"{list(cfg.model.pretrained_window_sizes or stage_windows(cfg.model))} -> now "
-              f"{stage_windows(cfg.model)} (per stage)")
+        report = load_pretrained(module.model, checkpoint)  # every rank loads; rank 0 says so
+        if launch_rank() == 0:
+            print(f"loaded {cfg.pretrained}\n{report}\nLog-CPB windows: pretrained "
+                  f"{list(cfg.model.pretrained_window_sizes or stage_windows(cfg.model))} -> now "
+                  f"{stage_windows(cfg.model)} (per stage)")
 
 
 def check_labels(data: ClassificationDataModule, cfg) -> None:

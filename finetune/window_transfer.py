@@ -167,7 +167,8 @@ def evaluate(path: str | Path, windows: list[int], cfg, device: torch.device) ->
     ckpt = read_checkpoint(path)
     layout = detect_layout(ckpt)
     if layout != "lightning-classifier":
-        raise ValueError(f"{path} is a {layout} checkpoint; pass fine-tuned classifiers (scripts/finetune.py "
+        article = "an" if layout[0] in "aeiou" else "a"
+        raise ValueError(f"{path} is {article} {layout} checkpoint; pass fine-tuned classifiers (scripts/finetune.py "
                          f"writes them to <run>/checkpoints/last.ckpt)")
     trained = saved_model_config(ckpt)
     sizes = [(image_size_at(trained, window), window) for window in windows]

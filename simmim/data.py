@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SOURCES",
     "pretrain_transform", "TrainAugment", "normalize_images", "finetune_transform", "eval_transform",
-    "read_image", "decode_image", "decode_needs",
+    "image_files", "read_image", "decode_image", "decode_needs",
     "FileList", "SkipCounter", "LogSkipped", "MaskedItem", "LabeledItem", "uses_cuda", "shard_source", "shard_decode",
     "digits_split", "build_sources", "build_source", "fixed_subset", "labeled_eval_sets",
     "labels_per_class_subset", "labeled_datasets",
@@ -391,9 +391,10 @@ class FileList:
         return subset
 
 
-def _image_files(folder: str | os.PathLike) -> list[str]:
+def image_files(folder: str | os.PathLike, key: str = "data.root") -> list[str]:
     """Image files under folder (recursive, following links, each folder once), sorted, as paths relative to
-    folder (plain strings: pathlib objects would cost minutes for millions of files)."""
+    folder (plain strings: pathlib objects would cost minutes for millions of files); FileNotFoundError naming
+    `key`, the option that gave the folder, when there is none."""
     files, listed, again = [], set(), []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -411,7 +412,7 @@ def _image_files(folder: str | os.PathLike) -> list[str]:
                        f"{again[0]} -> {os.path.realpath(again[0])}): its images are listed once, where first found")
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
-                                f"point root at a folder that holds images (subfolders are searched)")
+                                f"point {key} at a folder that holds images (subfolders are searched)")
     return files
 
 
@@ -425,7 +426,7 @@ def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[Fil
 
     classes None: the sorted first-level subfolders when every image sits in one, else [] (every label 0).
     """
-    files = _image_files(folder)
+    files = image_files(folder)
     tops = [f.split(os.sep, 1)[0] if os.sep in f else None for f in files]
     if classes is None:
         classes = [] if None in tops else sorted(set(tops))

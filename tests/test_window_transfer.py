@@ -148,7 +148,7 @@ def test_data_numbering_other_classes_than_the_classifier(tmp_path):
 
 def test_only_classifier_checkpoints_are_evaluated(tmp_path):
     encoder_only = {"model": {"encoder.patch_embed.proj.weight": torch.zeros(16, 3, 4, 4)}, "config": {}}
-    with pytest.raises(ValueError, match="is a exported-simmim checkpoint; pass fine-tuned classifiers"):
+    with pytest.raises(ValueError, match="is an exported-simmim checkpoint; pass fine-tuned classifiers"):
         window_transfer.evaluate(encoder_only, [8], None, torch.device("cpu"))
 
 

@@ -31,7 +31,7 @@ from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
 from masking import build_mask_generator
 from simmim.models.arguments import model_section
 from simmim.train.config import ConfigError, as_list, options_from_argv
-from simmim.data import _image_files, eval_transform, read_image
+from simmim.data import eval_transform, image_files, read_image
 from simmim.pretrain import reconstruction_grid
 from simmim.cli import check_new_output, resolve_device
 
@@ -58,7 +58,7 @@ def image_paths(images, limit: int) -> list[Path]:
     for entry in as_list(images):
         entry = Path(entry)
         if entry.is_dir():
-            paths += [entry / name for name in _image_files(entry)]
+            paths += [entry / name for name in image_files(entry, "images")]
         elif entry.is_file():
             paths.append(entry)
         else:
