@@ -119,7 +119,8 @@ def test_checkpoint_without_decoder_and_bad_inputs(tmp_path, images, module):
                           (["max_images=0"], "max_images=0: expected an integer >= 1"),
                           (["mask_patch_size=6"], r"mask_patch_size=6: expected a divisor of the model's img_size "
                                                   r"32 that is a multiple of its patch_size 4, one of 4, 8, 16, 32"),
-                          (["norm_target_patch_size=4"], "norm_target_patch_size=4: expected an odd window of pixels >= 3"),
+                          (["norm_target_patch_size=4"],
+                           "norm_target_patch_size=4: expected an odd window of pixels >= 3"),
                           (["seed=abc"], "seed=abc: expected an integer")):
         with pytest.raises(ValueError, match=message):  # not cv2's or the mask generator's words, not a traceback
             reconstruct.main([f"checkpoint={ckpt}", f"images={images}", *argv])

@@ -117,7 +117,8 @@ def test_runs_that_cannot_start_as_launched_are_one_line(monkeypatch):
     monkeypatch.setenv("NODE_RANK", "1")  # started on each node by hand, as Lightning reads it
     assert load_config("pretrain", overrides=["trainer.accelerator=cpu", "trainer.num_nodes=2"]).trainer.num_nodes == 2
     monkeypatch.delenv("NODE_RANK")  # printing a run's config checks nothing against this machine (a login node)
-    assert pretrain.main(["recipe=giant", "trainer.accelerator=cpu", "trainer.num_nodes=4", "print_config=true"]) is None
+    assert pretrain.main(["recipe=giant", "trainer.accelerator=cpu", "trainer.num_nodes=4",
+                          "print_config=true"]) is None
 
 
 def test_good_values_pass():

@@ -302,5 +302,5 @@ def _check_optim(cfg: DictConfig, hparams: Mapping, ckpt: str) -> None:
         saved = hparams.get(key)
         if key not in RESUME_TAKES and key in hparams and (list(saved) if isinstance(saved, tuple) else saved) != value:
             raise ConfigError(f"cannot resume {ckpt}: it was trained with optim.{key}={saved}, this run asks for "
-                              f"{value}; a resumed run keeps the optimizer and lr schedule it saved: drop the override, "
-                              f"or pass run_name=NEW to start another run")
+                              f"{value}; a resumed run keeps the optimizer and lr schedule it saved: drop the "
+                              f"override, or pass run_name=NEW to start another run")
