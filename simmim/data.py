@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 from masking import build_mask_generator
 from simmim.augment import RandAugment
-from simmim.workers import stop_signal_shield
+from simmim.workers import ShieldedDataLoader
 
 if TYPE_CHECKING:
     from simmim.train.checkpoint_io import Resumable
@@ -1026,9 +1026,9 @@ class ResumableDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, sampler: EpochSampler, drop_last: bool) -> DataLoader:
         hp = self.hparams
-        return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
-                          pin_memory=self._pin_memory(), drop_last=drop_last, persistent_workers=hp.num_workers > 0,
-                          worker_init_fn=stop_signal_shield())
+        return ShieldedDataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
+                                  pin_memory=self._pin_memory(), drop_last=drop_last,
+                                  persistent_workers=hp.num_workers > 0)
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch

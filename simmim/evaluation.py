@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from simmim.plots import knn_history_figure, save_figure
 from simmim.train.strategies import root_params_gathered
-from simmim.workers import stop_signal_shield
+from simmim.workers import ShieldedDataLoader
 
 __all__ = ["pooled_features", "knn_scores", "knn_top1", "linear_probe_top1", "ONE_LABEL", "KNNMonitor", "knn_monitor",
            "knn_summary", "plot_knn_history"]
@@ -133,8 +133,7 @@ class KNNMonitor(pl.Callback):
         return knn_top1(train, train_labels, val, val_labels, self.k, self.temperature)
 
     def _features(self, encoder: nn.Module, device: torch.device, dataset: Dataset):
-        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                            worker_init_fn=stop_signal_shield())
+        loader = ShieldedDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
         return pooled_features(encoder, loader, device)
 
     def _record(self, trainer, pl_module, epoch: int, measure: bool, **losses) -> None:

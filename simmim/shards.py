@@ -35,11 +35,11 @@ from typing import Callable, Iterator
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from simmim.workers import stop_signal_shield
+from simmim.workers import ShieldedDataLoader
 
 __all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "split_shards", "balanced_groups",
            "ShardDataset", "ShardLoader", "ShardSource", "ShardImages"]
@@ -407,9 +407,9 @@ class ShardLoader:
         self.dataset.epoch, self.dataset.skip = self.epoch, dict(self.positions)
         if self.batches >= self.num_batches:
             return
-        batches = iter(DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                  drop_last=self.drop_last, pin_memory=self.pin_memory, persistent_workers=False,
-                                  worker_init_fn=stop_signal_shield()))
+        batches = iter(ShieldedDataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                          drop_last=self.drop_last, pin_memory=self.pin_memory,
+                                          persistent_workers=False))
         waiting, last, repeats = {}, None, 0
         allowed = -(-max(self.dataset.counts) // self.batch_size)  # the batches of one shard: a lost shard, no more
         for worker in self._schedule():

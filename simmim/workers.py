@@ -15,7 +15,9 @@ would end, and the next batch would fail), and the training process decides what
 The shield blocks SIGTERM in the worker's thread and waits for it in a thread of its own, which sees the sender. A
 worker started by fork (Linux's default up to Python 3.13) has one thread at `worker_init_fn`, and every later
 thread inherits the block; one started by spawn or forkserver (macOS; Linux from Python 3.14) already has a second
-thread there, which can take the signal, so it may still die of it as before.
+thread there, which can take the signal, so it may still die of it as before. `ShieldedDataLoader` forks its
+workers with the three signals blocked, so one that comes before `worker_init_fn` waits for the shield instead of
+ending the worker (a SIGTERM to the process group just as the workers of an epoch start killed one).
 """
 from __future__ import annotations
 
@@ -24,6 +26,28 @@ import signal
 import threading
 from functools import partial
 from typing import Callable
+
+from torch.utils.data import DataLoader
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+
+
+class ShieldedDataLoader(DataLoader):
+    """A DataLoader whose workers run `stop_signal_shield`, started with `STOP_SIGNALS` blocked (in the thread that
+    starts them, whose mask forked workers inherit; a signal to the training process meanwhile waits until they
+    have started)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=stop_signal_shield(), **kwargs)
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super()._get_iterator()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def stop_signal_shield() -> Callable[[int], None]:
@@ -38,8 +62,10 @@ def ignore_outside_stop_signals(worker_id: int, owner: int) -> None:
     for ignored in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(ignored, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (blocked by a ShieldedDataLoader's start)
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGUSR1})  # ignored: one pending is dropped
     threading.Thread(target=_exit_on_sigterm_from, args=({owner, os.getppid()},), name="sigterm",
                      daemon=True).start()
 
