@@ -38,9 +38,9 @@ def test_logger_by_class_path(tmp_path):
 def test_callbacks_from_the_recipe_command_line():
     cfg = cfg_with("callbacks=[{class_path: EarlyStopping, init_args: {monitor: val/loss, patience: 3}},"
                    "{class_path: pytorch_lightning.callbacks.LearningRateMonitor}]")
-    early, lr = build_callbacks(cfg)
+    early, lr, check = build_callbacks(cfg)
     assert isinstance(early, EarlyStopping) and early.monitor == "val/loss" and early.patience == 3
-    assert isinstance(lr, LearningRateMonitor)
+    assert isinstance(lr, LearningRateMonitor) and check.monitors == [("EarlyStopping", "val/loss")]
     assert build_callbacks(cfg_with()) == []
 
 
@@ -65,6 +65,19 @@ def test_a_bad_callback_writes_nothing(tmp_path):
                         "callbacks=[{class_path: EarlyStopping, init_args: {monitor: x, mode: maxx}}]")
     assert result.returncode == 1 and result.stderr.startswith("error: callbacks: EarlyStopping(")
     assert list(tmp_path.iterdir()) == []  # no run directory, no config: the run never started
+
+
+@pytest.mark.timeout(300)
+def test_a_monitor_the_run_does_not_log_is_one_line_before_training(tmp_path):
+    """EarlyStopping on val/lss failed at the end of the first epoch, in a traceback that left no checkpoint: the
+    sanity check's validation logs every val/ metric, and one the run does not log is named there."""
+    result = run_script("simmim.pretrain", *fast_args(tmp_path, "trainer.num_sanity_val_steps=1",
+                                                      "callbacks=[{class_path: EarlyStopping, init_args: "
+                                                      "{monitor: val/lss}}]"))
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: callbacks: EarlyStopping monitors val/lss, which this run does not log (did you mean val/loss?); its "
+        "validation metrics are val/loss: set init_args.monitor to one of them")
+    assert not (tmp_path / "demo" / "checkpoints").exists() or not list((tmp_path / "demo" / "checkpoints").iterdir())
 
 
 def test_missing_extra_names_the_install(tmp_path, monkeypatch):

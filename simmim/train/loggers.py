@@ -15,6 +15,7 @@ Every start of a run directory continues its W&B run and its MLflow run (`_conti
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import json
@@ -272,8 +273,29 @@ def log_recipe(loggers: list[Logger], cfg: DictConfig) -> None:
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """The extra callbacks of `callbacks` ({class_path, init_args} each), after those the scripts add."""
-    return [_instantiate(entry, "callbacks") for entry in _callback_entries(cfg)]
+    """The extra callbacks of `callbacks` ({class_path, init_args} each), after those the scripts add, and a
+    `MonitorCheck` of those that monitor a metric."""
+    callbacks = [_instantiate(entry, "callbacks") for entry in _callback_entries(cfg)]
+    return [*callbacks, MonitorCheck(callbacks)] if callbacks else []
+
+
+class MonitorCheck(pl.Callback):
+    """ConfigError when a `callbacks` entry monitors a val/ metric the run does not log, once the sanity check's
+    validation has logged them all: EarlyStopping's own error came at the end of the first epoch, a traceback that
+    left no checkpoint of it. (Train metrics are not all logged at every step: those are left to the callback.)"""
+
+    def __init__(self, callbacks: list[pl.Callback]):
+        self.monitors = [(type(callback).__name__, callback.monitor) for callback in callbacks
+                         if isinstance(getattr(callback, "monitor", None), str)]
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logged = sorted(key for key in trainer.callback_metrics if key.startswith("val/"))
+        for name, monitor in self.monitors:
+            if monitor.startswith("val/") and logged and monitor not in logged:
+                near = difflib.get_close_matches(monitor, logged, n=1)
+                raise ConfigError(f"callbacks: {name} monitors {monitor}, which this run does not log"
+                                  f"{f' (did you mean {near[0]}?)' if near else ''}; its validation metrics are "
+                                  f"{', '.join(logged)}: set init_args.monitor to one of them")
 
 
 def log_image(logger: Logger, key: str, image: np.ndarray, step: int) -> bool:
