@@ -27,6 +27,8 @@ from simmim.workers import ShieldedDataLoader
 __all__ = ["pooled_features", "knn_scores", "knn_top1", "linear_probe_top1", "ONE_LABEL", "KNNMonitor", "knn_monitor",
            "knn_summary", "plot_knn_history"]
 
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # neighbours and softmax temperature of the weighted vote (DINO's k-NN)
+
 
 @torch.no_grad()
 def pooled_features(encoder: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
@@ -43,7 +45,8 @@ def pooled_features(encoder: nn.Module, loader: DataLoader, device: torch.device
 
 @torch.no_grad()
 def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
-               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+               num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE,
+               chunk: int = 1024) -> torch.Tensor:
     """Class scores (Q, num_classes) of queries (Q, C) from training features (N, C) and labels (N,): the sum of
     exp(cosine similarity / temperature) over each query's k nearest training images (all when N < k), each row
     divided by exp(its largest similarity / temperature), which leaves the vote as it is and keeps a small
@@ -62,7 +65,7 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_f
 
 
 def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
-             val_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
+             val_labels: torch.Tensor, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
     """Fraction of val images whose k-NN vote (`knn_scores`) is their label."""
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     scores = knn_scores(train_features, train_labels, val_features, num_classes, k, temperature)
@@ -99,8 +102,8 @@ class KNNMonitor(pl.Callback):
     rank 0 logs and plots.
     """
 
-    def __init__(self, train_set: Dataset, val_set: Dataset, every_n_epochs: int = 1, k: int = 20,
-                 temperature: float = 0.07, batch_size: int = 64, num_workers: int = 0,
+    def __init__(self, train_set: Dataset, val_set: Dataset, every_n_epochs: int = 1, k: int = KNN_K,
+                 temperature: float = KNN_TEMPERATURE, batch_size: int = 64, num_workers: int = 0,
                  plot_path: str | Path | None = None):
         if every_n_epochs < 1:
             raise ValueError(f"eval.knn_every_n_epochs={every_n_epochs} must be >= 1 (0 turns the monitor off)")

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from simmim.cli import check_loader_options, check_values, checkpoint_paths, resolve_device
-from simmim.evaluation import knn_top1, linear_probe_top1, pooled_features
+from simmim.evaluation import KNN_K, KNN_TEMPERATURE, knn_top1, linear_probe_top1, pooled_features
 from simmim.models.checkpoint import encoder_from_checkpoint
 from simmim.models.swinv2 import SwinTransformerV2
 from simmim.models.arguments import model_section
@@ -44,8 +44,8 @@ SCHEMA = {
         "val_shards": None,      # shards source: validation shards (null: the last shard of data.shards)
     },
     "max_images": None,          # per split (null: all): a fixed random subset, or the first shards holding as many
-    "k": 20,
-    "temperature": 0.07,
+    "k": KNN_K,
+    "temperature": KNN_TEMPERATURE,
     "probe_c": 1.0,              # inverse L2 strength of the linear probe
     "random_baseline": True,     # add a row: the first checkpoint's architecture with random weights
     "batch_size": 64,

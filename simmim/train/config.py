@@ -60,10 +60,14 @@ def dotted_keys(cfg: DictConfig) -> list[str]:
     return list(walk(OmegaConf.to_container(cfg, resolve=False), ""))
 
 
-def trainer_arguments() -> list[str]:
+HELP = {"-h", "--help", "help"}  # a script's arguments that ask for its usage and keys
+
+
+def trainer_defaults() -> dict:
+    """Every pytorch_lightning.Trainer argument with its default."""
     import pytorch_lightning as pl
 
-    return [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+    return {name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items() if name != "self"}
 
 
 def check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
@@ -73,7 +77,7 @@ def check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
         if key in known:
             continue
         if key.startswith("trainer."):
-            trainer_args = trainer_args or trainer_arguments()
+            trainer_args = trainer_args or list(trainer_defaults())
             name = key.split(".")[1]
             if name in trainer_args:
                 continue
@@ -128,7 +132,7 @@ def config_from_argv(stage: str, argv: list[str], usage: str, here: bool = True)
     usage, the recipes and every key for --help. here=False, or print_config=true: the run is not for this machine
     (no check of its accelerator, devices and launcher against what this machine has: a GPU recipe prints on a login
     node)."""
-    if {"-h", "--help", "help"} & set(argv):
+    if HELP & set(argv):
         print(usage + "\n" + describe_keys(stage))
         return None
     recipe, overrides, print_config = parse_cli(argv)
@@ -152,7 +156,7 @@ def options_from_argv(defaults: dict, argv: list[str], usage: str, mixed: tuple[
     from simmim.train.validate import check_source_keys, validate_options  # here: validate imports ConfigError
 
     schema = OmegaConf.create(defaults)
-    if {"-h", "--help", "help"} & set(argv):
+    if HELP & set(argv):
         keys = "\n".join(_key_lines(defaults))
         print(f"{usage}\nkeys (default value):\n{keys}")
         return None

@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from simmim.train.checkpoint_io import Resumable, newest_good_checkpoint, read_resumable
-from simmim.train.config import ConfigError, check_config, check_keys, leaves, load_config, load_yaml, stage_schema
+from simmim.train.config import (ConfigError, check_config, check_keys, leaves, load_config, load_yaml, stage_schema,
+                                 trainer_defaults)
 from simmim.train.resume import check_same_model, prepare_run
 from simmim.train.stage import Stage, plain, self_and_parents, start_fit
 from simmim.train.trainer import make_trainer
@@ -141,8 +142,7 @@ class OneLineParser(LightningArgumentParser):
 
 
 # every pytorch_lightning.Trainer argument with its default
-TRAINER_DEFAULTS = {name: p.default for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
-                    if name != "self"}
+TRAINER_DEFAULTS = trainer_defaults()
 
 
 class RecipeCLI(LightningCLI):
