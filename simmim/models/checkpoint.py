@@ -39,7 +39,7 @@ from simmim.models.arguments import model_defaults, resolve_model
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.models.swinv2 import DERIVED_BUFFERS, VARIANTS, SwinTransformerV2
 
-__all__ = ["LoadReport", "load_pretrained", "resize_position_bias_table", "pretrained_window_sizes",
+__all__ = ["LoadReport", "load_pretrained", "load_weights", "resize_position_bias_table", "pretrained_window_sizes",
            "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
            "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
            "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning", "stage_windows",
@@ -402,10 +402,11 @@ CONVERTERS = {
 }
 
 
-def checkpoint_weights(ckpt: Mapping) -> dict:
-    """The encoder weights (and classifier head, where there is one) of a loaded checkpoint of any layout above,
-    under our parameter names; derived buffers, the mask token and the decoder are left out."""
-    return {key: value for key, value in CONVERTERS[detect_layout(ckpt)](ckpt).items()
+def checkpoint_weights(ckpt: Mapping, layout: str | None = None) -> dict:
+    """The encoder weights (and classifier head, where there is one) of a loaded checkpoint of any layout above
+    (`detect_layout`'s, unless given), under our parameter names; derived buffers, the mask token and the decoder
+    are left out."""
+    return {key: value for key, value in CONVERTERS[layout or detect_layout(ckpt)](ckpt).items()
             if not key.endswith(DROPPED_SUFFIXES)}
 
 
@@ -473,7 +474,11 @@ def load_pretrained(model: SwinTransformerV2, source: str | Path | Mapping, stri
     """
     ckpt = read_checkpoint(source)
     layout = detect_layout(ckpt)
-    weights = checkpoint_weights(ckpt)
+    return load_weights(model, checkpoint_weights(ckpt, layout), layout, strict)
+
+
+def load_weights(model: SwinTransformerV2, weights: Mapping, layout: str, strict: bool = True) -> LoadReport:
+    """`load_pretrained` of weights already converted (`checkpoint_weights`) from a checkpoint of `layout`."""
     target = model.state_dict()
     report = LoadReport(layout)
     usable = {}

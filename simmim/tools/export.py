@@ -28,9 +28,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from simmim.cli import check_new_output
-from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights, class_names, ema_weights,
-                                      has_simmim_decoder, hf_key, load_pretrained, model_config, read_checkpoint,
-                                      saved_simmim_config, simmim_from_checkpoint, stage_windows)
+from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights, class_names, detect_layout,
+                                      ema_weights, has_simmim_decoder, hf_key, load_weights, model_config,
+                                      read_checkpoint, saved_simmim_config, simmim_from_checkpoint, stage_windows)
 from simmim.models.simmim import SimMIM
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
 from simmim.train.checkpoint_io import atomic_save, written_atomically
@@ -155,10 +155,12 @@ def encoder_for_export(source, overrides: Mapping | None = None) -> tuple[SwinTr
     """(our encoder with the checkpoint's weights, with its classifier head when the checkpoint has one, its
     arguments); ValueError naming the first key when the weights do not fit."""
     ckpt = read_checkpoint(source)
-    head = checkpoint_weights(ckpt).get("head.weight")
+    layout = detect_layout(ckpt)
+    weights = checkpoint_weights(ckpt, layout)  # converted once (transformers' qkv: concatenated)
+    head = weights.get("head.weight")
     config = {**model_config(ckpt, overrides), "num_classes": 0 if head is None else head.shape[0]}
     model = SwinTransformerV2(**config)
-    load_pretrained(model, ckpt)
+    load_weights(model, weights, layout)
     return model, config
 
 
