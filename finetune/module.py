@@ -132,7 +132,7 @@ class SwinV2Classifier(pl.LightningModule):
             loss = soft_target_cross_entropy(self(x), targets)
         else:
             loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over the ranks: the whole batch's
         self.log("train/lr", self.optimizers().param_groups[-1]["lr"], prog_bar=True)
         return loss
 

@@ -69,7 +69,7 @@ class SimMIMPretrainModule(pl.LightningModule):
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return self._skip_nonfinite(loss)
         self.nonfinite_in_a_row = 0
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over the ranks: the whole batch's
         self.log("train/mask_ratio", mask.float().mean())
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return loss

@@ -32,14 +32,14 @@ PARAM_ATOL = 1e-6
 
 
 class Recorder(pl.Callback):
-    """Per step the loss of the whole batch (mean over ranks); at the end each rank's optimizer state bytes and
-    the weights, saved to `<out>_rank<r>.pt`."""
+    """Per step the logged train/loss (the mean over the ranks: the whole batch's; it was each rank's own half); at
+    the end each rank's optimizer state bytes and the weights, saved to `<out>_rank<r>.pt`."""
 
     def __init__(self, out):
         self.out, self.losses = out, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
     def on_train_end(self, trainer, pl_module):
         optimizer = trainer.optimizers[0]

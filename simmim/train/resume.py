@@ -154,8 +154,8 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, Resumable | None]:
 def set_aside_later_checkpoints(run_dir: Path, resume: Resumable | None) -> list[Path]:
     """Move the run's checkpoints of later steps than the one it resumes (left by the branch a resume=PATH of an
     earlier checkpoint leaves; resume=auto would go back to them at the next start) to
-    `checkpoints/superseded-<time>/`, named in a warning; returns their old paths. For rank 0, once the start's
-    checks have passed."""
+    `checkpoints/superseded-<time>/`, named in a warning; returns their old paths. For rank 0 of a resume=PATH,
+    once the start's checks have passed."""
     if resume is None or resume.checkpoint is None:  # a fresh run, a DeepSpeed folder
         return []
     step, later = int(resume.checkpoint.get("global_step", -1)), []

@@ -130,7 +130,7 @@ def start_fit(stage: Stage, cfg: DictConfig, run_dir: Path, resume: Resumable | 
     start_run(run_dir)
     trainer = make_trainer(cfg, run_dir, stage.monitor, stage.mode, stage.callbacks(cfg, run_dir, data))
     data.check_fit(resume, trainer.world_size)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and cfg.resume not in (None, "auto"):  # resume=auto took the highest step
         set_aside_later_checkpoints(run_dir, resume)
     return trainer
 
