@@ -78,7 +78,7 @@ Sample = tuple[str | np.ndarray, int]
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-def _check_crop_flip(crop_scale: Sequence[float], crop_ratio: Sequence[float], hflip: float) -> None:
+def check_crop_flip(crop_scale: Sequence[float], crop_ratio: Sequence[float], hflip: float) -> None:
     """ValueError naming the data.* key when a crop range or the flip probability is out of bounds."""
     if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise ValueError(f"data.crop_scale={list(crop_scale)} must be [min, max] area fractions with "
@@ -98,7 +98,7 @@ def pretrain_transform(img_size: int, crop_scale: Sequence[float] = (0.67, 1.0),
     A random crop of `crop_scale` (fractions of the area) and `crop_ratio` (width / height) resized bilinearly
     to img_size, a horizontal flip with probability `hflip` (`TrainAugment`).
     """
-    _check_crop_flip(crop_scale, crop_ratio, hflip)
+    check_crop_flip(crop_scale, crop_ratio, hflip)
     return TrainAugment(img_size, crop_scale, crop_ratio, hflip)
 
 
@@ -112,7 +112,7 @@ def finetune_transform(img_size: int, crop_scale: Sequence[float] = (0.08, 1.0),
     the ImageNet recipe's), then RandAugment when `randaug_ops` > 0 (the official recipe: 2 ops, magnitude 9,
     std 0.5).
     """
-    _check_crop_flip(crop_scale, crop_ratio, hflip)
+    check_crop_flip(crop_scale, crop_ratio, hflip)
     randaug = RandAugment(randaug_ops, randaug_magnitude, randaug_magnitude_std) if randaug_ops else None
     return TrainAugment(img_size, crop_scale, crop_ratio, hflip, cv2.INTER_CUBIC, randaug)
 

@@ -36,6 +36,7 @@ from simmim.train.validate import validate_labels
                                          "pixels >= 3, e.g. 47"),  # a ValueError at the first step, after the lock
     ("simmim.norm_target_patch_size=1", "simmim.norm_target_patch_size=1: expected null or an odd window"),  # NaN
     ("optim.schedule=step", "optim.schedule=step: expected cosine or multistep"),
+    ("data.crop_scale=[0.5]", "data.crop_scale=[0.5] must be [min, max] area fractions"),  # was at data setup
     ("model.compile=always", "model.compile=always: expected true, false or auto (true where training runs on CUDA)"),
     ("optim.betas=[0.9,2]", "optim.betas=[0.9, 2]: expected two numbers in [0, 1)"),
     ("optim.base_lr=fast", "optim.base_lr=fast: expected a number, as the default 0.008"),
@@ -116,6 +117,8 @@ def test_runs_that_cannot_start_as_launched_are_one_line(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     monkeypatch.setenv("NODE_RANK", "1")  # started on each node by hand, as Lightning reads it
     assert load_config("pretrain", overrides=["trainer.accelerator=cpu", "trainer.num_nodes=2"]).trainer.num_nodes == 2
+    with pytest.raises(ValueError, match=r"^img_size 64 does not fit window_size 5"):  # print_config printed it
+        pretrain.main(["model.window_size=5", "print_config=true"])
     monkeypatch.delenv("NODE_RANK")  # printing a run's config checks nothing against this machine (a login node)
     assert pretrain.main(["recipe=giant", "trainer.accelerator=cpu", "trainer.num_nodes=4",
                           "print_config=true"]) is None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from simmim.train.checkpoint_io import Resumable
@@ -114,7 +115,9 @@ def run_stage(stage: Stage, argv: list[str], usage: str) -> None:
         return
     cfg, print_config = parsed
     prepared = stage.prepare(cfg)
-    if print_config:
+    if print_config:  # after what building the module (on the meta device: no memory) refuses, as a run would
+        with torch.device("meta"):
+            stage.module(**stage.init_args(cfg)[0])
         print(OmegaConf.to_yaml(cfg), end="")
         return
     fit(stage, cfg, prepared)

@@ -291,9 +291,13 @@ def check_source_keys(data: DictConfig, sources: tuple[str, ...] = ()) -> None:
 
 def _check_relations(cfg: DictConfig) -> None:
     model = cfg.model
-    from simmim.data import SOURCES  # here: validating needs no OpenCV or albumentations until a run's data
-
+    from simmim.data import SOURCES, check_crop_flip  # here: validating needs no OpenCV or albumentations until a
+    # run's data
     check_source_keys(cfg.data, SOURCES)
+    try:  # (refused where the transforms are made, when the data is set up: print_config printed it)
+        check_crop_flip(cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.hflip)
+    except ValueError as problem:
+        raise ConfigError(str(problem)) from None
     if len(model.depths) != len(model.num_heads):
         raise ConfigError(f"model.depths={_show(list(model.depths))} and model.num_heads="
                           f"{_show(list(model.num_heads))}: expected one value per stage in each")
