@@ -989,7 +989,7 @@ class ResumableDataModule(pl.LightningDataModule):
         """Set up the shards source (`shard_source`) with the stage's (train, val) items and transforms, at the
         position a checkpoint restored."""
         self.shards = shard_source(self.hparams, items, transforms, self.skipped)
-        self.shards.split(*self._rank_of_ranks(), self.hparams.num_workers, self.hparams.batch_size)
+        self.shards.split(*self._rank_and_world(), self.hparams.num_workers, self.hparams.batch_size)
         if self._shards_state:
             self.shards.load_state_dict(self._shards_state)
         self.train_set, self.val_set = self.shards.train_set, self.shards.val_set
@@ -998,13 +998,14 @@ class ResumableDataModule(pl.LightningDataModule):
         self._check_layout()
         hp = self.hparams
         if self.shards is not None:
-            return self.shards.loader(True, self.trainer, hp.batch_size, hp.num_workers, drop_last, self._pin_memory())
+            return self.shards.loader(True, *self._rank_and_world(), hp.batch_size, hp.num_workers, drop_last,
+                                      self._pin_memory())
         return self._loader(self.train_set, self.train_sampler(len(self.train_set), drop_last), drop_last)
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
         if self.shards is not None:
-            return self.shards.loader(False, self.trainer, hp.batch_size, hp.num_workers,
+            return self.shards.loader(False, *self._rank_and_world(), hp.batch_size, hp.num_workers,
                                       pin_memory=self._pin_memory())
         sampler = EpochSampler(len(self.val_set), shuffle=False, fixed_epoch=0, **self._ranks())
         return self._loader(self.val_set, sampler, drop_last=False)
@@ -1033,13 +1034,14 @@ class ResumableDataModule(pl.LightningDataModule):
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch
 
-    def _rank_of_ranks(self) -> tuple[int, int]:
+    def _rank_and_world(self) -> tuple[int, int]:
         """(rank, world size) of this process: the trainer's, (0, 1) outside one."""
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def _ranks(self) -> dict:
-        """This process's share of the samples: the trainer's world size and rank (none outside a Trainer)."""
-        return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
+        """This process's share of the samples, as EpochSampler's arguments (`_rank_and_world`)."""
+        rank, world_size = self._rank_and_world()
+        return {"num_replicas": world_size, "rank": rank}
 
 
 class SimMIMDataModule(ResumableDataModule):

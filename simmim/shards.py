@@ -482,10 +482,10 @@ class ShardSource:
                              f"each filling batches from its own shards; lower data.batch_size or data.num_workers, "
                              f"or add samples")  # Lightning would stop at once, and the run end as if trained
 
-    def loader(self, train: bool, trainer, batch_size: int, num_workers: int, drop_last: bool = True,
-               pin_memory: bool = False) -> ShardLoader:
-        self.split(*((trainer.global_rank, trainer.world_size) if trainer else (0, 1)), num_workers,
-                   batch_size if train and drop_last else None)
+    def loader(self, train: bool, rank: int, world_size: int, batch_size: int, num_workers: int,
+               drop_last: bool = True, pin_memory: bool = False) -> ShardLoader:
+        """This process's (`rank` of `world_size`) training or validation loader (`split` checks the shards)."""
+        self.split(rank, world_size, num_workers, batch_size if train and drop_last else None)
         if not train:  # every rank reads all of its validation samples, from at least one shard
             workers = min(num_workers, len(self.val_set.urls) // self.val_set.world_size)
             loader = ShardLoader(self.val_set, batch_size, workers, drop_last=False, pin_memory=pin_memory,

@@ -442,8 +442,6 @@ def test_datamodule_shards_source_and_state(tmp_path):
 def test_every_rank_validates_on_shards_of_its_own(tmp_path):
     """2 ranks x 2 workers, 3 val shards: each rank gets a shard (its val loader 1 worker); every val sample once.
     Fewer val shards than ranks is one line at start (Lightning stops a rank whose val loader is empty)."""
-    from types import SimpleNamespace
-
     from simmim.shards import ShardSource
 
     numbered_shards(tmp_path / "train", [5, 5, 5, 5])
@@ -454,8 +452,7 @@ def test_every_rank_validates_on_shards_of_its_own(tmp_path):
         for rank in range(2):
             source = ShardSource(str(tmp_path / "train"), str(tmp_path / "val"), (label_item, label_item),
                                  (decode_image, decode_image), SkipCounter())
-            loader = source.loader(False, SimpleNamespace(global_rank=rank, world_size=2), batch_size=2,
-                                   num_workers=2)
+            loader = source.loader(False, rank, 2, batch_size=2, num_workers=2)
             batches = list(loader)
             assert loader.num_workers == 1 and 0 < len(batches) == len(loader)
             seen += [int(label) for (labels,) in batches for label in labels]
@@ -463,12 +460,12 @@ def test_every_rank_validates_on_shards_of_its_own(tmp_path):
         source = ShardSource(str(tmp_path / "train"), str(tmp_path / "val" / "part-000.tar"),
                              (label_item, label_item), (decode_image, decode_image), SkipCounter())
         with pytest.raises(ValueError, match=r"data.val_shards=.*part-000.tar has 1 validation shard\(s\) for 2 ranks"):
-            source.loader(False, SimpleNamespace(global_rank=1, world_size=2), batch_size=2, num_workers=0)
+            source.loader(False, 1, 2, batch_size=2, num_workers=0)
         source = ShardSource(str(tmp_path / "train"), None, (label_item, label_item), (decode_image, decode_image),
                              SkipCounter())
         with pytest.raises(ValueError, match="the held-out last shard is 1 validation shard.* give data.val_shards "
                                              "at least 2 shards"):
-            source.loader(False, SimpleNamespace(global_rank=0, world_size=2), batch_size=2, num_workers=0)
+            source.loader(False, 0, 2, batch_size=2, num_workers=0)
 
 
 def test_make_shards_keeps_labels_and_resumes(tmp_path, capsys, monkeypatch):
