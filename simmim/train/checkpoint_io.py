@@ -86,6 +86,11 @@ class Resumable(NamedTuple):
     path: str
     checkpoint: dict | None
 
+    @property
+    def step(self) -> int:
+        """Its global step; -1 where unknown (a DeepSpeed folder)."""
+        return -1 if self.checkpoint is None else int(self.checkpoint.get("global_step", -1))
+
 
 def read_resumable(path: str | Path) -> Resumable:
     """The checkpoint at path, or ValueError saying why it cannot be resumed from (truncated, corrupt, not a
@@ -127,9 +132,8 @@ def newest_good_checkpoint(folder: str | Path) -> Resumable | None:
         except ValueError as problem:
             problems[path] = problem
             continue
-        step = -1 if found.checkpoint is None else int(found.checkpoint.get("global_step", -1))
-        if step > best:  # strictly higher: of equal steps the newest (the first seen) stays
-            chosen, best = found, step
+        if found.step > best:  # strictly higher: of equal steps the newest (the first seen) stays
+            chosen, best = found, found.step
     for path in candidates:
         if chosen is not None and str(path) == chosen.path:
             break

@@ -158,13 +158,13 @@ def set_aside_later_checkpoints(run_dir: Path, resume: Resumable | None) -> list
     once the start's checks have passed."""
     if resume is None or resume.checkpoint is None:  # a fresh run, a DeepSpeed folder
         return []
-    step, later = int(resume.checkpoint.get("global_step", -1)), []
+    step, later = resume.step, []
     for path in sorted((Path(run_dir) / "checkpoints").glob("*.ckpt")):
         try:
-            checkpoint = read_resumable(path).checkpoint
+            found = read_resumable(path)
         except ValueError:  # a broken one: named by every resume=auto
             continue
-        if checkpoint is not None and int(checkpoint.get("global_step", -1)) > step:
+        if found.step > step:
             later.append(path)
     if later:
         aside = Path(run_dir) / "checkpoints" / f"superseded-{utc_stamp()}"
