@@ -131,7 +131,8 @@ class ThroughputMonitor(pl.Callback):
         self._last = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._last = time.perf_counter() if self._last is None else self._last
+        if self._last is None:
+            self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()

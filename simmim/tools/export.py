@@ -33,8 +33,8 @@ from simmim.models.checkpoint import (HF_CONFIG, HF_DECODER, checkpoint_weights,
                                       read_checkpoint, saved_simmim_config, simmim_from_checkpoint, stage_windows)
 from simmim.models.simmim import SimMIM
 from simmim.models.swinv2 import DERIVED_BUFFERS, SwinTransformerV2
-from simmim.train.checkpoint_io import atomic_save, written_atomically
 from simmim.models.arguments import model_defaults, model_section
+from simmim.train.checkpoint_io import atomic_save, written_atomically
 from simmim.train.config import ConfigError, options_from_argv
 
 __all__ = ["FORMATS", "to_timm", "to_hf", "hf_config", "timm_kwargs", "encoder_for_export", "export_timm",

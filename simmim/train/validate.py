@@ -42,10 +42,10 @@ def _probability(v) -> bool:  # [0, 1]
     return 0 <= v <= 1
 
 
-def _choice(choices: tuple) -> tuple[typing.Callable, str]:
-    """The rule of a value that must be one of `choices` (an owner's tuple)."""
+def _choice(choices: tuple, note: str = "") -> tuple[typing.Callable, str]:
+    """The rule of a value that must be one of `choices` (an owner's tuple), `note` after their names."""
     names = [str(c).lower() for c in choices]
-    return (lambda v: v in choices), ", ".join(names[:-1]) + f" or {names[-1]}"
+    return (lambda v: v in choices), ", ".join(names[:-1]) + f" or {names[-1]}{note}"
 
 
 # key -> (check of the value, or of each element of a list value; what is expected)
@@ -69,7 +69,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "model.position_bias": _choice(POSITION_BIASES),
     "model.extra_norm_every": (_at_least(0), "an integer >= 0"),
     "model.sequential_attn_chunk": (_positive, "an integer > 0"),
-    "model.compile": (_choice(COMPILE_VALUES)[0], f"{_choice(COMPILE_VALUES)[1]} (true where training runs on CUDA)"),
+    "model.compile": _choice(COMPILE_VALUES, " (true where training runs on CUDA)"),
     "model.attn_impl": _choice(ATTN_IMPLS),
     "simmim.mask_patch_size": (_positive, "an integer > 0"),
     "simmim.mask_ratio": (lambda v: 0 < v < 1, "a number in (0, 1), the share of mask patches hidden"),
@@ -291,8 +291,8 @@ def check_source_keys(data: DictConfig, sources: tuple[str, ...] = ()) -> None:
 
 def _check_relations(cfg: DictConfig) -> None:
     model = cfg.model
-    from simmim.data import SOURCES, check_crop_flip  # here: validating needs no OpenCV or albumentations until a
-    # run's data
+    from simmim.data import SOURCES, check_crop_flip  # here: the tools' option checks need no OpenCV or albumentations
+
     check_source_keys(cfg.data, SOURCES)
     try:  # (refused where the transforms are made, when the data is set up: print_config printed it)
         check_crop_flip(cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.hflip)
