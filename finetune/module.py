@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
-from simmim.augment import random_erasing
-from simmim.data import (LabeledItem, ResumableDataModule, SkipCounter, eval_transform, finetune_transform,
-                         labeled_datasets)
+from simmim.data.augment import random_erasing
+from simmim.data.datamodule import ResumableDataModule
+from simmim.data.datasets import LabeledItem, SkipCounter, labeled_datasets
+from simmim.data.transforms import eval_transform, finetune_transform
 from simmim.plots import confusion_matrix_figure, figure_to_rgb, save_figure
 from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups, skip_weight_decay
@@ -225,7 +226,7 @@ class ClassificationDataModule(ResumableDataModule):
     """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms;
     RandAugment as `simmim.data.finetune_transform` takes it, random erasing on the device: `device_augment`;
     train images leave the loader uint8 and are normalized on the device; labels_per_class images per
-    class drawn by seed, or all), or streamed from WebDataset shards (source="shards": `simmim.shards.ShardSource`,
+    class drawn by seed, or all), or streamed from WebDataset shards (source="shards": `simmim.data.shards.ShardSource`,
     its position in the epoch saved in checkpoints). Train augmentations depend on (seed, epoch, index) and the
     order resumes mid-epoch (`ResumableDataModule`)."""
 

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
 from finetune.module import ClassificationDataModule, SwinV2Classifier
-from simmim.data import LogSkipped
+from simmim.data.datamodule import LogSkipped
 from simmim.models.checkpoint import (check_weights_meaning, load_pretrained, pretrained_window_sizes,
                                       read_checkpoint, saved_model_config, stage_windows)
 from simmim.train.config import ConfigError

@@ -43,7 +43,9 @@ from simmim.models.checkpoint import (detect_layout, load_pretrained, model_conf
 import finetune.train
 from finetune.module import SwinV2Classifier
 from simmim.train.config import ConfigError, as_list, available_recipes, leaves, load_config, options_from_argv
-from simmim.data import FileList, ImageDataset, build_sources, eval_transform
+from simmim.data.datasets import ImageDataset
+from simmim.data.sources import FileList, build_sources
+from simmim.data.transforms import eval_transform
 from simmim.cli import check_output_folder, check_values, checkpoint_paths, resolve_device
 from simmim.models.swinv2 import check_img_size
 

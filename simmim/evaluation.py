@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from simmim.plots import knn_history_figure, save_figure
 from simmim.train.strategies import root_params_gathered
-from simmim.workers import ShieldedDataLoader
+from simmim.data.workers import ShieldedDataLoader
 
 __all__ = ["pooled_features", "knn_scores", "knn_top1", "linear_probe_top1", "ONE_LABEL", "KNNMonitor", "knn_monitor",
            "knn_summary", "plot_knn_history"]

@@ -143,7 +143,7 @@ class ThroughputMonitor(pl.Callback):
 
 def unnormalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalized (B, 3, H, W) -> [0, 1]."""
-    from simmim.data import IMAGENET_MEAN, IMAGENET_STD  # here: simmim.data imports albumentations and sklearn
+    from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # here: it imports albumentations
 
     mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -215,7 +215,7 @@ def _data_keys(cfg) -> dict[str, str]:
 
 
 def _callbacks(cfg, run_dir: Path, data) -> list[pl.Callback]:
-    from simmim.data import LogSkipped
+    from simmim.data.datamodule import LogSkipped
 
     pictures = ReconstructionPictures(run_dir / "reconstructions", cfg.logging.recon_every_n_steps,
                                       cfg.logging.recon_images)
@@ -240,7 +240,7 @@ def _finish(trainer: pl.Trainer, module: SimMIMPretrainModule, cfg, run_dir: Pat
 
 def stage() -> Stage:
     """Pretraining as `simmim.train.stage` runs it."""
-    from simmim.data import SimMIMDataModule  # here: the GPU tools run without albumentations and scikit-learn
+    from simmim.data.datamodule import SimMIMDataModule  # here: the GPU tools run without albumentations
 
     return Stage(name="pretrain", module=SimMIMPretrainModule, datamodule=SimMIMDataModule, module_keys=_module_keys,
                  data_keys=_data_keys, monitor="val/loss", mode="min", callbacks=_callbacks, finish=_finish)

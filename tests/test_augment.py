@@ -1,12 +1,12 @@
-"""RandAugment and random erasing of the official fine-tune recipe (simmim/augment.py)."""
+"""RandAugment and random erasing of the official fine-tune recipe (simmim/data/augment.py)."""
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from simmim.augment import RANDAUG_OPS, RandAugment, apply_op, random_erasing
-from simmim.data import TrainAugment, finetune_transform
+from simmim.data.augment import RANDAUG_OPS, RandAugment, apply_op, random_erasing
+from simmim.data.transforms import TrainAugment, finetune_transform
 from simmim.train.config import load_config
 
 

@@ -12,11 +12,13 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader
 
-from simmim import data
-from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, FileList, ImageDataset, TrainAugment,
-                         SimMIMDataModule, build_source, build_sources, decode_image, decode_needs, digits_split,
-                         eval_transform, finetune_transform, labeled_datasets, labels_per_class_subset,
-                         normalize_images, pretrain_transform, read_image)
+from simmim.data import datasets, sources
+from simmim.data.datamodule import SimMIMDataModule
+from simmim.data.datasets import EpochSampler, ImageDataset, labeled_datasets
+from simmim.data.decode import decode_image, decode_needs, read_image
+from simmim.data.sources import FileList, build_source, build_sources, digits_split, labels_per_class_subset
+from simmim.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainAugment, eval_transform, finetune_transform,
+                                    normalize_images, pretrain_transform)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -230,7 +232,9 @@ def test_folder_source_with_verify_skips_corrupt_files_with_one_warning(tmp_path
 def test_folder_source_lists_without_decoding_and_replaces_bad_files_when_read(tmp_path, monkeypatch):
     make_class_folder(tmp_path)
     decoded = []
-    monkeypatch.setattr(data, "read_image", lambda path, **needs: decoded.append(path) or read_image(path, **needs))
+    for module in (sources, datasets):  # where setup (data.verify) and the datasets decode
+        monkeypatch.setattr(module, "read_image",
+                            lambda path, **needs: decoded.append(path) or read_image(path, **needs))
     train, val = build_sources("folder", 32, root=tmp_path)
     assert decoded == [] and isinstance(train, FileList) and len(train) + len(val) == 7
     verified = build_sources("folder", 32, root=tmp_path, verify=True)
@@ -550,7 +554,9 @@ def test_folder_start_does_not_grow_with_the_number_of_files(tmp_path, monkeypat
             path.parent.mkdir(parents=True, exist_ok=True)
             os.link(original, path)
     decoded = []
-    monkeypatch.setattr(data, "read_image", lambda path, **needs: decoded.append(path) or read_image(path, **needs))
+    for module in (sources, datasets):  # where setup (data.verify) and the datasets decode
+        monkeypatch.setattr(module, "read_image",
+                            lambda path, **needs: decoded.append(path) or read_image(path, **needs))
 
     def first_batch(count):  # CPU seconds of this process: other jobs on a shared machine barely change them
         decoded.clear()

@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from simmim.train.config import load_config
-from simmim.data import EpochSampler, SimMIMDataModule, eval_transform
+from simmim.data.datamodule import SimMIMDataModule
+from simmim.data.datasets import EpochSampler
+from simmim.data.transforms import eval_transform
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.config import ConfigError
 from simmim.train.strategies import BlockFSDPStrategy, ZeRO1DDPStrategy, build_strategy

@@ -11,7 +11,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from conftest import randomize_, run_script
-from simmim.data import ImageDataset, build_sources, eval_transform
+from simmim.data.datasets import ImageDataset
+from simmim.data.sources import build_sources
+from simmim.data.transforms import eval_transform
 from simmim.evaluation import KNNMonitor, knn_monitor, knn_scores, knn_top1, linear_probe_top1, plot_knn_history
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.config import load_config

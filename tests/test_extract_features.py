@@ -10,7 +10,9 @@ from sklearn.datasets import load_digits
 
 from conftest import randomize_, run_script
 from simmim.train.config import ConfigError
-from simmim.data import digits_split, eval_transform, read_image
+from simmim.data.decode import read_image
+from simmim.data.sources import digits_split
+from simmim.data.transforms import eval_transform
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.models.swinv2 import SwinTransformerV2
 

@@ -165,7 +165,7 @@ def test_linear_probe_trains_only_the_head(tmp_path):
 def test_train_batches_reach_the_model_normalized_and_erased_on_the_device(tmp_path):
     """The fine-tune augment yields uint8; the DataModule normalizes on the device and erases one box of noise
     per image (random_erasing=1), drawn anew for every batch; the rest of each image is the normalized crop."""
-    from simmim.data import normalize_images
+    from simmim.data.transforms import normalize_images
 
     module = SwinV2Classifier(model=TINY_MODEL, warmup_epochs=0, mixup=0.0, cutmix=0.0)
     real_forward, seen = module.model.forward, []

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import randomize_, run_script
-from simmim.data import IMAGENET_MEAN, eval_transform, read_image
+from simmim.data.decode import read_image
+from simmim.data.transforms import IMAGENET_MEAN, eval_transform
 from simmim.pretrain import SimMIMPretrainModule, unnormalize
 
 import simmim.tools.reconstruct as reconstruct

@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 import torch
 
 from simmim.cli import run_cli
-from simmim.data import SimMIMDataModule, normalize_images
+from simmim.data.datamodule import SimMIMDataModule
+from simmim.data.transforms import normalize_images
 from simmim.pretrain import SimMIMPretrainModule, ThroughputMonitor
 from simmim.train.checkpoint_io import atomic_save
 from simmim.train.config import load_config

@@ -11,7 +11,7 @@ import torch
 import finetune.train as finetune_script
 import simmim.pretrain as pretrain
 from simmim.cli import run_cli
-from simmim.data import build_sources
+from simmim.data.sources import build_sources
 from simmim.models.arguments import model_section
 from simmim.train.config import ConfigError, load_config, options_from_argv
 from simmim.train.validate import validate_labels
@@ -269,7 +269,7 @@ def test_a_data_key_of_another_source_is_refused():
 
 def test_a_data_location_of_the_wrong_kind_is_named(tmp_path):
     """data.root a file (was "does not exist"), data.shards an http folder (was "invalid header")."""
-    from simmim.shards import shard_urls
+    from simmim.data.shards import shard_urls
 
     (tmp_path / "images.txt").write_text("a.jpg\n")
     with pytest.raises(FileNotFoundError, match=r"data.root=.*images.txt is a file; pass a folder of images \(a file "

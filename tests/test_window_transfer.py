@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from conftest import TINY, jpeg, randomize_, tiny_swinv2
 from simmim.models.checkpoint import load_pretrained, resize_position_bias_table
 from finetune.module import SwinV2Classifier
-from simmim.data import ImageDataset, build_source, eval_transform
+from simmim.data.datasets import ImageDataset
+from simmim.data.sources import build_source
+from simmim.data.transforms import eval_transform
 from simmim.train.config import ConfigError
 from simmim.train.trainer import make_trainer
 

@@ -13,7 +13,7 @@ import pytest
 SCRIPT = """
 import os, signal, subprocess
 from torch.utils.data import DataLoader, Dataset
-from simmim.workers import stop_signal_shield
+from simmim.data.workers import stop_signal_shield
 
 class WorkerPids(Dataset):
     def __len__(self):
@@ -52,7 +52,7 @@ STARTS = """
 import os, signal, sys
 import torch
 from torch.utils.data import Dataset
-from simmim.workers import ShieldedDataLoader
+from simmim.data.workers import ShieldedDataLoader
 
 class Zeros(Dataset):
     def __len__(self):

@@ -43,9 +43,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from masking import build_mask_generator
 from simmim.cli import check_output_folder
-from simmim.data import (IMAGENET_MEAN, IMAGENET_STD, FileList, ImageDataset, LabeledItem, MaskedImageDataset,
-                         MaskedItem, SkipCounter, decode_image, decode_needs, finetune_transform, pretrain_transform)
-from simmim.shards import ShardDataset, shard_counts, shard_urls
+from simmim.data.datasets import ImageDataset, LabeledItem, MaskedImageDataset, MaskedItem, SkipCounter
+from simmim.data.decode import decode_image, decode_needs
+from simmim.data.sources import FileList
+from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, finetune_transform, pretrain_transform
+from simmim.data.shards import ShardDataset, shard_counts, shard_urls
 from simmim.tools.make_shards import QUALITY, make_shards
 from simmim.train.config import ConfigError, options_from_argv
 

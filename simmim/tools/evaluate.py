@@ -57,7 +57,7 @@ SCHEMA = {
 
 def evaluate_encoder(encoder: SwinTransformerV2, cfg, img_size: int, device: torch.device) -> dict:
     """{"train", "val", "classes", "features", "knn_top1", "probe_top1"} of one encoder on the source's splits."""
-    from simmim.data import labeled_eval_sets  # albumentations, scikit-learn
+    from simmim.data.datasets import labeled_eval_sets  # albumentations, scikit-learn
 
     data = cfg.data
     splits = labeled_eval_sets(data.source, img_size, cfg.max_images, data.root, data.list_file, data.shards,

@@ -243,7 +243,7 @@ def main(argv: list[str]) -> None:
         wanted = ".safetensors (a safetensors file)" if cfg.format == "timm" else ".pth (a torch.save file)"
         raise ConfigError(f"out={cfg.out}: format={cfg.format} writes {wanted}; name it so, e.g. "
                           f"out={Path(cfg.out).with_suffix(wanted.split()[0])}")
-    if cfg.format != "hf" and Path(cfg.out).is_dir():  # was os.replace's IsADirectoryError
+    if cfg.format != "hf" and Path(cfg.out).is_dir():
         raise ConfigError(f"out={cfg.out} is a folder; format={cfg.format} writes a file, e.g. out="
                           f"{Path(cfg.out) / ('swinv2.safetensors' if cfg.format == 'timm' else 'swinv2.pth')}")
     check_new_output(cfg.out, cfg.overwrite)

@@ -37,7 +37,9 @@ from torch.utils.data import DataLoader
 from simmim.models.checkpoint import encoder_from_checkpoint
 from simmim.models.arguments import model_section
 from simmim.train.config import ConfigError, options_from_argv
-from simmim.data import ImageDataset, build_sources, digits_split, eval_transform
+from simmim.data.datasets import ImageDataset
+from simmim.data.sources import build_sources, digits_split
+from simmim.data.transforms import eval_transform
 from simmim.cli import check_loader_options, check_new_output, resolve_device
 
 SCHEMA = {

@@ -39,8 +39,9 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from simmim.cli import check_output_folder
-from simmim.data import FileList, build_sources, read_image
-from simmim.shards import IMAGE_SUFFIXES, PACKING, SHARD_INDEX
+from simmim.data.decode import read_image
+from simmim.data.sources import FileList, build_sources
+from simmim.data.shards import IMAGE_SUFFIXES, PACKING, SHARD_INDEX
 from simmim.train.checkpoint_io import written_atomically
 from simmim.train.config import ConfigError, options_from_argv
 

@@ -31,7 +31,9 @@ from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
 from masking import build_mask_generator
 from simmim.models.arguments import model_section
 from simmim.train.config import ConfigError, as_list, options_from_argv
-from simmim.data import eval_transform, image_files, read_image
+from simmim.data.decode import read_image
+from simmim.data.sources import image_files
+from simmim.data.transforms import eval_transform
 from simmim.pretrain import reconstruction_grid
 from simmim.cli import check_new_output, resolve_device
 

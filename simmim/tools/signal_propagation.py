@@ -37,7 +37,9 @@ from simmim.models.checkpoint import encoder_from_checkpoint
 from masking import build_mask_generator
 from simmim.models.arguments import model_section, resolve_model
 from simmim.train.config import ConfigError, as_list, load_config, options_from_argv
-from simmim.data import SOURCES, ImageDataset, build_sources, eval_transform
+from simmim.data.datasets import ImageDataset
+from simmim.data.sources import SOURCES, build_sources
+from simmim.data.transforms import eval_transform
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import param_groups
 from simmim.plots import line_plot, save_figure

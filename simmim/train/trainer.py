@@ -51,7 +51,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
 class RecordStart(pl.Callback):
     """Records a start of fit on rank 0: the resolved config (`save_start_config`) and the recipe sent to W&B and
     MLflow (`log_recipe`). At fit start, after the checkpoint to resume is restored: a resume it refuses (the
-    data's mid-epoch layout: `simmim.data.ResumableDataModule._check_layout`) leaves the run directory as it was."""
+    data's mid-epoch layout: `simmim.data.datamodule.ResumableDataModule._check_layout`) leaves the run directory as it was."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir

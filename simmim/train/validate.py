@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from masking import KINDS
-from simmim.augment import MAX_MAGNITUDE
+from simmim.data.augment import MAX_MAGNITUDE
 from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
 from simmim.models.swinv2 import ATTN_IMPLS, ATTN_MODES, NORM_MODES, POSITION_BIASES
 from simmim.models.arguments import model_defaults
@@ -291,7 +291,8 @@ def check_source_keys(data: DictConfig, sources: tuple[str, ...] = ()) -> None:
 
 def _check_relations(cfg: DictConfig) -> None:
     model = cfg.model
-    from simmim.data import SOURCES, check_crop_flip  # here: the tools' option checks need no OpenCV or albumentations
+    from simmim.data.sources import SOURCES
+    from simmim.data.transforms import check_crop_flip  # here: the tools' option checks need no OpenCV
 
     check_source_keys(cfg.data, SOURCES)
     try:  # (refused where the transforms are made, when the data is set up: print_config printed it)

@@ -14,7 +14,7 @@ is its state: restored, each worker skips what it had delivered (without decodin
 the batches an uninterrupted run would have given. Every rank gives the same number of batches per epoch (the
 smallest rank's), so distributed training never waits on a rank that ran out.
 
-A sample whose image does not decode is counted (`simmim.data.SkipCounter`) and replaced by the worker's next
+A sample whose image does not decode is counted (`simmim.data.datasets.SkipCounter`) and replaced by the worker's next
 good one, so batch counts do not change. A shard whose read fails is read again (`_raw_samples`); if a
 worker's shards still give fewer samples than counted, its missing batches repeat the batch before, up to one
 shard's worth; a rank short of more stops the run (the storage is failing). Masks and augmentations are drawn
@@ -39,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from simmim.workers import ShieldedDataLoader
+from simmim.data.workers import ShieldedDataLoader
 
 __all__ = ["IMAGE_SUFFIXES", "SHARD_INDEX", "shard_urls", "shard_counts", "split_shards", "balanced_groups",
            "ShardDataset", "ShardLoader", "ShardSource", "ShardImages"]
