@@ -352,8 +352,8 @@ def test_flex_attention_settings_fail_early():
 
 
 def test_cpu_linear_matches_torch():
-    """The oneDNN linear of eager CPU float32 (simmim.models.swinv2.linear): outputs and all three gradients."""
-    from simmim.models.swinv2 import linear
+    """The oneDNN linear of eager CPU float32 (simmim.models.kernels.linear): outputs and all three gradients."""
+    from simmim.models.kernels import linear
 
     x = torch.randn(2, 5, 7, 24, requires_grad=True)
     weight, bias = torch.randn(40, 24, requires_grad=True), torch.randn(40, requires_grad=True)
@@ -371,31 +371,31 @@ def test_cpu_linear_matches_torch():
 def test_cpu_biased_attention_chunks_match_autograd(monkeypatch, heads, chunk_matrices):
     """The chunked CPU attention with a bias gradient (chunks of several images' heads, or of part of one
     image's heads, and a short last chunk): output and all four gradients against autograd of the formula."""
-    from simmim.models import swinv2
+    from simmim.models import kernels
 
     N = 9
-    monkeypatch.setattr(swinv2, "ATTN_CHUNK_BYTES", chunk_matrices * N * N * 4)
+    monkeypatch.setattr(kernels, "ATTN_CHUNK_BYTES", chunk_matrices * N * N * 4)
     q, k, v = (torch.randn(5, heads, N, 4, requires_grad=True) for _ in range(3))
     bias = torch.randn(heads, N, N, requires_grad=True)
-    ours = swinv2._BiasedAttention.apply(q, k, v, bias)
+    ours = kernels.BiasedAttention.apply(q, k, v, bias)
     theirs = (q @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
     torch.testing.assert_close(ours, theirs)
     grad = torch.randn_like(ours)
     inputs = (q, k, v, bias)
     for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert swinv2._attention_chunks(5, heads, N, 4) != 5 * heads  # more than one chunk
+    assert kernels.attention_chunks(5, heads, N, 4) != 5 * heads  # more than one chunk
 
 
 def test_cpu_split_heads_matches_permute_and_unbind():
-    """q, k, v split by `_SplitHeads` (one copy, one-buffer backward; both attention paths use it on CPU)
+    """q, k, v split by `SplitHeads` (one copy, one-buffer backward; both attention paths use it on CPU)
     against autograd of the view, permute and unbind, also when only some of the three get a gradient."""
-    from simmim.models.swinv2 import _SplitHeads
+    from simmim.models.kernels import SplitHeads
 
     qkv = torch.randn(4, 9, 3 * 2 * 5, requires_grad=True)
     weights = [torch.randn(4, 2, 9, 5) for _ in range(3)]
     for used in ([0, 1, 2], [2], [0, 1]):
-        ours = _SplitHeads.apply(qkv, 2)
+        ours = SplitHeads.apply(qkv, 2)
         theirs = qkv.view(4, 9, 3, 2, 5).permute(2, 0, 3, 1, 4).unbind(0)
         for a, b in zip(ours, theirs):
             assert a.is_contiguous() and torch.equal(a, b)

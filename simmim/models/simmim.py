@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simmim.models.swinv2 import SwinTransformerV2, encoder_args, linear
+from simmim.models.kernels import linear
+from simmim.models.swinv2 import SwinTransformerV2, encoder_args
 
 
 class SwinTransformerV2ForSimMIM(SwinTransformerV2):
