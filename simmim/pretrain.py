@@ -29,7 +29,7 @@ from simmim.models.simmim import SimMIM, build_simmim
 from simmim.train.checkpoint_io import atomic_save
 from simmim.train.loggers import log_image
 from simmim.train.optim import adamw_per_step_schedule, param_groups
-from simmim.train.strategies import full_state_dict, root_params_gathered
+from simmim.train.strategies import GradNormMonitor, full_state_dict, root_params_gathered
 from simmim.train.speed import CompileTime, compile_encoder
 from simmim.train.stage import Stage, run_stage, section
 
@@ -60,7 +60,8 @@ class SimMIMPretrainModule(pl.LightningModule):
             self.compiled = compile_encoder(self.simmim.encoder, self.compile_setting, device)
 
     def configure_callbacks(self):
-        return [CompileTime()]  # reports the compile time when configure_model compiled
+        # the compile time when configure_model compiled; train/grad_norm, the whole gradient's under every strategy
+        return [CompileTime(), GradNormMonitor()]
 
     def training_step(self, batch, batch_idx):
         x, mask, _ = batch
@@ -92,12 +93,6 @@ class SimMIMPretrainModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, mask, _ = batch
         self.log("val/loss", self.simmim(x, mask), prog_bar=True, sync_dist=True)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
-            if norms:
-                self.log("train/grad_norm", torch.stack(norms).norm())
 
     def configure_optimizers(self):
         hp = self.hparams

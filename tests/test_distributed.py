@@ -6,6 +6,7 @@ images get the deterministic eval transform (the random crops come from each pro
 not agree), and validation is off. The masks come from (seed, epoch, index) and the random mask generator masks
 the same number of patches in every image, so the mean of the two ranks' losses is the loss of the whole batch.
 """
+import copy
 import importlib.util
 from types import SimpleNamespace
 
@@ -13,15 +14,20 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.strategies import DeepSpeedStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from conftest import randomize_
+from masking import MaskGenerator
 from simmim.train.config import load_config
 from simmim.data.datamodule import SimMIMDataModule
 from simmim.data.datasets import EpochSampler
 from simmim.data.transforms import eval_transform
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.config import ConfigError
-from simmim.train.strategies import BlockFSDPStrategy, ZeRO1DDPStrategy, build_strategy
+from simmim.train.strategies import (FSDP_SHARDING, BlockFSDPStrategy, GradNormMonitor, ZeRO1DDPStrategy,
+                                     build_strategy, global_grad_norm)
 
 TOTAL_BATCH = 16
 STEPS = 3
@@ -177,3 +183,79 @@ def test_zero1_shards_optimizer_states_and_matches_unsharded(one_process, tmp_pa
           ckpt_path=checkpoint, callbacks=[ResumeCheck(checkpoint)])
     resumed = torch.load(tmp_path / "resumed_rank0.pt")
     assert len(resumed["losses"]) == 1
+
+
+FSDP_MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                  drop_path_rate=0.0)
+
+
+def fsdp_rank(rank: int, name: str, init_file: str, out: str) -> None:
+    """Rank `rank` of 2 (gloo): a tiny SimMIM module and a batch of 4 (seeded: the same on both ranks); the norm of
+    its unsharded gradient over the whole batch, then the module wrapped as trainer.strategy=`name` wraps it (FSDP
+    refuses the CPU unless device_id names it) and backward on this rank's half. Saves to `<out>_rank<r>.pt`."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    module = randomize_(SimMIMPretrainModule(model=FSDP_MODEL))  # random post-norms: every block gets a gradient
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    masks = MaskGenerator(32, mask_patch_size=8, model_patch_size=4, seed=0)  # the same count in every image
+    mask = torch.stack([torch.from_numpy(masks()) for _ in range(4)])
+    whole = copy.deepcopy(module)
+    whole(images, mask).backward()
+    strategy = build_strategy(name)
+    strategy.model = FullyShardedDataParallel(module, sharding_strategy=strategy.sharding_strategy,
+                                              device_id=torch.device("cpu"), **strategy.kwargs)
+    strategy.model(images[2 * rank:2 * rank + 2], mask[2 * rank:2 * rank + 2]).backward()
+    own = [p for p in module.parameters() if p.grad is not None]
+    before = [p.grad.clone() for p in own]
+    torch.save({"logged": global_grad_norm(module, strategy),
+                "whole": torch.cat([p.grad.flatten() for p in whole.parameters()]).norm(),
+                "own_shards": torch.stack([g.norm() for g in before]).norm(),
+                "grads_kept": all(torch.equal(g, p.grad) for g, p in zip(before, own))}, f"{out}_rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(FSDP_SHARDING))
+def test_fsdp_grad_norm_is_the_unsharded_norm(name, tmp_path):
+    """Under FSDP each rank's gradients are 1-D shards: the norm over one rank's (what train/grad_norm was) falls
+    short of the whole gradient's, which global_grad_norm gives on every rank, leaving the gradients as they were."""
+    torch.multiprocessing.spawn(fsdp_rank, args=(name, str(tmp_path / "init"), str(tmp_path / name)), nprocs=2)
+    for rank in range(2):
+        run = torch.load(tmp_path / f"{name}_rank{rank}.pt")
+        torch.testing.assert_close(run["logged"], run["whole"], rtol=1e-5, atol=0)
+        assert run["grads_kept"]
+        assert run["own_shards"] < 0.9 * run["whole"]
+
+
+class FakeEngine:
+    """What global_grad_norm reads of a DeepSpeed engine."""
+
+    def __init__(self, norm):
+        self.norm = norm
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+def deepspeed_around(engine) -> DeepSpeedStrategy:
+    """A DeepSpeedStrategy holding `engine`, made without DeepSpeed installed (its __init__ imports it)."""
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    strategy.model = engine
+    return strategy
+
+
+def test_deepspeed_grad_norm_is_the_engines_logged_after_the_step():
+    """Under DeepSpeed ZeRO the gradients are the optimizer's partitions, not p.grad: the norm is the engine's,
+    which its step computes, so GradNormMonitor logs it after the step (at on_train_batch_end) and not before."""
+    module = torch.nn.Linear(2, 1)
+    module(torch.ones(1, 2)).sum().backward()  # a p.grad that must not be read
+    assert global_grad_norm(module, deepspeed_around(FakeEngine(2.5))) == torch.tensor(2.5)
+    assert global_grad_norm(module, deepspeed_around(FakeEngine(None))) is None  # compute_grad_norm=false
+    logged = []
+    pl_module = SimpleNamespace(log=lambda name, value: logged.append((name, float(value))))
+    monitor = GradNormMonitor()
+    trainer = SimpleNamespace(strategy=deepspeed_around(FakeEngine(2.5)), global_step=2, log_every_n_steps=2)
+    monitor.on_before_optimizer_step(trainer, pl_module, optimizer=None)
+    assert logged == []
+    trainer.global_step = 3  # step 2 taken
+    monitor.on_train_batch_end(trainer, pl_module, outputs=None, batch=None, batch_idx=2)
+    assert logged == [("train/grad_norm", 2.5)]

@@ -129,6 +129,45 @@ def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path):
     assert all(torch.equal(frozen[n], p) for n, p in module.named_parameters())  # no update was applied
 
 
+class MemoryLogger(pl.loggers.Logger):
+    """What Lightning writes to its loggers, by step."""
+    name, version = "memory", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows = {}
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.setdefault(step, {}).update(metrics)
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+class GradNorms(pl.Callback):
+    """The norm of all gradients at each optimizer step, before clipping."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norms.append(float(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).norm()))
+
+
+@pytest.mark.timeout(120)
+def test_logged_grad_norm_is_the_norm_of_all_gradients_before_clipping(tmp_path):
+    """On one device (as under DDP, where every rank holds the whole gradient) train/grad_norm is the norm of all
+    gradients, before gradient_clip_val scales them."""
+    logger, recorded = MemoryLogger(), GradNorms()
+    pl.Trainer(default_root_dir=tmp_path, logger=logger, callbacks=[recorded], max_steps=4, log_every_n_steps=1,
+               gradient_clip_val=1e-3, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0).fit(
+        SimMIMPretrainModule(model=TINY_MODEL, warmup_epochs=0), datamodule=_data())
+    logged = {step: row["train/grad_norm"] for step, row in logger.rows.items() if "train/grad_norm" in row}
+    assert list(logged) == [0, 1, 2, 3] and min(recorded.norms) > 1e-2
+    assert list(logged.values()) == pytest.approx(recorded.norms, rel=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_precisions_train(tmp_path, precision):
     module = SimMIMPretrainModule(model=TINY_MODEL)

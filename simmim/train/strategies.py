@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 from contextlib import nullcontext
 
+import torch
+from pytorch_lightning import Callback
 from pytorch_lightning.plugins.precision import FSDPPrecision
-from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, Strategy, StrategyRegistry
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -90,8 +93,6 @@ def build_strategy(name: str | Strategy, precision: str | int | None = None, **s
     if name in DEEPSPEED_STAGES:
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(f"trainer.strategy={name} needs DeepSpeed: pip install 'swinv2-simmim[deepspeed]'")
-        from pytorch_lightning.strategies import DeepSpeedStrategy
-
         return DeepSpeedStrategy(stage=DEEPSPEED_STAGES[name], **strategy_kwargs)
     check_strategy_name(name)
     return name
@@ -110,6 +111,45 @@ def check_strategy_name(name: str) -> None:
 def shards_parameters(strategy: Strategy) -> bool:
     """True when devices hold only shards of the weights between steps (FSDP, DeepSpeed ZeRO stage 3)."""
     return isinstance(strategy, FSDPStrategy) or bool(getattr(strategy, "zero_stage_3", False))
+
+
+def global_grad_norm(module: nn.Module, strategy: Strategy) -> torch.Tensor | None:
+    """The L2 norm of `module`'s whole gradient, every rank's shards together (0-d), as DDP has it on each rank; None
+    where this rank holds no gradient (a skipped step) or DeepSpeed computed none. Every rank must call it (FSDP
+    all-reduces), between backward and the optimizer step (before clipping), except under DeepSpeed: there it is
+    the engine's norm of its last optimizer step (its ZeRO optimizer computes it in the step, before clipping).
+
+    FSDP: the root unit's clip_grad_norm_ with max_norm=inf, which sums over its shard group (the whole model under
+    hybrid sharding too) and multiplies this rank's gradient shards by exactly 1 (torch has no norm-only call)."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        norm = strategy.deepspeed_engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if isinstance(strategy, FSDPStrategy):
+        norm = strategy.model.clip_grad_norm_(math.inf)  # on every rank, as it all-reduces
+        return norm if grads else None
+    return torch.stack([g.norm() for g in grads]).norm() if grads else None
+
+
+class GradNormMonitor(Callback):
+    """Logs train/grad_norm, the `global_grad_norm` before clipping, every trainer.log_every_n_steps steps: from
+    on_before_optimizer_step, or under DeepSpeed (whose norm exists only after the step) from on_train_batch_end."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not isinstance(trainer.strategy, DeepSpeedStrategy):
+            self._log(trainer, pl_module, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            self._log(trainer, pl_module, step=trainer.global_step - 1)  # the step just taken
+
+    @staticmethod
+    def _log(trainer, pl_module, step: int) -> None:
+        """Log the norm if optimizer step number `step` (0-based) is one of those logged."""
+        if step % trainer.log_every_n_steps == 0:
+            norm = global_grad_norm(pl_module, trainer.strategy)
+            if norm is not None:
+                pl_module.log("train/grad_norm", norm)
 
 
 def root_params_gathered(strategy: Strategy):
