@@ -253,9 +253,9 @@ def test_deepspeed_grad_norm_is_the_engines_logged_after_the_step():
     logged = []
     pl_module = SimpleNamespace(log=lambda name, value: logged.append((name, float(value))))
     monitor = GradNormMonitor()
-    trainer = SimpleNamespace(strategy=deepspeed_around(FakeEngine(2.5)), global_step=2, log_every_n_steps=2)
+    trainer = SimpleNamespace(strategy=deepspeed_around(FakeEngine(2.5)), global_step=3, log_every_n_steps=2)
     monitor.on_before_optimizer_step(trainer, pl_module, optimizer=None)
     assert logged == []
-    trainer.global_step = 3  # step 2 taken
-    monitor.on_train_batch_end(trainer, pl_module, outputs=None, batch=None, batch_idx=2)
+    trainer.global_step = 4  # the step taken: the 4th, whose logs are written
+    monitor.on_train_batch_end(trainer, pl_module, outputs=None, batch=None, batch_idx=3)
     assert logged == [("train/grad_norm", 2.5)]

@@ -137,16 +137,17 @@ class GradNormMonitor(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not isinstance(trainer.strategy, DeepSpeedStrategy):
-            self._log(trainer, pl_module, step=trainer.global_step)
+            self._log(trainer, pl_module, steps=trainer.global_step + 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if isinstance(trainer.strategy, DeepSpeedStrategy):
-            self._log(trainer, pl_module, step=trainer.global_step - 1)  # the step just taken
+            self._log(trainer, pl_module, steps=trainer.global_step)
 
     @staticmethod
-    def _log(trainer, pl_module, step: int) -> None:
-        """Log the norm if optimizer step number `step` (0-based) is one of those logged."""
-        if step % trainer.log_every_n_steps == 0:
+    def _log(trainer, pl_module, steps: int) -> None:
+        """Log the norm when Lightning writes this batch's logs: when `steps`, the optimizer steps taken with this
+        batch's, is a multiple of trainer.log_every_n_steps (a value logged at another step stays in the logs)."""
+        if steps % trainer.log_every_n_steps == 0:
             norm = global_grad_norm(pl_module, trainer.strategy)
             if norm is not None:
                 pl_module.log("train/grad_norm", norm)
