@@ -1,19 +1,25 @@
 """What every script in scripts/ shares: running its command with one-line errors, the `device=` key, refusing
-to write over an output that exists, checking an output folder and the DataLoader keys."""
+to write over an output that exists or keeping an earlier result aside, checking an output folder and the DataLoader
+keys."""
 from __future__ import annotations
 
 import errno
 import importlib
+import itertools
+import os
 import signal
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
+from simmim.train.checkpoint_io import written_atomically
 from simmim.train.config import ConfigError, as_list
+from simmim.train.run_dir import utc_stamp
 
 
 def run(module: str) -> None:
@@ -85,6 +91,34 @@ def check_new_output(path: str | Path, overwrite: bool, key: str = "out") -> Non
         return
     what = "the folder" if path.is_dir() else "the file"
     raise ConfigError(f"{key}={path}: {what} exists; give another {key}= or add overwrite=true to replace it")
+
+
+@contextmanager
+def keeping_earlier(*paths: str | Path) -> Iterator[list[Path]]:
+    """Temporary files for the block to write `paths` through (`written_atomically`). Once the block has written
+    them, an earlier file at each path is moved aside to `<stem>.<UTC time><suffix>` beside it, with a line on
+    stderr (stdout may be a tool's JSON): a rerun of a measurement keeps the one before. The time is when that
+    result was made, its file's last write (the latest of the files: one result, one stamp). When the block fails,
+    nothing moves."""
+    paths = [Path(path) for path in paths]
+    with ExitStack() as stack:
+        temporaries = [stack.enter_context(written_atomically(path)) for path in paths]
+        yield temporaries
+        earlier = [path for path in paths if path.exists()]
+        if earlier:
+            stamp = utc_stamp(max(path.stat().st_mtime for path in earlier))
+        for path in earlier:
+            kept = _free_name(path, stamp)
+            os.replace(path, kept)
+            print(f"kept the earlier {path.name} as {kept}", file=sys.stderr)
+
+
+def _free_name(path: Path, stamp: str) -> Path:
+    """`<stem>.<stamp><suffix>` beside path, or `<stem>.<stamp>-2<suffix>`, -3, ... where that name is taken (a file
+    copied with its time): nothing is moved onto a kept file."""
+    tags = itertools.chain([""], (f"-{n}" for n in itertools.count(2)))
+    return next(name for name in (path.with_name(f"{path.stem}.{stamp}{tag}{path.suffix}") for tag in tags)
+                if not name.exists())
 
 
 def check_output_folder(path: str | Path, key: str = "out_dir") -> None:

@@ -65,6 +65,17 @@ def run_script(module: str, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([module, *argv], status, out.getvalue(), err.getvalue())
 
 
+def assert_kept_beside(path, earlier: bytes, written: float) -> None:
+    """A rerun kept `earlier` (path's bytes before it, last written at st_mtime `written`) beside path as
+    <stem>.<UTC time written><suffix> (simmim.cli.keeping_earlier), wrote other bytes at path, left no temporary."""
+    from simmim.train.run_dir import utc_stamp
+
+    kept = path.with_name(f"{path.stem}.{utc_stamp(written)}{path.suffix}")
+    assert kept.read_bytes() == earlier, sorted(p.name for p in path.parent.iterdir())
+    assert path.read_bytes() != earlier
+    assert not list(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

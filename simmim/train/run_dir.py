@@ -124,9 +124,11 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return stale
 
 
-def utc_stamp() -> str:
-    """The time now as it goes into the names of kept files (config.<UTC time>.yaml): 2026-11-28T18-40-50.123456Z."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
+def utc_stamp(seconds: float | None = None) -> str:
+    """A time as it goes into the names of kept files (config.<UTC time>.yaml): 2026-11-28T18-40-50.123456Z; the
+    time now, or `seconds` since the epoch (a file's st_mtime)."""
+    when = datetime.now(timezone.utc) if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+    return when.strftime("%Y-%m-%dT%H-%M-%S.%fZ")
 
 
 def start_run(run_dir: Path) -> Path | None:

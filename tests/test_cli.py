@@ -1,0 +1,55 @@
+"""simmim.cli.keeping_earlier: the measuring tools' writes, which keep an earlier result under a dated name."""
+import os
+
+import pytest
+
+from conftest import assert_kept_beside
+from simmim.cli import keeping_earlier
+from simmim.train.run_dir import utc_stamp
+
+
+def test_earlier_files_move_aside_with_one_stamp_and_a_line(tmp_path, capsys):
+    table, plot = tmp_path / "table.csv", tmp_path / "table.png"
+    table.write_text("old table")
+    plot.write_text("old plot")
+    os.utime(table, (1e9, 1e9))
+    os.utime(plot, (1e9 + 2.5, 1e9 + 2.5))  # written a little later in the same run: its time names both
+    with keeping_earlier(table, plot) as (table_tmp, plot_tmp):
+        table_tmp.write_text("new table")
+        plot_tmp.write_text("new plot")
+    assert_kept_beside(table, b"old table", 1e9 + 2.5)
+    assert_kept_beside(plot, b"old plot", 1e9 + 2.5)
+    stamp = utc_stamp(1e9 + 2.5)
+    assert stamp == "2001-09-09T01-46-42.500000Z"
+    assert capsys.readouterr().err == (f"kept the earlier table.csv as {tmp_path / f'table.{stamp}.csv'}\n"
+                                       f"kept the earlier table.png as {tmp_path / f'table.{stamp}.png'}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["table.csv", "table.png", f"table.{stamp}.csv", f"table.{stamp}.png"])
+
+
+def test_a_taken_dated_name_is_not_written_over(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text("second")
+    os.utime(path, (1e9, 1e9))
+    taken = tmp_path / f"bench.{utc_stamp(1e9)}.json"
+    taken.write_text("first")  # e.g. copied back with its time
+    with keeping_earlier(path) as (tmp,):
+        tmp.write_text("third")
+    assert taken.read_text() == "first" and path.read_text() == "third"
+    assert (tmp_path / f"bench.{utc_stamp(1e9)}-2.json").read_text() == "second"
+
+
+def test_a_failing_write_moves_nothing(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    path.write_text("earlier")
+    with pytest.raises(RuntimeError), keeping_earlier(path) as (tmp,):
+        tmp.write_text("half")
+        raise RuntimeError
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"] and path.read_text() == "earlier"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_first_write_has_nothing_to_keep(tmp_path, capsys):
+    with keeping_earlier(tmp_path / "new" / "plan.json") as (tmp,):
+        tmp.write_text("plan")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["plan.json"] and capsys.readouterr().err == ""
