@@ -24,7 +24,8 @@ Without checkpoint=, one classifier per recipe in `recipes` is trained first, by
 <out_dir>/models/<recipe>/ and reused while their settings stay the same.
 
 Writes <out_dir>/window_transfer.csv (position_bias, trained_at, checkpoint, then top-1 per image/window,
-columns such as 48/12) and window_transfer.json. Arguments are key=value.
+columns such as 48/12) and window_transfer.json; an earlier pair there is kept beside them as
+window_transfer.<UTC time it was written>.csv and .json. Arguments are key=value.
 """
 import csv
 import functools
@@ -38,16 +39,16 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from simmim.models.checkpoint import (detect_layout, load_pretrained, model_config, read_checkpoint,
-                                 saved_model_config)
 import finetune.train
 from finetune.module import SwinV2Classifier
-from simmim.train.config import ConfigError, as_list, available_recipes, leaves, load_config, options_from_argv
+from simmim.cli import check_output_folder, check_values, checkpoint_paths, keeping_earlier, resolve_device
 from simmim.data.datasets import ImageDataset
 from simmim.data.sources import FileList, build_sources
 from simmim.data.transforms import eval_transform
-from simmim.cli import check_output_folder, check_values, checkpoint_paths, resolve_device
+from simmim.models.checkpoint import (detect_layout, load_pretrained, model_config, read_checkpoint,
+                                      saved_model_config)
 from simmim.models.swinv2 import check_img_size
+from simmim.train.config import ConfigError, as_list, available_recipes, leaves, load_config, options_from_argv
 
 SCHEMA = {
     "checkpoint": None,          # a fine-tune .ckpt or [paths]; null: train one digits classifier per recipe
@@ -187,17 +188,18 @@ def evaluate(path: str | Path, windows: list[int], cfg, device: torch.device) ->
 
 # ------------------------------------------------------------------------------------------------ output
 def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path, list[str]]:
-    """window_transfer.csv and .json under out_dir; returns their paths and the image/window columns."""
+    """window_transfer.csv and .json under out_dir (earlier ones kept aside: `keeping_earlier`); returns their
+    paths and the image/window columns."""
     columns = list(dict.fromkeys(column for row in rows for column in row["top1"]))
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / "window_transfer.csv", out_dir / "window_transfer.json"
-    with open(csv_path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["position_bias", "trained_at", "checkpoint", *columns])
-        for row in rows:
-            writer.writerow([row["position_bias"], row["trained_at"], row["checkpoint"],
-                             *(f"{row['top1'][c]:.4f}" if c in row["top1"] else "" for c in columns)])
-    json_path.write_text(json.dumps({"columns": columns, "rows": rows}, indent=2) + "\n")
+    with keeping_earlier(csv_path, json_path) as (csv_tmp, json_tmp):
+        with open(csv_tmp, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["position_bias", "trained_at", "checkpoint", *columns])
+            for row in rows:
+                writer.writerow([row["position_bias"], row["trained_at"], row["checkpoint"],
+                                 *(f"{row['top1'][c]:.4f}" if c in row["top1"] else "" for c in columns)])
+        json_tmp.write_text(json.dumps({"columns": columns, "rows": rows}, indent=2) + "\n")
     return csv_path, json_path, columns
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import assert_kept_beside, run_script
 from simmim.tools.peers import available_peers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,18 @@ def test_benchmark_writes_every_configuration(tmp_path):
     for saver in ("fast_ckpt", "fast_ckpt_seq"):
         assert rows[saver]["peak_memory_mb"] < 0.8 * rows["fast"]["peak_memory_mb"]
     assert "reference" in run.stdout.splitlines()[-len(configs) - 2]
+
+
+@pytest.mark.timeout(120)
+def test_a_rerun_keeps_the_earlier_report(tmp_path):
+    out = tmp_path / "bench.json"
+    args = (*TINY, "configs=[fast]", "device=cpu", f"out={out}")
+    assert run_script("simmim.tools.benchmark", *args).returncode == 0
+    earlier, written = out.read_bytes(), out.stat().st_mtime
+    run = run_script("simmim.tools.benchmark", *args)
+    assert run.returncode == 0 and run.stdout.endswith(f"wrote {out}\n"), run.stderr
+    assert_kept_beside(out, earlier, written)
+    assert run.stderr.startswith("kept the earlier bench.json as ")
 
 
 def test_benchmark_rejects_unknown_configuration(tmp_path):

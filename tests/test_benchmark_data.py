@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from conftest import assert_kept_beside
 from simmim.tools import benchmark_data
 from simmim.train.config import ConfigError
 
@@ -17,10 +18,14 @@ def test_benchmark_data_runs_every_pipeline_and_writes_json(tmp_path, capsys):
     assert results["pretrain"]["baseline"]["vs_baseline"] == 1.0 and results["decode_ms"]["full"] > 0
     assert "cores to feed" in capsys.readouterr().out
 
-    # more images in the same work folder: shards of their own (it once reused the 8-image shards)
+    # more images in the same work folder: shards of their own (it once reused the 8-image shards); the first
+    # result is kept under a dated name (it was written over)
+    earlier, written = out.read_bytes(), out.stat().st_mtime
     benchmark_data.main(["images=12", "rounds=1", "image_sizes=[[64,48]]", "batch_size=4", "pretrain_size=32",
                          "finetune_size=32", "short_side=24", f"work={tmp_path / 'work'}", f"out={out}"])
     assert json.loads(out.read_text())["config"]["images"] == 12
+    assert_kept_beside(out, earlier, written)
+    assert "kept the earlier bench.json as " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arg, message", [

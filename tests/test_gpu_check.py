@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import simmim.tools.gpu_check as gpu_check
+from conftest import assert_kept_beside
 from simmim.train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,12 @@ def test_missing_deepspeed_is_skipped_with_the_install_line(capsys, tmp_path, mo
     assert "deepspeed_stage_2: skipped, DeepSpeed is not installed (pip install 'swinv2-simmim[deepspeed]')" \
         in capsys.readouterr().out
     assert json.loads((tmp_path / "table.json").read_text())["rows"] == []
+
+    # a rerun keeps the earlier table under a dated name
+    earlier, written = (tmp_path / "table.json").read_bytes(), (tmp_path / "table.json").stat().st_mtime
+    gpu_check.main([*TINY_CPU, "strategies=deepspeed_stage_3", f"out={tmp_path / 'table.json'}"])
+    assert_kept_beside(tmp_path / "table.json", earlier, written)
+    assert capsys.readouterr().err.startswith("kept the earlier table.json as ")
 
 
 def test_bad_arguments_are_one_line_errors():

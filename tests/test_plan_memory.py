@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import assert_kept_beside, run_script
 from simmim.train.config import ConfigError, load_config
 from simmim.tools.memory import GIB, SAVERS, ModelMemory, peak_memory, saver_activations, step_timeline
 from simmim.models.simmim import build_simmim
@@ -182,6 +183,18 @@ def test_command_line_errors_name_the_fix():
                           (["model.windw_size=8"], "unknown key 'model.windw_size'.*model.window_size")):
         with pytest.raises(ValueError, match=message):
             plan_memory_script.main(args)
+
+
+@pytest.mark.timeout(60)
+def test_a_rerun_keeps_the_earlier_plan(tmp_path):
+    path = tmp_path / "plan.json"
+    first = run_script("simmim.tools.plan_memory", "recipe=default", f"json={path}")
+    assert first.returncode == 0 and first.stderr == "", first.stderr
+    earlier, written = path.read_bytes(), path.stat().st_mtime
+    second = run_script("simmim.tools.plan_memory", "recipe=default", "gpu_memory_gb=40", f"json={path}", "--json")
+    assert second.returncode == 0 and json.loads(second.stdout)["gpu_memory_gb"] == 40  # stdout: the JSON alone
+    assert_kept_beside(path, earlier, written)
+    assert second.stderr.startswith("kept the earlier plan.json as ") and second.stderr.count("\n") == 1
 
 
 def test_data_img_size_is_the_image_size_key():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import simmim.tools.signal_propagation as signal_propagation
-from conftest import run_script
+from conftest import assert_kept_beside, run_script
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.config import ConfigError
 from simmim.plots import COLORS
@@ -81,6 +81,20 @@ def test_checkpoints_are_measured_as_loaded(tmp_path):
         signal_propagation.main([f"checkpoint={paths[0]}", "steps=5", f"out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="norm_mode='post' is not one of"):
         signal_propagation.main([*DEEP, "norm_modes=[post]", "steps=0", f"out_dir={tmp_path}"])
+
+
+def test_a_rerun_keeps_the_earlier_table_and_plot(tmp_path, capsys):
+    def curves(rms: float) -> list:
+        return [("pre_norm", "pre_norm", [(0, 0, 1.0), (0, 1, rms), (1, 0, 2 * rms)])]
+
+    paths = signal_propagation.write_outputs(curves(1.5), tmp_path, "first")
+    earlier = {path: path.read_bytes() for path in paths}
+    written = max(path.stat().st_mtime for path in paths)  # one stamp for the pair
+    assert signal_propagation.write_outputs(curves(3.0), tmp_path, "second") == paths
+    for path, data in earlier.items():
+        assert_kept_beside(path, data, written)
+    assert capsys.readouterr().err.count("kept the earlier signal_propagation.") == 2
+    assert cv2.imread(str(paths[1])).shape == (540, 960, 3)
 
 
 def test_help_and_one_line_errors(tmp_path):

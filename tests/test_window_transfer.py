@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from conftest import TINY, jpeg, randomize_, tiny_swinv2
+from conftest import TINY, assert_kept_beside, jpeg, randomize_, tiny_swinv2
 from simmim.models.checkpoint import load_pretrained, resize_position_bias_table
 from finetune.module import SwinV2Classifier
 from simmim.data.datasets import ImageDataset
@@ -69,6 +69,20 @@ def test_trains_one_classifier_per_bias_kind_and_writes_the_table(tmp_path, caps
                           "max_images=8", "device=cpu"])
     with open(tmp_path / "given" / "window_transfer.csv") as file:
         assert [(r["position_bias"], r["32/8"] != "") for r in csv.DictReader(file)] == [("log_cpb", True)]
+
+
+def test_a_rerun_keeps_the_earlier_table(tmp_path, capsys):
+    """The table of a run is kept under a dated name by the next run's (the trained classifiers are reused)."""
+    def rows(top1: float) -> list[dict]:
+        return [{"position_bias": "log_cpb", "trained_at": "16/4", "checkpoint": "last.ckpt", "top1": {"16/4": top1}}]
+
+    csv_path, json_path, _ = window_transfer.write_table(rows(0.5), tmp_path)
+    earlier = {path: path.read_bytes() for path in (csv_path, json_path)}
+    written = max(path.stat().st_mtime for path in earlier)  # one stamp for the pair
+    assert window_transfer.write_table(rows(0.75), tmp_path) == (csv_path, json_path, ["16/4"])
+    for path, data in earlier.items():
+        assert_kept_beside(path, data, written)
+    assert capsys.readouterr().err.count("kept the earlier window_transfer.") == 2
 
 
 class PeaksFirst(pl.LightningModule):

@@ -33,7 +33,8 @@ load that comes and goes hits all alike; step time is the median.
 Peak memory is what a step allocates above what is held before it (parameters, optimizer states). FLOPs are
 counted once per image (forward + backward, matmuls and convolutions, torch.utils.flop_counter) on the
 reference path; MFU divides achieved FLOP/s by the peak: a measured matmul peak on CPU, the datasheet dense
-peak on known GPUs (else measured). Writes a table to stdout and JSON to `out`.
+peak on known GPUs (else measured). Writes a table to stdout and JSON to `out` (an earlier file there is kept
+beside it under a dated name: benchmark.<UTC time it was written>.json for the default `out`).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ from simmim.train.config import ConfigError, as_list, options_from_argv
 from simmim.tools.memory import peak_memory
 from simmim.models.simmim import NORM_WINDOW_RULE, build_simmim, is_norm_window
 from simmim.train.optim import make_adamw, param_groups
-from simmim.cli import resolve_device
+from simmim.cli import keeping_earlier, resolve_device
 from simmim.models.swinv2 import VARIANTS
 from simmim.tools.peers import available_peers, build_peer
 from simmim.train.speed import set_tf32
@@ -310,9 +311,9 @@ def main(argv: list[str]) -> None:
         print(f"{name}: {ratio:.2f}x the faster peer")
 
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {"settings": OmegaConf.to_container(opts), "machine": machine(device), "load_average": load,
               "gflops_per_image": flops / 1e9, "results": results, "versus_peers": ratios,
               "peer_versions": {p: importlib.metadata.version(p) for p in peers}}
-    out.write_text(json.dumps(report, indent=2))
+    with keeping_earlier(out) as (tmp,):
+        tmp.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")

@@ -19,7 +19,8 @@ Every pipeline runs `rounds` times, interleaved (baseline, folder, shards, basel
 machine slows them alike; the table gives the median images/s and the median of the per-round ratios to the
 baseline. `gpu_images_per_s` (default: SwinV2-T SimMIM, compiled bf16 on one H200, the speed issue) divided by
 the best pretraining images/s per worker on the first image size gives the cores that feed one GPU. Writes
-JSON to `out`.
+JSON to `out`; an earlier result there is kept beside it as benchmark_data.<UTC time it was written>.json (for the
+default `out`), and any other file there is refused.
 Arguments are key=value:
 """
 from __future__ import annotations
@@ -42,12 +43,12 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import build_mask_generator
-from simmim.cli import check_output_folder
+from simmim.cli import check_output_folder, keeping_earlier
 from simmim.data.datasets import ImageDataset, LabeledItem, MaskedImageDataset, MaskedItem, SkipCounter
 from simmim.data.decode import decode_image, decode_needs
+from simmim.data.shards import ShardDataset, shard_counts, shard_urls
 from simmim.data.sources import FileList
 from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, finetune_transform, pretrain_transform
-from simmim.data.shards import ShardDataset, shard_counts, shard_urls
 from simmim.tools.make_shards import QUALITY, make_shards
 from simmim.train.config import ConfigError, options_from_argv
 
@@ -160,7 +161,7 @@ def main(argv: list[str]) -> None:
     check_output_folder(cfg.work, "work")
     if Path(cfg.out).is_dir():
         raise ConfigError(f"out={cfg.out} is a folder; pass the path of a .json file to write")
-    if Path(cfg.out).is_file() and not _is_result(Path(cfg.out)):  # an earlier result is refreshed, nothing else
+    if Path(cfg.out).is_file() and not _is_result(Path(cfg.out)):  # only an earlier result, kept aside
         raise ConfigError(f"out={cfg.out}: the file exists and is not a result of this benchmark; give another out=")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -191,8 +192,8 @@ def main(argv: list[str]) -> None:
     print(f"cores to feed {cfg.gpu_images_per_s} images/s (pretraining at {cfg.pretrain_size} px on "
           f"{next(iter(results))} images, best source): {summary['cores_per_gpu']:.1f}; load average during the "
           f"run: {', '.join(f'{x:.1f}' for x in summary['load_average'])} on {os.cpu_count()} cores")
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(json.dumps(summary, indent=1) + "\n")
+    with keeping_earlier(cfg.out) as (tmp,):
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def _is_result(path: Path) -> bool:

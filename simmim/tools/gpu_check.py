@@ -11,7 +11,8 @@ ddp_zero1, fsdp, fsdp_grad_op and deepspeed_stage_1/2/3 (skipped with a line whe
 see simmim/train/strategies.py for what each shards. On one device nothing is split: FSDP then runs unsharded
 (NO_SHARD), so the table measures each strategy's overhead; the memory savings need trainer.devices >= 2.
 The model defaults to activation checkpointing and sequential window attention; `out=PATH` writes the table as
-JSON. Peak memory is torch.cuda.max_memory_allocated (null on CPU).
+JSON (an earlier file there is kept beside it as <name>.<UTC time it was written>.json). Peak memory is
+torch.cuda.max_memory_allocated (null on CPU).
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import gc
 import importlib.util
 import json
 import time
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import MaskGenerator
+from simmim.cli import keeping_earlier
 from simmim.models.arguments import model_section, resolve_model
 from simmim.train.config import ConfigError, options_from_argv
 from simmim.pretrain import SimMIMPretrainModule
@@ -161,9 +162,8 @@ def main(argv: list[str]) -> None:
                          "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"})
     print_table(rows)
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps({"model": model, "config": OmegaConf.to_container(cfg), "rows": rows},
-                                            indent=2))
+        with keeping_earlier(cfg.out) as (tmp,):
+            tmp.write_text(json.dumps({"model": model, "config": OmegaConf.to_container(cfg), "rows": rows}, indent=2))
     if any(row["error"] for row in rows):
         raise ValueError(f"{sum(bool(row['error']) for row in rows)} strategies failed (see the table)")
 

@@ -10,9 +10,10 @@ per GPU that fits.
 Arguments are key=value: recipe=NAME and any key of a pretraining recipe, as for scripts/pretrain.py (the model,
 data.img_size, trainer.precision, trainer.devices x trainer.num_nodes GPUs; trainer.strategy and the recipe's
 savers mark its row with *), plus gpu_memory_gb=80 (GiB per GPU), headroom=0.1 (the share of it left for the
-CUDA context and the allocator's cache), json=PATH (also write the plan as JSON) and --json (print JSON instead
-of the table). The model is built on the meta device, so nothing is allocated; SwinV2-G takes about half a
-minute. How the numbers are made, and what they assume: simmim/tools/memory.py.
+CUDA context and the allocator's cache), json=PATH (also write the plan as JSON; an earlier file there is kept
+beside it as <name>.<UTC time it was written>.json) and --json (print JSON instead of the table). The model is
+built on the meta device, so nothing is allocated; SwinV2-G takes about half a minute. How the numbers are made,
+and what they assume: simmim/tools/memory.py.
 """
 import json
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from simmim.cli import check_output_folder
+from simmim.cli import check_output_folder, keeping_earlier
 from simmim.train.config import ConfigError, config_from_argv
 from simmim.tools.memory import format_plan, plan_memory
 
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> None:
     plan = plan_memory(cfg, gpu_memory_gb=gpu_memory_gb, headroom=headroom)
     text = json.dumps(plan.to_dict(), indent=2)
     if keys["json"]:
-        Path(keys["json"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(keys["json"]).write_text(text + "\n")
+        with keeping_earlier(keys["json"]) as (tmp,):
+            tmp.write_text(text + "\n")
     print(text if as_json else format_plan(plan))
 

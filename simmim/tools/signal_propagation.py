@@ -22,7 +22,8 @@ such block is the identity (a flat curve), and pre-norm branches with 0.02-std w
 branch either. The pre-norm growth appears once the weights train: measure with steps > 0.
 
 Writes <out_dir>/signal_propagation.csv (curve, norm_mode, block_index, stage, block, rms) and
-<out_dir>/signal_propagation.png (log-scale amplitude per block, dashed lines between stages).
+<out_dir>/signal_propagation.png (log-scale amplitude per block, dashed lines between stages); an earlier pair
+there is kept beside them as signal_propagation.<UTC time it was written>.csv and .png.
 Arguments are key=value:
 """
 import csv
@@ -43,7 +44,7 @@ from simmim.data.transforms import eval_transform
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import param_groups
 from simmim.plots import line_plot, save_figure
-from simmim.cli import check_output_folder, check_values, checkpoint_paths, resolve_device
+from simmim.cli import check_output_folder, check_values, checkpoint_paths, keeping_earlier, resolve_device
 
 SCHEMA = {
     "norm_modes": ["res_post_norm", "pre_norm"],
@@ -157,21 +158,21 @@ def checkpoint_curves(cfg, device: torch.device):
 
 
 def write_outputs(curves: list, out_dir: Path, title: str) -> tuple[Path, Path]:
-    """The CSV (CSV_COLUMNS) and the PNG plot of every curve."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """The CSV (CSV_COLUMNS) and the PNG plot of every curve (earlier ones kept aside: `keeping_earlier`)."""
     csv_path, png_path = out_dir / "signal_propagation.csv", out_dir / "signal_propagation.png"
-    with open(csv_path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(CSV_COLUMNS)
-        for label, norm_mode, rows in curves:
-            writer.writerows((label, norm_mode, i, stage, block, f"{rms:.6g}")
-                             for i, (stage, block, rms) in enumerate(rows))
     stages = [stage for stage, _, _ in curves[0][2]]
     boundaries = [i - 0.5 for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
     series = {label: (range(len(rows)), [rms for _, _, rms in rows]) for label, _, rows in curves}
     figure = line_plot(series, title=title, x_label="block (all stages, in order)",
                        y_label="RMS of the block output", log_y=True, vlines=boundaries)
-    save_figure(figure, png_path)
+    with keeping_earlier(csv_path, png_path) as (csv_tmp, png_tmp):
+        with open(csv_tmp, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(CSV_COLUMNS)
+            for label, norm_mode, rows in curves:
+                writer.writerows((label, norm_mode, i, stage, block, f"{rms:.6g}")
+                                 for i, (stage, block, rms) in enumerate(rows))
+        save_figure(figure, png_tmp)
     return csv_path, png_path
 
 
