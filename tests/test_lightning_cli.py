@@ -205,3 +205,23 @@ def test_validate_takes_the_image_size_of_the_checkpoint(tmp_path):
               "--run.pretrained", "null", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
               "--data.num_workers=0", cwd=tmp_path)
     assert "val/top1" in out and "on_before_batch_transfer" not in out  # nor Lightning's warning of two hooks
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_explicit_null_counts_as_given_against_the_checkpoint(tmp_path):
+    """--model.ema_decay null is the recipe's value, so it was not seen as given: validate of a checkpoint trained
+    with an EMA dropped it without a word (Lightning builds the module from the checkpoint's 0.9). Refused instead,
+    as any other value the checkpoint was not trained with."""
+    import finetune.train as finetune_script
+
+    finetune_script.main([f"output_dir={tmp_path}", "run_name=f", "pretrained=null", "data.img_size=32",
+                          "model.embed_dim=16", "trainer.max_steps=1", "trainer.limit_val_batches=1",
+                          "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=8",
+                          "train.ema_decay=0.9"])
+    result = run_script("finetune.lightning_cli", "validate", "--stage", "finetune", "--ckpt_path",
+                        str(tmp_path / "f" / "checkpoints" / "last.ckpt"), "--run.pretrained", "null",
+                        "--model.ema_decay", "null", "--trainer.limit_val_batches=1", "--data.num_workers=0")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: --model.ema_decay null: the checkpoint of --ckpt_path was trained with 0.9, and Lightning builds the "
+        "module from its hyperparameters; drop --model.ema_decay"), result.stderr[-2000:]

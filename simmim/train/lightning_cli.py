@@ -109,6 +109,11 @@ def _check_stage_of(resume: Resumable, name: str, stages: dict[str, Stage]) -> N
                       + (f"pass --stage {fitting[0]}" if fitting else "pass a checkpoint of a run of this stage"))
 
 
+def _yaml(value) -> str:
+    """A value as the command line writes it: None as null."""
+    return "null" if value is None else str(value)
+
+
 TYPE_WORDS = {"int": ("an integer",), "float": ("a number",), "bool": ("true", "false"), "str": ("a string",),
               "NoneType": ("null",)}
 
@@ -164,6 +169,8 @@ class RecipeCLI(LightningCLI):
                     from None
             _check_stage_of(resume, name, stages)
         module_args, data_args = self.stage.init_args(self.recipe)
+        # the --model.KEY options given, also with the recipe's value (`_parse_ckpt_path`)
+        self.named = {arg.removeprefix("--model.").partition("=")[0] for arg in args if arg.startswith("--model.")}
         args = _read_config_files(args, module_args)
         trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
         defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
@@ -222,7 +229,9 @@ class RecipeCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the module's arguments with the --ckpt_path checkpoint's hyperparameters; a value the
         command line (or a --config) set otherwise would be dropped without a word (validate of a res-post-norm
-        checkpoint with --model.model.norm_mode pre_norm measured the res-post-norm model): refused instead."""
+        checkpoint with --model.model.norm_mode pre_norm measured the res-post-norm model): refused instead. A value
+        counts as set where it differs from the recipe's or its --model.KEY option is given (--model.ema_decay null
+        is the recipe's value, and was dropped for a checkpoint trained with an EMA)."""
         subcommand = self.config.get("subcommand")
         given = dict(leaves(self.config[subcommand].model.as_dict())) if subcommand else {}
         super()._parse_ckpt_path()
@@ -231,10 +240,10 @@ class RecipeCLI(LightningCLI):
         recipe = dict(leaves(self.stage.init_args(self.recipe)[0]))
         saved = dict(leaves(self.config[subcommand].model.as_dict()))
         for key, value in given.items():
-            if value != recipe.get(key) and saved.get(key) != value:
-                raise ConfigError(f"--model.{key} {value}: the checkpoint of --ckpt_path was trained with "
-                                  f"{saved.get(key)}, and Lightning builds the module from its hyperparameters; drop "
-                                  f"--model.{key}")
+            if (value != recipe.get(key) or key in self.named) and saved.get(key) != value:
+                raise ConfigError(f"--model.{key} {_yaml(value)}: the checkpoint of --ckpt_path was trained with "
+                                  f"{_yaml(saved.get(key))}, and Lightning builds the module from its hyperparameters; "
+                                  f"drop --model.{key}")
 
     def before_instantiate_classes(self) -> None:
         """The recipe as the parsed arguments leave it; the stage's derived values (Log-CPB windows) filled in."""
@@ -245,7 +254,7 @@ class RecipeCLI(LightningCLI):
             # `_read_config_files`) replaces the whole dict in jsonargparse; the recipe fills in the rest
             if isinstance(value, dict) and isinstance(model_args.get(arg), dict):
                 model_args[arg] = _filled_in(arg, value, model_args[arg])
-        run = OmegaConf.from_dotlist([f"{key}={'null' if value is None else value}"  # YAML-typed values
+        run = OmegaConf.from_dotlist([f"{key}={_yaml(value)}"  # YAML-typed values
                                       for key, value in leaves(config.run)])
         check_keys(run, self.recipe, "--run")
         cfg = OmegaConf.merge(self.recipe, run)
