@@ -243,3 +243,25 @@ def test_an_mlflow_server_that_does_not_answer_is_one_line(tmp_path, monkeypatch
                                          r"request to .* failed.*\); check MLFLOW_TRACKING_URI or the mlflow logger's "
                                          r"tracking_uri, or leave mlflow out of logging.loggers$"):
         build_loggers(cfg, tmp_path)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("folder", ["{tmp}/mlruns", "file://{tmp}/mlruns"])
+def test_an_mlflow_folder_store_is_one_line_before_the_run_directory(tmp_path, monkeypatch, folder):
+    """MLflow 3 refuses a folder as its tracking store; the run refused it only when its logger was made, after the
+    run directory was: now the config check names the key, the value and the fix, and nothing is written."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = folder.format(tmp=tmp_path)
+    monkeypatch.setattr(loggers, "TRACKING_URI", uri)
+    result = run_script("simmim.pretrain", f"output_dir={tmp_path / 'runs'}", "logging.loggers=[mlflow]")
+    assert result.returncode == 1 and result.stderr == (
+        f"error: MLFLOW_TRACKING_URI={uri} is a folder, which MLflow refuses as a tracking store; set "
+        f"MLFLOW_TRACKING_URI to a database, e.g. sqlite:///mlflow.db (or MLFLOW_ALLOW_FILE_STORE=true to keep the "
+        f"folder)\n"), result.stderr
+    monkeypatch.setattr(loggers, "TRACKING_URI", None)  # Lightning's MLFlowLogger by default: file:./mlruns
+    with pytest.raises(ConfigError, match=r"^logging.loggers MLFlowLogger init_args.tracking_uri=file:./mlruns is a "
+                                          r"folder, which MLflow refuses"):
+        cfg_with("logging.loggers=[{class_path: MLFlowLogger, init_args: {tracking_uri: null}}]")
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out: the folder is taken
+    loggers.check_mlflow_store(uri, "MLFLOW_TRACKING_URI")

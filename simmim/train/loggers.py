@@ -24,6 +24,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytorch_lightning as pl
@@ -117,6 +118,12 @@ def _logger_entries(cfg: DictConfig) -> list:
     for entry in _entries(logging.get("loggers", ["tensorboard", "csv"]), "logging.loggers"):
         if not isinstance(entry, str):
             entry = _resolve(entry, "logging.loggers", "pytorch_lightning.loggers", Logger)
+            class_path, cls, init_args = entry
+            if issubclass(cls, MLFlowLogger):  # its tracking_uri, else a folder: file:<save_dir>
+                bound = inspect.signature(cls).bind_partial(**init_args)
+                bound.apply_defaults()
+                uri = bound.arguments.get("tracking_uri") or f"file:{bound.arguments.get('save_dir')}"
+                check_mlflow_store(uri, f"logging.loggers {class_path} init_args.tracking_uri")
         elif entry not in LOGGER_NAMES:
             raise ConfigError(f"logging.loggers names {entry!r}; use {', '.join(LOGGER_NAMES)} or "
                               f"{{class_path: ..., init_args: {{...}}}}")
@@ -126,8 +133,25 @@ def _logger_entries(cfg: DictConfig) -> list:
             except ImportError as error:
                 raise ConfigError(f"logging.loggers names {entry}, which needs the {entry} package: pip install "
                                   f"'swinv2-simmim[{entry}]' (or -e '.[{entry}]' in a checkout)") from error
+            if entry == "mlflow" and TRACKING_URI:
+                check_mlflow_store(TRACKING_URI, "MLFLOW_TRACKING_URI")
         checked.append(entry)
     return checked
+
+
+def check_mlflow_store(uri: str, key: str) -> None:
+    """ConfigError when the MLflow tracking store `uri` (set by `key`) is a folder and the installed MLflow refuses
+    folders (MLflow 3: unless MLFLOW_ALLOW_FILE_STORE=true): found by the config check, before the run directory
+    exists (MLflow refused it when the run's logger was made)."""
+    try:
+        from mlflow import environment_variables
+    except ImportError:  # building the logger names the package
+        return
+    allowed = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)  # None: an MLflow that takes folders
+    if urlparse(uri).scheme not in ("", "file") or allowed is None or allowed.get():
+        return
+    raise ConfigError(f"{key}={uri} is a folder, which MLflow refuses as a tracking store; set {key} to a database, "
+                      f"e.g. sqlite:///mlflow.db (or MLFLOW_ALLOW_FILE_STORE=true to keep the folder)")
 
 
 def _callback_entries(cfg: DictConfig) -> list:
