@@ -8,6 +8,10 @@ the same number of patches in every image, so the mean of the two ranks' losses 
 """
 import copy
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,15 +21,16 @@ from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from webdataset import TarWriter
 
-from conftest import randomize_
+from conftest import jpeg, randomize_
 from masking import MaskGenerator
-from simmim.train.config import load_config
 from simmim.data.datamodule import SimMIMDataModule
 from simmim.data.datasets import EpochSampler
 from simmim.data.transforms import eval_transform
 from simmim.pretrain import SimMIMPretrainModule
-from simmim.train.config import ConfigError
+from simmim.train.config import ConfigError, load_config
+from simmim.train.speed import cpu_cores
 from simmim.train.strategies import (FSDP_SHARDING, BlockFSDPStrategy, GradNormMonitor, ZeRO1DDPStrategy,
                                      build_strategy, global_grad_norm)
 
@@ -259,3 +264,52 @@ def test_deepspeed_grad_norm_is_the_engines_logged_after_the_step():
     trainer.global_step = 4  # the step taken: the 4th, whose logs are written
     monitor.on_train_batch_end(trainer, pl_module, outputs=None, batch=None, batch_idx=3)
     assert logged == [("train/grad_norm", 2.5)]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["data.img_size=32", "data.batch_size=8", "model.embed_dim=16", "model.num_heads=[2,2,4,8]",
+            "trainer.max_epochs=-1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false", "logging.recon_every_n_steps=0", "data.num_workers=0",
+            "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def pretrain_two_ranks(run_dir: Path, threads: int, *args: str) -> subprocess.CompletedProcess:
+    """scripts/pretrain.py on two CPU ranks with OMP_NUM_THREADS=threads (`trainer.strategy=ddp`: Lightning starts
+    rank 1 as a new interpreter; ddp_spawn spawns it; neither forks) -> its result, which must succeed."""
+    command = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), f"output_dir={run_dir.parent}",
+               f"run_name={run_dir.name}", *TINY_RUN, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "always"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_ranks_on_shards(tmp_path_factory):
+    """Two DDP ranks on shards without a shardindex.json, each with as many torch threads as the node has cores
+    (at least 2), for 2 steps -> the result."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    for split, shards, per_shard in (("train", 4, 8), ("val", 2, 4)):
+        for s in range(shards):
+            (root / split).mkdir(exist_ok=True)
+            with open(root / split / f"{split}-{s:06d}.tar", "wb") as stream, TarWriter(stream, encoder=False) as tar:
+                for i in range(per_shard):
+                    seed = 1000 * (split == "val") + per_shard * s + i
+                    tar.write({"__key__": f"{seed:05d}", "jpg": jpeg(seed, (40, 40, 3)), "cls": str(i % 2).encode()})
+    args = ["trainer.strategy=ddp", "data.source=shards", f"data.shards={root / 'train'}",
+            f"data.val_shards={root / 'val'}", "data.shuffle_buffer=8", "eval.knn_every_n_epochs=0"]
+    return pretrain_two_ranks(root / "run", max(2, cpu_cores()), *args, "trainer.max_steps=2")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_more_threads_than_cores_is_warned_once(two_ranks_on_shards):
+    """2 ranks x OMP_NUM_THREADS=cores: twice the node's cores in threads, which wait for each other; one warning
+    names the numbers and the fix (there was none)."""
+    first = two_ranks_on_shards
+    cores = cpu_cores()
+    threads = max(2, cores)
+    message = (f"2 process(es) on this node x {threads} torch threads each = {2 * threads} threads on {cores} CPU "
+               f"cores: the threads wait for each other; set OMP_NUM_THREADS={max(1, cores // 2)}")
+    assert first.stderr.count(message) == 1, first.stderr[-3000:]
+

@@ -1,12 +1,13 @@
-"""Speed settings of a run, shared by both stages: per-block torch.compile (`model.compile`) and TF32 matmuls
-(`trainer.tf32`)."""
+"""Speed settings of a run, shared by both stages: per-block torch.compile (`model.compile`), TF32 matmuls
+(`trainer.tf32`) and the check of the CPU threads of a node's ranks (`ThreadCheck`)."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from simmim.models.swinv2 import SwinTransformerV2
 from simmim.train.config import ConfigError
@@ -66,3 +67,28 @@ class CompileTime(pl.Callback):
             rank_zero_info(f"torch.compile (model.compile): the first step took {self.compile_s:.1f} s longer "
                            f"than the second ({self.durations[0]:.1f} s against {self.durations[1]:.2f} s)")
             pl_module.log("train/compile_s", self.compile_s, rank_zero_only=True)
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def oversubscription(processes: int, threads: int, cores: int) -> str | None:
+    """The warning when `processes` ranks on a node with `threads` torch threads each run more threads than its
+    `cores` and fewer threads would fit; None when they fit."""
+    fitting = max(1, cores // processes)
+    if threads <= fitting:
+        return None
+    return (f"{processes} process(es) on this node x {threads} torch threads each = {processes * threads} threads on "
+            f"{cores} CPU cores: the threads wait for each other; set OMP_NUM_THREADS={fitting}")
+
+
+class ThreadCheck(pl.Callback):
+    """Warns on rank 0 at fit start when this node's ranks run more torch threads than it has CPU cores (Lightning's
+    launchers set OMP_NUM_THREADS to cores / ranks only where it is unset): checked in the ranks, once the launcher
+    has set their threads."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and (message := oversubscription(trainer.num_devices, torch.get_num_threads(), cpu_cores())):
+            rank_zero_warn(message)

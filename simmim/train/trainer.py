@@ -22,18 +22,18 @@ from simmim.train.checkpoint_io import AtomicCheckpointIO
 from simmim.train.loggers import build_callbacks, build_loggers, log_recipe
 from simmim.train.resume import ExactResume
 from simmim.train.run_dir import save_start_config
-from simmim.train.speed import set_tf32
+from simmim.train.speed import ThreadCheck, set_tf32
 from simmim.train.strategies import build_strategy
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callbacks: list = ()) -> pl.Trainer:
     """A Trainer from `cfg.trainer` with the loggers and extra callbacks of the recipe (`build_loggers`,
     `build_callbacks`: TensorBoard and CSV under run_dir by default, both appended to by resumed and repeated
-    runs) that records the start (`RecordStart`) and keeps the checkpoints of `checkpoint_callbacks`,
-    written atomically. `trainer.strategy` names are resolved by `simmim.train.strategies.build_strategy`.
-    `trainer.tf32` is ours, not a Trainer argument: `simmim.train.speed.set_tf32`. In a SLURM job, Lightning's own
-    requeue on SIGUSR1 (a checkpoint saved from inside its signal handler, mid-step, which resume=auto does not
-    read) is off: `SignalCheckpoint` does it."""
+    runs) that records the start (`RecordStart`), checks the CPU threads of the node's ranks (`ThreadCheck`) and
+    keeps the checkpoints of `checkpoint_callbacks`, written atomically. `trainer.strategy` names are resolved by
+    `simmim.train.strategies.build_strategy`. `trainer.tf32` is ours, not a Trainer argument:
+    `simmim.train.speed.set_tf32`. In a SLURM job, Lightning's own requeue on SIGUSR1 (a checkpoint saved from
+    inside its signal handler, mid-step, which resume=auto does not read) is off: `SignalCheckpoint` does it."""
     trainer_args = OmegaConf.to_container(cfg.trainer)
     tf32 = trainer_args.pop("tf32", False)
     trainer_args["strategy"] = build_strategy(trainer_args.get("strategy", "auto"), trainer_args.get("precision"))
@@ -41,7 +41,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
         default_root_dir=run_dir,
         logger=build_loggers(cfg, run_dir),
         callbacks=[*checkpoint_callbacks(cfg.checkpoint, run_dir / "checkpoints", monitor, mode),
-                   ExactResume(cfg.seed), RecordStart(cfg, run_dir), *callbacks, *build_callbacks(cfg)],
+                   ExactResume(cfg.seed), RecordStart(cfg, run_dir), ThreadCheck(), *callbacks, *build_callbacks(cfg)],
         plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         **trainer_args)
     set_tf32(tf32, trainer.strategy.root_device)
