@@ -57,8 +57,11 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
             raise
         where = f": {error.filename}" if error.filename else ""
         sys.exit(f"error: {error.strerror}{where}{fixes[error.errno]}")
-    except KeyboardInterrupt:  # Ctrl-C outside training (which saves its step: SignalCheckpoint)
-        print("stopped by Ctrl-C", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves its step: SignalCheckpoint), to every rank
+        from simmim.train.run_dir import launch_rank
+
+        if launch_rank() == 0:
+            print("stopped by Ctrl-C", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except RequeueSignal:
         from lightning_fabric.plugins.environments import SLURMEnvironment

@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from albumentations.pytorch import ToTensorV2
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from simmim.data import datasets, sources
@@ -209,7 +210,7 @@ def make_class_folder(root):
     (root / "ant" / "notes.txt").write_text("not an image")
 
 
-def test_folder_source_with_verify_skips_corrupt_files_with_one_warning(tmp_path):
+def test_folder_source_with_verify_skips_corrupt_files_with_one_warning(tmp_path, monkeypatch):
     make_class_folder(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -224,6 +225,11 @@ def test_folder_source_with_verify_skips_corrupt_files_with_one_warning(tmp_path
     with pytest.warns(UserWarning, match="skipped 2"):
         again = build_sources("folder", 32, root=tmp_path, verify=True)
     assert [list(split) for split in again] == [list(train), list(val)]  # fixed hold-out
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # every rank verifies: rank 0 alone says it (every rank did)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_sources("folder", 32, root=tmp_path, verify=True)
+    assert not caught
 
     dataset = ImageDataset([*train, *val], pretrain_transform(32))
     assert all(dataset[i][0].shape == (32, 32, 3) for i in range(len(dataset)))

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from lightning_utilities.core.rank_zero import rank_zero_only
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -29,7 +31,9 @@ from simmim.data.datamodule import SimMIMDataModule
 from simmim.data.datasets import EpochSampler
 from simmim.data.transforms import eval_transform
 from simmim.pretrain import SimMIMPretrainModule
+from simmim.train.checkpoint_io import newest_good_checkpoint
 from simmim.train.config import ConfigError, load_config
+from simmim.train.resume import _warn_changed_settings
 from simmim.train.speed import cpu_cores
 from simmim.train.strategies import (FSDP_SHARDING, BlockFSDPStrategy, GradNormMonitor, ZeRO1DDPStrategy,
                                      build_strategy, global_grad_norm)
@@ -312,4 +316,32 @@ def test_more_threads_than_cores_is_warned_once(two_ranks_on_shards):
     message = (f"2 process(es) on this node x {threads} torch threads each = {2 * threads} threads on {cores} CPU "
                f"cores: the threads wait for each other; set OMP_NUM_THREADS={max(1, cores // 2)}")
     assert first.stderr.count(message) == 1, first.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_say_the_shards_count_once(two_ranks_on_shards):
+    """Every rank counts the shards that no shardindex.json lists: rank 0 alone says so (every rank said it)."""
+    first = two_ranks_on_shards
+    assert first.stderr.count("counting the samples of 4 shards by reading them") == 1, first.stderr[-3000:]
+    assert first.stderr.count("counting the samples of 2 shards by reading them") == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resume_checks_warn_on_rank_0_only(tmp_path, monkeypatch, rank):
+    """Every rank reads the checkpoints before fit: a newer one passed over, and a resume with other settings, are
+    said by rank 0 alone (every rank said them)."""
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    (tmp_path / "broken.ckpt").write_text("not a checkpoint")
+    cfg = load_config("pretrain", overrides=["data.hflip=0.5"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert newest_good_checkpoint(tmp_path) is None
+        _warn_changed_settings(cfg, {"datamodule_hyper_parameters": {"hflip": 0.0}}, "last.ckpt")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == (2 if rank == 0 else 0), messages
+    if rank == 0:
+        assert "broken.ckpt cannot be resumed from" in messages[0] and "data.hflip 0.0 -> 0.5" in messages[1]
+        assert caught[0].filename == __file__  # the warning points at the caller, as before
 

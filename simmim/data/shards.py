@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -187,8 +188,8 @@ def shard_counts(urls: list[str]) -> list[int]:
     known = _index_next_to(urls[0])
     missing = [url for url in urls if url.rsplit("/", 1)[-1] not in known]
     if missing:
-        warnings.warn(f"counting the samples of {len(missing)} shards by reading them (no {SHARD_INDEX} lists "
-                      f"them; scripts/make_shards.py writes one)", stacklevel=2)
+        rank_zero_warn(f"counting the samples of {len(missing)} shards by reading them (no {SHARD_INDEX} lists "
+                       f"them; scripts/make_shards.py writes one)", stacklevel=5)  # every rank counts them
         for url in missing:
             known[url.rsplit("/", 1)[-1]] = sum(1 for sample in _raw_samples(url, partial(_unreadable, url), 0)
                                                 if _image_key(sample))  # at start: fail at once

@@ -223,8 +223,8 @@ def _drop_unreadable(splits: tuple[FileList, ...], where: str) -> tuple[FileList
                          dtype=bool)
     if not flags.all():
         bad = paths[int(np.argmin(flags))]
-        warnings.warn(f"skipped {int((~flags).sum())} unreadable images of {len(paths)} under {where} "
-                      f"(first: {bad})", stacklevel=3)
+        rank_zero_warn(f"skipped {int((~flags).sum())} unreadable images of {len(paths)} under {where} "
+                       f"(first: {bad})", stacklevel=6)  # every rank decodes them
     kept, start = [], 0
     for name, split in zip(("train", "validation"), splits):
         ok = flags[start:start + len(split)]

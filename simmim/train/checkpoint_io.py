@@ -6,13 +6,13 @@ import errno
 import os
 import re
 import tempfile
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_warn
 
 
 UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it) and put back at once
@@ -138,6 +138,6 @@ def newest_good_checkpoint(folder: str | Path) -> Resumable | None:
         if chosen is not None and str(path) == chosen.path:
             break
         if path in problems:
-            warnings.warn(f"checkpoint {path} cannot be resumed from ({problems[path]}); trying the next newest",
-                          stacklevel=2)
+            rank_zero_warn(f"checkpoint {path} cannot be resumed from ({problems[path]}); trying the next newest",
+                           stacklevel=5)  # every rank reads the folder
     return chosen

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.models.checkpoint import detect_layout
 from simmim.train.checkpoint_io import Resumable, checkpoint_problem, newest_good_checkpoint, read_resumable
@@ -241,8 +242,9 @@ def _warn_changed_settings(cfg: DictConfig, checkpoint: dict, ckpt: str) -> None
             if key not in RESUME_MAY_CHANGE and before != value:
                 changed.append(f"{section}.{key} {before} -> {value}")
     if changed:
-        warnings.warn(f"resuming {ckpt} with other settings than it was trained with: {', '.join(changed)}; the rest "
-                      f"of the run trains with these (give the old values to continue it as it was)", stacklevel=3)
+        rank_zero_warn(f"resuming {ckpt} with other settings than it was trained with: {', '.join(changed)}; the "
+                       f"rest of the run trains with these (give the old values to continue it as it was)",
+                       stacklevel=6)  # every rank checks the checkpoint
 
 
 def _check_resumed_model(cfg: DictConfig, resume: Resumable) -> None:
