@@ -345,3 +345,13 @@ def test_resume_checks_warn_on_rank_0_only(tmp_path, monkeypatch, rank):
         assert "broken.ckpt cannot be resumed from" in messages[0] and "data.hflip 0.0 -> 0.5" in messages[1]
         assert caught[0].filename == __file__  # the warning points at the caller, as before
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ddp_spawn_prints_the_knn_line(tmp_path):
+    """Under ddp_spawn fit runs in spawned ranks: the k-NN monitor's history stayed there, and the line a run in one
+    process prints after fit was missing; rank 0's callback states now come back with its weights."""
+    result = pretrain_two_ranks(tmp_path / "run", 1, "trainer.strategy=ddp_spawn", "trainer.max_steps=2",
+                                "eval.knn_every_n_epochs=1", "eval.knn_max_images=64")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("k-NN top-1 (val) by epoch: 0: ")]
+    assert len(lines) == 1 and lines[0].endswith(f"; plot: {tmp_path / 'run' / 'knn.png'}"), result.stdout

@@ -23,7 +23,7 @@ from simmim.train.loggers import build_callbacks, build_loggers, log_recipe
 from simmim.train.resume import ExactResume
 from simmim.train.run_dir import save_start_config
 from simmim.train.speed import ThreadCheck, set_tf32
-from simmim.train.strategies import build_strategy
+from simmim.train.strategies import build_strategy, hand_back_callback_states
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callbacks: list = ()) -> pl.Trainer:
@@ -45,6 +45,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
         plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         **trainer_args)
     set_tf32(tf32, trainer.strategy.root_device)
+    hand_back_callback_states(trainer.strategy)
     return trainer
 
 
