@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
