@@ -1,4 +1,5 @@
 import contextlib
+import csv
 import functools
 import http.server
 import importlib
@@ -849,6 +850,19 @@ def test_pretrain_script_on_shards_made_from_a_folder(tmp_path, capsys):
     column = lines[0].split(",").index("data/skipped")
     skipped = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]
     assert skipped and skipped[-1] >= 1  # the broken file, met in epoch 0 and again in epoch 1
+
+    # stopped by max_steps at the end of epoch 2, then resumed to epoch 4: from last.ckpt, saved in epoch 2's end
+    # hooks, which the resumed run runs again after Lightning has started the loader's next epoch; their checkpoint
+    # failed ("no data state kept for batch 10 of epoch 2")
+    per_epoch = len([row for row in csv.DictReader((tmp_path / "demo" / "csv" / "metrics.csv").open())
+                     if row["train/loss"]]) // 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for stop in (f"trainer.max_steps={3 * per_epoch}", "trainer.max_steps=-1"):
+            pretrain.main([arg.replace("max_epochs=2", "max_epochs=4") for arg in args] + [stop])
+    rows = list(csv.DictReader((tmp_path / "demo" / "csv" / "metrics.csv").open()))
+    steps = [[row["step"] for row in rows if row["train/loss"] and row["epoch"] == str(epoch)] for epoch in range(4)]
+    assert per_epoch and [len(epoch) for epoch in steps] == [per_epoch] * 4  # every epoch trained whole, once
 
 
 def test_knn_passes_do_not_add_to_data_skipped(tmp_path):

@@ -498,11 +498,15 @@ class ShardSource:
             self.train_loader.restore(self._pending)
         return self.train_loader
 
-    def state_dict(self, trainer) -> dict:
-        """The training position after the batches the trainer has processed ({} before training)."""
+    def state_dict(self, done: int | None, next_epoch: int | None = None) -> dict:
+        """The training position after `done` batches of this epoch (None: all given out), or at an epoch's end the
+        start of `next_epoch` ({} before training). Not the loader's own state at the end: a run resumed from a
+        checkpoint saved in an epoch's end hooks runs them again, after Lightning has started the loader's next
+        epoch."""
         if self.train_loader is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else None
+        if next_epoch is not None:
+            return {"epoch": next_epoch, "batches": 0, "positions": {}, "rounds": {}}
         return self.train_loader.state(done)
 
     def load_state_dict(self, state: dict) -> None:
