@@ -223,12 +223,12 @@ class SwinV2Classifier(pl.LightningModule):
 
 # ------------------------------------------------------------------------------------------------ data
 class ClassificationDataModule(ResumableDataModule):
-    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.labeled_datasets` (fine-tune / eval transforms;
-    RandAugment as `simmim.data.finetune_transform` takes it, random erasing on the device: `device_augment`;
-    train images leave the loader uint8 and are normalized on the device; labels_per_class images per
-    class drawn by seed, or all), or streamed from WebDataset shards (source="shards": `simmim.data.shards.ShardSource`,
-    its position in the epoch saved in checkpoints). Train augmentations depend on (seed, epoch, index) and the
-    order resumes mid-epoch (`ResumableDataModule`)."""
+    """(image (B, 3, S, S), label (B,)) batches from `simmim.data.datasets.labeled_datasets` (fine-tune / eval
+    transforms; RandAugment as `simmim.data.transforms.finetune_transform` takes it, random erasing on the device:
+    `device_augment`; train images leave the loader uint8 and are normalized on the device; labels_per_class images
+    per class drawn by seed, or all), or streamed from WebDataset shards (source="shards":
+    `simmim.data.shards.ShardSource`, its position in the epoch saved in checkpoints). Train augmentations depend on
+    (seed, epoch, index) and the order resumes mid-epoch (`ResumableDataModule`)."""
 
     def __init__(self, source: str = "digits", root: str | None = None, list_file: str | None = None,
                  img_size: int = 128, batch_size: int = 32, num_workers: int = 0, verify: bool = False,

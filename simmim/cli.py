@@ -15,11 +15,12 @@ from typing import Callable, Iterator
 
 import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 
 from simmim.train.checkpoint_io import written_atomically
 from simmim.train.config import ConfigError, as_list
-from simmim.train.run_dir import utc_stamp
+from simmim.train.run_dir import launch_rank, utc_stamp
 
 
 def run(module: str) -> None:
@@ -43,7 +44,9 @@ def _raise_requeue_signal(signum: int, frame) -> None:
 
 def run_cli(main: Callable[[list[str]], None]) -> None:
     """Run a script's main(argv); configuration and input errors, a full disk, a read-only or forbidden path, Ctrl-C
-    and SIGUSR1 (SLURM's requeue signal: `simmim.train.trainer.requeue_job`) end it with one line on stderr."""
+    and SIGUSR1 (SLURM's requeue signal: `simmim.train.trainer.requeue_job`) end it with one line on stderr.
+    Until a Trainer sets it, what rank 0 alone says (rank_zero_warn, ...) goes by `launch_rank`."""
+    rank_zero_only.rank = launch_rank()  # Lightning's guess misses NODE_RANK and MPI's variables
     found = signal.signal(signal.SIGUSR1, _raise_requeue_signal)
     try:
         main(sys.argv[1:])
@@ -58,15 +61,12 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         where = f": {error.filename}" if error.filename else ""
         sys.exit(f"error: {error.strerror}{where}{fixes[error.errno]}")
     except KeyboardInterrupt:  # Ctrl-C outside training (which saves its step: SignalCheckpoint), to every rank
-        from simmim.train.run_dir import launch_rank
-
         if launch_rank() == 0:
             print("stopped by Ctrl-C", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except RequeueSignal:
         from lightning_fabric.plugins.environments import SLURMEnvironment
 
-        from simmim.train.run_dir import launch_rank
         from simmim.train.trainer import requeue_job
         print("stopped by SIGUSR1 (outside training: no step to save)", file=sys.stderr)
         if launch_rank() == 0 and SLURMEnvironment.detect():
@@ -104,6 +104,9 @@ def keeping_earlier(*paths: str | Path) -> Iterator[list[Path]]:
     result was made, its file's last write (the latest of the files: one result, one stamp). When the block fails,
     nothing moves."""
     paths = [Path(path) for path in paths]
+    if folder := next((path for path in paths if path.exists() and not path.is_file()), None):
+        raise ConfigError(f"{folder} is a folder (or no plain file), where the result is written; move it away or "
+                          f"write the result elsewhere")
     with ExitStack() as stack:
         temporaries = [stack.enter_context(written_atomically(path)) for path in paths]
         yield temporaries
@@ -122,6 +125,15 @@ def _free_name(path: Path, stamp: str) -> Path:
     tags = itertools.chain([""], (f"-{n}" for n in itertools.count(2)))
     return next(name for name in (path.with_name(f"{path.stem}.{stamp}{tag}{path.suffix}") for tag in tags)
                 if not name.exists())
+
+
+def check_result_file(path: str | Path, key: str = "out") -> None:
+    """Raise ConfigError, before a tool's work, when `path` cannot take its result: a folder is there, or a file is
+    where a folder above it would be (`check_output_folder`)."""
+    if Path(path).is_dir():
+        raise ConfigError(f"{key}={path} is a folder; pass the path of a .{Path(path).suffix.lstrip('.') or 'json'} "
+                          f"file to write")
+    check_output_folder(Path(path).parent, key)
 
 
 def check_output_folder(path: str | Path, key: str = "out_dir") -> None:

@@ -7,6 +7,7 @@ wins. The linear probe is an L2-regularized logistic regression (scikit-learn) o
 """
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simmim.plots import knn_history_figure, save_figure
+from simmim.train.checkpoint_io import written_atomically
 from simmim.train.strategies import root_params_gathered
 from simmim.data.workers import ShieldedDataLoader
 
@@ -97,9 +99,10 @@ class KNNMonitor(pl.Callback):
     `val_set` (labeled, un-augmented (image, label) datasets) are embedded in eval mode and `knn/top1` is logged at
     the current step. `history` keeps one row per epoch ({"epoch", "train_loss" (mean over the epoch's steps),
     "val_loss", "knn_top1"}, None where not measured; epoch 0 is before training); it is saved in checkpoints
-    with the losses of the epoch so far (a run resumed mid-epoch averages over the whole epoch), and written as a
-    plot to `plot_path` at the end of training. Every rank embeds the whole sets (sharded weights are gathered);
-    rank 0 logs and plots.
+    with the losses of the epoch so far (a run resumed mid-epoch averages over the whole epoch), and written at
+    the end of training as a plot to `plot_path` and as JSON beside it (`history_path`: also where the process
+    that started spawned ranks finds it). Every rank embeds the whole sets (sharded weights are gathered); rank 0
+    logs and writes.
     """
 
     def __init__(self, train_set: Dataset, val_set: Dataset, every_n_epochs: int = 1, k: int = KNN_K,
@@ -172,6 +175,8 @@ class KNNMonitor(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.plot_path is not None and trainer.is_global_zero:
             plot_knn_history(self.history, self.plot_path)
+            with written_atomically(history_path(self.plot_path)) as tmp:
+                tmp.write_text(json.dumps(self.history, indent=1) + "\n")
 
     def state_dict(self) -> dict:
         return {"history": self.history, "losses": self._losses, "losses_epoch": self._losses_epoch}
@@ -179,6 +184,11 @@ class KNNMonitor(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
         self._losses, self._losses_epoch = list(state_dict.get("losses", [])), state_dict.get("losses_epoch")
+
+
+def history_path(plot_path: str | Path) -> Path:
+    """Where `KNNMonitor` writes its history as JSON: beside its plot (knn.png -> knn.json)."""
+    return Path(plot_path).with_suffix(".json")
 
 
 def knn_summary(history: Sequence[dict]) -> str:

@@ -12,6 +12,7 @@ config, checkpoints (last, best), logs (TensorBoard, CSV), reconstruction pictur
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from PIL import Image
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
-from simmim.evaluation import KNNMonitor, knn_monitor, knn_summary
+from simmim.evaluation import KNNMonitor, history_path, knn_monitor, knn_summary
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.train.checkpoint_io import atomic_save
 from simmim.train.loggers import log_image
@@ -138,7 +139,7 @@ class ThroughputMonitor(pl.Callback):
 
 def unnormalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalized (B, 3, H, W) -> [0, 1]."""
-    from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # here: it imports albumentations
+    from simmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # here: it imports OpenCV, albumentations
 
     mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -227,15 +228,16 @@ def _finish(trainer: pl.Trainer, module: SimMIMPretrainModule, cfg, run_dir: Pat
     pictures = next(c for c in trainer.callbacks if isinstance(c, ReconstructionPictures))
     newest = pictures.last_path or max((run_dir / "reconstructions").glob("step_*.png"), default=None)  # a rerun
     lines = [f"reconstructions: {newest or 'none'}", f"encoder: {encoder}"]  # of a finished run trains no step
-    knn = [c for c in trainer.callbacks if isinstance(c, KNNMonitor)]
-    if knn and (summary := knn_summary(knn[0].history)):
-        lines.append(f"k-NN top-1 (val) by epoch: {summary}; plot: {run_dir / 'knn.png'}")
+    knn = [c.plot_path for c in trainer.callbacks if isinstance(c, KNNMonitor)]
+    history = knn and history_path(knn[0])  # read back: under ddp_spawn the monitor measured in a spawned rank
+    if history and history.is_file() and (summary := knn_summary(json.loads(history.read_text()))):
+        lines.append(f"k-NN top-1 (val) by epoch: {summary}; plot: {knn[0]}")
     return lines
 
 
 def stage() -> Stage:
     """Pretraining as `simmim.train.stage` runs it."""
-    from simmim.data.datamodule import SimMIMDataModule  # here: the GPU tools run without albumentations
+    from simmim.data.datamodule import SimMIMDataModule  # here: the GPU tools run without albumentations, sklearn
 
     return Stage(name="pretrain", module=SimMIMPretrainModule, datamodule=SimMIMDataModule, module_keys=_module_keys,
                  data_keys=_data_keys, monitor="val/loss", mode="min", callbacks=_callbacks, finish=_finish)

@@ -1,10 +1,15 @@
-"""simmim.cli.keeping_earlier: the measuring tools' writes, which keep an earlier result under a dated name."""
+"""simmim.cli: keeping_earlier (the measuring tools' writes, which keep an earlier result under a dated name) and
+run_cli's rank before a Trainer exists."""
 import os
+import warnings
 
 import pytest
+from lightning_utilities.core.rank_zero import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_warn
 
 from conftest import assert_kept_beside
-from simmim.cli import keeping_earlier
+from simmim.cli import keeping_earlier, run_cli
+from simmim.train.config import ConfigError
 from simmim.train.run_dir import utc_stamp
 
 
@@ -53,3 +58,30 @@ def test_a_first_write_has_nothing_to_keep(tmp_path, capsys):
     with keeping_earlier(tmp_path / "new" / "plan.json") as (tmp,):
         tmp.write_text("plan")
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["plan.json"] and capsys.readouterr().err == ""
+
+
+def test_a_folder_at_the_result_path_is_one_line_and_stays(tmp_path):
+    """A folder where the result goes was moved aside as if it were an earlier result."""
+    (tmp_path / "out.json").mkdir()
+    with pytest.raises(ConfigError, match=r"out.json is a folder .*, where the result is written; move it away"):
+        with keeping_earlier(tmp_path / "out.json") as (tmp,):
+            tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+@pytest.mark.parametrize("env, says", [({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),  # node 1's main process
+                                       ({"OMPI_COMM_WORLD_RANK": "3"}, False), ({}, True)])
+def test_what_rank_0_says_before_a_trainer_goes_by_the_launchers_rank(monkeypatch, env, says):
+    """Lightning's own guess of the rank (RANK, LOCAL_RANK, SLURM_PROCID) made node 1's main process and MPI ranks
+    warn like rank 0 before a Trainer existed (the resume checks' warnings)."""
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
+                 "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(rank_zero_only, "rank", 0)  # restored after the test
+    monkeypatch.setattr("sys.argv", ["script"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli(lambda argv: rank_zero_warn("a resume check's warning"))
+    assert [str(w.message) for w in caught] == (["a resume check's warning"] if says else [])

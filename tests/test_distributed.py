@@ -34,7 +34,7 @@ from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.checkpoint_io import newest_good_checkpoint
 from simmim.train.config import ConfigError, load_config
 from simmim.train.resume import _warn_changed_settings
-from simmim.train.speed import cpu_cores
+from simmim.train.speed import cpu_cores, oversubscription
 from simmim.train.strategies import (FSDP_SHARDING, BlockFSDPStrategy, GradNormMonitor, ZeRO1DDPStrategy,
                                      build_strategy, global_grad_norm)
 
@@ -316,6 +316,17 @@ def test_more_threads_than_cores_is_warned_once(two_ranks_on_shards):
     message = (f"2 process(es) on this node x {threads} torch threads each = {2 * threads} threads on {cores} CPU "
                f"cores: the threads wait for each other; set OMP_NUM_THREADS={max(1, cores // 2)}")
     assert first.stderr.count(message) == 1, first.stderr[-3000:]
+
+
+def test_ranks_pinned_to_their_own_cores_fit_threads_up_to_them():
+    """Ranks pinned to cores of their own (SLURM's --cpus-per-task with binding) were taken to share them: 8 ranks x
+    8 threads on a 64-core node, each rank on 8 cores, was warned of as 64 threads on 8 cores."""
+    assert oversubscription(8, 8, cores=8, node_cores=64) is None
+    assert oversubscription(8, 16, cores=8, node_cores=64) == (
+        "8 process(es) on this node x 16 torch threads each on 8 CPU cores each (their affinity): the threads wait "
+        "for each other; set OMP_NUM_THREADS=8")
+    assert oversubscription(8, 2, cores=64, node_cores=64) is None  # sharing the node: 64 // 8 each
+    assert "= 72 threads on 64 CPU cores" in oversubscription(8, 9, cores=64, node_cores=64)
 
 
 @pytest.mark.slow

@@ -72,3 +72,11 @@ def test_bad_arguments_are_one_line_errors():
         gpu_check.main([*TINY_CPU, "compile=maybe"])                                        # failing in the table
     with pytest.raises(ConfigError, match="^steps=abc: expected an integer, as the default 20$"):
         gpu_check.main([*TINY_CPU, "steps=abc"])
+
+
+def test_an_out_folder_is_one_line_before_the_runs(tmp_path, monkeypatch):
+    """out= a folder: refused before the strategies run (it was moved aside as an earlier result after them)."""
+    monkeypatch.setattr(gpu_check, "run_strategy", lambda *args: pytest.fail("a strategy ran"))
+    with pytest.raises(ConfigError, match=r"^out=.* is a folder; pass the path of a .json file to write"):
+        gpu_check.main([*TINY_CPU, "strategies=single", f"out={tmp_path}"])
+    assert tmp_path.is_dir()

@@ -1,5 +1,6 @@
 """Loggers and extra callbacks from the recipe (simmim/train/loggers.py), pictures to every image logger, the W&B
 and MLflow runs that every start of a run directory continues."""
+import importlib
 import json
 from pathlib import Path
 
@@ -246,10 +247,13 @@ def test_an_mlflow_server_that_does_not_answer_is_one_line(tmp_path, monkeypatch
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.skipif(not hasattr(importlib.import_module("mlflow.environment_variables"), "MLFLOW_ALLOW_FILE_STORE"),
+                    reason="this MLflow takes a folder as its tracking store")
 @pytest.mark.parametrize("folder", ["{tmp}/mlruns", "file://{tmp}/mlruns"])
 def test_an_mlflow_folder_store_is_one_line_before_the_run_directory(tmp_path, monkeypatch, folder):
-    """MLflow 3 refuses a folder as its tracking store; the run refused it only when its logger was made, after the
-    run directory was: now the config check names the key, the value and the fix, and nothing is written."""
+    """MLflow refuses a folder as its tracking store (the versions with MLFLOW_ALLOW_FILE_STORE); the run refused it
+    only when its logger was made, after the run directory was: now the config check names the key, the value and
+    the fix, and nothing is written."""
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     uri = folder.format(tmp=tmp_path)
     monkeypatch.setattr(loggers, "TRACKING_URI", uri)
@@ -265,3 +269,22 @@ def test_an_mlflow_folder_store_is_one_line_before_the_run_directory(tmp_path, m
     assert not (tmp_path / "runs").exists()
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out: the folder is taken
     loggers.check_mlflow_store(uri, "MLFLOW_TRACKING_URI")
+
+
+class KwargsMLFlowLogger(MLFlowLogger):
+    """A user's subclass that passes its arguments on: its signature shows no tracking_uri or save_dir."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+
+def test_mlflow_stores_that_are_no_folder_are_taken(monkeypatch):
+    """MLflow's stores by name (no scheme, no folder) and a subclass's database passed through **kwargs were
+    refused as folders."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in ("databricks", "databricks-uc", "uc", "databricks://profile", "sqlite:///mlflow.db"):
+        loggers.check_mlflow_store(uri, "MLFLOW_TRACKING_URI")
+    subclass = "{class_path: test_loggers.KwargsMLFlowLogger, init_args: {%s}}"
+    cfg_with(f"logging.loggers=[{subclass % 'tracking_uri: sqlite:///mlflow.db'}]")
+    with pytest.raises(ConfigError, match=r"init_args.tracking_uri=file:./mlruns is a folder"):  # its default
+        cfg_with(f"logging.loggers=[{subclass % ''}]")

@@ -554,14 +554,14 @@ def test_make_shards_stops_at_ctrl_c_without_writing_the_queued_shards(tmp_path,
     (tmp_path / "src" / "cat").mkdir(parents=True)
     for i in range(12):
         (tmp_path / "src" / "cat" / f"{i}.jpg").write_bytes(jpeg(i))
-    calls, write, never = [], make_shards.write_shard, threading.Event()
+    calls, write = [], make_shards.write_shard
 
     def interrupted_at_the_third(*args):
         calls.append(args[2])
         if len(calls) == 3:
             raise KeyboardInterrupt
         if len(calls) > 3:  # the one started meanwhile waits, so that a slow main thread (a busy machine) reacts
-            never.wait(3)   # before the pool's one worker takes more from the queue
+            time.sleep(3)   # before the pool's one worker takes more from the queue
         return write(*args)
 
     monkeypatch.setattr(make_shards, "write_shard", interrupted_at_the_third)

@@ -372,6 +372,11 @@ class ShardLoader:
             self.epoch = epoch
             self._reset()
 
+    @staticmethod
+    def epoch_start(epoch: int) -> dict:
+        """The `state` before the first batch of `epoch`."""
+        return {"epoch": epoch, "batches": 0, "positions": {}, "rounds": {}}
+
     def state(self, batches: int | None = None) -> dict:
         """{"epoch", "batches", "positions": {worker: raw samples delivered}, "rounds": {worker: batches}} after
         `batches` batches of this epoch."""
@@ -498,16 +503,13 @@ class ShardSource:
             self.train_loader.restore(self._pending)
         return self.train_loader
 
-    def state_dict(self, done: int | None, next_epoch: int | None = None) -> dict:
-        """The training position after `done` batches of this epoch (None: all given out), or at an epoch's end the
-        start of `next_epoch` ({} before training). Not the loader's own state at the end: a run resumed from a
-        checkpoint saved in an epoch's end hooks runs them again, after Lightning has started the loader's next
-        epoch."""
+    def state_dict(self, done: int, next_epoch: int | None = None) -> dict:
+        """The training position after `done` batches of this epoch, or at an epoch's end the start of `next_epoch`
+        ({} before training). Not the loader's own state at the end: a run resumed from a checkpoint saved in an
+        epoch's end hooks runs them again, after Lightning has started the loader's next epoch."""
         if self.train_loader is None:
             return {}
-        if next_epoch is not None:
-            return {"epoch": next_epoch, "batches": 0, "positions": {}, "rounds": {}}
-        return self.train_loader.state(done)
+        return self.train_loader.state(done) if next_epoch is None else ShardLoader.epoch_start(next_epoch)
 
     def load_state_dict(self, state: dict) -> None:
         self._pending = state or None

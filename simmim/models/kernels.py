@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GatherTokens", "linear", "flex_attention_with_table", "ScaledNormalize", "SplitHeads", "BiasedAttention"]
+__all__ = ["GatherTokens", "linear", "flex_attention_with_table", "ScaledNormalize", "SplitHeads", "BiasedAttention",
+           "ATTN_CHUNK_BYTES", "attention_chunks"]
 
 
 class GatherTokens(torch.autograd.Function):

@@ -56,7 +56,7 @@ from simmim.train.config import ConfigError, as_list, options_from_argv
 from simmim.tools.memory import peak_memory
 from simmim.models.simmim import NORM_WINDOW_RULE, build_simmim, is_norm_window
 from simmim.train.optim import make_adamw, param_groups
-from simmim.cli import keeping_earlier, resolve_device
+from simmim.cli import check_result_file, keeping_earlier, resolve_device
 from simmim.models.swinv2 import VARIANTS
 from simmim.tools.peers import available_peers, build_peer
 from simmim.train.speed import set_tf32
@@ -270,8 +270,7 @@ def main(argv: list[str]) -> None:
             raise ConfigError(f"{key}={opts[key]}: expected an integer >= {low}")
     if opts.norm_target is not None and not is_norm_window(opts.norm_target):
         raise ConfigError(f"norm_target={opts.norm_target}: expected {NORM_WINDOW_RULE}, or null (raw pixels)")
-    if Path(opts.out).is_dir():
-        raise ConfigError(f"out={opts.out} is a folder; pass the path of a .json file to write")
+    check_result_file(opts.out)
     device = resolve_device(opts.device)
     runnable = [c for c in CONFIGS if device.type == "cuda" or c not in CUDA_ONLY]
     names = runnable if opts.configs is None else as_list(opts.configs)

@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import build_mask_generator
-from simmim.cli import check_output_folder, keeping_earlier
+from simmim.cli import check_output_folder, check_result_file, keeping_earlier
 from simmim.data.datasets import ImageDataset, LabeledItem, MaskedImageDataset, MaskedItem, SkipCounter
 from simmim.data.decode import decode_image, decode_needs
 from simmim.data.shards import ShardDataset, shard_counts, shard_urls
@@ -159,8 +159,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"image_sizes={cfg.image_sizes} must be a list of [width, height] in pixels, e.g. "
                           f"image_sizes=[[500,375]]")
     check_output_folder(cfg.work, "work")
-    if Path(cfg.out).is_dir():
-        raise ConfigError(f"out={cfg.out} is a folder; pass the path of a .json file to write")
+    check_result_file(cfg.out)
     if Path(cfg.out).is_file() and not _is_result(Path(cfg.out)):  # only an earlier result, kept aside
         raise ConfigError(f"out={cfg.out}: the file exists and is not a result of this benchmark; give another out=")
     torch.set_num_threads(1)

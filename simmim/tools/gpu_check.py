@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import MaskGenerator
-from simmim.cli import keeping_earlier
+from simmim.cli import check_result_file, keeping_earlier
 from simmim.models.arguments import model_section, resolve_model
 from simmim.train.config import ConfigError, options_from_argv
 from simmim.pretrain import SimMIMPretrainModule
@@ -143,6 +143,8 @@ def main(argv: list[str]) -> None:
         raise ValueError("device=cuda but CUDA is not available here; pass device=cpu (with a small model)")
     if cfg.steps <= cfg.warmup:
         raise ValueError(f"steps={cfg.steps} leaves no timed step after warmup={cfg.warmup}; raise steps")
+    if cfg.out:
+        check_result_file(cfg.out)  # before the runs, which take a while
     if cfg.compile not in (True, False, "auto"):
         raise ConfigError(f"compile={cfg.compile}: expected true, false or auto")
     if cfg.batch_size < 1 or cfg.warmup < 0:

@@ -17,11 +17,10 @@ and what they assume: simmim/tools/memory.py.
 """
 import json
 import math
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from simmim.cli import check_output_folder, keeping_earlier
+from simmim.cli import check_result_file, keeping_earlier
 from simmim.train.config import ConfigError, config_from_argv
 from simmim.tools.memory import format_plan, plan_memory
 
@@ -63,10 +62,8 @@ def main(argv: list[str]) -> None:
         return
     gpu_memory_gb = number(keys, "gpu_memory_gb", lambda v: 0 < v < math.inf, "a number > 0 (GiB per GPU)")
     headroom = number(keys, "headroom", lambda v: 0 <= v < 1, "a number in [0, 1)")
-    if keys["json"] and Path(keys["json"]).is_dir():
-        raise ConfigError(f"json={keys['json']} is a folder; pass the path of a .json file to write")
     if keys["json"]:
-        check_output_folder(Path(keys["json"]).parent, "json")  # before the plan, which takes a while
+        check_result_file(keys["json"], "json")  # before the plan, which takes a while
     plan = plan_memory(cfg, gpu_memory_gb=gpu_memory_gb, headroom=headroom)
     text = json.dumps(plan.to_dict(), indent=2)
     if keys["json"]:

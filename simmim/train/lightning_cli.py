@@ -110,8 +110,8 @@ def _check_stage_of(resume: Resumable, name: str, stages: dict[str, Stage]) -> N
 
 
 def _yaml(value) -> str:
-    """A value as the command line writes it: None as null."""
-    return "null" if value is None else str(value)
+    """A value as the command line writes it: None as null, booleans as true / false."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 TYPE_WORDS = {"int": ("an integer",), "float": ("a number",), "bool": ("true", "false"), "str": ("a string",),
@@ -170,7 +170,8 @@ class RecipeCLI(LightningCLI):
             _check_stage_of(resume, name, stages)
         module_args, data_args = self.stage.init_args(self.recipe)
         # the --model.KEY options given, also with the recipe's value (`_parse_ckpt_path`)
-        self.named = {arg.removeprefix("--model.").partition("=")[0] for arg in args if arg.startswith("--model.")}
+        self.model_options_given = {arg.removeprefix("--model.").partition("=")[0] for arg in args
+                                    if arg.startswith("--model.")}
         args = _read_config_files(args, module_args)
         trainer_args = {k: v for k, v in plain(self.recipe.trainer).items() if k in TRAINER_DEFAULTS}
         defaults = {"seed_everything": self.recipe.seed, "trainer": trainer_args,
@@ -230,8 +231,8 @@ class RecipeCLI(LightningCLI):
         """Lightning replaces the module's arguments with the --ckpt_path checkpoint's hyperparameters; a value the
         command line (or a --config) set otherwise would be dropped without a word (validate of a res-post-norm
         checkpoint with --model.model.norm_mode pre_norm measured the res-post-norm model): refused instead. A value
-        counts as set where it differs from the recipe's or its --model.KEY option is given (--model.ema_decay null
-        is the recipe's value, and was dropped for a checkpoint trained with an EMA)."""
+        counts as set where it differs from the recipe's or its --model.KEY option (or one of a dict above it) is
+        given, also with the recipe's value (--model.ema_decay null against a checkpoint trained with an EMA)."""
         subcommand = self.config.get("subcommand")
         given = dict(leaves(self.config[subcommand].model.as_dict())) if subcommand else {}
         super()._parse_ckpt_path()
@@ -240,7 +241,8 @@ class RecipeCLI(LightningCLI):
         recipe = dict(leaves(self.stage.init_args(self.recipe)[0]))
         saved = dict(leaves(self.config[subcommand].model.as_dict()))
         for key, value in given.items():
-            if (value != recipe.get(key) or key in self.named) and saved.get(key) != value:
+            named = any(key == option or key.startswith(f"{option}.") for option in self.model_options_given)
+            if (value != recipe.get(key) or named) and saved.get(key) != value:
                 raise ConfigError(f"--model.{key} {_yaml(value)}: the checkpoint of --ckpt_path was trained with "
                                   f"{_yaml(saved.get(key))}, and Lightning builds the module from its hyperparameters; "
                                   f"drop --model.{key}")

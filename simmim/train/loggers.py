@@ -46,6 +46,9 @@ PROJECT = "swinv2-simmim"  # the wandb project / mlflow experiment of the named 
 RUNS_FILE = "logger_runs.json"  # {"wandb": run id, "mlflow": run id, "mlflow URI": run id}: the runs every start
 # continues ("mlflow": in the run directory's store, "mlflow URI": in the store of another tracking URI)
 TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")  # as the process started: MLflow sets it to the last run's
+MLFLOW_NAMED_STORES = ("databricks", "databricks-uc", "uc")  # tracking URIs MLflow takes by name, not as folders
+MLFLOW_DEFAULTS = {name: p.default for name, p in inspect.signature(MLFlowLogger).parameters.items()
+                   if name in ("tracking_uri", "save_dir")}  # a subclass's own signature may not show them
 
 
 def _named(name: str, run_dir: Path, run_name: str) -> tuple[str, type, dict]:
@@ -120,9 +123,8 @@ def _logger_entries(cfg: DictConfig) -> list:
             entry = _resolve(entry, "logging.loggers", "pytorch_lightning.loggers", Logger)
             class_path, cls, init_args = entry
             if issubclass(cls, MLFlowLogger):  # its tracking_uri, else a folder: file:<save_dir>
-                bound = inspect.signature(cls).bind_partial(**init_args)
-                bound.apply_defaults()
-                uri = bound.arguments.get("tracking_uri") or f"file:{bound.arguments.get('save_dir')}"
+                given = {**MLFLOW_DEFAULTS, **{k: v for k, v in init_args.items() if v is not None}}
+                uri = given.get("tracking_uri") or f"file:{given['save_dir']}"
                 check_mlflow_store(uri, f"logging.loggers {class_path} init_args.tracking_uri")
         elif entry not in LOGGER_NAMES:
             raise ConfigError(f"logging.loggers names {entry!r}; use {', '.join(LOGGER_NAMES)} or "
@@ -141,14 +143,15 @@ def _logger_entries(cfg: DictConfig) -> list:
 
 def check_mlflow_store(uri: str, key: str) -> None:
     """ConfigError when the MLflow tracking store `uri` (set by `key`) is a folder and the installed MLflow refuses
-    folders (MLflow 3: unless MLFLOW_ALLOW_FILE_STORE=true): found by the config check, before the run directory
-    exists (MLflow refused it when the run's logger was made)."""
+    folders (the versions with MLFLOW_ALLOW_FILE_STORE do, unless it is true): found by the config check, before
+    the run directory exists."""
     try:
         from mlflow import environment_variables
     except ImportError:  # building the logger names the package
         return
     allowed = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)  # None: an MLflow that takes folders
-    if urlparse(uri).scheme not in ("", "file") or allowed is None or allowed.get():
+    named = uri in MLFLOW_NAMED_STORES or uri.startswith("databricks")  # no folder, though without a scheme
+    if named or urlparse(uri).scheme not in ("", "file") or allowed is None or allowed.get():
         return
     raise ConfigError(f"{key}={uri} is a folder, which MLflow refuses as a tracking store; set {key} to a database, "
                       f"e.g. sqlite:///mlflow.db (or MLFLOW_ALLOW_FILE_STORE=true to keep the folder)")

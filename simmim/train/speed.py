@@ -74,14 +74,18 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def oversubscription(processes: int, threads: int, cores: int) -> str | None:
-    """The warning when `processes` ranks on a node with `threads` torch threads each run more threads than its
-    `cores` and fewer threads would fit; None when they fit."""
-    fitting = max(1, cores // processes)
+def oversubscription(processes: int, threads: int, cores: int, node_cores: int) -> str | None:
+    """The warning when `processes` ranks on a node of `node_cores` cores, each with `threads` torch threads and
+    allowed on `cores` of them, run more threads than the cores and fewer would fit; None when they fit. Ranks
+    allowed on all of the node's cores share them; ranks pinned to fewer (SLURM's --cpus-per-task with binding)
+    are taken to have their own."""
+    fitting = max(1, cores // processes) if cores >= node_cores else cores
     if threads <= fitting:
         return None
-    return (f"{processes} process(es) on this node x {threads} torch threads each = {processes * threads} threads on "
-            f"{cores} CPU cores: the threads wait for each other; set OMP_NUM_THREADS={fitting}")
+    where = (f"= {processes * threads} threads on {cores} CPU cores" if cores >= node_cores else
+             f"on {cores} CPU cores each (their affinity)")
+    return (f"{processes} process(es) on this node x {threads} torch threads each {where}: the threads wait for each "
+            f"other; set OMP_NUM_THREADS={fitting}")
 
 
 class ThreadCheck(pl.Callback):
@@ -90,5 +94,6 @@ class ThreadCheck(pl.Callback):
     has set their threads."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and (message := oversubscription(trainer.num_devices, torch.get_num_threads(), cpu_cores())):
+        if stage == "fit" and (message := oversubscription(trainer.num_devices, torch.get_num_threads(), cpu_cores(),
+                                                            os.cpu_count() or 1)):
             rank_zero_warn(message)

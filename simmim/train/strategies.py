@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import io
 import math
 from contextlib import nullcontext
 
@@ -26,8 +25,6 @@ import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.plugins.precision import FSDPPrecision
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
-from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from pytorch_lightning.trainer.call import _call_callbacks_load_state_dict, _call_callbacks_state_dict
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -177,26 +174,3 @@ def full_state_dict(strategy: Strategy) -> dict:
             return {k: v.detach().cpu() for k, v in module.state_dict().items()}
     return strategy.lightning_module_state_dict()
 
-
-class CallbackStateLauncher(_MultiProcessingLauncher):
-    """Lightning's launcher of spawned or forked ranks (ddp_spawn, ...), which also hands rank 0's callback states
-    back to the main process, where fit returns (the k-NN monitor's history, for the line printed after fit):
-    Lightning's hands back the weights, the trainer's state and callback_metrics only."""
-
-    def get_extra_results(self, trainer) -> dict:
-        buffer = io.BytesIO()  # bytes, as Lightning sends callback_metrics: no tensor in shared memory
-        torch.save(_call_callbacks_state_dict(trainer), buffer)
-        return {**super().get_extra_results(trainer), "callback_states": buffer.getvalue()}
-
-    def update_main_process_results(self, trainer, extra: dict) -> None:
-        super().update_main_process_results(trainer, extra)
-        states = torch.load(io.BytesIO(extra["callback_states"]), weights_only=False)  # from this run's rank 0
-        _call_callbacks_load_state_dict(trainer, {"callbacks": states})
-
-
-def hand_back_callback_states(strategy: Strategy) -> None:
-    """Under a strategy that runs fit in spawned or forked ranks, rank 0's callback states come back to the main
-    process after fit (`CallbackStateLauncher`); other strategies run fit in the process itself."""
-    launcher = strategy.launcher
-    if type(launcher) is _MultiProcessingLauncher:
-        strategy._launcher = CallbackStateLauncher(strategy, launcher._start_method)

@@ -23,7 +23,7 @@ from simmim.train.loggers import build_callbacks, build_loggers, log_recipe
 from simmim.train.resume import ExactResume
 from simmim.train.run_dir import save_start_config
 from simmim.train.speed import ThreadCheck, set_tf32
-from simmim.train.strategies import build_strategy, hand_back_callback_states
+from simmim.train.strategies import build_strategy
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callbacks: list = ()) -> pl.Trainer:
@@ -45,14 +45,14 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str, callba
         plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         **trainer_args)
     set_tf32(tf32, trainer.strategy.root_device)
-    hand_back_callback_states(trainer.strategy)
     return trainer
 
 
 class RecordStart(pl.Callback):
     """Records a start of fit on rank 0: the resolved config (`save_start_config`) and the recipe sent to W&B and
     MLflow (`log_recipe`). At fit start, after the checkpoint to resume is restored: a resume it refuses (the
-    data's mid-epoch layout: `simmim.data.datamodule.ResumableDataModule._check_layout`) leaves the run directory as it was."""
+    data's mid-epoch layout: `simmim.data.datamodule.ResumableDataModule._check_layout`) leaves the run directory
+    as it was."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir

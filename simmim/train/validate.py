@@ -291,8 +291,9 @@ def check_source_keys(data: DictConfig, sources: tuple[str, ...] = ()) -> None:
 
 def _check_relations(cfg: DictConfig) -> None:
     model = cfg.model
+    # here: the tools' option checks need no OpenCV, albumentations or scikit-learn
     from simmim.data.sources import SOURCES
-    from simmim.data.transforms import check_crop_flip  # here: the tools' option checks need no OpenCV
+    from simmim.data.transforms import check_crop_flip
 
     check_source_keys(cfg.data, SOURCES)
     try:  # (refused where the transforms are made, when the data is set up: print_config printed it)
