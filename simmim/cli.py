@@ -128,12 +128,15 @@ def _free_name(path: Path, stamp: str) -> Path:
 
 
 def check_result_file(path: str | Path, key: str = "out") -> None:
-    """Raise ConfigError, before a tool's work, when `path` cannot take its result: a folder is there, or a file is
-    where a folder above it would be (`check_output_folder`)."""
+    """Raise ConfigError, before a tool's work, when `path` cannot take its result: a folder is there, a file is
+    where a folder above it would be (`check_output_folder`), or the folder it would go in cannot be written to."""
     if Path(path).is_dir():
         raise ConfigError(f"{key}={path} is a folder; pass the path of a .{Path(path).suffix.lstrip('.') or 'json'} "
                           f"file to write")
     check_output_folder(Path(path).parent, key)
+    existing = next(folder for folder in Path(path).absolute().parents if folder.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only disk too
+        raise ConfigError(f"{key}={path}: {existing} cannot be written to; give a path on a writable disk")
 
 
 def check_output_folder(path: str | Path, key: str = "out_dir") -> None:

@@ -85,3 +85,14 @@ def test_what_rank_0_says_before_a_trainer_goes_by_the_launchers_rank(monkeypatc
         warnings.simplefilter("always")
         run_cli(lambda argv: rank_zero_warn("a resume check's warning"))
     assert [str(w.message) for w in caught] == (["a resume check's warning"] if says else [])
+
+
+def test_a_result_path_on_a_disk_that_cannot_be_written_is_one_line_before_the_work(tmp_path, monkeypatch):
+    """A read-only disk failed the write after the measurement (a GPU benchmark's minutes lost)."""
+    from simmim.cli import check_result_file
+
+    check_result_file(tmp_path / "new" / "out.json")  # a folder to be made, under one that can be written to
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))  # as on a read-only mount
+    with pytest.raises(ConfigError, match=rf"^out={tmp_path}/new/out.json: {tmp_path} cannot be written to; give a "
+                                          r"path on a writable disk"):
+        check_result_file(tmp_path / "new" / "out.json")

@@ -159,7 +159,7 @@ def test_epochs_without_validation_are_saved_and_reruns_say_what_the_run_has(tmp
     capsys.readouterr()
     finetune_script.main([*args, "trainer.max_epochs=3"])
     assert "held-out top-1: no validation in this start; the run's best: " in capsys.readouterr().out
-    with pytest.raises(ConfigError, match=r"cannot resume .*last.ckpt: it was trained with train.ema_decay=None, this "
+    with pytest.raises(ConfigError, match=r"cannot resume .*last.ckpt: it was trained with train.ema_decay=null, this "
                                           r"run asks for 0.99; its EMA weights are saved only when it had them"):
         finetune_script.main([*args, "trainer.max_epochs=3", "train.ema_decay=0.99"])
     with pytest.raises(ConfigError, match=r"cannot resume .*last.ckpt: it is at epoch 2 \(counted from 0\), past "

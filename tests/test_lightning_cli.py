@@ -1,5 +1,6 @@
 """scripts/cli.py: the Lightning CLI runs both stages from the recipes, with the scripts' run directory, checkpoints,
 pictures, encoder export and Log-CPB handoff; validate reads a checkpoint and writes nothing."""
+import re
 import shutil
 import socket
 import subprocess
@@ -225,3 +226,13 @@ def test_an_explicit_null_counts_as_given_against_the_checkpoint(tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
         "error: --model.ema_decay null: the checkpoint of --ckpt_path was trained with 0.9, and Lightning builds the "
         "module from its hyperparameters; drop --model.ema_decay"), result.stderr[-2000:]
+    # without --ckpt_path, validate takes the run directory's newest checkpoint: its EMA weights met a module without
+    # one (a traceback of unexpected state-dict keys)
+    result = run_script("finetune.lightning_cli", "validate", "--stage", "finetune", "--run.output_dir", str(tmp_path),
+                        "--run.run_name", "f", "--run.pretrained", "null", "--data.img_size=32",
+                        "--model.model.embed_dim=16", "--model.ema_decay", "null", "--trainer.limit_val_batches=1",
+                        "--data.num_workers=0")
+    assert result.returncode == 1 and re.fullmatch(
+        r"error: cannot validate .*last.ckpt: it was trained with --model.ema_decay 0.9, this run asks for null; "
+        r"its EMA weights are saved only when it had them: give --model.ema_decay 0.9 as it was, or pass "
+        r"--run.run_name NEW to start another run", result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]

@@ -259,12 +259,12 @@ def test_an_mlflow_folder_store_is_one_line_before_the_run_directory(tmp_path, m
     monkeypatch.setattr(loggers, "TRACKING_URI", uri)
     result = run_script("simmim.pretrain", f"output_dir={tmp_path / 'runs'}", "logging.loggers=[mlflow]")
     assert result.returncode == 1 and result.stderr == (
-        f"error: MLFLOW_TRACKING_URI={uri} is a folder, which MLflow refuses as a tracking store; set "
+        f"error: MLFLOW_TRACKING_URI={uri} is a folder path, which MLflow refuses as a tracking store; set "
         f"MLFLOW_TRACKING_URI to a database, e.g. sqlite:///mlflow.db (or MLFLOW_ALLOW_FILE_STORE=true to keep the "
         f"folder)\n"), result.stderr
     monkeypatch.setattr(loggers, "TRACKING_URI", None)  # Lightning's MLFlowLogger by default: file:./mlruns
     with pytest.raises(ConfigError, match=r"^logging.loggers MLFlowLogger init_args.tracking_uri=file:./mlruns is a "
-                                          r"folder, which MLflow refuses"):
+                                          r"folder path, which MLflow refuses"):
         cfg_with("logging.loggers=[{class_path: MLFlowLogger, init_args: {tracking_uri: null}}]")
     assert not (tmp_path / "runs").exists()
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out: the folder is taken
@@ -286,5 +286,5 @@ def test_mlflow_stores_that_are_no_folder_are_taken(monkeypatch):
         loggers.check_mlflow_store(uri, "MLFLOW_TRACKING_URI")
     subclass = "{class_path: test_loggers.KwargsMLFlowLogger, init_args: {%s}}"
     cfg_with(f"logging.loggers=[{subclass % 'tracking_uri: sqlite:///mlflow.db'}]")
-    with pytest.raises(ConfigError, match=r"init_args.tracking_uri=file:./mlruns is a folder"):  # its default
+    with pytest.raises(ConfigError, match=r"init_args.tracking_uri=file:./mlruns is a folder path"):  # its default
         cfg_with(f"logging.loggers=[{subclass % ''}]")

@@ -260,7 +260,15 @@ def test_resume_mid_epoch_gives_the_rest_of_the_epoch(tmp_path, num_workers):
         resumed_rest = list(resumed)
         assert same(head, full[:3]) and same(resumed_rest, full[3:])
         assert interrupted.state(2)["batches"] == 2  # the states of the last batches are kept
+        # a signal as the next epoch starts: one batch fetched ahead, none trained on (it was "no data state kept for
+        # batch 0 of epoch 2": the signal checkpoint failed)
+        started = loader()
+        epoch_batches(started, 2, stop=1)
+        resumed = loader()
+        resumed.restore(json.loads(json.dumps(started.state(0))))
+        resumed.set_epoch(2)
         other_epoch = epoch_batches(loader(), 2)
+        assert same(list(resumed), other_epoch)
     labels = [int(label) for batch in full for label in batch[1]]
     assert labels != [int(label) for batch in other_epoch for label in batch[1]]  # shuffled per epoch
     assert len(set(labels)) == len(labels)
@@ -546,6 +554,12 @@ def test_make_shards_remakes_a_shard_cut_or_replaced_since(tmp_path):
     record = json.loads((tmp_path / "out" / "train" / "make_shards.json").read_text())
     assert record["bytes"] == {p.name: p.stat().st_size for p in (tmp_path / "out" / "train").glob("*.tar")}
     make_shards.main([*args[:2], "shard_mb=0.004", "workers=1"])  # was refused: the record kept the first packing
+    record_file = tmp_path / "out" / "train" / "make_shards.json"
+    for broken in ("{not json", "[1, 2]"):  # the error did not name the file ("Expecting property name ...")
+        record_file.write_text(broken)
+        with pytest.raises(ConfigError, match=rf"^{record_file} (cannot be read|is not a record of this command)"):
+            make_shards.main([*args[:2], "shard_mb=0.004", "workers=1"])
+        assert record_file.read_text() == broken
 
 
 def test_make_shards_stops_at_ctrl_c_without_writing_the_queued_shards(tmp_path, monkeypatch):

@@ -379,10 +379,12 @@ class ShardLoader:
 
     def state(self, batches: int | None = None) -> dict:
         """{"epoch", "batches", "positions": {worker: raw samples delivered}, "rounds": {worker: batches}} after
-        `batches` batches of this epoch."""
+        `batches` batches of this epoch (0: its start, also once a batch has been fetched ahead)."""
         if batches is None or batches == self.batches:
             return {"epoch": self.epoch, "batches": self.batches, "positions": dict(self.positions),
                     "rounds": dict(self.rounds)}
+        if batches == 0:  # as the epoch starts (a signal as its first batch is fetched)
+            return self.epoch_start(self.epoch)
         for state in self._history:
             if state["batches"] == batches:
                 return state

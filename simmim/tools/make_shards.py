@@ -114,6 +114,18 @@ def write_shard(samples: FileList, indices: np.ndarray, path: Path, short_side: 
     return left_out
 
 
+def _read_record(path: Path) -> dict:
+    """make_shards.json of an earlier packing; ConfigError naming it when it is not what this command writes."""
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} cannot be read ({error}): it records how the shards beside it were packed; "
+                          f"give a new out=, or move that folder away") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path} is not a record of this command; give a new out=, or move that folder away")
+    return record
+
+
 def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, workers: int,
                 short_side: int | None = None, quality: int = QUALITY) -> list[Path]:
     """Shards of samples in out/PREFIX-NNNNNN.tar (complete ones already there are kept, unless their size differs
@@ -125,7 +137,7 @@ def make_shards(samples: FileList, out: Path, prefix: str, shard_bytes: int, wor
     shards = plan(samples, shard_bytes)
     settings = {"short_side": short_side, "quality": quality if short_side is not None else None}
     packing = {"files": len(samples), "per_shard": len(shards[0]) if shards else 0, "fingerprint": fingerprint(samples)}
-    record = json.loads((out / PACKING).read_text()) if (out / PACKING).exists() else None
+    record = _read_record(out / PACKING) if (out / PACKING).exists() else None
     started = any(out.glob(f"{prefix}-*.tar"))
     if record is None and started:  # whose packing nothing records (written before this one is, so not ours)
         raise ConfigError(f"{out} holds {prefix}-*.tar files but no {PACKING}: not shards of this command, whose "

@@ -139,6 +139,15 @@ def config_from_argv(stage: str, argv: list[str], usage: str, here: bool = True)
     return load_config(stage, recipe, overrides, here and not print_config), print_config
 
 
+def show_value(value) -> str:
+    """A value as it is written on the command line: [2, 2], true, null."""
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(show_value(v) for v in value)}]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
 def as_list(value) -> list[str]:
     """A key of names or paths given as one value (key=a) or a list (key=[a,b]) as a list of strings (YAML reads
     checkpoint=123 as a number); null as []."""

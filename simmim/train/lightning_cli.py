@@ -30,9 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from simmim.train.checkpoint_io import Resumable, newest_good_checkpoint, read_resumable
-from simmim.train.config import (ConfigError, check_config, check_keys, leaves, load_config, load_yaml, stage_schema,
-                                 trainer_defaults)
-from simmim.train.resume import check_same_model, prepare_run
+from simmim.train.config import (ConfigError, check_config, check_keys, leaves, load_config, load_yaml, show_value,
+                                 stage_schema, trainer_defaults)
+from simmim.train.resume import check_ema, check_same_model, prepare_run
 from simmim.train.stage import Stage, plain, self_and_parents, start_fit
 from simmim.train.trainer import make_trainer
 
@@ -107,11 +107,6 @@ def _check_stage_of(resume: Resumable, name: str, stages: dict[str, Stage]) -> N
     raise ConfigError(f"--ckpt_path {ckpt_path} is not a checkpoint of the {name} stage (its hyperparameters "
                       f"{', '.join(unknown)} are not {name} arguments); "
                       + (f"pass --stage {fitting[0]}" if fitting else "pass a checkpoint of a run of this stage"))
-
-
-def _yaml(value) -> str:
-    """A value as the command line writes it: None as null, booleans as true / false."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 TYPE_WORDS = {"int": ("an integer",), "float": ("a number",), "bool": ("true", "false"), "str": ("a string",),
@@ -243,9 +238,9 @@ class RecipeCLI(LightningCLI):
         for key, value in given.items():
             named = any(key == option or key.startswith(f"{option}.") for option in self.model_options_given)
             if (value != recipe.get(key) or named) and saved.get(key) != value:
-                raise ConfigError(f"--model.{key} {_yaml(value)}: the checkpoint of --ckpt_path was trained with "
-                                  f"{_yaml(saved.get(key))}, and Lightning builds the module from its hyperparameters; "
-                                  f"drop --model.{key}")
+                raise ConfigError(f"--model.{key} {show_value(value)}: the checkpoint of --ckpt_path was trained with "
+                                  f"{show_value(saved.get(key))}, and Lightning builds the module from its "
+                                  f"hyperparameters; drop --model.{key}")
 
     def before_instantiate_classes(self) -> None:
         """The recipe as the parsed arguments leave it; the stage's derived values (Log-CPB windows) filled in."""
@@ -256,7 +251,7 @@ class RecipeCLI(LightningCLI):
             # `_read_config_files`) replaces the whole dict in jsonargparse; the recipe fills in the rest
             if isinstance(value, dict) and isinstance(model_args.get(arg), dict):
                 model_args[arg] = _filled_in(arg, value, model_args[arg])
-        run = OmegaConf.from_dotlist([f"{key}={_yaml(value)}"  # YAML-typed values
+        run = OmegaConf.from_dotlist([f"{key}={show_value(value)}"  # YAML-typed values
                                       for key, value in leaves(config.run)])
         check_keys(run, self.recipe, "--run")
         cfg = OmegaConf.merge(self.recipe, run)
@@ -302,6 +297,8 @@ class RecipeCLI(LightningCLI):
                               f"of a run that has one ({run_dir / 'checkpoints'} has none)")
         check_same_model(self.cfg, Path(ckpt).parent.parent / "config.yaml", f"cannot validate {ckpt}",
                          "pass the recipe and model values of that run (--recipe, --model.*, --run.pretrained)")
+        if (checkpoint := read_resumable(ckpt).checkpoint) is not None:  # None: a DeepSpeed folder
+            check_ema(self.cfg, checkpoint.get("hyper_parameters") or {}, f"cannot validate {ckpt}")
         self.datamodule.setup("fit")  # bad data paths fail here
         self.stage.check_data(self.datamodule, self.cfg)
         self.config_init["validate"]["ckpt_path"] = str(ckpt)

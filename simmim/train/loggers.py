@@ -153,8 +153,8 @@ def check_mlflow_store(uri: str, key: str) -> None:
     named = uri in MLFLOW_NAMED_STORES or uri.startswith("databricks")  # no folder, though without a scheme
     if named or urlparse(uri).scheme not in ("", "file") or allowed is None or allowed.get():
         return
-    raise ConfigError(f"{key}={uri} is a folder, which MLflow refuses as a tracking store; set {key} to a database, "
-                      f"e.g. sqlite:///mlflow.db (or MLFLOW_ALLOW_FILE_STORE=true to keep the folder)")
+    raise ConfigError(f"{key}={uri} is a folder path, which MLflow refuses as a tracking store; set {key} to a "
+                      f"database, e.g. sqlite:///mlflow.db (or MLFLOW_ALLOW_FILE_STORE=true to keep the folder)")
 
 
 def _callback_entries(cfg: DictConfig) -> list:

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from simmim.models.checkpoint import detect_layout
 from simmim.train.checkpoint_io import Resumable, checkpoint_problem, newest_good_checkpoint, read_resumable
-from simmim.train.config import ConfigError, dotted_keys
+from simmim.train.config import ConfigError, dotted_keys, show_value
 from simmim.train.run_dir import AppendingCSVLogger, check_unlocked, utc_stamp
 
 
@@ -257,7 +257,7 @@ def _check_resumed_model(cfg: DictConfig, resume: Resumable) -> None:
     if isinstance(hparams.get("model"), Mapping):
         _compare_models(OmegaConf.create(dict(hparams["model"])), cfg, f"cannot resume {resume.path}",
                         "give the model values of that run, or start a new run (another run_name, no resume=PATH)")
-    _check_ema(cfg, hparams, resume.path)
+    check_ema(cfg, hparams, f"cannot resume {resume.path}")
     _check_epoch(cfg, resume.checkpoint.get("epoch", 0), resume.path)
     _warn_changed_settings(cfg, resume.checkpoint, resume.path)
     _check_optim(cfg, hparams, resume.path)
@@ -279,13 +279,14 @@ def _check_stage(cfg: DictConfig, resume: Resumable) -> None:
                           f"{where}")
 
 
-def _check_ema(cfg: DictConfig, hparams: Mapping, ckpt: str) -> None:
-    """EMA switched on or off: its weights are saved only by a run that had them."""
-    if "train" in cfg and (hparams.get("ema_decay") is None) != (cfg.train.ema_decay is None) and "model" in hparams:
-        raise ConfigError(f"cannot resume {ckpt}: it was trained with train.ema_decay={hparams.get('ema_decay')}, this "
-                          f"run asks for {cfg.train.ema_decay}; its EMA weights are saved only when it had them: give "
-                          f"train.ema_decay {'a value' if hparams.get('ema_decay') is not None else 'as null'} as it "
-                          f"was, or pass run_name=NEW to start another run")
+def check_ema(cfg: DictConfig, hparams: Mapping, refusal: str) -> None:
+    """ConfigError (`refusal`: ...) when a checkpoint's module hyperparameters `hparams` and cfg differ in having an
+    EMA (switched on or off): its weights are saved only by a run that had them."""
+    saved, asked = hparams.get("ema_decay"), cfg.train.ema_decay if "train" in cfg else None
+    if "train" in cfg and (saved is None) != (asked is None) and "model" in hparams:
+        raise ConfigError(f"{refusal}: it was trained with train.ema_decay={show_value(saved)}, this run asks for "
+                          f"{show_value(asked)}; its EMA weights are saved only when it had them: give "
+                          f"train.ema_decay={show_value(saved)} as it was, or pass run_name=NEW to start another run")
 
 
 def _check_epoch(cfg: DictConfig, epoch: int, ckpt: str) -> None:

@@ -20,7 +20,7 @@ from simmim.data.augment import MAX_MAGNITUDE
 from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
 from simmim.models.swinv2 import ATTN_IMPLS, ATTN_MODES, NORM_MODES, POSITION_BIASES
 from simmim.models.arguments import model_defaults
-from simmim.train.config import ConfigError, leaves
+from simmim.train.config import ConfigError, leaves, show_value
 from simmim.train.loggers import check_loggers_and_callbacks
 from simmim.train.optim import SCHEDULES
 from simmim.train.speed import COMPILE_VALUES
@@ -138,28 +138,19 @@ def _is(value, kind: type) -> bool:
 
 
 def _fail(key: str, value, expected: str) -> ConfigError:
-    return ConfigError(f"{key}={_show(value)}: expected {expected}")
-
-
-def _show(value) -> str:
-    """A value as it is written on the command line: [2, 2], true, null."""
-    if isinstance(value, list):
-        return f"[{', '.join(_show(v) for v in value)}]"
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    return str(value)
+    return ConfigError(f"{key}={show_value(value)}: expected {expected}")
 
 
 def _check_type(key: str, value, default, default_shown: bool = True) -> None:
     if key.startswith("trainer.") or key in MIXED or value is None and (default is None or key in NULLABLE):
         return
     if value is None:
-        raise _fail(key, value, f"{TYPE_NAMES[type(default)]}, as the default {_show(default)}")
+        raise _fail(key, value, f"{TYPE_NAMES[type(default)]}, as the default {show_value(default)}")
     kind = type(default) if default is not None else NULLABLE.get(key)
     if kind is None:
         return
     if not _is(value, kind):
-        example = f", as the default {_show(default)}" if default is not None and default_shown else " or null"
+        example = f", as the default {show_value(default)}" if default is not None and default_shown else " or null"
         raise _fail(key, value, f"{TYPE_NAMES[kind]}{example}")
     if kind is list:
         element = type(default[0]) if default else (int if key in NULLABLE else None)
@@ -285,8 +276,8 @@ def check_source_keys(data: DictConfig, sources: tuple[str, ...] = ()) -> None:
     for key, source in SOURCE_KEYS.items():
         value = data.get(key)
         if value is not None and data.source != source:
-            raise ConfigError(f"data.{key}={_show(value)} is read by data.source={source} only, and data.source="
-                              f"{_show(data.source)}; add data.source={source}, or drop it (data.{key}=null)")
+            raise ConfigError(f"data.{key}={show_value(value)} is read by data.source={source} only, and data.source="
+                              f"{show_value(data.source)}; add data.source={source}, or drop it (data.{key}=null)")
 
 
 def _check_relations(cfg: DictConfig) -> None:
@@ -301,8 +292,8 @@ def _check_relations(cfg: DictConfig) -> None:
     except ValueError as problem:
         raise ConfigError(str(problem)) from None
     if len(model.depths) != len(model.num_heads):
-        raise ConfigError(f"model.depths={_show(list(model.depths))} and model.num_heads="
-                          f"{_show(list(model.num_heads))}: expected one value per stage in each")
+        raise ConfigError(f"model.depths={show_value(list(model.depths))} and model.num_heads="
+                          f"{show_value(list(model.num_heads))}: expected one value per stage in each")
     if model.img_size % model.patch_size:
         raise ConfigError(f"model.img_size={model.img_size}: expected a multiple of model.patch_size="
                           f"{model.patch_size}")
@@ -359,7 +350,7 @@ def validate_options(overrides: DictConfig, defaults: dict, mixed: tuple[str, ..
     for key, value in leaves(values):
         default = known.get(key)
         if value is None and default is not None and key not in nullable + mixed and type(default) in TYPE_NAMES:
-            raise _fail(key, value, f"{TYPE_NAMES[type(default)]}, as the default {_show(default)}")
+            raise _fail(key, value, f"{TYPE_NAMES[type(default)]}, as the default {show_value(default)}")
         if value is None or key in mixed:
             continue
         if key.startswith("model.") and default is None:
@@ -367,7 +358,7 @@ def validate_options(overrides: DictConfig, defaults: dict, mixed: tuple[str, ..
             _check_type(key, value, list(default) if isinstance(default, tuple) else default, default_shown=False)
             _check_rule(key, value)
         elif isinstance(default, str) and isinstance(value, (bool, int, float)):
-            OmegaConf.update(overrides, key, _show(value))
+            OmegaConf.update(overrides, key, show_value(value))
         elif isinstance(default, (bool, int, float)):
             _check_type(key, value, default)
     return overrides
