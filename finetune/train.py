@@ -81,10 +81,16 @@ def load_weights(module: SwinV2Classifier, cfg, run_dir: Path, resuming: bool, c
 
 def check_labels(data: ClassificationDataModule, cfg) -> None:
     """Every label of a listed source a class of model.num_classes, before training (streamed shards are checked
-    as they come)."""
-    if cfg.data.source != "shards":
-        for split, dataset in (("train", data.train_set), ("val", data.val_set)):
-            validate_labels(dataset.samples, cfg.model.num_classes, f"the {split} split of data.source={cfg.data.source}")
+    as they come); a warning when the training labels use fewer of the classes (a head of the recipe's size on
+    fewer classes: its extra outputs are never a target, and top-5 counts them)."""
+    if cfg.data.source == "shards":
+        return
+    for split, dataset in (("train", data.train_set), ("val", data.val_set)):
+        validate_labels(dataset.samples, cfg.model.num_classes, f"the {split} split of data.source={cfg.data.source}")
+    if (used := int(data.train_set.labels.max()) + 1) < cfg.model.num_classes:
+        rank_zero_warn(f"model.num_classes={cfg.model.num_classes}: the training labels are 0..{used - 1}, so "
+                       f"{cfg.model.num_classes - used} of the head's classes are never a target; set "
+                       f"model.num_classes={used} unless the data is a subset of more classes")
 
 
 def held_out_top1(trainer: pl.Trainer, module, cfg, run_dir: Path) -> list[str]:

@@ -195,3 +195,27 @@ def test_a_resume_goes_on_when_the_pretrained_file_is_gone(tmp_path, capsys):
     assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["model"]["pretrained_window_sizes"] == [4, 4, 4, 2]
     with pytest.raises(ConfigError, match="does not exist; run scripts/pretrain.py first"):  # a fresh run needs it
         finetune_script.main([*args[:1], "run_name=g", *args[2:]])
+
+
+def test_fewer_training_classes_than_the_head_are_warned_of():
+    """A 2-class folder fine-tuned with the recipe's model.num_classes=10 said nothing (held-out top-5 0.5 counted
+    classes the data does not have)."""
+    import warnings
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from simmim.data.datasets import ImageDataset
+    from simmim.data.transforms import eval_transform
+
+    samples = [(np.zeros((8, 8, 3), np.uint8), label) for label in (0, 1, 1, 0)]
+    data = SimpleNamespace(train_set=ImageDataset(samples, eval_transform(8)),
+                           val_set=ImageDataset(samples[:2], eval_transform(8)))
+    cfg = OmegaConf.create({"data": {"source": "folder"}, "model": {"num_classes": 10}})
+    with pytest.warns(UserWarning, match=r"^model.num_classes=10: the training labels are 0..1, so 8 of the head's "
+                                         r"classes are never a target; set model.num_classes=2 unless"):
+        finetune_script.check_labels(data, cfg)
+    cfg.model.num_classes = 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finetune_script.check_labels(data, cfg)

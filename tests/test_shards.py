@@ -205,6 +205,17 @@ def test_balanced_groups():
     assert sorted(i for g in groups for i in g) == list(range(7)) and [len(g) for g in groups] == [3, 2, 2]
 
 
+@pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"shardlist": [{"url": "part-000.tar"}]}'])
+def test_a_shard_index_that_cannot_be_read_is_counted_around(tmp_path, index):
+    """A shardindex.json that is not JSON, or not an index, was an AttributeError / KeyError traceback (a list,
+    entries without nsamples), or warned of as missing: the shards are counted, the warning says it is unreadable."""
+    numbered_shards(tmp_path, [3, 4])
+    (tmp_path / "shardindex.json").write_text(index)
+    with pytest.warns(UserWarning, match="counting the samples of 2 shards by reading them \\(no readable "
+                                         "shardindex.json lists them"):
+        assert shard_counts(shard_urls(str(tmp_path))) == [3, 4]
+
+
 @pytest.mark.parametrize("where", ["path", "file", "http"])
 def test_two_ranks_two_workers_see_every_sample_once(tmp_path, http_root, where):
     total = numbered_shards(tmp_path / "shards", [5, 4, 6, 3, 5, 4, 2, 7])

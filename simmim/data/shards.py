@@ -173,14 +173,14 @@ def _raw_samples(url: str, on_error: Callable[[Exception], bool], retries: int =
 
 
 def _index_next_to(url: str) -> dict[str, int]:
-    """{shard file name: samples} from the shardindex.json beside url, or {} if there is none."""
+    """{shard file name: samples} from the shardindex.json beside url, or {} if there is none or it is not one."""
     index_url = url.rsplit("/", 1)[0] + "/" + SHARD_INDEX if "/" in url else SHARD_INDEX
     try:
         with _open(index_url) as stream:
             index = json.load(stream)
-    except (OSError, ValueError):
+        return {entry["url"].rsplit("/", 1)[-1]: int(entry["nsamples"]) for entry in index.get("shardlist", [])}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # none, or not JSON, or not an index
         return {}
-    return {entry["url"].rsplit("/", 1)[-1]: int(entry["nsamples"]) for entry in index.get("shardlist", [])}
 
 
 def shard_counts(urls: list[str]) -> list[int]:
@@ -188,8 +188,8 @@ def shard_counts(urls: list[str]) -> list[int]:
     known = _index_next_to(urls[0])
     missing = [url for url in urls if url.rsplit("/", 1)[-1] not in known]
     if missing:
-        rank_zero_warn(f"counting the samples of {len(missing)} shards by reading them (no {SHARD_INDEX} lists "
-                       f"them; scripts/make_shards.py writes one)", stacklevel=5)  # every rank counts them
+        rank_zero_warn(f"counting the samples of {len(missing)} shards by reading them (no readable {SHARD_INDEX} "
+                       f"lists them; scripts/make_shards.py writes one)", stacklevel=5)  # every rank counts them
         for url in missing:
             known[url.rsplit("/", 1)[-1]] = sum(1 for sample in _raw_samples(url, partial(_unreadable, url), 0)
                                                 if _image_key(sample))  # at start: fail at once
