@@ -67,8 +67,9 @@ class ResumableDataModule(pl.LightningDataModule):
         end_of_epoch = self.trainer is not None and done >= self.trainer.num_training_batches
         layout = {"layout": self._layout()} if done and not end_of_epoch else {}
         if self.shards is not None:
-            next_epoch = self.trainer.current_epoch + 1 if end_of_epoch else None
-            return {"shards": {"ranks": self._every_rank(self.shards.state_dict(done, next_epoch))}, **layout}
+            next_epoch = self.trainer.current_epoch + 1 if end_of_epoch else None  # outside a trainer: all given out
+            state = self.shards.state_dict(done if self.trainer else None, next_epoch)
+            return {"shards": {"ranks": self._every_rank(state)}, **layout}
         if self._train_sampler is None or self.trainer is None:
             return {}
         if end_of_epoch:  # the next one is due

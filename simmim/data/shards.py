@@ -505,10 +505,11 @@ class ShardSource:
             self.train_loader.restore(self._pending)
         return self.train_loader
 
-    def state_dict(self, done: int, next_epoch: int | None = None) -> dict:
-        """The training position after `done` batches of this epoch, or at an epoch's end the start of `next_epoch`
-        ({} before training). Not the loader's own state at the end: a run resumed from a checkpoint saved in an
-        epoch's end hooks runs them again, after Lightning has started the loader's next epoch."""
+    def state_dict(self, done: int | None, next_epoch: int | None = None) -> dict:
+        """The training position after `done` batches of this epoch (None: all given out), or at an epoch's end the
+        start of `next_epoch` ({} before training). Not the loader's own state at the end: a run resumed from a
+        checkpoint saved in an epoch's end hooks runs them again, after Lightning has started the loader's next
+        epoch."""
         if self.train_loader is None:
             return {}
         return self.train_loader.state(done) if next_epoch is None else ShardLoader.epoch_start(next_epoch)
