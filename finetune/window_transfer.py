@@ -45,7 +45,7 @@ from simmim.cli import check_output_folder, check_values, checkpoint_paths, keep
 from simmim.data.datasets import ImageDataset
 from simmim.data.sources import FileList, build_sources
 from simmim.data.transforms import eval_transform
-from simmim.models.checkpoint import (detect_layout, load_pretrained, model_config, read_checkpoint,
+from simmim.models.checkpoint import (a_layout, detect_layout, load_pretrained, model_config, read_checkpoint,
                                       saved_model_config)
 from simmim.models.swinv2 import check_img_size
 from simmim.train.config import ConfigError, as_list, available_recipes, leaves, load_config, options_from_argv
@@ -170,8 +170,7 @@ def evaluate(path: str | Path, windows: list[int], cfg, device: torch.device) ->
     ckpt = read_checkpoint(path)
     layout = detect_layout(ckpt)
     if layout != "lightning-classifier":
-        article = "an" if layout[0] in "aeiou" else "a"
-        raise ValueError(f"{path} is {article} {layout} checkpoint; pass fine-tuned classifiers (scripts/finetune.py "
+        raise ValueError(f"{path} is {a_layout(layout)}; pass fine-tuned classifiers (scripts/finetune.py "
                          f"writes them to <run>/checkpoints/last.ckpt)")
     trained = saved_model_config(ckpt)
     sizes = [(image_size_at(trained, window), window) for window in windows]

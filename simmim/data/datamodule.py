@@ -63,17 +63,16 @@ class ResumableDataModule(pl.LightningDataModule):
         """Where training stands in the data: the epoch and how many of its batches were trained on (saved in
         Lightning's checkpoints; a resumed run continues with the next batch of the same order); for the shards
         source, its own place in the stream."""
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else None
         end_of_epoch = self.trainer is not None and done >= self.trainer.num_training_batches
+        next_epoch = self.trainer.current_epoch + 1 if end_of_epoch else None  # at an epoch's end the next is due
         layout = {"layout": self._layout()} if done and not end_of_epoch else {}
-        if self.shards is not None:
-            next_epoch = self.trainer.current_epoch + 1 if end_of_epoch else None  # outside a trainer: all given out
-            state = self.shards.state_dict(done if self.trainer else None, next_epoch)
-            return {"shards": {"ranks": self._every_rank(state)}, **layout}
+        if self.shards is not None:  # outside a trainer (done None): all batches given out
+            return {"shards": {"ranks": self._every_rank(self.shards.state_dict(done, next_epoch))}, **layout}
         if self._train_sampler is None or self.trainer is None:
             return {}
-        if end_of_epoch:  # the next one is due
-            return {"epoch": self.trainer.current_epoch + 1, "batches": 0}
+        if next_epoch is not None:
+            return {"epoch": next_epoch, "batches": 0}
         return {"epoch": self.trainer.current_epoch, "batches": done, **layout}
 
     def _every_rank(self, state: dict) -> list[dict]:
@@ -209,9 +208,9 @@ class ResumableDataModule(pl.LightningDataModule):
         own: over several ranks the sampler pads the split to a multiple of them with its first images (every rank
         then runs as many batches), which the metrics must not count twice. Rank r's k-th image is the padded
         order's k * ranks + r-th, padding from the split's length on; shards are not padded."""
-        if self.shards is not None or self.trainer is None or self.trainer.world_size == 1:
+        rank, ranks = self._rank_and_world()
+        if self.shards is not None or ranks == 1:
             return size
-        ranks, rank = self.trainer.world_size, self.trainer.global_rank
         own = -(-(len(self.val_set) - rank) // ranks)  # k with k * ranks + rank < len(val_set)
         return max(0, min(size, own - batch_idx * self.hparams.batch_size))
 

@@ -35,16 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from simmim.errors import ConfigError
-from simmim.models.arguments import model_defaults, resolve_model
+from simmim.models.arguments import model_defaults, resolve_model, variant_model
 from simmim.models.simmim import SimMIM, build_simmim
 from simmim.models.swinv2 import DERIVED_BUFFERS, VARIANTS, SwinTransformerV2
 
-__all__ = ["LoadReport", "load_pretrained", "load_weights", "resize_position_bias_table", "pretrained_window_sizes",
-           "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout", "saved_model_config",
-           "saved_simmim_config", "model_config", "encoder_from_checkpoint", "simmim_from_checkpoint",
-           "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning", "stage_windows",
-           "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder", "class_names", "timm_folder_model",
-           "weights_model"]
+__all__ = ["LoadReport", "a_layout", "load_pretrained", "load_weights", "resize_position_bias_table",
+           "pretrained_window_sizes", "read_checkpoint", "read_safetensors", "checkpoint_weights", "detect_layout",
+           "saved_model_config", "saved_simmim_config", "model_config", "encoder_from_checkpoint",
+           "simmim_from_checkpoint", "SIMMIM_LAYOUTS", "HF_DECODER", "ema_weights", "check_weights_meaning",
+           "stage_windows", "has_simmim_decoder", "HF_CONFIG", "hf_key", "read_hf_folder", "class_names",
+           "timm_folder_model", "weights_model"]
 
 # Keys a checkpoint may hold that the encoder recomputes or does not have: derived buffers, timm's constant
 # zero `k_bias` buffer, SimMIM's mask token.
@@ -236,8 +236,7 @@ def timm_folder_model(config: Mapping, where: Path | str = "config.json") -> dic
                          f"base,large}}_window* models are this SwinV2 (swinv2_cr_* is another design)")
     variant, window, window_to, size, size_to = match.groups()
     input_size = (config.get("pretrained_cfg") or {}).get("input_size") or [int(size_to or size)]
-    model = {**{key: list(value) if isinstance(value, tuple) else value for key, value in VARIANTS[variant].items()},
-             "img_size": int(input_size[-1]), "window_size": int(window_to or window),
+    model = {**variant_model(variant), "img_size": int(input_size[-1]), "window_size": int(window_to or window),
              "num_classes": int(config.get("num_classes", 0))}
     if window_to:
         model["pretrained_window_sizes"] = stage_windows({**model, "img_size": int(size), "window_size": int(window)})
@@ -400,6 +399,11 @@ CONVERTERS = {
     "timm": _from_timm,
     "hf": _from_hf,
 }
+
+
+def a_layout(layout: str) -> str:
+    """A layout's name as a message writes it: 'an exported-simmim checkpoint', 'a timm checkpoint'."""
+    return f"{'an' if layout[0] in 'aeiou' else 'a'} {layout} checkpoint"
 
 
 def checkpoint_weights(ckpt: Mapping, layout: str | None = None) -> dict:
@@ -630,7 +634,7 @@ def simmim_from_checkpoint(source: str | Path | Mapping, overrides: Mapping | No
     ckpt = read_checkpoint(source)
     layout = detect_layout(ckpt)
     if not has_simmim_decoder(ckpt):
-        raise ValueError(f"a {layout} checkpoint has no SimMIM decoder; pass a pretraining checkpoint (our .ckpt "
+        raise ValueError(f"{a_layout(layout)} has no SimMIM decoder; pass a pretraining checkpoint (our .ckpt "
                          f"or encoder.pth, an official SimMIM file or a transformers Swinv2ForMaskedImageModeling)")
     config = model_config(ckpt, overrides)
     simmim = build_simmim(config, saved_simmim_config(ckpt).get("norm_target_patch_size"))

@@ -120,18 +120,26 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
+def read_checkpoints(paths: list[Path]) -> tuple[list[Resumable], dict[Path, ValueError]]:
+    """The checkpoints at paths that can be resumed from (`read_resumable`), in their order, and why the others
+    cannot."""
+    readable, problems = [], {}
+    for path in paths:
+        try:
+            readable.append(read_resumable(path))
+        except ValueError as problem:
+            problems[path] = problem
+    return readable, problems
+
+
 def newest_good_checkpoint(folder: str | Path) -> Resumable | None:
     """The resumable checkpoint in folder of the highest global step (a copy of the folder that did not keep the
     modification times must not send the run back to an earlier one; a DeepSpeed folder counts as step -1), the
     newest of those; every bad one newer than it is named in a warning. None when there is none."""
     candidates = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    chosen, best, problems = None, -2, {}
-    for path in candidates:
-        try:
-            found = read_resumable(path)
-        except ValueError as problem:
-            problems[path] = problem
-            continue
+    readable, problems = read_checkpoints(candidates)
+    chosen, best = None, -2
+    for found in readable:
         if found.step > best:  # strictly higher: of equal steps the newest (the first seen) stays
             chosen, best = found, found.step
     for path in candidates:

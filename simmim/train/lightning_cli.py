@@ -289,16 +289,16 @@ class RecipeCLI(LightningCLI):
         """validate: the checkpoint of --ckpt_path, else the newest of the run directory. Nothing is written (no
         lock, config copy, logger or picture): the run may be training in that directory."""
         run_dir = Path(self.cfg.output_dir) / str(self.cfg.run_name)
-        ckpt = self.config.validate.ckpt_path
-        if ckpt is None and (newest := newest_good_checkpoint(run_dir / "checkpoints")) is not None:
-            ckpt = newest.path
-        if ckpt is None:
+        given = self.config.validate.ckpt_path
+        resume = newest_good_checkpoint(run_dir / "checkpoints") if given is None else read_resumable(given)
+        if resume is None:
             raise ConfigError(f"validate needs a checkpoint: --ckpt_path PATH, or --run.output_dir and --run.run_name "
                               f"of a run that has one ({run_dir / 'checkpoints'} has none)")
+        ckpt = resume.path
         check_same_model(self.cfg, Path(ckpt).parent.parent / "config.yaml", f"cannot validate {ckpt}",
                          "pass the recipe and model values of that run (--recipe, --model.*, --run.pretrained)")
-        if (checkpoint := read_resumable(ckpt).checkpoint) is not None:  # None: a DeepSpeed folder
-            check_ema(self.cfg, checkpoint.get("hyper_parameters") or {}, f"cannot validate {ckpt}")
+        if resume.checkpoint is not None:  # None: a DeepSpeed folder
+            check_ema(self.cfg, resume.checkpoint.get("hyper_parameters") or {}, f"cannot validate {ckpt}")
         self.datamodule.setup("fit")  # bad data paths fail here
         self.stage.check_data(self.datamodule, self.cfg)
         self.config_init["validate"]["ckpt_path"] = str(ckpt)

@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
-from simmim.models.checkpoint import detect_layout
-from simmim.train.checkpoint_io import Resumable, checkpoint_problem, newest_good_checkpoint, read_resumable
+from simmim.models.checkpoint import a_layout, detect_layout
+from simmim.train.checkpoint_io import (Resumable, checkpoint_problem, newest_good_checkpoint, read_checkpoints,
+                                       read_resumable)
 from simmim.train.config import ConfigError, dotted_keys, show_value
 from simmim.train.run_dir import AppendingCSVLogger, check_unlocked, utc_stamp
 
@@ -159,14 +160,9 @@ def set_aside_later_checkpoints(run_dir: Path, resume: Resumable | None) -> list
     once the start's checks have passed."""
     if resume is None or resume.checkpoint is None:  # a fresh run, a DeepSpeed folder
         return []
-    step, later = resume.step, []
-    for path in sorted((Path(run_dir) / "checkpoints").glob("*.ckpt")):
-        try:
-            found = read_resumable(path)
-        except ValueError:  # a broken one: named by every resume=auto
-            continue
-        if found.step > step:
-            later.append(path)
+    step = resume.step
+    readable, _ = read_checkpoints(sorted((Path(run_dir) / "checkpoints").glob("*.ckpt")))  # the broken ones: named
+    later = [Path(found.path) for found in readable if found.step > step]                   # by every resume=auto
     if later:
         aside = Path(run_dir) / "checkpoints" / f"superseded-{utc_stamp()}"
         aside.mkdir()
@@ -272,10 +268,9 @@ def _check_stage(cfg: DictConfig, resume: Resumable) -> None:
     except ValueError:
         found = "unrecognized"
     if found != layout:
-        article = "an" if found[0] in "aeiou" else "a"
         where = ("pass a .ckpt of this stage's run directory, or resume=auto" if cfg.resume not in (None, "auto") else
                  f"{Path(resume.path).parent.parent} is a run directory of that stage: give this run another run_name")
-        raise ConfigError(f"cannot resume {resume.path}: it is {article} {found} checkpoint, not one of a {stage} run; "
+        raise ConfigError(f"cannot resume {resume.path}: it is {a_layout(found)}, not one of a {stage} run; "
                           f"{where}")
 
 
