@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
+from torchmetrics import MeanMetric
 
 from simmim.evaluation import KNNMonitor, history_path, knn_monitor, knn_summary
 from simmim.models.simmim import SimMIM, build_simmim
@@ -50,6 +51,9 @@ class SimMIMPretrainModule(pl.LightningModule):
         self.compile_setting, self.compiled = model.get("compile", False), False
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        # val/loss over the ranks: the sums of losses x images and of images (Lightning's batch_size-weighted mean
+        # averages the ranks' image counts as integers: 9 and 8 images made 8)
+        self.val_loss = MeanMetric()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.simmim(x, mask)
@@ -92,8 +96,16 @@ class SimMIMPretrainModule(pl.LightningModule):
         return None
 
     def validation_step(self, batch, batch_idx):
+        """The loss of the batch's own images (`val_batch_own`: not the padding of a split over several ranks),
+        weighted by their count (every image masks as many pixels: the epoch's value is the split's loss); the
+        model still sees the whole batch, as every rank runs the same forward passes."""
         x, mask, _ = batch
-        self.log("val/loss", self.simmim(x, mask), prog_bar=True, sync_dist=True)
+        data = getattr(self.trainer, "datamodule", None)
+        own = data.val_batch_own(batch_idx, len(x)) if hasattr(data, "val_batch_own") else len(x)
+        loss = self.simmim(x, mask, first=own)
+        if own:  # else only padding: the last batch of a rank
+            self.val_loss.update(loss, weight=own)
+            self.log("val/loss", self.val_loss, prog_bar=True)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -235,6 +235,28 @@ def test_fsdp_grad_norm_is_the_unsharded_norm(name, tmp_path):
         assert run["own_shards"] < 0.9 * run["whole"]
 
 
+VAL_IMAGES = 17  # a multiple of neither the ranks nor the batch of 4: rank 1 ends on a batch of padding only
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("devices", [1, 2])
+def test_pretraining_val_loss_counts_every_image_once(devices, tmp_path):
+    """Pretraining's epoch val/loss is the loss of the split's 17 images, each once: over 2 ranks the sampler's
+    padding (the split's first image again) was averaged in; on one device it is that loss, as it was."""
+    data = SimMIMDataModule(img_size=32, batch_size=4, mask_patch_size=8, model_patch_size=4)
+    data.setup("validate")
+    data.val_set.dataset.samples = data.val_set.dataset.samples[:VAL_IMAGES]  # the ranks' setup keeps the sets
+    torch.manual_seed(0)
+    module = SimMIMPretrainModule(model=FSDP_MODEL)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    [logged] = trainer.validate(module, datamodule=data, verbose=False)
+    images, masks, _ = zip(*(data.val_set[index] for index in range(VAL_IMAGES)))
+    with torch.no_grad():  # one batch of the whole split
+        expected = module.eval().simmim(torch.stack(images), torch.stack(masks))
+    torch.testing.assert_close(logged["val/loss"], expected.item(), rtol=1e-6, atol=0)
+
+
 class FakeEngine:
     """What global_grad_norm reads of a DeepSpeed engine."""
 

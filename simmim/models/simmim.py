@@ -87,7 +87,8 @@ class SimMIM(nn.Module):
     """Encoder + decoder (1x1 conv to stride^2 * in_chans channels, then PixelShuffle(stride)) + loss.
 
     forward(x, mask) -> scalar loss: L1 on masked pixels only,
-    sum(|target - x_rec| * mask) / (mask.sum() + 1e-5) / in_chans.
+    sum(|target - x_rec| * mask) / (mask.sum() + 1e-5) / in_chans; forward(x, mask, first) -> that loss over the
+    batch's first `first` images only (the model still runs on the whole batch).
     """
 
     def __init__(self, encoder: SwinTransformerV2ForSimMIM, encoder_stride: int = 32, in_chans: int = 3,
@@ -127,8 +128,10 @@ class SimMIM(nn.Module):
         mean, std = local_stats(x, self.norm_target_patch_size)
         return prediction * std + mean
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, first: int | None = None) -> torch.Tensor:
         x_rec = self.reconstruct(x, mask)
+        if first is not None:  # only then: a slice would put a copy of the whole gradient in training's backward
+            x_rec, x, mask = x_rec[:first], x[:first], mask[:first]
         pixel_mask = self.pixel_mask(mask).to(x_rec.dtype)
         loss = F.l1_loss(self.target(x).to(x_rec.dtype), x_rec, reduction="none")
         return (loss * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.in_chans
