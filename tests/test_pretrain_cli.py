@@ -137,8 +137,8 @@ def test_a_resume_with_other_masking_names_it(tmp_path):
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_size_recipes_are_the_base_recipe_at_another_size(stage):
-    """Each size recipe is its own readable file; this keeps them from drifting apart: tiny ... huge differ from
-    base only in the variant's widths, depths and heads and the drop path rate; giant also in how it fits
+    """The size recipes are `based_on: base`; this keeps what they set over it to their size: tiny ... huge differ
+    from base only in the variant's widths, depths and heads and the drop path rate; giant also in how it fits
     (batch, precision, strategy, devices; for fine-tuning its 640 px / window 40)."""
     base = load_config(stage, "base", here=False)
     sized = {"model.variant", "model.embed_dim", "model.depths", "model.num_heads", "model.extra_norm_every",

@@ -1,8 +1,10 @@
-"""Recipes: `recipes/<stage>/default.yaml` <- `recipes/<stage>/<name>.yaml` <- command-line `key=value`.
+"""Recipes: `recipes/<stage>/default.yaml` <- the recipes it is `based_on` <- `recipes/<stage>/<name>.yaml` <-
+command-line `key=value`.
 
 `default.yaml` of a stage is the schema: every key a run reads is there, so a typo in a recipe or on the
 command line is an error with near matches, never a silent default. `trainer.*` accepts every argument of
-`pytorch_lightning.Trainer`.
+`pytorch_lightning.Trainer`. A recipe's top-level `based_on: NAME` (a recipe of the stage) or `based_on: FILE.yaml`
+(relative to the recipe's folder) merges that recipe, and what it is based on, under it.
 """
 from __future__ import annotations
 
@@ -26,11 +28,12 @@ def available_recipes(stage: str) -> list[str]:
     return sorted(p.stem for p in (RECIPES_DIR / stage).glob("*.yaml"))
 
 
-def _recipe_path(stage: str, name: str) -> Path:
+def _recipe_path(stage: str, name: str, folder: Path = Path()) -> Path:
+    """A recipe's file: `recipes/<stage>/<name>.yaml`, or a YAML path (relative to `folder`)."""
     if name.endswith((".yaml", ".yml")):
-        path = Path(name)
+        path = folder / name
         if not path.is_file():
-            raise ConfigError(f"recipe file {name} does not exist; pass an existing YAML path or a recipe name")
+            raise ConfigError(f"recipe file {path} does not exist; pass an existing YAML path or a recipe name")
         return path
     path = RECIPES_DIR / stage / f"{name}.yaml"
     if not path.is_file():
@@ -183,18 +186,43 @@ def stage_schema(stage: str) -> DictConfig:
     return load_yaml(_recipe_path(stage, "default"))
 
 
+def _recipe_layers(stage: str, path: Path, cfg: DictConfig, schema: DictConfig,
+                   chain: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """The recipe `cfg` (read from `path`) after the recipes it is `based_on`, the farthest first, each without its
+    `based_on` and checked against the schema. `chain`: the recipes based on this one (a cycle is a ConfigError)."""
+    base = cfg.pop("based_on", None)
+    check_keys(cfg, schema, f"recipe {path}")
+    if base is None:
+        return [cfg]
+    where = f"recipe {path}: based_on: {base}"
+    if not isinstance(base, str):
+        raise ConfigError(f"{where}: expected a recipe name or a .yaml path relative to {path.parent}")
+    try:
+        base_path = _recipe_path(stage, base, path.parent)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    if base_path.resolve() == _recipe_path(stage, "default").resolve():  # the schema: under every recipe already
+        return [cfg]
+    chain = (*chain, path.resolve())
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(p.name for p in (*chain[chain.index(base_path.resolve()):], base_path))
+        raise ConfigError(f"{where} makes a cycle ({cycle}); base one of them on another recipe or on none")
+    base_cfg = load_yaml(base_path)
+    base_cfg.pop("recipe", None)  # a run's config.yaml as the base: the recipe based on it names the run
+    return [*_recipe_layers(stage, base_path, base_cfg, schema, chain), cfg]
+
+
 def load_config(stage: str, recipe: str = "default", overrides: DictConfig | list[str] | None = None,
                 here: bool = True) -> DictConfig:
-    """Merge default <- recipe <- overrides, reject unknown keys, return the resolved config (here: see
-    `check_config`). A recipe may be a run's saved config.yaml: the same run again."""
+    """Merge default <- the recipes the recipe is `based_on` <- recipe <- overrides, reject unknown keys, return the
+    resolved config (here: see `check_config`). A recipe may be a run's saved config.yaml: the same run again."""
     schema = stage_schema(stage)
     layers = [schema]
     recipe_path, made_from = _recipe_path(stage, recipe), None
     if recipe != "default":
         recipe_cfg = load_yaml(recipe_path)
         made_from = recipe_cfg.pop("recipe", None)  # a run's config.yaml, given as a recipe: what it was made from
-        check_keys(recipe_cfg, schema, f"recipe {recipe_path}")
-        layers.append(recipe_cfg)
+        layers += _recipe_layers(stage, recipe_path, recipe_cfg, schema)
     if overrides is not None:
         if isinstance(overrides, (list, ListConfig)):
             overrides = _dotlist(_key_value_pairs(list(overrides), "trainer.max_epochs=2"))
