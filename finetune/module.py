@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finetune.mixup import Mixup, soft_target_cross_entropy
@@ -105,6 +106,7 @@ class SwinV2Classifier(pl.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.val_top1_ema = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.val_loss = MeanMetric()  # over the ranks: not self.log's batch_size=, which averages counts as integers
         self.last_confusion: torch.Tensor | None = None  # (N, N) counts of the last validation, rows true
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,22 +177,24 @@ class SwinV2Classifier(pl.LightningModule):
     # -- validation
     def validation_step(self, batch, batch_idx):
         """Metrics of the batch's own images (`val_batch_own`: not the padding of a split over several ranks); the
-        model still sees the whole batch, as every rank runs the same forward passes."""
+        model still sees the whole batch, as every rank runs the same forward passes. Every rank logs every metric,
+        also one whose batches are all padding (a split of fewer images than ranks): the epoch's sync needs them."""
         x, y = batch
         data = getattr(self.trainer, "datamodule", None)
         own = data.val_batch_own(batch_idx, len(y)) if hasattr(data, "val_batch_own") else len(y)
         logits, ema_logits = self(x)[:own], (self.ema(x)[:own] if self.ema is not None else None)
-        if own == 0:  # only padding: the last batch of a rank
-            return
-        y = y[:own]
-        self.val_top1(logits, y)
-        self.val_top5(logits, y)
-        self.val_confusion.update(logits.argmax(dim=1), y)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True, batch_size=own)
+        if own:  # else only padding: the last batch of a rank
+            y = y[:own]
+            self.val_loss.update(F.cross_entropy(logits, y), weight=own)
+            self.val_top1.update(logits, y)
+            self.val_top5.update(logits, y)
+            self.val_confusion.update(logits.argmax(dim=1), y)
+            if ema_logits is not None:
+                self.val_top1_ema.update(ema_logits, y)
+        self.log("val/loss", self.val_loss, prog_bar=True)
         self.log("val/top1", self.val_top1, prog_bar=True)
         self.log("val/top5", self.val_top5)
         if ema_logits is not None:
-            self.val_top1_ema(ema_logits, y)
             self.log("val/top1_ema", self.val_top1_ema)
 
     def on_validation_epoch_end(self) -> None:

@@ -103,9 +103,9 @@ class SimMIMPretrainModule(pl.LightningModule):
         data = getattr(self.trainer, "datamodule", None)
         own = data.val_batch_own(batch_idx, len(x)) if hasattr(data, "val_batch_own") else len(x)
         loss = self.simmim(x, mask, first=own)
-        if own:  # else only padding: the last batch of a rank
+        if own:  # else only padding: the last batch of a rank, logged still (the epoch's sync needs every rank)
             self.val_loss.update(loss, weight=own)
-            self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/loss", self.val_loss, prog_bar=True)
 
     def configure_optimizers(self):
         hp = self.hparams

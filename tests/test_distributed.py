@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from lightning_utilities.core.rank_zero import rank_zero_only
 from pytorch_lightning.strategies import DeepSpeedStrategy
@@ -26,6 +27,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from webdataset import TarWriter
 
 from conftest import jpeg, randomize_
+from finetune.module import ClassificationDataModule, SwinV2Classifier
 from masking import MaskGenerator
 from simmim.data.datamodule import SimMIMDataModule
 from simmim.data.datasets import EpochSampler
@@ -235,26 +237,54 @@ def test_fsdp_grad_norm_is_the_unsharded_norm(name, tmp_path):
         assert run["own_shards"] < 0.9 * run["whole"]
 
 
-VAL_IMAGES = 17  # a multiple of neither the ranks nor the batch of 4: rank 1 ends on a batch of padding only
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("devices", [1, 2])
-def test_pretraining_val_loss_counts_every_image_once(devices, tmp_path):
-    """Pretraining's epoch val/loss is the loss of the split's 17 images, each once: over 2 ranks the sampler's
-    padding (the split's first image again) was averaged in; on one device it is that loss, as it was."""
-    data = SimMIMDataModule(img_size=32, batch_size=4, mask_patch_size=8, model_patch_size=4)
-    data.setup("validate")
-    data.val_set.dataset.samples = data.val_set.dataset.samples[:VAL_IMAGES]  # the ranks' setup keeps the sets
-    torch.manual_seed(0)
-    module = SimMIMPretrainModule(model=FSDP_MODEL)
+def validate_on(devices: int, module: pl.LightningModule, data, tmp_path) -> dict:
+    """The epoch's logged metrics of trainer.validate on `devices` CPU ranks (ddp_spawn: gloo)."""
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
                          logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     [logged] = trainer.validate(module, datamodule=data, verbose=False)
-    images, masks, _ = zip(*(data.val_set[index] for index in range(VAL_IMAGES)))
+    return logged
+
+
+# 17: a multiple of neither the ranks nor the batch of 4 (rank 1 ends on a batch of padding only); 1: fewer images
+# than ranks (rank 1 has only padding: it still logs, or rank 0 waits for it in the epoch's sync for ever)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("images, devices", [(17, 1), (17, 2), (1, 2)])
+def test_pretraining_val_loss_counts_every_image_once(images, devices, tmp_path):
+    """Pretraining's epoch val/loss is the loss of the split's images, each once: over 2 ranks the sampler's
+    padding (the split's first image again) was averaged in; on one device it is that loss, as it was."""
+    data = SimMIMDataModule(img_size=32, batch_size=4, mask_patch_size=8, model_patch_size=4)
+    data.setup("validate")
+    data.val_set.dataset.samples = data.val_set.dataset.samples[:images]  # the ranks' setup keeps the sets
+    torch.manual_seed(0)
+    module = SimMIMPretrainModule(model=FSDP_MODEL)
+    logged = validate_on(devices, module, data, tmp_path)
+    batch, masks, _ = zip(*(data.val_set[index] for index in range(images)))
     with torch.no_grad():  # one batch of the whole split
-        expected = module.eval().simmim(torch.stack(images), torch.stack(masks))
+        expected = module.eval().simmim(torch.stack(batch), torch.stack(masks))
     torch.testing.assert_close(logged["val/loss"], expected.item(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("images, devices", [(17, 1), (17, 2), (1, 2)])
+def test_finetuning_val_metrics_count_every_image_once(images, devices, tmp_path):
+    """Fine-tuning's epoch val/loss, top-1 and top-5 over the split's images, each once: over 2 ranks val/loss was
+    Lightning's batch-size-weighted mean, whose summed counts it averages as integers (9 and 8 images: 8)."""
+    data = ClassificationDataModule(img_size=32, batch_size=4)
+    data.setup("validate")
+    data.val_set.samples = data.val_set.samples[:images]
+    torch.manual_seed(0)
+    module = SwinV2Classifier(model={**FSDP_MODEL, "num_classes": 10})
+    logged = validate_on(devices, module, data, tmp_path)
+    batch, labels = zip(*(data.val_set[index] for index in range(images)))
+    with torch.no_grad():
+        logits = module.eval()(torch.stack(batch))
+    labels = torch.tensor(labels)
+    expected = {"val/loss": F.cross_entropy(logits, labels).item(),
+                "val/top1": (logits.argmax(1) == labels).float().mean().item(),
+                "val/top5": (logits.topk(5).indices == labels[:, None]).any(1).float().mean().item()}
+    assert logged.keys() >= expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(logged[name], value, rtol=1e-6, atol=0, msg=name)
 
 
 class FakeEngine:
