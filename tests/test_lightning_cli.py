@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,38 @@ def test_an_explicit_null_counts_as_given_against_the_checkpoint(tmp_path):
         r"error: cannot validate .*last.ckpt: it was trained with --model.ema_decay 0.9, this run asks for null; "
         r"its EMA weights are saved only when it had them: give --model.ema_decay 0.9 as it was, or pass "
         r"--run.run_name NEW to start another run", result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_number_of_batches_stays_an_integer(tmp_path, monkeypatch):
+    """typing's cache of unions can give the Trainer's Optional[Union[int, float]] arguments as Union[float, int,
+    None] (lightning_fabric's Optional[Union[float, int]], where it is still cached as pytorch_lightning is imported:
+    it depends on the packages installed). jsonargparse, trying float first, read --trainer.limit_val_batches 2 as
+    2.0 ("expected a fraction of the epoch's batches in [0, 1] or a number of batches >= 0") and 1 as 1.0, the whole
+    epoch. With the annotations made so here, fit and validate take 2 as 2 batches, and 0.5 is still a fraction."""
+    import pytorch_lightning as pl
+
+    from simmim.train.lightning_cli import RecipeCLI
+
+    hints = pl.Trainer.__init__.__annotations__
+    for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                 "overfit_batches", "val_check_interval"):  # a flat Union[...] keeps the order given
+        monkeypatch.setitem(hints, name, typing.Union[tuple(sorted(typing.get_args(hints[name]),
+                                                                    key=lambda arg: arg is not float))])
+    trainers, instantiate = [], RecipeCLI.instantiate_trainer
+    monkeypatch.setattr(RecipeCLI, "instantiate_trainer", lambda self, **kwargs: trainers.append(
+        instantiate(self, **kwargs)) or trainers[-1])
+    tiny = ["--stage", "pretrain", "--trainer.enable_progress_bar=false", "--data.num_workers=0", "--data.batch_size=8",
+            "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]", f"--run.output_dir={tmp_path}"]
+    result = run_script("finetune.lightning_cli", "fit", *tiny, "--trainer.max_epochs=1",
+                        "--run.logging.recon_every_n_steps=0", "--trainer.limit_train_batches", "2",
+                        "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    fit = trainers[-1]
+    assert (fit.num_training_batches, fit.val_check_batch, fit.num_val_batches) == (2, 1, [2])
+    for given in ("2", "0.5"):
+        result = run_script("finetune.lightning_cli", "validate", *tiny, "--trainer.limit_val_batches", given,
+                            "--ckpt_path", str(tmp_path / "default" / "checkpoints" / "last.ckpt"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        every = len(trainers[-1].val_dataloaders)
+        assert trainers[-1].num_val_batches == [2 if given == "2" else every // 2] and every > 4

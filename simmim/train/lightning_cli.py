@@ -21,6 +21,8 @@ import inspect
 import json
 import re
 import sys
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -126,12 +128,33 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def _int_before_float(hint):
+    """`hint`, a union of int and float, with int tried first (jsonargparse tries a union's types in order).
+    typing's cache answers the Trainer's Optional[Union[int, float]] with the equal Union[float, int, None] made for
+    lightning_fabric's Optional[Union[float, int]] where that is still cached as pytorch_lightning.trainer is
+    imported (how many unions come between depends on the packages installed): --trainer.limit_val_batches 2 was
+    then 2.0 (refused) and 1 was 1.0 (the whole epoch). A flat Union[...] is cached by its types in their order."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType) or int not in args or float not in args \
+            or args.index(int) < args.index(float):
+        return hint
+    return typing.Union[tuple(float if arg is int else int if arg is float else arg for arg in args)]
+
+
 class OneLineParser(LightningArgumentParser):
-    """Lightning's parser, with its errors in one line instead of the usage and a block of text, and no
-    abbreviated options (--trainer.max_epoch was taken as --trainer.max_epochs)."""
+    """Lightning's parser, with its errors in one line instead of the usage and a block of text, no abbreviated
+    options (--trainer.max_epoch was taken as --trainer.max_epochs), and ints read as ints where an argument takes
+    both (`_int_before_float`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def add_class_arguments(self, *args, **kwargs) -> list[str]:
+        added = super().add_class_arguments(*args, **kwargs)
+        for action in self._actions:
+            if action.dest in added and hasattr(action, "_typehint"):  # jsonargparse's ActionTypeHint
+                action._typehint = _int_before_float(action._typehint)
+        return added
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:  # jsonargparse trying alternatives: raises, as it expects
