@@ -39,7 +39,10 @@ def read_pretrained(cfg) -> dict | None:
             resumed = checkpoint_to_resume(cfg)
         if resumed is not None:  # its weights come from there: so can its windows
             windows = (saved_model_config(resumed.checkpoint or {}) or {}).get("pretrained_window_sizes")
-            if cfg.model.pretrained_window_sizes is None and windows is not None:
+            # of a model of other stages: the resume's model check names the difference (it was SwinTransformerV2's
+            # "need one entry per stage", as the Lightning CLI builds the module first)
+            if cfg.model.pretrained_window_sizes is None and windows is not None \
+                    and len(windows) == len(cfg.model.depths):
                 cfg.model.pretrained_window_sizes = list(windows)
             rank_zero_warn(f"pretrained={cfg.pretrained} no longer exists; this run resumes {resumed.path}, which "
                            f"holds the weights and the Log-CPB windows it goes on from")

@@ -272,3 +272,30 @@ def test_a_number_of_batches_stays_an_integer(tmp_path, monkeypatch):
         assert result.returncode == 0, result.stderr[-2000:]
         every = len(trainers[-1].val_dataloaders)
         assert trainers[-1].num_val_batches == [2 if given == "2" else every // 2] and every > 4
+
+
+@pytest.mark.slow
+def test_validate_without_the_runs_model_names_its_values(tmp_path):
+    """validate of a 2-stage fine-tune without its model values (the recipe's 4 stages) and with its pretrained file
+    gone took the run's 2 Log-CPB windows from its checkpoint for the recipe's model: SwinTransformerV2's "depths,
+    num_heads and pretrained_window_sizes need one entry per stage; got [2, 2, 2, 2], [2, 4, 8, 16], [4, 4]". Now the
+    check against the run's config says so, naming every value that differs (it named one, a different one from run
+    to run); given them, validate runs."""
+    import finetune.train as finetune_script
+
+    finetune_script.main([f"output_dir={tmp_path}", "run_name=f", "pretrained=null", "data.img_size=32",
+                          "model.embed_dim=16", "model.depths=[2,2]", "model.num_heads=[2,4]",
+                          "model.pretrained_window_sizes=[4,4]", "trainer.max_steps=1", "trainer.limit_val_batches=1",
+                          "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=8"])
+    args = ["validate", "--stage", "finetune", "--run.output_dir", str(tmp_path), "--run.run_name", "f",
+            "--run.pretrained", str(tmp_path / "gone.pth"), "--data.img_size=32", "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false", "--data.num_workers=0"]
+    result = run_script("finetune.lightning_cli", *args)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot validate {tmp_path}/f/checkpoints/last.ckpt: it was trained with --model.model.depths [2, 2], "
+        f"--model.model.embed_dim 16, --model.model.num_heads [2, 4], --model.model.pretrained_window_sizes [4, 4], "
+        f"this run asks for [2, 2, 2, 2], 32, [2, 4, 8, 16], null; pass the recipe and model values of that run "
+        f"(--recipe, --model.*, --run.pretrained)"), result.stderr[-2000:]
+    result = run_script("finetune.lightning_cli", *args, "--model.model.embed_dim=16", "--model.model.depths=[2,2]",
+                        "--model.model.num_heads=[2,4]")
+    assert result.returncode == 0 and "val/top1" in result.stdout, result.stderr[-2000:]

@@ -210,10 +210,13 @@ def check_same_model(cfg: DictConfig, saved: Path, refusal: str, fix: str) -> No
 
 
 def _compare_models(before: DictConfig, cfg: DictConfig, refusal: str, fix: str) -> None:
-    for key in (set(dotted_keys(cfg.model)) & set(dotted_keys(before))) - {"compile"}:  # compiling keeps the weights
-        old, new = OmegaConf.select(before, key), OmegaConf.select(cfg.model, key)
-        if old != new:
-            raise ConfigError(f"{refusal}: it was trained with model.{key}={old}, this run asks for {new}; {fix}")
+    """ConfigError naming every model key whose value differs (it named one, a different one from run to run)."""
+    shared = (set(dotted_keys(cfg.model)) & set(dotted_keys(before))) - {"compile"}  # compiling keeps the weights
+    keys = sorted(key for key in shared if OmegaConf.select(before, key) != OmegaConf.select(cfg.model, key))
+    if keys:
+        trained = ", ".join(f"model.{key}={show_value(OmegaConf.select(before, key))}" for key in keys)
+        asked = ", ".join(show_value(OmegaConf.select(cfg.model, key)) for key in keys)
+        raise ConfigError(f"{refusal}: it was trained with {trained}, this run asks for {asked}; {fix}")
 
 
 RESUME_TAKES = ("max_nonfinite_steps",)  # optim.* keys a resumed run applies; the others are its saved state
