@@ -28,6 +28,27 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}; use a whole number greater than 0")
 
 
+def mask_patch_sizes(input_size: int, model_patch_size: int) -> list[int]:
+    """The mask patch sizes (pixels) that fit: the divisors of input_size that are multiples of model_patch_size."""
+    return [size for size in range(model_patch_size, input_size + 1, model_patch_size) if input_size % size == 0]
+
+
+def check_mask_patch_size(input_size: int, mask_patch_size: int, model_patch_size: int) -> None:
+    """ValueError, naming the values and the fix, unless the three are positive integers and mask_patch_size
+    divides input_size and is a multiple of model_patch_size (the mask patch grid covers whole tokens)."""
+    for name, value in (("input_size", input_size), ("mask_patch_size", mask_patch_size),
+                        ("model_patch_size", model_patch_size)):
+        _check_positive_int(name, value)
+    if input_size % mask_patch_size != 0:
+        raise ValueError(f"input_size {input_size} is not divisible by mask_patch_size {mask_patch_size}; "
+                         f"use an input size that is a multiple of {mask_patch_size} "
+                         f"(e.g. {_multiples_near(input_size, mask_patch_size)})")
+    if mask_patch_size % model_patch_size != 0:
+        raise ValueError(f"mask_patch_size {mask_patch_size} is not divisible by model_patch_size "
+                         f"{model_patch_size}; use a mask patch size that is a multiple of {model_patch_size} "
+                         f"(e.g. {_multiples_near(mask_patch_size, model_patch_size)})")
+
+
 class MaskGenerator:
     """SimMIM random masking: whole mask_patch_size blocks, exactly ceil(mask_ratio * num_mask_patches) of them.
 
@@ -47,22 +68,11 @@ class MaskGenerator:
 
     def __init__(self, input_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
                  mask_ratio: float = 0.6, seed: int | None = None):
-        for name, value in (("input_size", input_size), ("mask_patch_size", mask_patch_size),
-                            ("model_patch_size", model_patch_size)):
-            _check_positive_int(name, value)
+        check_mask_patch_size(input_size, mask_patch_size, model_patch_size)
         if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float, np.floating, np.integer)) \
                 or not 0.0 < float(mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be strictly between 0 and 1, got {mask_ratio!r}; "
                              f"use a fraction such as 0.6")
-        if input_size % mask_patch_size != 0:
-            raise ValueError(f"input_size {input_size} is not divisible by mask_patch_size {mask_patch_size}; "
-                             f"use an input size that is a multiple of {mask_patch_size} "
-                             f"(e.g. {_multiples_near(input_size, mask_patch_size)})")
-        if mask_patch_size % model_patch_size != 0:
-            raise ValueError(f"mask_patch_size {mask_patch_size} is not divisible by model_patch_size "
-                             f"{model_patch_size}; use a mask patch size that is a multiple of {model_patch_size} "
-                             f"(e.g. {_multiples_near(mask_patch_size, model_patch_size)})")
-
         self.input_size = int(input_size)
         self.mask_patch_size = int(mask_patch_size)
         self.model_patch_size = int(model_patch_size)

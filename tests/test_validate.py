@@ -75,6 +75,25 @@ def test_bad_values_are_one_line(override, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+def test_mask_patch_size_rule_in_one_place():
+    """The mask patch rule (a divisor of the image size, a multiple of the model's patch size) was written in the
+    recipe checks, in reconstruct and in the mask generator; the recipe's two messages did not name the sizes that
+    fit. One rule (masking.check_mask_patch_size), one message naming the key, for recipes as for reconstruct."""
+    from masking import check_mask_patch_size, mask_patch_sizes
+    assert mask_patch_sizes(64, 4) == [4, 8, 16, 32, 64] and mask_patch_sizes(192, 32) == [32, 64, 96, 192]
+    for size in range(1, 130):
+        if size in mask_patch_sizes(64, 4):
+            check_mask_patch_size(64, size, 4)
+        else:
+            with pytest.raises(ValueError, match=f"mask_patch_size {size} is not|by mask_patch_size {size}"):
+                check_mask_patch_size(64, size, 4)
+    for size in (12, 2, 128):
+        with pytest.raises(ConfigError, match=f"^simmim.mask_patch_size={size}: expected a divisor of the model's "
+                                              f"img_size 64 that is a multiple of its patch_size 4, one of 4, 8, 16, "
+                                              f"32, 64$"):
+            load_config("pretrain", overrides=[f"simmim.mask_patch_size={size}"])
+
+
 def test_finetune_augmentation_keys():
     """RandAugment's keys were checked only when it was built, in its own words; labels_per_class=abc was a
     TypeError."""

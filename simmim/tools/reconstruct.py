@@ -31,6 +31,7 @@ from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
 from masking import build_mask_generator
 from simmim.models.arguments import model_section
 from simmim.train.config import ConfigError, as_list, options_from_argv
+from simmim.train.validate import check_mask_patch
 from simmim.data.decode import read_image
 from simmim.data.sources import image_files
 from simmim.data.transforms import eval_transform
@@ -91,11 +92,7 @@ def read_images(paths: list[Path], where) -> tuple[list[Path], list[np.ndarray]]
 def masks_for(cfg, saved: dict, count: int, img_size: int, patch_size: int) -> torch.Tensor:
     """(count, S/p, S/p) int64 masks, 1 = masked, drawn from cfg.seed."""
     choice = {key: cfg[key] if cfg[key] is not None else saved.get(key, DEFAULT_MASK[key]) for key in DEFAULT_MASK}
-    size = choice["mask_patch_size"]
-    if not (isinstance(size, int) and size > 0 and img_size % size == 0 and size % patch_size == 0):
-        fits = [s for s in range(patch_size, img_size + 1, patch_size) if img_size % s == 0]
-        raise ConfigError(f"mask_patch_size={size}: expected a divisor of the model's img_size {img_size} that is a "
-                          f"multiple of its patch_size {patch_size}, one of {', '.join(map(str, fits))}")
+    check_mask_patch("mask_patch_size", choice["mask_patch_size"], img_size, patch_size)
     generator = build_mask_generator(choice["mask_kind"], input_size=img_size,
                                      mask_patch_size=choice["mask_patch_size"], model_patch_size=patch_size,
                                      mask_ratio=cfg.mask_ratio, seed=cfg.seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from masking import KINDS
+from masking import KINDS, check_mask_patch_size, mask_patch_sizes
 from simmim.data.augment import MAX_MAGNITUDE
 from simmim.models.simmim import NORM_WINDOW_RULE, is_norm_window
 from simmim.models.swinv2 import ATTN_IMPLS, ATTN_MODES, NORM_MODES, POSITION_BIASES
@@ -280,6 +280,17 @@ def check_source_keys(data: DictConfig, sources: tuple[str, ...] = ()) -> None:
                               f"{show_value(data.source)}; add data.source={source}, or drop it (data.{key}=null)")
 
 
+def check_mask_patch(key: str, size, img_size: int, patch_size: int) -> None:
+    """ConfigError naming `key`, its value and the sizes that fit unless the mask patch `size` fits the model's
+    img_size and patch_size (the rule: `check_mask_patch_size`)."""
+    try:
+        check_mask_patch_size(img_size, size, patch_size)
+    except ValueError:
+        raise ConfigError(f"{key}={show_value(size)}: expected a divisor of the model's img_size {img_size} that is a "
+                          f"multiple of its patch_size {patch_size}, one of "
+                          f"{', '.join(map(str, mask_patch_sizes(img_size, patch_size)))}") from None
+
+
 def _check_relations(cfg: DictConfig) -> None:
     model = cfg.model
     # here: the tools' option checks need no OpenCV, albumentations or scikit-learn
@@ -297,12 +308,8 @@ def _check_relations(cfg: DictConfig) -> None:
     if model.img_size % model.patch_size:
         raise ConfigError(f"model.img_size={model.img_size}: expected a multiple of model.patch_size="
                           f"{model.patch_size}")
-    if "simmim" in cfg and cfg.data.img_size % cfg.simmim.mask_patch_size:
-        raise ConfigError(f"simmim.mask_patch_size={cfg.simmim.mask_patch_size}: expected a divisor of "
-                          f"data.img_size={cfg.data.img_size}")
-    if "simmim" in cfg and cfg.simmim.mask_patch_size % model.patch_size:
-        raise ConfigError(f"simmim.mask_patch_size={cfg.simmim.mask_patch_size}: expected a multiple of "
-                          f"model.patch_size={model.patch_size}")
+    if "simmim" in cfg:
+        check_mask_patch("simmim.mask_patch_size", cfg.simmim.mask_patch_size, cfg.data.img_size, model.patch_size)
     if "betas" in cfg.get("optim", {}) and len(cfg.optim.betas) != 2:
         raise _fail("optim.betas", list(cfg.optim.betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
     if cfg.run_name is None or not str(cfg.run_name).strip():
