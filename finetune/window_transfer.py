@@ -25,7 +25,8 @@ Without checkpoint=, one classifier per recipe in `recipes` is trained first, by
 
 Writes <out_dir>/window_transfer.csv (position_bias, trained_at, checkpoint, then top-1 per image/window,
 columns such as 48/12) and window_transfer.json; an earlier pair there is kept beside them as
-window_transfer.<UTC time it was written>.csv and .json. Arguments are key=value.
+window_transfer.<UTC time it was written>.csv and .json (other files of those names are refused). Arguments are
+key=value.
 """
 import csv
 import functools
@@ -41,7 +42,8 @@ from torch.utils.data import DataLoader, Subset
 
 import finetune.train
 from finetune.module import SwinV2Classifier
-from simmim.cli import check_output_folder, check_values, checkpoint_paths, keeping_earlier, resolve_device
+from simmim.cli import (check_result_file, check_values, checkpoint_paths, json_with, keeping_earlier, resolve_device,
+                        starting_with)
 from simmim.data.datasets import ImageDataset
 from simmim.data.sources import FileList, build_sources
 from simmim.data.transforms import eval_transform
@@ -71,6 +73,10 @@ DIGITS_CLASSIFIER = ["pretrained=null", "data.img_size=32", "model.patch_size=2"
 LABELS = {"table": "V1 table, bicubic-resized", "linear_cpb": "linear-spaced CPB", "log_cpb": "log-spaced CPB",
           "none": "no position bias"}
 FINETUNE_PREFIX = "finetune."
+CSV_START = ("position_bias", "trained_at", "checkpoint")  # then top-1 per image/window
+# the files written under out_dir, each with how an earlier one is known (only that is kept aside)
+RESULT_FILES = {"window_transfer.csv": starting_with(",".join(CSV_START).encode()),
+                "window_transfer.json": json_with("columns", "rows")}
 USAGE = f"{__doc__}\nDIGITS_CLASSIFIER: {' '.join(DIGITS_CLASSIFIER)}\n"
 
 
@@ -190,11 +196,11 @@ def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path, list[str]]
     """window_transfer.csv and .json under out_dir (earlier ones kept aside: `keeping_earlier`); returns their
     paths and the image/window columns."""
     columns = list(dict.fromkeys(column for row in rows for column in row["top1"]))
-    csv_path, json_path = out_dir / "window_transfer.csv", out_dir / "window_transfer.json"
+    csv_path, json_path = (out_dir / name for name in RESULT_FILES)
     with keeping_earlier(csv_path, json_path) as (csv_tmp, json_tmp):
         with open(csv_tmp, "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["position_bias", "trained_at", "checkpoint", *columns])
+            writer.writerow([*CSV_START, *columns])
             for row in rows:
                 writer.writerow([row["position_bias"], row["trained_at"], row["checkpoint"],
                                  *(f"{row['top1'][c]:.4f}" if c in row["top1"] else "" for c in columns)])
@@ -228,7 +234,8 @@ def main(argv: list[str]) -> None:
                        ("max_images", cfg.max_images is None or type(cfg.max_images) is int and cfg.max_images >= 1,
                         "an integer >= 1, or null (every held-out image)"),
                        ("data.num_workers", cfg.data.num_workers >= 0, "an integer >= 0")))
-    check_output_folder(cfg.out_dir)
+    for name, is_result in RESULT_FILES.items():  # before the classifiers' training
+        check_result_file(Path(cfg.out_dir) / name, is_result, "window transfer measurement", "out_dir", cfg.out_dir)
     out_dir = Path(cfg.out_dir)
     if cfg.checkpoint:
         if finetune_args:

@@ -1,11 +1,12 @@
 """What every script in scripts/ shares: running its command with one-line errors, the `device=` key, refusing
-to write over an output that exists or keeping an earlier result aside, checking an output folder and the DataLoader
-keys."""
+to write over an output that exists or keeping an earlier result aside (refusing any other file there), checking
+an output folder and the DataLoader keys."""
 from __future__ import annotations
 
 import errno
 import importlib
 import itertools
+import json
 import os
 import signal
 import sys
@@ -127,16 +128,51 @@ def _free_name(path: Path, stamp: str) -> Path:
                 if not name.exists())
 
 
-def check_result_file(path: str | Path, key: str = "out") -> None:
-    """Raise ConfigError, before a tool's work, when `path` cannot take its result: a folder is there, a file is
-    where a folder above it would be (`check_output_folder`), or the folder it would go in cannot be written to."""
-    if Path(path).is_dir():
-        raise ConfigError(f"{key}={path} is a folder; pass the path of a .{Path(path).suffix.lstrip('.') or 'json'} "
-                          f"file to write")
-    check_output_folder(Path(path).parent, key)
-    existing = next(folder for folder in Path(path).absolute().parents if folder.exists())
+def check_result_file(path: str | Path, is_result: Callable[[Path], bool], tool: str, key: str = "out",
+                      folder: str | Path | None = None) -> None:
+    """Raise ConfigError, before a tool's work, when `path` cannot take its result: a folder is there, a file that
+    is not the tool's earlier result (is_result false: an earlier one is kept aside by `keeping_earlier`, any other
+    is the user's), a file is where a folder above it would be (`check_output_folder`), or the folder it would go
+    in cannot be written to. tool: what the message calls it (this <tool>); folder: the value of `key` where that
+    names the folder path goes in (out_dir=)."""
+    path = Path(path)
+    given, what, new = (path, "the file", "name") if folder is None else (folder, path, "folder")
+    if path.is_dir():
+        raise ConfigError(f"{key}={path} is a folder; pass the path of a .{path.suffix.lstrip('.') or 'json'} file "
+                          f"to write" if folder is None else
+                          f"{key}={folder}: {path} is a folder; move it away or give another {key}=")
+    if path.is_file() and not is_result(path):
+        raise ConfigError(f"{key}={given}: {what} exists and is not a result of this {tool}; give another {key}= "
+                          f"(a new {new})")
+    check_output_folder(path.parent, key)
+    existing = next(above for above in path.absolute().parents if above.exists())
     if not os.access(existing, os.W_OK | os.X_OK):  # a read-only disk too
-        raise ConfigError(f"{key}={path}: {existing} cannot be written to; give a path on a writable disk")
+        raise ConfigError(f"{key}={given}: {existing} cannot be written to; give a path on a writable disk")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG file's first bytes
+
+
+def json_with(*keys: str) -> Callable[[Path], bool]:
+    """`check_result_file`'s is_result for a JSON result: whether a file holds a JSON object with these keys."""
+    def is_result(path: Path) -> bool:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):  # unreadable, not text, not JSON
+            return False
+        return isinstance(value, dict) and all(key in value for key in keys)
+    return is_result
+
+
+def starting_with(start: bytes) -> Callable[[Path], bool]:
+    """`check_result_file`'s is_result for a CSV (its header line) or a picture (its format's signature)."""
+    def is_result(path: Path) -> bool:
+        try:
+            with open(path, "rb") as file:
+                return file.read(len(start)) == start
+        except OSError:  # unreadable
+            return False
+    return is_result
 
 
 def check_output_folder(path: str | Path, key: str = "out_dir") -> None:

@@ -1,6 +1,8 @@
 """simmim.cli: keeping_earlier (the measuring tools' writes, which keep an earlier result under a dated name) and
 run_cli's rank before a Trainer exists."""
+import importlib
 import os
+import re
 import warnings
 
 import pytest
@@ -89,10 +91,37 @@ def test_what_rank_0_says_before_a_trainer_goes_by_the_launchers_rank(monkeypatc
 
 def test_a_result_path_on_a_disk_that_cannot_be_written_is_one_line_before_the_work(tmp_path, monkeypatch):
     """A read-only disk failed the write after the measurement (a GPU benchmark's minutes lost)."""
-    from simmim.cli import check_result_file
+    from simmim.cli import check_result_file, json_with
 
-    check_result_file(tmp_path / "new" / "out.json")  # a folder to be made, under one that can be written to
+    check_result_file(tmp_path / "new" / "out.json", json_with("rows"), "tool")  # a folder to be made, under one
+    # that can be written to
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))  # as on a read-only mount
     with pytest.raises(ConfigError, match=rf"^out={tmp_path}/new/out.json: {tmp_path} cannot be written to; give a "
                                           r"path on a writable disk"):
-        check_result_file(tmp_path / "new" / "out.json")
+        check_result_file(tmp_path / "new" / "out.json", json_with("rows"), "tool")
+
+
+@pytest.mark.parametrize("tool, args, key, what", [
+    ("simmim.tools.plan_memory", ["recipe=default"], "json", "memory plan"),
+    ("simmim.tools.gpu_check", ["device=cpu", "batch_size=0"], "out", "GPU check"),  # batch_size: refused after
+    ("simmim.tools.benchmark", ["device=cpu", "configs=[none]"], "out", "benchmark"),  # configs: refused after
+    ("simmim.tools.benchmark_data", [], "out", "benchmark"),
+    ("simmim.tools.signal_propagation", ["checkpoint=none.pth"], "out_dir", "signal propagation measurement"),
+    ("finetune.window_transfer", ["checkpoint=none.pth"], "out_dir", "window transfer measurement"),
+])
+def test_a_file_that_is_not_the_tools_result_is_refused_before_the_work(tmp_path, tool, args, key, what):
+    """plan_memory json=notes.txt moved the user's notes aside as an earlier plan and wrote the plan under their
+    name (gpu_check and benchmark out= too; signal_propagation and window_transfer a file of their names in out_dir);
+    benchmark_data alone refused it. Every measuring tool now refuses it, in one line, before the work."""
+    module = importlib.import_module(tool)
+    if key == "out_dir":  # a file of the tool's name there
+        notes = tmp_path / f"{tool.rsplit('.', 1)[1]}.csv"
+        given, message = tmp_path, f"{key}={tmp_path}: {notes} exists and is not a result of this {what}; " \
+                                   f"give another {key}= (a new folder)"
+    else:
+        notes = given = tmp_path / "notes.txt"
+        message = f"{key}={notes}: the file exists and is not a result of this {what}; give another {key}= (a new name)"
+    notes.write_text("my notes")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        module.main([*args, f"{key}={given}"])
+    assert notes.read_text() == "my notes" and os.listdir(tmp_path) == [notes.name]

@@ -33,8 +33,9 @@ load that comes and goes hits all alike; step time is the median.
 Peak memory is what a step allocates above what is held before it (parameters, optimizer states). FLOPs are
 counted once per image (forward + backward, matmuls and convolutions, torch.utils.flop_counter) on the
 reference path; MFU divides achieved FLOP/s by the peak: a measured matmul peak on CPU, the datasheet dense
-peak on known GPUs (else measured). Writes a table to stdout and JSON to `out` (an earlier file there is kept
-beside it under a dated name: benchmark.<UTC time it was written>.json for the default `out`).
+peak on known GPUs (else measured). Writes a table to stdout and JSON to `out` (an earlier result there is kept
+beside it under a dated name: benchmark.<UTC time it was written>.json for the default `out`; any other file
+there is refused).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ from simmim.train.config import ConfigError, as_list, options_from_argv
 from simmim.tools.memory import peak_memory
 from simmim.models.simmim import NORM_WINDOW_RULE, build_simmim, is_norm_window
 from simmim.train.optim import make_adamw, param_groups
-from simmim.cli import check_result_file, keeping_earlier, resolve_device
+from simmim.cli import check_result_file, json_with, keeping_earlier, resolve_device
 from simmim.models.swinv2 import VARIANTS
 from simmim.tools.peers import available_peers, build_peer
 from simmim.train.speed import set_tf32
@@ -270,7 +271,7 @@ def main(argv: list[str]) -> None:
             raise ConfigError(f"{key}={opts[key]}: expected an integer >= {low}")
     if opts.norm_target is not None and not is_norm_window(opts.norm_target):
         raise ConfigError(f"norm_target={opts.norm_target}: expected {NORM_WINDOW_RULE}, or null (raw pixels)")
-    check_result_file(opts.out)
+    check_result_file(opts.out, json_with("settings", "results", "versus_peers"), "benchmark")
     device = resolve_device(opts.device)
     runnable = [c for c in CONFIGS if device.type == "cuda" or c not in CUDA_ONLY]
     names = runnable if opts.configs is None else as_list(opts.configs)

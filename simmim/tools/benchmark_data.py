@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import build_mask_generator
-from simmim.cli import check_output_folder, check_result_file, keeping_earlier
+from simmim.cli import check_output_folder, check_result_file, json_with, keeping_earlier
 from simmim.data.datasets import ImageDataset, LabeledItem, MaskedImageDataset, MaskedItem, SkipCounter
 from simmim.data.decode import decode_image, decode_needs
 from simmim.data.shards import ShardDataset, shard_counts, shard_urls
@@ -159,9 +159,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"image_sizes={cfg.image_sizes} must be a list of [width, height] in pixels, e.g. "
                           f"image_sizes=[[500,375]]")
     check_output_folder(cfg.work, "work")
-    check_result_file(cfg.out)
-    if Path(cfg.out).is_file() and not _is_result(Path(cfg.out)):  # only an earlier result, kept aside
-        raise ConfigError(f"out={cfg.out}: the file exists and is not a result of this benchmark; give another out=")
+    check_result_file(cfg.out, json_with("cores_per_gpu"), "benchmark")
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     results = {}
@@ -193,14 +191,6 @@ def main(argv: list[str]) -> None:
           f"run: {', '.join(f'{x:.1f}' for x in summary['load_average'])} on {os.cpu_count()} cores")
     with keeping_earlier(cfg.out) as (tmp,):
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
-
-
-def _is_result(path: Path) -> bool:
-    """Whether path holds a JSON result of this benchmark."""
-    try:
-        return "cores_per_gpu" in json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        return False
 
 
 def decode_ms(samples: FileList, rounds: int = 3) -> dict[str, float]:

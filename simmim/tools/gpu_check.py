@@ -11,7 +11,8 @@ ddp_zero1, fsdp, fsdp_grad_op and deepspeed_stage_1/2/3 (skipped with a line whe
 see simmim/train/strategies.py for what each shards. On one device nothing is split: FSDP then runs unsharded
 (NO_SHARD), so the table measures each strategy's overhead; the memory savings need trainer.devices >= 2.
 The model defaults to activation checkpointing and sequential window attention; `out=PATH` writes the table as
-JSON (an earlier file there is kept beside it as <name>.<UTC time it was written>.json). Peak memory is
+JSON (an earlier table there is kept beside it as <name>.<UTC time it was written>.json, any other file is
+refused). Peak memory is
 torch.cuda.max_memory_allocated (null on CPU).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from masking import MaskGenerator
-from simmim.cli import check_result_file, keeping_earlier
+from simmim.cli import check_result_file, json_with, keeping_earlier
 from simmim.models.arguments import model_section, resolve_model
 from simmim.train.config import ConfigError, options_from_argv
 from simmim.pretrain import SimMIMPretrainModule
@@ -144,7 +145,7 @@ def main(argv: list[str]) -> None:
     if cfg.steps <= cfg.warmup:
         raise ValueError(f"steps={cfg.steps} leaves no timed step after warmup={cfg.warmup}; raise steps")
     if cfg.out:
-        check_result_file(cfg.out)  # before the runs, which take a while
+        check_result_file(cfg.out, json_with("model", "config", "rows"), "GPU check")  # before the runs
     if cfg.compile not in (True, False, "auto"):
         raise ConfigError(f"compile={cfg.compile}: expected true, false or auto")
     if cfg.batch_size < 1 or cfg.warmup < 0:

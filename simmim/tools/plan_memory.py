@@ -10,8 +10,8 @@ per GPU that fits.
 Arguments are key=value: recipe=NAME and any key of a pretraining recipe, as for scripts/pretrain.py (the model,
 data.img_size, trainer.precision, trainer.devices x trainer.num_nodes GPUs; trainer.strategy and the recipe's
 savers mark its row with *), plus gpu_memory_gb=80 (GiB per GPU), headroom=0.1 (the share of it left for the
-CUDA context and the allocator's cache), json=PATH (also write the plan as JSON; an earlier file there is kept
-beside it as <name>.<UTC time it was written>.json) and --json (print JSON instead of the table). The model is
+CUDA context and the allocator's cache), json=PATH (also write the plan as JSON; an earlier plan there is kept
+beside it as <name>.<UTC time it was written>.json, any other file is refused) and --json (print JSON instead of the table). The model is
 built on the meta device, so nothing is allocated; SwinV2-G takes about half a minute. How the numbers are made,
 and what they assume: simmim/tools/memory.py.
 """
@@ -20,7 +20,7 @@ import math
 
 from omegaconf import OmegaConf
 
-from simmim.cli import check_result_file, keeping_earlier
+from simmim.cli import check_result_file, json_with, keeping_earlier
 from simmim.train.config import ConfigError, config_from_argv
 from simmim.tools.memory import format_plan, plan_memory
 
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     gpu_memory_gb = number(keys, "gpu_memory_gb", lambda v: 0 < v < math.inf, "a number > 0 (GiB per GPU)")
     headroom = number(keys, "headroom", lambda v: 0 <= v < 1, "a number in [0, 1)")
     if keys["json"]:
-        check_result_file(keys["json"], "json")  # before the plan, which takes a while
+        check_result_file(keys["json"], json_with("rows", "assumptions"), "memory plan", "json")  # before the plan
     plan = plan_memory(cfg, gpu_memory_gb=gpu_memory_gb, headroom=headroom)
     text = json.dumps(plan.to_dict(), indent=2)
     if keys["json"]:

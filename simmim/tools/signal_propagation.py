@@ -23,7 +23,8 @@ branch either. The pre-norm growth appears once the weights train: measure with 
 
 Writes <out_dir>/signal_propagation.csv (curve, norm_mode, block_index, stage, block, rms) and
 <out_dir>/signal_propagation.png (log-scale amplitude per block, dashed lines between stages); an earlier pair
-there is kept beside them as signal_propagation.<UTC time it was written>.csv and .png.
+there is kept beside them as signal_propagation.<UTC time it was written>.csv and .png (other files of those
+names are refused).
 Arguments are key=value:
 """
 import csv
@@ -44,7 +45,8 @@ from simmim.data.transforms import eval_transform
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import param_groups
 from simmim.plots import line_plot, save_figure
-from simmim.cli import check_output_folder, check_values, checkpoint_paths, keeping_earlier, resolve_device
+from simmim.cli import (PNG_SIGNATURE, check_result_file, check_values, checkpoint_paths, keeping_earlier,
+                        resolve_device, starting_with)
 
 SCHEMA = {
     "norm_modes": ["res_post_norm", "pre_norm"],
@@ -64,6 +66,9 @@ SCHEMA = {
 }
 DEFAULT_STEPS = 30
 CSV_COLUMNS = ("curve", "norm_mode", "block_index", "stage", "block", "rms")
+# the files written under out_dir, each with how an earlier one is known (only that is kept aside)
+RESULT_FILES = {"signal_propagation.csv": starting_with(",".join(CSV_COLUMNS).encode()),
+                "signal_propagation.png": starting_with(PNG_SIGNATURE)}
 
 
 @torch.no_grad()
@@ -159,7 +164,7 @@ def checkpoint_curves(cfg, device: torch.device):
 
 def write_outputs(curves: list, out_dir: Path, title: str) -> tuple[Path, Path]:
     """The CSV (CSV_COLUMNS) and the PNG plot of every curve (earlier ones kept aside: `keeping_earlier`)."""
-    csv_path, png_path = out_dir / "signal_propagation.csv", out_dir / "signal_propagation.png"
+    csv_path, png_path = (out_dir / name for name in RESULT_FILES)
     stages = [stage for stage, _, _ in curves[0][2]]
     boundaries = [i - 0.5 for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
     series = {label: (range(len(rows)), [rms for _, _, rms in rows]) for label, _, rows in curves}
@@ -185,7 +190,8 @@ def main(argv: list[str]) -> None:
                        ("lr", cfg.lr > 0, "a number > 0"), ("weight_decay", cfg.weight_decay >= 0, "a number >= 0")))
     if not as_list(cfg.norm_modes):
         raise ConfigError(f"norm_modes={cfg.norm_modes}: expected one or more of res_post_norm, pre_norm")
-    check_output_folder(cfg.out_dir)
+    for name, is_result in RESULT_FILES.items():
+        check_result_file(Path(cfg.out_dir) / name, is_result, "signal propagation measurement", "out_dir", cfg.out_dir)
     device = resolve_device(cfg.device)
     if not cfg.checkpoint and cfg.steps is None:
         cfg.steps = DEFAULT_STEPS
