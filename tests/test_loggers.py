@@ -1,6 +1,7 @@
 """Loggers and extra callbacks from the recipe (simmim/train/loggers.py), pictures to every image logger, the W&B
 and MLflow runs that every start of a run directory continues."""
 import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -34,6 +35,24 @@ def test_logger_by_class_path(tmp_path):
     entry = f"{{class_path: pytorch_lightning.loggers.CSVLogger, init_args: {{save_dir: {tmp_path}, name: mine}}}}"
     (logger,) = build_loggers(cfg_with(f"logging.loggers=[{entry}]"), tmp_path)
     assert isinstance(logger, CSVLogger) and logger.name == "mine"
+
+
+def test_a_logger_entry_is_bound_to_its_signature_once(tmp_path, monkeypatch):
+    """A class_path logger's init_args were bound to its class's signature when the config was checked and again when
+    the loggers were built, where its constructor takes them (which checks them)."""
+    bound, signature = [], inspect.signature
+
+    def counting(obj, *args, **kwargs):
+        bound.extend([obj] if obj is CSVLogger else [])
+        return signature(obj, *args, **kwargs)
+
+    monkeypatch.setattr(inspect, "signature", counting)
+    entry = f"{{class_path: pytorch_lightning.loggers.CSVLogger, init_args: {{save_dir: {tmp_path}, name: mine}}}}"
+    (logger,) = build_loggers(cfg_with(f"logging.loggers=[{entry}]"), tmp_path)  # checked, then built
+    assert isinstance(logger, CSVLogger) and bound == [CSVLogger]
+    with pytest.raises(ConfigError, match=r"^logging.loggers: CSVLogger\(\*\*\{'sav': 'x'\}\) failed: missing a "
+                                          r"required argument: 'save_dir'$"):  # still found when it is checked
+        cfg_with("logging.loggers=[{class_path: CSVLogger, init_args: {sav: x}}]")
 
 
 def test_callbacks_from_the_recipe_command_line():

@@ -73,8 +73,8 @@ def _run_dir_store(run_dir: Path) -> str:
 
 
 def _resolve(entry, key: str, default_module: str, base: type) -> tuple[str, type, dict]:
-    """`{class_path, init_args}` -> (class_path, the class, init_args), the arguments bound to its signature;
-    ConfigError naming `key`, the entry and the fix."""
+    """`{class_path, init_args}` -> (class_path, the class, init_args); ConfigError naming `key`, the entry and the
+    fix."""
     if not isinstance(entry, Mapping) or "class_path" not in entry or set(entry) - {"class_path", "init_args"}:
         raise ConfigError(f"{key} entry {entry!r} is not {{class_path: ..., init_args: {{...}}}}; e.g. "
                           f"{{class_path: pytorch_lightning.callbacks.EarlyStopping, init_args: {{monitor: val/loss}}}}")
@@ -87,12 +87,17 @@ def _resolve(entry, key: str, default_module: str, base: type) -> tuple[str, typ
                           f"{default_module}.{name}") from error
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"{key}: {class_path} is not a {base.__module__}.{base.__name__}")
-    init_args = dict(entry.get("init_args") or {})
+    return class_path, cls, dict(entry.get("init_args") or {})
+
+
+def _bind(resolved: tuple[str, type, dict], key: str) -> None:
+    """ConfigError naming `key` and the entry unless what `_resolve` gave binds to its class's signature: the
+    arguments of a class checked without being built (`_instantiate` builds it, which checks them)."""
+    class_path, cls, init_args = resolved
     try:
         inspect.signature(cls).bind(**init_args)
     except TypeError as error:
         raise ConfigError(f"{key}: {class_path}(**{init_args}) failed: {error}") from error
-    return class_path, cls, init_args
 
 
 def _instantiate(resolved: tuple[str, type, dict], key: str):
@@ -111,8 +116,9 @@ def _entries(node, key: str) -> list:
     return list(entries or [])
 
 
-def _logger_entries(cfg: DictConfig) -> list:
-    """`logging.loggers` checked: names (known, their package installed) and `_resolve`d Logger classes."""
+def _logger_entries(cfg: DictConfig, checking: bool = False) -> list:
+    """`logging.loggers` checked: names (known, their package installed) and `_resolve`d Logger classes, their
+    init_args bound to the signature when `checking` (the config check; `build_loggers` builds them)."""
     if "logger" in cfg.trainer:
         raise ConfigError("trainer.logger clashes with the run's loggers; set logging.loggers=[tensorboard,csv,"
                           "wandb,mlflow] (names or {class_path, init_args}), or logging.loggers=[] for none")
@@ -121,6 +127,8 @@ def _logger_entries(cfg: DictConfig) -> list:
     for entry in _entries(logging.get("loggers", ["tensorboard", "csv"]), "logging.loggers"):
         if not isinstance(entry, str):
             entry = _resolve(entry, "logging.loggers", "pytorch_lightning.loggers", Logger)
+            if checking:
+                _bind(entry, "logging.loggers")
             class_path, cls, init_args = entry
             if issubclass(cls, MLFlowLogger):  # its tracking_uri, else a folder: file:<save_dir>
                 given = {**MLFLOW_DEFAULTS, **{k: v for k, v in init_args.items() if v is not None}}
@@ -169,8 +177,8 @@ def _callback_entries(cfg: DictConfig) -> list:
 def check_loggers_and_callbacks(cfg: DictConfig) -> None:
     """ConfigError for `logging.loggers` or `callbacks` entries that `build_loggers` / `build_callbacks` would
     refuse (config validation: before the run directory is touched). The callbacks are built and dropped (their
-    own checks run); the loggers are not built (some write or connect when made)."""
-    _logger_entries(cfg)
+    own checks run); the loggers are not built (some write or connect when made): their arguments are bound."""
+    _logger_entries(cfg, checking=True)
     build_callbacks(cfg)
 
 
