@@ -681,3 +681,29 @@ def test_a_resume_of_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, m
     assert newest_good_checkpoint(folder).path == str(folder / "sigterm-00000003.ckpt")
     pretrain_in_process(monkeypatch, args)  # the new branch goes on to its end
     assert int(torch.load(folder / "last.ckpt", weights_only=False)["global_step"]) == 6
+
+
+@pytest.mark.timeout(300)
+def test_an_extended_run_trains_at_its_new_schedule_from_the_first_resumed_step(tmp_path):
+    """A finished run of trainer.max_epochs=2 extended to 4 (the same command, resume=auto from last.ckpt) took the
+    first step after the resume at the lr its optimizer was saved with: the old schedule's last (min_lr, where the
+    new cosine is at 3/4 of its peak), logged as train/lr; the steps after were the new schedule's."""
+    args = [f"output_dir={tmp_path}", "run_name=run", *ARGS, "data.num_workers=0", "trainer.max_steps=-1",
+            "trainer.limit_train_batches=3", "checkpoint.every_n_steps=0", "eval.knn_every_n_epochs=0",
+            "optim.warmup_epochs=1", "optim.schedule=cosine"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain_stage.main([*args, "trainer.max_epochs=2"])  # steps 0-5
+        pretrain_stage.main([*args, "trainer.max_epochs=4"])  # steps 6-11, resumed from last.ckpt at step 6
+    scale = 8 / 512  # data.batch_size / 512: the recipe's lrs are scaled by the total batch
+    peak, warmup, low = 8e-3 * scale, 5e-7 * scale, 5e-6 * scale  # the default recipe's base_lr, warmup_lr, min_lr
+
+    def lr(step: int, total: int) -> float:  # 3 warmup steps (1 epoch), then cosine to min_lr at `total`
+        if step < 3:
+            return warmup + (peak - warmup) * step / 3
+        return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * (step - 3) / (total - 3)))
+
+    logged_lr = {int(row["step"]): float(row["train/lr"]) for row in metrics(tmp_path / "run") if row["train/lr"]}
+    assert sorted(logged_lr) == list(range(12))
+    expected = {step: lr(step, 6 if step < 6 else 12) for step in range(12)}
+    assert logged_lr == pytest.approx(expected, rel=1e-5, abs=1e-12)  # step 6 was min_lr, 1/1200 of its lr

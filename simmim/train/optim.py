@@ -75,10 +75,23 @@ def epoch_steps(total_steps: int, steps_per_epoch: float, warmup_epochs: float, 
                 milestone_steps=[steps(m) for m in milestones])
 
 
+class PerStepLR(torch.optim.lr_scheduler.LambdaLR):
+    """The per-step LambdaLR of `adamw_per_step_schedule`, which can set its optimizer's lrs itself (`restart`)."""
+
+    def restart(self) -> None:
+        """Set the optimizer's lrs to the schedule's at this step. A resumed optimizer comes back with the lrs the
+        run it was saved by was at, which were another schedule's when that run had another length (a finished run
+        extended with a larger trainer.max_epochs): LambdaLR sets them only after a step, so the first step after
+        the resume trained (and logged train/lr) at the old schedule's lr."""
+        self._last_lr = [base * rule(self.last_epoch) for base, rule in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+
 def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warmup_lr: float, min_lr: float,
                             betas, eps: float, warmup_epochs: float, schedule: str = "cosine",
                             milestones: Iterable[float] = (), gamma: float = 0.1) -> dict:
-    """Lightning's optimizer config: AdamW over `groups` and a per-step LambdaLR (warmup, then cosine or
+    """Lightning's optimizer config: AdamW over `groups` and a per-step LambdaLR (`PerStepLR`: warmup, then cosine or
     multistep). Every lr is scaled by the total batch (per-device batch x devices x accumulation) / 512; a
     group's optional "lr_scale" (layer-wise decay) multiplies its lr."""
     total_batch = trainer.datamodule.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches
@@ -105,6 +118,6 @@ def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warm
 
     lambdas = [lambda step, s=g.get("lr_scale", 1.0): s * lr_at_step(step, **lrs, **step_counts(step)) / peak_lr
                for g in groups]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    scheduler = PerStepLR(optimizer, lambdas)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -26,6 +26,7 @@ from simmim.models.checkpoint import a_layout, detect_layout
 from simmim.train.checkpoint_io import (Resumable, checkpoint_problem, newest_good_checkpoint, read_checkpoints,
                                        read_resumable)
 from simmim.train.config import ConfigError, dotted_keys, show_value
+from simmim.train.optim import PerStepLR
 from simmim.train.run_dir import AppendingCSVLogger, check_unlocked, utc_stamp
 
 
@@ -40,7 +41,9 @@ class ExactResume(pl.Callback):
     of every training batch; logs a resumed run's metrics at the step of the uninterrupted run (Lightning 2.6 logs
     one step ahead after a resume from a checkpoint saved at the end of an epoch). A checkpoint records how many
     rows metrics.csv (`AppendingCSVLogger`) held when it was saved; a run resumed from it first drops the later rows
-    of the steps it logs again. At each epoch's start it mends Lightning's epoch count (see on_train_epoch_start)."""
+    of the steps it logs again. At each epoch's start it mends Lightning's epoch count (see on_train_epoch_start).
+    A resumed run trains from its first step at its own lr schedule's lrs (`PerStepLR.restart`), which differ from
+    the saved optimizer's where the run was made longer."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -48,6 +51,10 @@ class ExactResume(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._align_step = trainer.ckpt_path is not None and pl_module.automatic_optimization
+        if trainer.ckpt_path is not None:  # the data is set up: the schedule may read the run's length
+            for config in trainer.lr_scheduler_configs:
+                if isinstance(config.scheduler, PerStepLR):
+                    config.scheduler.restart()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # Resumed from a checkpoint saved at the end of an epoch with trainer.max_steps set, Lightning 2.6 ends that
