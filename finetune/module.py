@@ -106,7 +106,9 @@ class SwinV2Classifier(pl.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.val_top1_ema = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
-        self.val_loss = MeanMetric()  # over the ranks: not self.log's batch_size=, which averages counts as integers
+        # over the ranks: not self.log's batch_size=, which averages counts as integers; a NaN loss is kept (the
+        # default drops it: the other batches' mean)
+        self.val_loss = MeanMetric(nan_strategy=float("nan"))
         self.last_confusion: torch.Tensor | None = None  # (N, N) counts of the last validation, rows true
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

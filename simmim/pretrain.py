@@ -52,8 +52,9 @@ class SimMIMPretrainModule(pl.LightningModule):
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         # val/loss over the ranks: the sums of losses x images and of images (Lightning's batch_size-weighted mean
-        # averages the ranks' image counts as integers: 9 and 8 images made 8)
-        self.val_loss = MeanMetric()
+        # averages the ranks' image counts as integers: 9 and 8 images made 8); a NaN loss is kept (the default
+        # drops it: the other batches' mean)
+        self.val_loss = MeanMetric(nan_strategy=float("nan"))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.simmim(x, mask)

@@ -8,6 +8,7 @@ the same number of patches in every image, so the mean of the two ranks' losses 
 """
 import copy
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -285,6 +286,40 @@ def test_finetuning_val_metrics_count_every_image_once(images, devices, tmp_path
     assert logged.keys() >= expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(logged[name], value, rtol=1e-6, atol=0, msg=name)
+
+
+class NaNFrom(torch.utils.data.Dataset):
+    """`dataset` with the images from index `start` on all NaN (what a diverged or overflowing model sees)."""
+
+    def __init__(self, dataset, start: int):
+        self.dataset, self.start = dataset, start
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index_epoch):  # the EpochSampler's (index, epoch)
+        image, *rest = self.dataset[index_epoch]
+        return (image * float("nan") if index_epoch[0] >= self.start else image, *rest)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_nan_validation_batch_makes_val_loss_nan(stage, tmp_path):
+    """A batch whose loss is NaN makes the epoch's val/loss NaN, as self.log's mean did: torchmetrics' MeanMetric
+    drops NaN values by default (with a warning), which made val/loss the other batches' mean, a finite loss that
+    ModelCheckpoint could take as the best (it ranks a NaN one as the worst)."""
+    if stage == "pretrain":
+        data = SimMIMDataModule(img_size=32, batch_size=4, mask_patch_size=8, model_patch_size=4)
+        module = SimMIMPretrainModule(model=FSDP_MODEL)
+    else:
+        data = ClassificationDataModule(img_size=32, batch_size=4)
+        module = SwinV2Classifier(model={**FSDP_MODEL, "num_classes": 10})
+    data.setup("validate")
+    data.val_set = NaNFrom(data.val_set, start=len(data.val_set) - 4)  # the last batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logged = validate_on(1, module, data, tmp_path)
+    assert math.isnan(logged["val/loss"])
 
 
 class FakeEngine:
