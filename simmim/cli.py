@@ -150,9 +150,6 @@ def check_result_file(path: str | Path, is_result: Callable[[Path], bool], tool:
         raise ConfigError(f"{key}={given}: {existing} cannot be written to; give a path on a writable disk")
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG file's first bytes
-
-
 def json_with(*keys: str) -> Callable[[Path], bool]:
     """`check_result_file`'s is_result for a JSON result: whether a file holds a JSON object with these keys."""
     def is_result(path: Path) -> bool:

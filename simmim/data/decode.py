@@ -13,6 +13,7 @@ import simplejpeg
 
 from simmim.data.transforms import TrainAugment
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG file's first bytes
 EXIF_SEARCH = 1 << 18  # bytes at the start of a JPEG searched for its EXIF segment (it precedes the image data)
 
 
@@ -64,7 +65,7 @@ def _decode_cv2(data: np.ndarray, name: str) -> np.ndarray:
     if image is None:
         width, height = (int.from_bytes(data[i:i + 4].tobytes(), "big") for i in (16, 20))  # a PNG's IHDR
         limit = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))  # OpenCV's, default 2^30
-        if data[:8].tobytes() == b"\x89PNG\r\n\x1a\n" and width * height > limit:
+        if data[:8].tobytes() == PNG_SIGNATURE and width * height > limit:
             raise ValueError(f"cannot decode image {name}: it is {width}x{height} pixels, above OpenCV's limit of "
                              f"{limit}; resize it, or raise the limit (environment variable "
                              f"OPENCV_IO_MAX_IMAGE_PIXELS)")
@@ -97,7 +98,7 @@ def _exif_orientation(data: np.ndarray) -> int:
             if marker == 0xE1 and segment[:6] == b"Exif\0\0":
                 return _tiff_orientation(segment[6:])
             pos += 2 + length
-    elif raw[:8] == b"\x89PNG\r\n\x1a\n":  # chunks: length (big-endian), type, data, CRC
+    elif raw[:8] == PNG_SIGNATURE:  # chunks: length (big-endian), type, data, CRC
         pos = 8
         while pos + 8 <= len(raw):
             length, kind = int.from_bytes(raw[pos:pos + 4], "big"), raw[pos + 4:pos + 8]

@@ -40,13 +40,14 @@ from masking import build_mask_generator
 from simmim.models.arguments import model_section, resolve_model
 from simmim.train.config import ConfigError, as_list, load_config, options_from_argv
 from simmim.data.datasets import ImageDataset
+from simmim.data.decode import PNG_SIGNATURE
 from simmim.data.sources import SOURCES, build_sources
 from simmim.data.transforms import eval_transform
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import param_groups
 from simmim.plots import line_plot, save_figure
-from simmim.cli import (PNG_SIGNATURE, check_result_file, check_values, checkpoint_paths, keeping_earlier,
-                        resolve_device, starting_with)
+from simmim.cli import (check_result_file, check_values, checkpoint_paths, keeping_earlier, resolve_device,
+                        starting_with)
 
 SCHEMA = {
     "norm_modes": ["res_post_norm", "pre_norm"],
