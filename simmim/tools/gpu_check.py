@@ -12,8 +12,7 @@ see simmim/train/strategies.py for what each shards. On one device nothing is sp
 (NO_SHARD), so the table measures each strategy's overhead; the memory savings need trainer.devices >= 2.
 The model defaults to activation checkpointing and sequential window attention; `out=PATH` writes the table as
 JSON (an earlier table there is kept beside it as <name>.<UTC time it was written>.json, any other file is
-refused). Peak memory is
-torch.cuda.max_memory_allocated (null on CPU).
+refused). Peak memory is torch.cuda.max_memory_allocated (null on CPU).
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ Arguments are key=value: recipe=NAME and any key of a pretraining recipe, as for
 data.img_size, trainer.precision, trainer.devices x trainer.num_nodes GPUs; trainer.strategy and the recipe's
 savers mark its row with *), plus gpu_memory_gb=80 (GiB per GPU), headroom=0.1 (the share of it left for the
 CUDA context and the allocator's cache), json=PATH (also write the plan as JSON; an earlier plan there is kept
-beside it as <name>.<UTC time it was written>.json, any other file is refused) and --json (print JSON instead of the table). The model is
-built on the meta device, so nothing is allocated; SwinV2-G takes about half a minute. How the numbers are made,
-and what they assume: simmim/tools/memory.py.
+beside it as <name>.<UTC time it was written>.json, any other file is refused) and --json (print JSON instead of
+the table). The model is built on the meta device, so nothing is allocated; SwinV2-G takes about half a minute.
+How the numbers are made, and what they assume: simmim/tools/memory.py.
 """
 import json
 import math

@@ -217,7 +217,7 @@ def check_same_model(cfg: DictConfig, saved: Path, refusal: str, fix: str) -> No
 
 
 def _compare_models(before: DictConfig, cfg: DictConfig, refusal: str, fix: str) -> None:
-    """ConfigError naming every model key whose value differs (it named one, a different one from run to run)."""
+    """ConfigError naming every model key (but compile) whose value in `cfg` differs from `before`'s, in key order."""
     shared = (set(dotted_keys(cfg.model)) & set(dotted_keys(before))) - {"compile"}  # compiling keeps the weights
     keys = sorted(key for key in shared if OmegaConf.select(before, key) != OmegaConf.select(cfg.model, key))
     if keys:
