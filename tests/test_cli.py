@@ -93,8 +93,8 @@ def test_a_result_path_on_a_disk_that_cannot_be_written_is_one_line_before_the_w
     """A read-only disk failed the write after the measurement (a GPU benchmark's minutes lost)."""
     from simmim.cli import check_result_file, json_with
 
-    check_result_file(tmp_path / "new" / "out.json", json_with("rows"), "tool")  # a folder to be made, under one
-    # that can be written to
+    # a folder to be made, under one that can be written to
+    check_result_file(tmp_path / "new" / "out.json", json_with("rows"), "tool")
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))  # as on a read-only mount
     with pytest.raises(ConfigError, match=rf"^out={tmp_path}/new/out.json: {tmp_path} cannot be written to; give a "
                                           r"path on a writable disk"):
