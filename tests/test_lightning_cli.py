@@ -299,3 +299,26 @@ def test_validate_without_the_runs_model_names_its_values(tmp_path):
     result = run_script("finetune.lightning_cli", *args, "--model.model.embed_dim=16", "--model.model.depths=[2,2]",
                         "--model.model.num_heads=[2,4]")
     assert result.returncode == 0 and "val/top1" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_ckpt_path_checkpoint_is_read_once_by_us(tmp_path, monkeypatch):
+    """fit and validate --ckpt_path read the checkpoint in RecipeCLI.__init__ (the stage check) and read it again
+    for the run (prepare_run / _validation_trainer): now the first read is passed on. Lightning's own reads (the
+    hyperparameters, weights_only; the restore, from an open file) are not ours (read_resumable maps it: mmap)."""
+    tiny = ["--stage", "pretrain", "--trainer.enable_progress_bar=false", "--data.num_workers=0", "--data.batch_size=8",
+            "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]", f"--run.output_dir={tmp_path}",
+            "--run.logging.recon_every_n_steps=0", "--trainer.limit_val_batches=1"]
+    result = run_script("finetune.lightning_cli", "fit", *tiny, "--trainer.max_steps=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = tmp_path / "elsewhere.ckpt"  # outside the run directory, whose checkpoints a resume=PATH also reads
+    shutil.copy(tmp_path / "default" / "checkpoints" / "last.ckpt", ckpt)
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *args, **kwargs: reads.append((f, kwargs.get("mmap"))) or load(
+        f, *args, **kwargs))
+    for command, more in (("fit", ["--trainer.max_steps=2"]), ("validate", [])):
+        reads.clear()
+        result = run_script("finetune.lightning_cli", command, *tiny, *more, f"--ckpt_path={ckpt}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        ours = [f for f, mmap in reads if mmap and str(f) == str(ckpt)]
+        assert len(ours) == 1, (command, reads)

@@ -179,6 +179,7 @@ class RecipeCLI(LightningCLI):
         self.stage = stages[name]
         self.recipe = load_config(name, _pop_option(args, "recipe", "default"))
         ckpt_path = _pop_option(list(args), "ckpt_path", None)  # Lightning reads its hyperparameters first
+        self.ckpt_read = None  # the --ckpt_path checkpoint, read once: the run's checks read it from here
         if ckpt_path is not None:
             try:
                 resume = read_resumable(ckpt_path)
@@ -186,6 +187,7 @@ class RecipeCLI(LightningCLI):
                 raise ConfigError(f"--ckpt_path {ckpt_path} cannot be read ({problem}); pass a checkpoint of a run") \
                     from None
             _check_stage_of(resume, name, stages)
+            self.ckpt_read = resume
         module_args, data_args = self.stage.init_args(self.recipe)
         # the --model.KEY options given, also with the recipe's value (`_parse_ckpt_path`)
         self.model_options_given = {arg.removeprefix("--model.").partition("=")[0] for arg in args
@@ -301,7 +303,7 @@ class RecipeCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         if self.subcommand == "validate":
             return self._validation_trainer()
-        run_dir, resume = prepare_run(self.cfg)
+        run_dir, resume = prepare_run(self.cfg, self.ckpt_read)
         self.run_dir = run_dir
         self.datamodule.setup("fit")  # bad data paths fail here, before anything is written
         self.stage.check_data(self.datamodule, self.cfg)
@@ -313,7 +315,11 @@ class RecipeCLI(LightningCLI):
         lock, config copy, logger or picture): the run may be training in that directory."""
         run_dir = Path(self.cfg.output_dir) / str(self.cfg.run_name)
         given = self.config.validate.ckpt_path
-        resume = newest_good_checkpoint(run_dir / "checkpoints") if given is None else read_resumable(given)
+        if given is None:
+            resume = newest_good_checkpoint(run_dir / "checkpoints")
+        else:  # as __init__ read it, unless a --config file gave it
+            read = self.ckpt_read is not None and self.ckpt_read.path == str(Path(given))
+            resume = self.ckpt_read if read else read_resumable(given)
         if resume is None:
             raise ConfigError(f"validate needs a checkpoint: --ckpt_path PATH, or --run.output_dir and --run.run_name "
                               f"of a run that has one ({run_dir / 'checkpoints'} has none)")

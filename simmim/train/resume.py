@@ -115,9 +115,10 @@ def _saved_config(path: Path) -> DictConfig:
                       f"delete it to skip that check")
 
 
-def prepare_run(cfg: DictConfig) -> tuple[Path, Resumable | None]:
+def prepare_run(cfg: DictConfig, read: Resumable | None = None) -> tuple[Path, Resumable | None]:
     """The run directory and the checkpoint to resume from (None: a fresh run), read once for the checks here and
-    the datamodule's (`check_fit`); writes nothing.
+    the datamodule's (`check_fit`); writes nothing. `read`: the resume=PATH checkpoint where the caller has read it
+    already (the Lightning CLI's --ckpt_path).
 
     resume=auto continues from the checkpoint of the highest step in `<run dir>/checkpoints/` that can be read
     (newer broken ones are named in a warning); a fresh run refuses a directory that already holds checkpoints
@@ -141,7 +142,7 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, Resumable | None]:
         if not Path(cfg.resume).exists():
             raise ConfigError(f"resume={cfg.resume} does not exist; pass a .ckpt file, resume=auto or resume=null")
         try:
-            resume = read_resumable(cfg.resume)
+            resume = read if read is not None and read.path == str(Path(cfg.resume)) else read_resumable(cfg.resume)
         except ValueError as problem:
             raise ConfigError(f"resume={cfg.resume} cannot be resumed from ({problem}); pass another checkpoint or "
                               f"resume=auto") from None
