@@ -80,3 +80,15 @@ def test_an_out_folder_is_one_line_before_the_runs(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^out=.* is a folder; pass the path of a .json file to write"):
         gpu_check.main([*TINY_CPU, "strategies=single", f"out={tmp_path}"])
     assert tmp_path.is_dir()
+
+
+def test_a_mask_patch_size_the_model_cannot_take_is_one_line_before_the_runs(monkeypatch):
+    """mask_patch_size= is checked against the model's img_size and patch_size before any strategy builds it (it
+    was the mask generator's ValueError in its own names, "input_size 64 is not divisible by mask_patch_size 24",
+    in every strategy's row of the table)."""
+    monkeypatch.setattr(gpu_check, "run_strategy", lambda *args: pytest.fail("a strategy ran"))
+    for size, patch in (("24", 4), ("2", 4), ("4", 8)):
+        with pytest.raises(ConfigError, match=rf"^mask_patch_size={size}: expected a divisor of the model's img_size "
+                                              rf"64 that is a multiple of its patch_size {patch}, one of "
+                                              rf"{', '.join(str(n) for n in range(patch, 65) if 64 % n == 0)}$"):
+            gpu_check.main([*TINY_CPU, "strategies=single", f"mask_patch_size={size}", f"model.patch_size={patch}"])

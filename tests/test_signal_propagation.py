@@ -121,6 +121,21 @@ def test_help_and_one_line_errors(tmp_path):
     assert not (tmp_path / "big").exists()  # was: a table and plot of inf and nan
 
 
+def test_a_mask_patch_size_the_model_cannot_take_is_one_line_before_any_model(tmp_path, monkeypatch):
+    """mask_patch_size= is checked against the fresh models' img_size and patch_size before any is built (it was
+    the mask generator's ValueError in its own names, "input_size 32 is not divisible by mask_patch_size 12", once
+    the first model was built and its data read); unused without training steps."""
+    monkeypatch.setattr(signal_propagation, "build_simmim", lambda model: pytest.fail("a model was built"))
+    result = run_script("simmim.tools.signal_propagation", *DEEP, "mask_patch_size=12", f"out_dir={tmp_path}")
+    assert result.returncode == 1 and result.stderr == (
+        "error: mask_patch_size=12: expected a divisor of the model's img_size 32 that is a multiple of its "
+        "patch_size 4, one of 4, 8, 16, 32\n"), result.stderr
+    monkeypatch.undo()
+    result = run_script("simmim.tools.signal_propagation", *DEEP, "mask_patch_size=12", "steps=0",
+                        "norm_modes=[pre_norm]", f"out_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+
+
 def bgr(color: str) -> tuple[int, int, int]:
     """'#rrggbb' -> (b, g, r), as cv2.imread gives pixels."""
     return tuple(int(color[i:i + 2], 16) for i in (5, 3, 1))

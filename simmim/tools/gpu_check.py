@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from masking import MaskGenerator
 from simmim.cli import check_result_file, json_with, keeping_earlier
-from simmim.models.arguments import model_section, resolve_model
+from simmim.models.arguments import model_defaults, model_section, resolve_model
 from simmim.train.config import ConfigError, options_from_argv
 from simmim.pretrain import SimMIMPretrainModule
 from simmim.train.strategies import DEEPSPEED_STAGES, build_strategy
+from simmim.train.validate import check_mask_patch
 
 STRATEGIES = ("single", "ddp", "ddp_zero1", "fsdp", "fsdp_grad_op", *DEEPSPEED_STAGES)
 BASE_MODEL = dict(img_size=192, window_size=12, use_checkpoint=True, sequential_attn=True)
@@ -103,11 +104,16 @@ def chosen_strategies(names: str) -> list[str]:
     return chosen
 
 
+def patch_size(model: dict) -> int:
+    """The model's patch_size in pixels (SwinTransformerV2's default where not given)."""
+    return model.get("patch_size", model_defaults()["patch_size"])
+
+
 def run_strategy(name: str, cfg, model: dict) -> dict:
     """Train cfg.steps steps under one strategy; a table row: images/s, peak memory (GiB), loss."""
     device = torch.device(cfg.device)
-    data = SyntheticData(cfg.batch_size, cfg.steps, model["img_size"], model.get("patch_size", 4),
-                         cfg.mask_patch_size, cfg.seed)
+    data = SyntheticData(cfg.batch_size, cfg.steps, model["img_size"], patch_size(model), cfg.mask_patch_size,
+                         cfg.seed)
     torch.manual_seed(cfg.seed)
     module = SimMIMPretrainModule(model={**model, "compile": cfg.compile}, warmup_epochs=0)
     timer = StepTimer(cfg.warmup)
@@ -150,6 +156,7 @@ def main(argv: list[str]) -> None:
     if cfg.batch_size < 1 or cfg.warmup < 0:
         raise ConfigError(f"batch_size={cfg.batch_size}, warmup={cfg.warmup}: expected batch_size >= 1, warmup >= 0")
     model = resolve_model(BASE_MODEL, OmegaConf.to_container(cfg.model))
+    check_mask_patch("mask_patch_size", cfg.mask_patch_size, model["img_size"], patch_size(model))  # before the runs
     print(f"model: {model}\nbatch {cfg.batch_size}, {cfg.precision}, {cfg.steps} steps ({cfg.warmup} untimed), "
           f"on {torch.cuda.get_device_name() if cfg.device == 'cuda' else 'cpu'}")
     rows = []

@@ -45,6 +45,7 @@ from simmim.data.sources import SOURCES, build_sources
 from simmim.data.transforms import eval_transform
 from simmim.models.simmim import build_simmim
 from simmim.train.optim import param_groups
+from simmim.train.validate import check_mask_patch
 from simmim.plots import line_plot, save_figure
 from simmim.cli import (check_result_file, check_values, checkpoint_paths, keeping_earlier, resolve_device,
                         starting_with)
@@ -140,6 +141,9 @@ def fresh_curves(cfg, device: torch.device):
     """(label, norm mode, rows) per (variant, norm mode), trained cfg.steps steps from the same seed."""
     base = OmegaConf.to_container(load_config("pretrain").model)
     overrides = OmegaConf.to_container(cfg.model)
+    if cfg.steps:  # the training masks, before any model is built (the variants keep img_size and patch_size)
+        model = resolve_model(base, overrides)
+        check_mask_patch("mask_patch_size", cfg.mask_patch_size, model["img_size"], model["patch_size"])
     for variant in as_list(cfg.variants) or [overrides["variant"]]:
         for norm_mode in as_list(cfg.norm_modes):
             torch.manual_seed(cfg.seed)
