@@ -1,5 +1,7 @@
 """Recipes built on others (`based_on`): the size recipes resolve to the configs of their full copies before they
 were based on base.yaml, and a wrong `based_on` is one line naming the file and the value."""
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -79,6 +81,16 @@ def test_based_on_default_is_the_schema_under_every_recipe(tmp_path):
     """default.yaml is never merged again over the variant's widths (embed_dim stays the variant's)."""
     (tmp_path / "mine.yaml").write_text("based_on: default\nmodel:\n  variant: small\n")
     assert load_config("pretrain", str(tmp_path / "mine.yaml"), here=False).model.embed_dim == 96
+
+
+def test_the_path_of_default_yaml_is_the_default_recipe():
+    """recipe=<the path of default.yaml> is recipe=default: the schema was merged again over the variant's widths,
+    depths and heads (model.variant=tiny resolved to tiny with default.yaml's embed_dim 32)."""
+    path = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "default.yaml"
+    for recipe in (str(path), str(path.parent / ".." / "pretrain" / "default.yaml")):
+        cfg = load_config("pretrain", recipe, ["model.variant=tiny"], here=False)
+        assert cfg == load_config("pretrain", "default", ["model.variant=tiny"], here=False), recipe
+        assert cfg.model.embed_dim == VARIANTS["tiny"]["embed_dim"] and cfg.recipe == "default"
 
 
 @pytest.mark.parametrize("text, message", [

@@ -186,6 +186,12 @@ def stage_schema(stage: str) -> DictConfig:
     return load_yaml(_recipe_path(stage, "default"))
 
 
+def _is_schema(stage: str, path: Path) -> bool:
+    """Whether a recipe file is the stage's default.yaml, the schema: under every recipe already, never merged again
+    (over the variant's widths, depths and heads)."""
+    return path.resolve() == _recipe_path(stage, "default").resolve()
+
+
 def _recipe_layers(stage: str, path: Path, cfg: DictConfig, schema: DictConfig,
                    chain: tuple[Path, ...] = ()) -> list[DictConfig]:
     """The recipe `cfg` (read from `path`) after the recipes it is `based_on`, the farthest first, each without its
@@ -201,7 +207,7 @@ def _recipe_layers(stage: str, path: Path, cfg: DictConfig, schema: DictConfig,
         base_path = _recipe_path(stage, base, path.parent)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
-    if base_path.resolve() == _recipe_path(stage, "default").resolve():  # the schema: under every recipe already
+    if _is_schema(stage, base_path):
         return [cfg]
     chain = (*chain, path.resolve())
     if base_path.resolve() in chain:
@@ -219,7 +225,7 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
     schema = stage_schema(stage)
     layers = [schema]
     recipe_path, made_from = _recipe_path(stage, recipe), None
-    if recipe != "default":
+    if not _is_schema(stage, recipe_path):  # by its file: recipe=<path of default.yaml> too
         recipe_cfg = load_yaml(recipe_path)
         made_from = recipe_cfg.pop("recipe", None)  # a run's config.yaml, given as a recipe: what it was made from
         layers += _recipe_layers(stage, recipe_path, recipe_cfg, schema)
