@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 import simmim.pretrain as pretrain
 from simmim.train.checkpoint_io import checkpoint_problem, newest_good_checkpoint
 from simmim.train.config import ConfigError, load_config
-from simmim.train.resume import prepare_run
+from simmim.train.resume import prepare_run, set_aside_later_checkpoints
 from simmim.train.run_dir import (LOCK_NAME, AppendingCSVLogger, acquire_lock, release_lock, save_start_config,
                                   start_run)
 
@@ -145,6 +146,29 @@ def test_resume_auto_takes_the_highest_step_not_the_newest_file(tmp_path):
     os.utime(tmp_path / "last.ckpt", (5, 5))
     with pytest.warns(UserWarning, match="last.ckpt cannot be resumed from"):
         assert newest_good_checkpoint(tmp_path).path == str(tmp_path / "step-00000030.ckpt")
+
+
+def test_a_resume_of_a_checkpoint_of_the_run_reads_it_once(tmp_path, monkeypatch):
+    """resume=PATH of a checkpoint in the run's checkpoints/: prepare_run read it, and set_aside_later_checkpoints
+    read it again with the run's others (to find the later ones). Each file is now read once; the later ones still
+    move aside."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, step in (("step-00000010.ckpt", 10), ("step-00000020.ckpt", 20), ("last.ckpt", 30)):
+        torch.save({"state_dict": {"simmim.encoder.patch_embed.proj.weight": torch.ones(3)}, "loops": {},
+                    "global_step": step}, folder / name)
+    cfg = load_config("pretrain", overrides=[f"output_dir={tmp_path.parent}", f"run_name={tmp_path.name}",
+                                             f"resume={folder / '.' / 'step-00000020.ckpt'}"])
+    reads, load = [], torch.load
+
+    def counted(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return load(path, *args, **kwargs)
+    monkeypatch.setattr(torch, "load", counted)
+    run_dir, resume = prepare_run(cfg)
+    with pytest.warns(UserWarning, match="last.ckpt of later steps belong to the branch this run leaves"):
+        assert set_aside_later_checkpoints(run_dir, resume) == [folder / "last.ckpt"]
+    assert sorted(reads) == ["last.ckpt", "step-00000010.ckpt", "step-00000020.ckpt"]
 
 
 def test_broken_checkpoints_are_named_and_skipped(tmp_path):

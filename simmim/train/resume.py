@@ -168,9 +168,10 @@ def set_aside_later_checkpoints(run_dir: Path, resume: Resumable | None) -> list
     once the start's checks have passed."""
     if resume is None or resume.checkpoint is None:  # a fresh run, a DeepSpeed folder
         return []
-    step = resume.step
-    readable, _ = read_checkpoints(sorted((Path(run_dir) / "checkpoints").glob("*.ckpt")))  # the broken ones: named
-    later = [Path(found.path) for found in readable if found.step > step]                   # by every resume=auto
+    step, resumed = resume.step, Path(resume.path).resolve()  # read already, and not later than itself
+    others = [path for path in sorted((Path(run_dir) / "checkpoints").glob("*.ckpt")) if path.resolve() != resumed]
+    readable, _ = read_checkpoints(others)  # the broken ones: named by every resume=auto
+    later = [Path(found.path) for found in readable if found.step > step]
     if later:
         aside = Path(run_dir) / "checkpoints" / f"superseded-{utc_stamp()}"
         aside.mkdir()
