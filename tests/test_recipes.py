@@ -102,10 +102,13 @@ def test_the_path_of_default_yaml_is_the_default_recipe():
                                r"\(mine.yaml -> other.yaml -> mine.yaml\)"),
     ("based_on: base\nmodel:\n  windw_size: 8\n", r"unknown key 'model.windw_size' in recipe .*mine.yaml"),
     ("based_on: bad.yaml\n", r"unknown key 'model.windw_size' in recipe .*bad.yaml"),
+    ("based_on: listed.yaml\n", r"recipe .*listed.yaml holds a list, not a mapping of keys; write it as sections"),
+    ("- trainer.max_epochs=2\n", r"recipe .*mine.yaml holds a list, not a mapping of keys; write it as sections"),
 ])
 def test_a_wrong_based_on_is_one_line_naming_the_file_and_value(tmp_path, text, message):
     (tmp_path / "other.yaml").write_text("based_on: mine.yaml\n")
     (tmp_path / "bad.yaml").write_text("based_on: base\nmodel:\n  windw_size: 8\n")
+    (tmp_path / "listed.yaml").write_text("- model.variant=tiny\n")
     (tmp_path / "mine.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message) as error:
         load_config("pretrain", str(tmp_path / "mine.yaml"), here=False)
