@@ -185,9 +185,12 @@ def test_errors_name_the_cli_options_not_the_scripts_keys(tmp_path):
 
 def test_validate_needs_a_checkpoint_and_test_predict_are_not_offered(tmp_path):
     """The stages have no test or predict step: the CLI offers fit and validate (before: a traceback from
-    Lightning, after the run directory's config.yaml had been rewritten)."""
+    Lightning, after the run directory's config.yaml had been rewritten); validate of no batch is refused."""
     for args, message in ((["validate", f"--run.output_dir={tmp_path}"], "validate needs a checkpoint: --ckpt_path"),
-                          (["test"], "invalid choice: 'test' (choose from 'fit', 'validate')")):
+                          (["test"], "invalid choice: 'test' (choose from 'fit', 'validate')"),
+                          # Lightning validated no batch and printed nothing, with exit status 0
+                          (["validate", f"--run.output_dir={tmp_path}", "--trainer.limit_val_batches", "0"],
+                           "--trainer.limit_val_batches 0: validate would run no batch and print no metric")):
         result = run_script("finetune.lightning_cli", *args)
         assert result.returncode != 0
         assert message in result.stderr.strip().splitlines()[-1], result.stderr[-1000:]

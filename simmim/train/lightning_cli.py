@@ -313,6 +313,9 @@ class RecipeCLI(LightningCLI):
     def _validation_trainer(self) -> pl.Trainer:
         """validate: the checkpoint of --ckpt_path, else the newest of the run directory. Nothing is written (no
         lock, config copy, logger or picture): the run may be training in that directory."""
+        if self.cfg.trainer.get("limit_val_batches") == 0:  # Lightning validates nothing and prints nothing
+            raise ConfigError("--trainer.limit_val_batches 0: validate would run no batch and print no metric; give a "
+                              "number of batches >= 1, a fraction in (0, 1], or leave it out (every batch)")
         run_dir = Path(self.cfg.output_dir) / str(self.cfg.run_name)
         given = self.config.validate.ckpt_path
         if given is None:
