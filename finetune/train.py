@@ -44,8 +44,8 @@ def read_pretrained(cfg) -> dict | None:
             if cfg.model.pretrained_window_sizes is None and windows is not None \
                     and len(windows) == len(cfg.model.depths):
                 cfg.model.pretrained_window_sizes = list(windows)
-            rank_zero_warn(f"pretrained={cfg.pretrained} no longer exists; this run resumes {resumed.path}, which "
-                           f"holds the weights and the Log-CPB windows it goes on from")
+            rank_zero_warn(f"pretrained={cfg.pretrained} no longer exists; this run takes its weights and Log-CPB "
+                           f"windows from {resumed.path}")
             return None
         raise ConfigError(f"pretrained={cfg.pretrained} does not exist; run scripts/pretrain.py first, pass "
                           f"another checkpoint, or pretrained=null to train from scratch")

@@ -188,8 +188,8 @@ def test_a_resume_goes_on_when_the_pretrained_file_is_gone(tmp_path, capsys):
     args = [f"output_dir={tmp_path}/ft", "run_name=f", f"pretrained={encoder}", *SMALL]
     finetune_script.main(args)
     encoder.unlink()
-    with pytest.warns(UserWarning, match=r"pretrained=.*encoder.pth no longer exists; this run resumes .*last.ckpt, "
-                                         r"which holds the weights and the Log-CPB windows it goes on from"):
+    with pytest.warns(UserWarning, match=r"pretrained=.*encoder.pth no longer exists; this run takes its weights and "
+                                         r"Log-CPB windows from .*last.ckpt"):
         finetune_script.main([*args, "trainer.max_epochs=2"])
     ckpt = torch.load(tmp_path / "ft" / "f" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["model"]["pretrained_window_sizes"] == [4, 4, 4, 2]

@@ -325,3 +325,24 @@ def test_the_ckpt_path_checkpoint_is_read_once_by_us(tmp_path, monkeypatch):
         assert result.returncode == 0, result.stderr[-2000:]
         ours = [f for f, mmap in reads if mmap and str(f) == str(ckpt)]
         assert len(ours) == 1, (command, reads)
+
+
+@pytest.mark.slow
+def test_validate_of_a_checkpoint_needs_no_pretrained_file(tmp_path):
+    """validate --ckpt_path of a fine-tune whose pretrained file is gone, from another run directory than the
+    recipe's: the checkpoint holds the weights and the Log-CPB windows, but the pretrained file was looked for (and
+    the run directory's checkpoint in its stead): "pretrained=... does not exist; run scripts/pretrain.py first".
+    The windows now come from the --ckpt_path checkpoint, as a resume's do."""
+    import finetune.train as finetune_script
+
+    finetune_script.main([f"output_dir={tmp_path}", "run_name=f", "pretrained=null", "data.img_size=32",
+                          "model.embed_dim=16", "model.pretrained_window_sizes=[2,2,2,2]", "trainer.max_steps=1",
+                          "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
+                          "data.batch_size=8"])
+    with pytest.warns(UserWarning, match=r"gone.pth no longer exists; this run takes its weights and Log-CPB windows "
+                                         r"from .*last.ckpt"):
+        result = run_script("finetune.lightning_cli", "validate", "--stage", "finetune", "--ckpt_path",
+                            str(tmp_path / "f" / "checkpoints" / "last.ckpt"), "--run.pretrained",
+                            str(tmp_path / "gone.pth"), "--trainer.limit_val_batches=1",
+                            "--trainer.enable_progress_bar=false", "--data.num_workers=0")
+    assert result.returncode == 0 and "val/top1" in result.stdout, result.stderr[-2000:]

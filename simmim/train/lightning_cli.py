@@ -284,8 +284,9 @@ class RecipeCLI(LightningCLI):
         cfg.trainer = {**{k: v for k, v in config.trainer.as_dict().items()
                           if k in self.recipe.trainer or TRAINER_DEFAULTS.get(k, object()) != v}, **ours}
         cfg.seed = config.seed_everything
-        if self.subcommand == "fit" and config.ckpt_path:  # Lightning's way to continue a fit: resume=PATH
-            if cfg.resume not in ("auto", config.ckpt_path):
+        if config.ckpt_path:  # fit: Lightning's way to continue (resume=PATH); both: the checkpoint whose weights
+            # and Log-CPB windows the run takes (fine-tuning's pretrained file is not needed then: read_pretrained)
+            if self.subcommand == "fit" and cfg.resume not in ("auto", config.ckpt_path):
                 raise ConfigError(f"--ckpt_path {config.ckpt_path} and --run.resume {cfg.resume} disagree; give one")
             cfg.resume = config.ckpt_path
         model, data_size = model_args.get("model"), data_args.get("img_size", self.recipe.data.img_size)
