@@ -1,12 +1,13 @@
 """Recipes built on others (`based_on`): the size recipes resolve to the configs of their full copies before they
 were based on base.yaml, and a wrong `based_on` is one line naming the file and the value."""
+import shutil
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from simmim.models.swinv2 import VARIANTS
-from simmim.train.config import ConfigError, leaves, load_config, save_config
+from simmim.train.config import RECIPES_DIR, ConfigError, leaves, load_config, save_config
 
 # The keys base.yaml set when each size recipe was a full copy of it (written out here, not read from the recipes)
 BASE = {
@@ -93,6 +94,23 @@ def test_the_path_of_default_yaml_is_the_default_recipe():
         assert cfg.model.embed_dim == VARIANTS["tiny"]["embed_dim"] and cfg.recipe == "default"
 
 
+def test_a_variant_goes_over_the_widths_of_the_recipes_under_it(tmp_path):
+    """A base with every width (a run's saved config.yaml, a copy of default.yaml) under a recipe or command line that
+    names another variant: the base's widths were merged over the variant's ('variant: small' with embed_dim 32 and
+    depths [2, 2, 2, 2]). The variant's widths go under the keys of the layer naming it; that layer's own keep."""
+    run = load_config("pretrain", "default", here=False)
+    save_config(run, tmp_path / "run" / "config.yaml")
+    shutil.copy(RECIPES_DIR / "pretrain" / "default.yaml", tmp_path / "copy.yaml")
+    (tmp_path / "on_run.yaml").write_text("based_on: run/config.yaml\nmodel:\n  variant: small\n")
+    (tmp_path / "on_copy.yaml").write_text("based_on: copy.yaml\nmodel:\n  variant: small\n  embed_dim: 64\n")
+    small = (96, [2, 2, 18, 2], [3, 6, 12, 24])
+    for recipe, overrides, widths in (("on_run.yaml", [], small), ("on_copy.yaml", [], (64, *small[1:])),
+                                      ("run/config.yaml", ["model.variant=small"], small),
+                                      ("run/config.yaml", [], (32, [2, 2, 2, 2], [2, 4, 8, 16]))):
+        cfg = load_config("pretrain", str(tmp_path / recipe), overrides, here=False)
+        assert (cfg.model.embed_dim, list(cfg.model.depths), list(cfg.model.num_heads)) == widths, recipe
+
+
 @pytest.mark.parametrize("text, message", [
     ("based_on: bsae\n", r"recipe .*mine.yaml: based_on: bsae: unknown pretrain recipe 'bsae'; did you mean base"),
     ("based_on: nowhere.yaml\n", r"recipe .*mine.yaml: based_on: nowhere.yaml: recipe file .*nowhere.yaml does not"),
@@ -104,6 +122,9 @@ def test_the_path_of_default_yaml_is_the_default_recipe():
     ("based_on: bad.yaml\n", r"unknown key 'model.windw_size' in recipe .*bad.yaml"),
     ("based_on: listed.yaml\n", r"recipe .*listed.yaml holds a list, not a mapping of keys; write it as sections"),
     ("- trainer.max_epochs=2\n", r"recipe .*mine.yaml holds a list, not a mapping of keys; write it as sections"),
+    ("based_on: base\nmodel: 3\n", r"model=3 in recipe .*mine.yaml: model is a section of keys; give them as "
+                                  r"model.KEY=VALUE, or in a file as 'model: \{KEY: VALUE\}'"),
+    ("trainer:\n", r"trainer=null in recipe .*mine.yaml: trainer is a section of keys"),
 ])
 def test_a_wrong_based_on_is_one_line_naming_the_file_and_value(tmp_path, text, message):
     (tmp_path / "other.yaml").write_text("based_on: mine.yaml\n")

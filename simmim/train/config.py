@@ -63,6 +63,13 @@ def dotted_keys(cfg: DictConfig) -> list[str]:
     return list(walk(OmegaConf.to_container(cfg, resolve=False), ""))
 
 
+def _at(container: dict, key: str):
+    """The value of a dotted key in a config container."""
+    for part in key.split("."):
+        container = container[part]
+    return container
+
+
 HELP = {"-h", "--help", "help"}  # a script's arguments that ask for its usage and keys
 
 
@@ -74,10 +81,15 @@ def trainer_defaults() -> dict:
 
 
 def check_keys(overrides: DictConfig, schema: DictConfig, source: str) -> None:
+    """ConfigError for a key of overrides that the schema (or the Trainer) lacks, or a value where it has a section."""
     known = set(dotted_keys(schema))
+    given, sections = (OmegaConf.to_container(c, resolve=False) for c in (overrides, schema))
     trainer_args = None
     for key in dotted_keys(overrides):
         if key in known:
+            if isinstance(_at(sections, key), dict) and not isinstance(value := _at(given, key), dict):
+                raise ConfigError(f"{key}={show_value(value)} in {source}: {key} is a section of keys; give them "
+                                  f"as {key}.KEY=VALUE, or in a file as '{key}: {{KEY: VALUE}}'")
             continue
         if key.startswith("trainer."):
             trainer_args = trainer_args or list(trainer_defaults())
@@ -244,8 +256,10 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
         check_keys(overrides, schema, "the command line")
         layers.append(overrides)
     variant = OmegaConf.merge(*layers).model.get("variant")
-    if variant is not None:  # schema <- the variant's widths, depths, heads <- recipe <- command line
-        layers.insert(1, OmegaConf.create({"model": variant_model(variant)}))
+    if variant is not None:  # under the keys of the layer that names it, over those of the layers below (a base
+        # that is a run's config.yaml or a copy of default.yaml has every width: they must not undo the variant's)
+        named = max(i for i, layer in enumerate(layers) if "variant" in (layer.get("model") or {}))
+        layers.insert(named, OmegaConf.create({"model": variant_model(variant)}))
     cfg = OmegaConf.merge(*layers)
     cfg.recipe = made_from or Path(recipe).stem
     OmegaConf.resolve(cfg)
