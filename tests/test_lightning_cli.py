@@ -346,3 +346,23 @@ def test_validate_of_a_checkpoint_needs_no_pretrained_file(tmp_path):
                             str(tmp_path / "gone.pth"), "--trainer.limit_val_batches=1",
                             "--trainer.enable_progress_bar=false", "--data.num_workers=0")
     assert result.returncode == 0 and "val/top1" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_validate_does_not_need_a_full_training_batch(tmp_path):
+    """validate of a pretraining run on 6 training images at the recipe's batch of 64 refused with the training
+    check "only 6 training images, fewer than data.batch_size=64 (every batch is full)"; validate trains no batch."""
+    import simmim.pretrain as pretrain_script
+    from test_validate import write_images
+
+    for split in ("train", "val"):
+        write_images(tmp_path / "data" / split, 6 if split == "train" else 2)
+    data = [f"--data.root={tmp_path / 'data'}", "--data.source=folder", "--data.num_workers=0"]
+    pretrain_script.main([f"output_dir={tmp_path}", "run_name=p", f"data.root={tmp_path / 'data'}", "data.source=folder",
+                          "data.img_size=32", "data.batch_size=2", "model.embed_dim=16", "simmim.mask_patch_size=8",
+                          "trainer.max_steps=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
+                          "eval.knn_every_n_epochs=0", "logging.recon_every_n_steps=0"])
+    result = run_script("finetune.lightning_cli", "validate", "--stage", "pretrain", "--ckpt_path",
+                        str(tmp_path / "p" / "checkpoints" / "last.ckpt"), "--trainer.enable_progress_bar=false",
+                        "--data.mask_patch_size=8", *data)
+    assert result.returncode == 0 and "val/loss" in result.stdout, result.stderr[-2000:]

@@ -274,7 +274,7 @@ class SimMIMDataModule(ResumableDataModule):
             self.stream_shards([MaskedItem(t, masks) for t in transforms], transforms)
             return
         train, val = build_sources(hp.source, hp.img_size, hp.root, hp.list_file, hp.verify)
-        if hp.drop_last and len(train) < hp.batch_size:
+        if hp.drop_last and len(train) < hp.batch_size and stage in (None, "fit"):  # validate trains no batch
             raise ValueError(f"only {len(train)} training images, fewer than data.batch_size={hp.batch_size} (every "
                              f"batch is full); lower data.batch_size or add images")
         self.train_set = MaskedImageDataset(ImageDataset(train, transforms[0], hp.seed), masks, hp.seed)

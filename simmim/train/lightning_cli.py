@@ -332,7 +332,7 @@ class RecipeCLI(LightningCLI):
                          "pass the recipe and model values of that run (--recipe, --model.*, --run.pretrained)")
         if resume.checkpoint is not None:  # None: a DeepSpeed folder
             check_ema(self.cfg, resume.checkpoint.get("hyper_parameters") or {}, f"cannot validate {ckpt}")
-        self.datamodule.setup("fit")  # bad data paths fail here
+        self.datamodule.setup("validate")  # bad data paths fail here
         self.stage.check_data(self.datamodule, self.cfg)
         self.config_init["validate"]["ckpt_path"] = str(ckpt)
         quiet = OmegaConf.merge(self.cfg, {"logging": {"loggers": []}})
