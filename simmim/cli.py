@@ -45,7 +45,8 @@ def _raise_requeue_signal(signum: int, frame) -> None:
 
 def run_cli(main: Callable[[list[str]], None]) -> None:
     """Run a script's main(argv); configuration and input errors, a full disk, a read-only or forbidden path, Ctrl-C
-    and SIGUSR1 (SLURM's requeue signal: `simmim.train.trainer.requeue_job`) end it with one line on stderr.
+    and SIGUSR1 (SLURM's requeue signal: `simmim.train.trainer.requeue_job`) end it with one line on stderr; a closed
+    stdout (a pipe into head) ends it quietly.
     Until a Trainer sets it, what rank 0 alone says (rank_zero_warn, ...) goes by `launch_rank`."""
     rank_zero_only.rank = launch_rank()  # Lightning's guess misses NODE_RANK and MPI's variables
     found = signal.signal(signal.SIGUSR1, _raise_requeue_signal)
@@ -53,6 +54,9 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         main(sys.argv[1:])
     except (ConfigError, ValueError, FileNotFoundError, MisconfigurationException) as error:
         sys.exit(f"error: {_message(error)}")
+    except BrokenPipeError:  # the reader of stdout has gone (`--help | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor a second error at exit's flush
+        sys.exit(128 + signal.SIGPIPE)
     except OSError as error:
         fixes = {errno.ENOSPC: "", errno.EDQUOT: "", errno.EROFS: "; give a folder on a writable disk",
                  errno.EACCES: "; give a path you may read or write, or change its permissions",

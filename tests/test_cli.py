@@ -3,7 +3,10 @@ run_cli's rank before a Trainer exists."""
 import importlib
 import os
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 from lightning_utilities.core.rank_zero import rank_zero_only
@@ -87,6 +90,16 @@ def test_what_rank_0_says_before_a_trainer_goes_by_the_launchers_rank(monkeypatc
         warnings.simplefilter("always")
         run_cli(lambda argv: rank_zero_warn("a resume check's warning"))
     assert [str(w.message) for w in caught] == (["a resume check's warning"] if says else [])
+
+
+def test_a_closed_stdout_ends_a_script_quietly():
+    """`scripts/pretrain.py --help | head -3`: head leaves before the keys are printed, and the script ended with a
+    BrokenPipeError traceback (and Python's second one at exit's flush). Now it stops without a word."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the script has imported torch and printed: every write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err[-2000:]
 
 
 def test_a_result_path_on_a_disk_that_cannot_be_written_is_one_line_before_the_work(tmp_path, monkeypatch):
