@@ -144,9 +144,10 @@ def test_the_model_follows_data_img_size(tmp_path):
 
 def test_parser_errors_are_one_line(tmp_path):
     """jsonargparse's errors printed the whole usage (100 lines) and a block of text; a YAML error in a --config
-    file named "<unicode string>" instead of the file."""
+    file named "<unicode string>" instead of the file; a recipe given as --config says to pass it as --recipe."""
     (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: [1\n")
     (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "recipe.yaml").write_text("based_on: tiny\ntrainer:\n  max_epochs: 2\n")
     for args, line in (
             (["--trainer.max_epochs=abc"], "error: --trainer.max_epochs abc: expected an integer or null (PROG fit "),
             (["--data.batch_size=abc"], "error: --data.batch_size abc: expected an integer (PROG fit --help lists the"),
@@ -158,6 +159,10 @@ def test_parser_errors_are_one_line(tmp_path):
              f"error: {tmp_path / 'broken.yaml'}, line 3: YAML syntax error (did not find expected ',' or ']')"),
             (["--config", str(tmp_path / "empty.yaml")],  # was jsonargparse's "Unexpected config"
              f"error: --config {tmp_path / 'empty.yaml'} holds no options; expected a mapping of them, such as "),
+            (["--config", str(tmp_path / "recipe.yaml")],  # was jsonargparse's "Option 'based_on' is not accepted"
+             f"error: --config {tmp_path / 'recipe.yaml'}: based_on is a recipe's key (a recipe has the scripts' "
+             f"sections, model.KEY and optim.KEY, not this CLI's); pass the file as --recipe "
+             f"{tmp_path / 'recipe.yaml'}"),
             ([f"--config={tmp_path / 'none.yaml'}"],
              f"error: --config {tmp_path / 'none.yaml'}: no such file; pass a YAML file (--print_config writes one)"),
             (["--model.model.embed_dimm=16"],  # was SwinTransformerV2's TypeError traceback
@@ -358,8 +363,9 @@ def test_validate_does_not_need_a_full_training_batch(tmp_path):
     for split in ("train", "val"):
         write_images(tmp_path / "data" / split, 6 if split == "train" else 2)
     data = [f"--data.root={tmp_path / 'data'}", "--data.source=folder", "--data.num_workers=0"]
-    pretrain_script.main([f"output_dir={tmp_path}", "run_name=p", f"data.root={tmp_path / 'data'}", "data.source=folder",
-                          "data.img_size=32", "data.batch_size=2", "model.embed_dim=16", "simmim.mask_patch_size=8",
+    pretrain_script.main([f"output_dir={tmp_path}", "run_name=p", f"data.root={tmp_path / 'data'}",
+                          "data.source=folder", "data.img_size=32", "data.batch_size=2", "model.embed_dim=16",
+                          "simmim.mask_patch_size=8",
                           "trainer.max_steps=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
                           "eval.knn_every_n_epochs=0", "logging.recon_every_n_steps=0"])
     result = run_script("finetune.lightning_cli", "validate", "--stage", "pretrain", "--ckpt_path",

@@ -86,6 +86,9 @@ def _read_config_files(args: list[str], module_args: dict) -> list[str]:
         if not isinstance(content := load_yaml(Path(value)), DictConfig) or not content:
             raise ConfigError(f"--config {value} holds no options; expected a mapping of them, such as "
                               f"'trainer: {{max_epochs: 2}}' (--print_config writes one)")
+        if "based_on" in content:  # jsonargparse: "Option 'based_on' is not accepted"
+            raise ConfigError(f"--config {value}: based_on is a recipe's key (a recipe has the scripts' sections, "
+                              f"model.KEY and optim.KEY, not this CLI's); pass the file as --recipe {value}")
         section = content.get("model")
         for name, recipe in module_args.items() if isinstance(section, DictConfig) else ():
             if isinstance(recipe, dict) and isinstance(section.get(name), DictConfig):
