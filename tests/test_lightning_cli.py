@@ -267,7 +267,8 @@ def test_a_number_of_batches_stays_an_integer(tmp_path, monkeypatch):
     monkeypatch.setattr(RecipeCLI, "instantiate_trainer", lambda self, **kwargs: trainers.append(
         instantiate(self, **kwargs)) or trainers[-1])
     tiny = ["--stage", "pretrain", "--trainer.enable_progress_bar=false", "--data.num_workers=0", "--data.batch_size=8",
-            "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]", f"--run.output_dir={tmp_path}"]
+            "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]", f"--run.output_dir={tmp_path}",
+            "--run.eval.knn_every_n_epochs=0"]
     result = run_script("finetune.lightning_cli", "fit", *tiny, "--trainer.max_epochs=1",
                         "--run.logging.recon_every_n_steps=0", "--trainer.limit_train_batches", "2",
                         "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "2")
@@ -316,7 +317,7 @@ def test_the_ckpt_path_checkpoint_is_read_once_by_us(tmp_path, monkeypatch):
     hyperparameters, weights_only; the restore, from an open file) are not ours (read_resumable maps it: mmap)."""
     tiny = ["--stage", "pretrain", "--trainer.enable_progress_bar=false", "--data.num_workers=0", "--data.batch_size=8",
             "--model.model.embed_dim=16", "--model.model.num_heads=[2,2,4,8]", f"--run.output_dir={tmp_path}",
-            "--run.logging.recon_every_n_steps=0", "--trainer.limit_val_batches=1"]
+            "--run.logging.recon_every_n_steps=0", "--run.eval.knn_every_n_epochs=0", "--trainer.limit_val_batches=1"]
     result = run_script("finetune.lightning_cli", "fit", *tiny, "--trainer.max_steps=1")
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = tmp_path / "elsewhere.ckpt"  # outside the run directory, whose checkpoints a resume=PATH also reads
