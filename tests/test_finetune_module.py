@@ -1,5 +1,8 @@
 """Layer-wise lr decay groups, Mixup / CutMix, and the SwinV2 fine-tune module (training, EMA, linear probe,
 confusion-matrix picture)."""
+import types
+import warnings
+
 import cv2
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torch
 from finetune.mixup import Mixup, smooth_one_hot, soft_target_cross_entropy
 from finetune.module import ClassificationDataModule, SwinV2Classifier, layer_decay_groups, layer_id
 from simmim.models.swinv2 import SwinTransformerV2
+from simmim.train.optim import adamw_per_step_schedule, lr_at_step
 
 TINY_MODEL = dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
                   num_classes=10, drop_path_rate=0.0)
@@ -126,6 +130,43 @@ def test_lr_scales_follow_layer_decay(tmp_path):
     for group in module.optimizers().param_groups:
         assert group["lr"] == pytest.approx(peak * 0.5 ** (5 - group["layer_id"]))
 
+
+def test_a_resume_with_another_total_batch_keeps_the_layer_decay_of_its_lr():
+    """The optimizer and scheduler states of a run at a total batch of 8, restored as Lightning does (optimizer,
+    then scheduler) over those of a run at 16: every layer-decay group trains at lr_scale x the schedule of 16
+    (before: of 8, the saved base lrs), from the restored step on."""
+    groups = {}
+    for batch in (8, 16):
+        trainer = types.SimpleNamespace(datamodule=types.SimpleNamespace(hparams=types.SimpleNamespace(
+            batch_size=batch)), world_size=1, accumulate_grad_batches=1, gradient_clip_val=None, precision="32-true",
+            strategy=None, max_epochs=4, estimated_stepping_batches=40)
+        model = SwinTransformerV2(**TINY_MODEL)
+        groups[batch] = adamw_per_step_schedule(trainer, layer_decay_groups(model, 0.05, 0.5), base_lr=1e-3,
+                                                warmup_lr=1e-6, min_lr=1e-5, betas=(0.9, 0.999), eps=1e-8,
+                                                warmup_epochs=1)
+    optimizer, scheduler = groups[8]["optimizer"], groups[8]["lr_scheduler"]["scheduler"]
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    optimizer, resumed = groups[16]["optimizer"], groups[16]["lr_scheduler"]["scheduler"]
+    optimizer.load_state_dict(groups[8]["optimizer"].state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.load_state_dict(scheduler.state_dict())
+    assert [str(w.message) for w in caught] == [
+        "the total batch is 16 (was 8 when step 5 was saved): the learning rate follows it, peak 3.125e-05 "
+        "(was 1.563e-05; optim.base_lr x total batch / 512)"]
+    resumed.restart()
+    peak = 1e-3 * 16 / 512
+    for step in (5, 6):
+        lr = lr_at_step(step, peak_lr=peak, warmup_lr=1e-6 * 16 / 512, min_lr=1e-5 * 16 / 512, warmup_steps=10,
+                        total_steps=40)
+        assert len(optimizer.param_groups) > 2
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(group["lr_scale"] * lr, rel=1e-9)
+            assert group["lr_scale"] == 0.5 ** (5 - group["layer_id"]) and group["initial_lr"] == peak
+        optimizer.step()
+        resumed.step()
 
 def test_ema_lags_the_live_weights_and_is_checkpointed(tmp_path):
     module = SwinV2Classifier(model=TINY_MODEL, ema_decay=0.9, mixup=0, cutmix=0)

@@ -707,3 +707,34 @@ def test_an_extended_run_trains_at_its_new_schedule_from_the_first_resumed_step(
     assert sorted(logged_lr) == list(range(12))
     expected = {step: lr(step, 6 if step < 6 else 12) for step in range(12)}
     assert logged_lr == pytest.approx(expected, rel=1e-5, abs=1e-12)  # step 6 was min_lr, 1/1200 of its lr
+
+
+@pytest.mark.timeout(300)
+def test_a_run_resumed_with_another_total_batch_trains_at_its_lr(tmp_path):
+    """A run of data.batch_size=8 resumed with data.batch_size=16 (resume=auto from last.ckpt, a longer run) kept the
+    lrs of the total batch of 8: the checkpoint's optimizer and scheduler states came back over the ones built for 16,
+    and the new run peaked at half its lr (optim.base_lr x total batch / 512) without a word. It follows the new
+    total batch from the first resumed step, and says so once."""
+    args = [f"output_dir={tmp_path}", "run_name=run", *ARGS, "data.num_workers=0", "trainer.max_steps=-1",
+            "trainer.limit_train_batches=3", "checkpoint.every_n_steps=0", "eval.knn_every_n_epochs=0",
+            "optim.warmup_epochs=1", "optim.schedule=cosine"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain_stage.main([*args, "trainer.max_epochs=1"])  # steps 0-2 at a total batch of 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain_stage.main([*args, "data.batch_size=16", "trainer.max_epochs=2"])  # steps 3-5, resumed at step 3
+
+    def lr(step: int, total: int, batch: int) -> float:  # 3 warmup steps (1 epoch), then cosine to min_lr at `total`
+        peak, warmup, low = (value * batch / 512 for value in (8e-3, 5e-7, 5e-6))  # the default recipe's lrs, scaled
+        if step < 3:
+            return warmup + (peak - warmup) * step / 3
+        return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * (step - 3) / (total - 3)))
+
+    logged_lr = {int(row["step"]): float(row["train/lr"]) for row in metrics(tmp_path / "run") if row["train/lr"]}
+    assert sorted(logged_lr) == list(range(6))
+    expected = {step: lr(step, 3, 8) if step < 3 else lr(step, 6, 16) for step in range(6)}
+    assert logged_lr == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    said = [str(w.message) for w in caught if "total batch is 16" in str(w.message)]
+    assert said == ["the total batch is 16 (was 8 when step 3 was saved): the learning rate follows it, peak 2.5e-04 "
+                    "(was 1.25e-04; optim.base_lr x total batch / 512)"], said

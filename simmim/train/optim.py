@@ -5,6 +5,7 @@ import math
 from typing import Iterable
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 
@@ -76,16 +77,40 @@ def epoch_steps(total_steps: int, steps_per_epoch: float, warmup_epochs: float, 
 
 
 class PerStepLR(torch.optim.lr_scheduler.LambdaLR):
-    """The per-step LambdaLR of `adamw_per_step_schedule`, which can set its optimizer's lrs itself (`restart`)."""
+    """The per-step LambdaLR of `adamw_per_step_schedule`, which can set its optimizer's lrs itself (`restart`).
+    Its base lrs are the peak lr of its run's `total_batch`, which a checkpoint's state does not replace."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambdas: list, total_batch: int):
+        self.total_batch = total_batch
+        super().__init__(optimizer, lr_lambdas)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The saved step, keeping the base lrs (and total batch) of this run, so that a run resumed with another total
+        batch (data.batch_size, devices, accumulation) trains at its own lrs, not the saved run's; rank 0 warns once
+        when they differ."""
+        base_lrs, total_batch = self.base_lrs, self.total_batch
+        super().load_state_dict(state_dict)
+        if state_dict.get("base_lrs", base_lrs) != base_lrs:
+            was = state_dict.get("total_batch", "another")  # (checkpoints before it was saved)
+            rank_zero_warn(f"the total batch is {total_batch} (was {was} when step {self.last_epoch} was saved): the "
+                           f"learning rate follows it, peak {_lr(base_lrs[0])} (was {_lr(state_dict['base_lrs'][0])}; "
+                           f"optim.base_lr x total batch / 512)")
+        self.base_lrs, self.total_batch = base_lrs, total_batch
 
     def restart(self) -> None:
-        """Set the optimizer's lrs to the schedule's at this step. A resumed optimizer comes back with the lrs the
-        run it was saved by was at, which were another schedule's when that run had another length (a finished run
-        extended with a larger trainer.max_epochs): LambdaLR sets them only after a step, so the first step after
-        the resume trained (and logged train/lr) at the old schedule's lr."""
+        """Set the optimizer's lrs (and initial lrs) to the schedule's at this step. A resumed optimizer comes back
+        with the lrs the run it was saved by was at, which were another schedule's when that run had another length
+        (a finished run extended with a larger trainer.max_epochs) or total batch: LambdaLR sets them only after a
+        step, so the first step after the resume trained (and logged train/lr) at the old schedule's lr."""
         self._last_lr = [base * rule(self.last_epoch) for base, rule in zip(self.base_lrs, self.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
-            group["lr"] = lr
+        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, self._last_lr):
+            group["initial_lr"], group["lr"] = base, lr
+
+
+def _lr(value: float) -> str:
+    """2.5e-04, 1.25e-04."""
+    mantissa, exponent = f"{value:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
 
 
 def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warmup_lr: float, min_lr: float,
@@ -118,6 +143,6 @@ def adamw_per_step_schedule(trainer, groups: list[dict], *, base_lr: float, warm
 
     lambdas = [lambda step, s=g.get("lr_scale", 1.0): s * lr_at_step(step, **lrs, **step_counts(step)) / peak_lr
                for g in groups]
-    scheduler = PerStepLR(optimizer, lambdas)
+    scheduler = PerStepLR(optimizer, lambdas, total_batch)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

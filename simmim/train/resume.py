@@ -43,7 +43,7 @@ class ExactResume(pl.Callback):
     rows metrics.csv (`AppendingCSVLogger`) held when it was saved; a run resumed from it first drops the later rows
     of the steps it logs again. At each epoch's start it mends Lightning's epoch count (see on_train_epoch_start).
     A resumed run trains from its first step at its own lr schedule's lrs (`PerStepLR.restart`), which differ from
-    the saved optimizer's where the run was made longer."""
+    the saved optimizer's where the run was made longer or its total batch changed."""
 
     def __init__(self, seed: int):
         self.seed = seed
