@@ -92,11 +92,13 @@ class Resumable(NamedTuple):
         return -1 if self.checkpoint is None else int(self.checkpoint.get("global_step", -1))
 
 
-def read_resumable(path: str | Path) -> Resumable:
+def read_resumable(path: str | Path, read: Resumable | None = None) -> Resumable:
     """The checkpoint at path, or ValueError saying why it cannot be resumed from (truncated, corrupt, not a
     training checkpoint). Reads the pickled structure; the tensors stay on disk (mmap). DeepSpeed folders pass when
-    they hold its `checkpoint/` folder."""
+    they hold its `checkpoint/` folder. `read`: a checkpoint read already, returned as it is when it is path's."""
     path = Path(path)
+    if read is not None and read.path == str(path):
+        return read
     if path.is_dir():  # DeepSpeed saves a folder: <path>/checkpoint/ (its tag) and <path>/latest
         if not (path / "checkpoint").is_dir():
             raise ValueError("a folder, not a checkpoint file or a DeepSpeed checkpoint folder")

@@ -325,8 +325,7 @@ class RecipeCLI(LightningCLI):
         if given is None:
             resume = newest_good_checkpoint(run_dir / "checkpoints")
         else:  # as __init__ read it, unless a --config file gave it
-            read = self.ckpt_read is not None and self.ckpt_read.path == str(Path(given))
-            resume = self.ckpt_read if read else read_resumable(given)
+            resume = read_resumable(given, self.ckpt_read)
         if resume is None:
             raise ConfigError(f"validate needs a checkpoint: --ckpt_path PATH, or --run.output_dir and --run.run_name "
                               f"of a run that has one ({run_dir / 'checkpoints'} has none)")

@@ -142,7 +142,7 @@ def prepare_run(cfg: DictConfig, read: Resumable | None = None) -> tuple[Path, R
         if not Path(cfg.resume).exists():
             raise ConfigError(f"resume={cfg.resume} does not exist; pass a .ckpt file, resume=auto or resume=null")
         try:
-            resume = read if read is not None and read.path == str(Path(cfg.resume)) else read_resumable(cfg.resume)
+            resume = read_resumable(cfg.resume, read)
         except ValueError as problem:
             raise ConfigError(f"resume={cfg.resume} cannot be resumed from ({problem}); pass another checkpoint or "
                               f"resume=auto") from None
