@@ -204,13 +204,14 @@ def _is_schema(stage: str, path: Path) -> bool:
     return path.resolve() == _recipe_path(stage, "default").resolve()
 
 
-def _load_recipe(path: Path) -> DictConfig:
-    """A recipe file's keys; a file that is not a mapping of them (a list, a single value) is a ConfigError."""
+def _load_recipe(path: Path) -> tuple[DictConfig, str | None]:
+    """A recipe file's keys, and the recipe a run's config.yaml (given as a recipe) was made from (its `recipe`
+    key, taken out); a file that is not a mapping of keys (a list, a single value) is a ConfigError."""
     cfg = load_yaml(path)
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"recipe {path} holds a list, not a mapping of keys; write it as sections of keys, such "
                           f"as 'trainer: {{max_epochs: 2}}' (print_config=true writes one)")
-    return cfg
+    return cfg, cfg.pop("recipe", None)
 
 
 def _recipe_layers(stage: str, path: Path, cfg: DictConfig, schema: DictConfig,
@@ -234,8 +235,7 @@ def _recipe_layers(stage: str, path: Path, cfg: DictConfig, schema: DictConfig,
     if base_path.resolve() in chain:
         cycle = " -> ".join(p.name for p in (*chain[chain.index(base_path.resolve()):], base_path))
         raise ConfigError(f"{where} makes a cycle ({cycle}); base one of them on another recipe or on none")
-    base_cfg = _load_recipe(base_path)
-    base_cfg.pop("recipe", None)  # a run's config.yaml as the base: the recipe based on it names the run
+    base_cfg, _ = _load_recipe(base_path)  # a run's config.yaml as the base: the recipe based on it names the run
     return [*_recipe_layers(stage, base_path, base_cfg, schema, chain), cfg]
 
 
@@ -247,8 +247,7 @@ def load_config(stage: str, recipe: str = "default", overrides: DictConfig | lis
     layers = [schema]
     recipe_path, made_from = _recipe_path(stage, recipe), None
     if not _is_schema(stage, recipe_path):  # by its file: recipe=<path of default.yaml> too
-        recipe_cfg = _load_recipe(recipe_path)
-        made_from = recipe_cfg.pop("recipe", None)  # a run's config.yaml, given as a recipe: what it was made from
+        recipe_cfg, made_from = _load_recipe(recipe_path)
         layers += _recipe_layers(stage, recipe_path, recipe_cfg, schema)
     if overrides is not None:
         if isinstance(overrides, (list, ListConfig)):
